@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Regenerates the committed gRPC/protobuf code from src/swarmlearn/proto/*.proto.
+set -euo pipefail
+python="$(realpath "${1:-.venv}")/bin/python"
+cd "$(dirname "$0")/../src"
+"$python" -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. swarmlearn/proto/*.proto

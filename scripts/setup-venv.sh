@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Creates the project's virtual environment. torch is installed first and pinned (the CPU wheel lies on
+# disk on our machines; an unpinned torch would pull a multi-GB CUDA build), then the package itself.
+set -euo pipefail
+venv="${1:-.venv}"
+extras="${SWARMLEARN_EXTRAS:-dev}"
+python3 -m venv "$venv"
+"$venv/bin/python" -m pip install -q --upgrade pip
+case ",$extras," in
+  *,torch,*|*,hf,*) "$venv/bin/pip" install -q "torch==2.13.0" ;;
+esac
+"$venv/bin/pip" install -q -e ".[$extras]"
+touch "$venv/.installed"

@@ -1,0 +1,170 @@
+"""The `swarm` command. Thin: parse, call a library function, print, pick an exit code.
+
+Heavy modules (grpc, cryptography, torch) are imported inside the commands that need them, so that
+`swarm --help` starts at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from swarmlearn import __version__
+
+DEFAULT_WORKSPACE = Path("workspace")
+
+
+class SwarmGroup(click.Group):
+    """Turns our typed errors into one line on stderr and exit code 1, instead of a traceback."""
+
+    def invoke(self, ctx):
+        from swarmlearn.errors import SwarmError
+
+        try:
+            return super().invoke(ctx)
+        except SwarmError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(1)
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+
+
+def identity_options(fn):
+    for option in reversed([
+        click.option("--key", type=click.Path(path_type=Path), required=True, help="This node's private key (PEM)."),
+        click.option("--cert", type=click.Path(path_type=Path), required=True, help="This node's certificate (PEM)."),
+        click.option("--capath", type=click.Path(path_type=Path), required=True,
+                     help="Folder of trusted CA certificates (or one PEM bundle)."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+@click.group(cls=SwarmGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="swarmlearn")
+def cli() -> None:
+    """swarmlearn: Swarm Learning without a central server.
+
+    Peers train on private data, check in on a shared signed ledger held by Swarm Network (SN)
+    nodes, and merge their parameters each round under a leader elected on that ledger.
+    """
+
+
+@cli.command("gen-cert")
+@click.option("-e", "--example", default="swarm", show_default=True,
+              help="Name of the example/project; certificates go to WORKSPACE/EXAMPLE/cert.")
+@click.option("-i", "--index", "host_index", type=int, default=1, show_default=True,
+              help="Host index I: files are named ca-I-cert.pem, sn-I-key.pem, ...")
+@click.option("--workspace", type=click.Path(path_type=Path), default=DEFAULT_WORKSPACE, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), help="Write straight into this folder instead.")
+@click.option("--san", multiple=True, help="Extra host name or IP for every certificate (repeatable).")
+@click.option("--ca-cert", type=click.Path(path_type=Path), help="Issue from this existing CA (another host's).")
+@click.option("--ca-key", type=click.Path(path_type=Path), help="Key of --ca-cert.")
+@click.option("--trust", type=click.Path(path_type=Path), multiple=True,
+              help="Copy this CA certificate into capath too (trust is the union of capath).")
+@click.option("--force", is_flag=True, help="Replace existing keys of this host index.")
+def gen_cert(example, host_index, workspace, out, san, ca_cert, ca_key, trust, force) -> None:
+    """Make a CA and a key + certificate for each of sn, sl, swop, swci."""
+    from swarmlearn.pki import generate_host_certs
+
+    target = out or workspace / example / "cert"
+    written = generate_host_certs(target, host_index, sans=list(san), ca_cert_path=ca_cert, ca_key_path=ca_key,
+                                  trust=list(trust), force=force)
+    click.echo(f"wrote {len(written)} files to {target}:")
+    for path in written:
+        click.echo(f"  {path}")
+
+
+@cli.command("sn")
+@click.option("--sentinel", is_flag=True, help="Found the ledger (the first SN of a swarm).")
+@click.option("--host-ip", default="127.0.0.1", show_default=True, help="Address to serve the SN API on.")
+@click.option("--sn-api-port", type=int, default=30304, show_default=True, help="0 lets the OS choose.")
+@identity_options
+@click.option("--data-dir", type=click.Path(path_type=Path), required=True, help="Where the ledger is kept.")
+@click.option("--node-id", help="Name of this SN on the ledger (default: its certificate's common name).")
+@click.option("-v", "--verbose", is_flag=True)
+def sn(sentinel, host_ip, sn_api_port, key, cert, capath, data_dir, node_id, verbose) -> None:
+    """Run a Swarm Network node: hold the ledger and serve the SN API."""
+    _logging(verbose)
+    from swarmlearn.pki import Identity
+    from swarmlearn.sn.server import start_sn
+
+    identity = Identity.load(key, cert, capath)
+    server = start_sn(host=host_ip, port=sn_api_port, identity=identity, data_dir=data_dir, sentinel=sentinel,
+                      node_id=node_id)
+    head = server.chain.state.head_index
+    click.echo(f"SN ready on {server.address} ({'sentinel' if sentinel else 'member'}) as {server.node_id}, "
+               f"ledger at entry {head}", err=False)
+    sys.stdout.flush()
+    _serve_until_signalled(server.stop)
+    click.echo(f"SN {server.node_id} stopped")
+
+
+def _serve_until_signalled(stop) -> None:
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    stop()
+
+
+@cli.group("ledger")
+def ledger() -> None:
+    """Inspect a ledger file."""
+
+
+def _open_ledger_file(path: Path):
+    from swarmlearn.ledger.sqlite_store import SQLiteStore
+    from swarmlearn.sn.server import LEDGER_FILE
+
+    return SQLiteStore(path / LEDGER_FILE if path.is_dir() else path, read_only=True)
+
+
+@ledger.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+def ledger_verify(path) -> None:
+    """Walk the chain: every hash, link and signature. PATH is ledger.db or the SN's data dir."""
+    from swarmlearn.ledger.chain import ChainBroken, verify_store
+
+    store = _open_ledger_file(path)
+    try:
+        report = verify_store(store)
+    except ChainBroken as exc:
+        click.echo(f"BAD entry {exc.index}: {exc.reason}")
+        sys.exit(1)
+    finally:
+        store.close()
+    click.echo(f"OK {report.entries} entries {report.head_hash}")
+
+
+@ledger.command("show")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--from", "start", type=int, default=0, show_default=True)
+def ledger_show(path, start) -> None:
+    """Print one line per entry: index, hash prefix, kind, signer, payload."""
+    import json
+
+    store = _open_ledger_file(path)
+    try:
+        for entry in store.read(start):
+            payload = {k: v for k, v in entry.tx.payload.items() if k not in ("cert", "ca_certs", "ca_cert", "sn")}
+            click.echo(f"{entry.index:6d} {entry.hash[:12]} {entry.tx.kind:<22} {entry.tx.signer.node:<12} "
+                       f"{json.dumps(payload, sort_keys=True)}")
+    finally:
+        store.close()
+
+
+def main() -> None:
+    cli(prog_name="swarm")
+
+
+if __name__ == "__main__":
+    main()

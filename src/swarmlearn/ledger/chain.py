@@ -1,0 +1,103 @@
+"""A store together with the state folded from it: what an SN holds, and what `ledger verify` walks.
+
+Every entry read from a store is checked before it is folded: its bytes hash to the stored hash, it
+links to the previous entry, its signature verifies against a certificate the ledger carries, and
+the state machine accepts it. A store that was edited fails here, at the first edited entry.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from swarmlearn.errors import HeadMoved, LedgerError, Rejected
+from swarmlearn.ledger.entry import GENESIS_PREV_HASH, Entry, SignedTx, sha256_hex
+from swarmlearn.ledger.signatures import SignatureChecker
+from swarmlearn.ledger.state import LedgerState
+from swarmlearn.ledger.store import LedgerStore, StoredEntry
+
+
+class ChainBroken(LedgerError):
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"entry {index}: {reason}")
+        self.index = index
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    entries: int
+    head_hash: str | None
+
+
+class Chain:
+    # A compare-and-set append that loses to another writer (another SN on a shared store) re-reads
+    # the head and tries again this many times.
+    APPEND_ATTEMPTS = 20
+    READ_BATCH = 1000
+
+    def __init__(self, store: LedgerStore):
+        self.store = store
+        self.state = LedgerState()
+        self.signatures = SignatureChecker()
+        self.lock = threading.RLock()
+        self.catch_up()
+
+    def catch_up(self) -> int:
+        """Folds entries other writers appended since we last looked; returns how many."""
+        with self.lock:
+            count = 0
+            while rows := self.store.read_raw(self.state.head_index + 1, self.READ_BATCH):
+                for row in rows:
+                    self._follow(row)
+                count += len(rows)
+            return count
+
+    def _follow(self, row: StoredEntry) -> None:
+        expected = self.state.head_index + 1
+        if row.index != expected:
+            raise ChainBroken(expected, f"missing; the store jumps to index {row.index}")
+        if sha256_hex(row.body) != row.hash:
+            raise ChainBroken(row.index, "its bytes do not match its stored hash (edited)")
+        try:
+            entry = row.entry()
+        except LedgerError as exc:
+            raise ChainBroken(row.index, str(exc)) from None
+        if entry.body_bytes() != row.body:
+            raise ChainBroken(row.index, "stored bytes are not in canonical form (edited)")
+        if entry.index != row.index:
+            raise ChainBroken(row.index, f"says it is entry {entry.index}")
+        prev = self.state.head_hash or GENESIS_PREV_HASH
+        if entry.prev_hash != prev:
+            raise ChainBroken(row.index, "does not link to the previous entry's hash")
+        try:
+            self.signatures.check(entry.tx, entry.signature)
+            self.state.apply(entry)
+        except Rejected as exc:
+            raise ChainBroken(row.index, str(exc)) from None
+        self.signatures.learn(entry.tx)
+
+    def submit(self, signed: SignedTx) -> Entry:
+        """Checks a signed transaction and appends it; raises Rejected with the reason if refused."""
+        tx = signed.tx
+        with self.lock:
+            for _ in range(self.APPEND_ATTEMPTS):
+                self.catch_up()
+                self.signatures.check(tx, signed.signature)
+                self.state.check_tx(tx)
+                entry = Entry(self.state.head_index + 1, self.state.head_hash or GENESIS_PREV_HASH, tx,
+                              signed.signature)
+                try:
+                    self.store.append_if_head_is(self.state.head_hash, entry)
+                except HeadMoved:
+                    continue
+                self.state.apply(entry)
+                self.signatures.learn(tx)
+                return entry
+        raise LedgerError(f"could not append after {self.APPEND_ATTEMPTS} attempts: the ledger head keeps moving")
+
+
+def verify_store(store: LedgerStore) -> VerifyReport:
+    """Walks the whole chain; raises ChainBroken at the first bad entry."""
+    chain = Chain(store)
+    return VerifyReport(chain.state.head_index + 1, chain.state.head_hash)

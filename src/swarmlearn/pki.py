@@ -1,0 +1,431 @@
+"""Identities: gen-cert (a CA and a key+certificate per component of a host) and loading them for mTLS.
+
+Keys are ECDSA P-256: small, fast to sign ledger transactions with, and accepted by gRPC's TLS. Every
+certificate is good for both TLS server and client use, because every node is both.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from swarmlearn.errors import CertificateError, ConfigError
+
+COMPONENTS = ("sn", "sl", "swop", "swci")
+CA_VALIDITY = dt.timedelta(days=3650)
+CERT_VALIDITY = dt.timedelta(days=825)
+
+
+# --------------------------------------------------------------------------------------------------
+# gen-cert
+
+
+@dataclass(frozen=True)
+class CertLayout:
+    """Where gen-cert puts things for host index I under a cert folder (the original's layout)."""
+
+    root: Path
+    index: int
+
+    @property
+    def capath(self) -> Path:
+        return self.root / "ca" / "capath"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.capath / f"ca-{self.index}-cert.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.root / "ca" / f"ca-{self.index}-key.pem"
+
+    def cert(self, component: str) -> Path:
+        return self.root / f"{component}-{self.index}-cert.pem"
+
+    def key(self, component: str) -> Path:
+        return self.root / f"{component}-{self.index}-key.pem"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def cert_to_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _make_ca(index: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "swarmlearn"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, f"swarmlearn CA {index}")])
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + CA_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def _san_entries(names: list[str]) -> list[x509.GeneralName]:
+    entries: list[x509.GeneralName] = []
+    for name in dict.fromkeys(names):  # keep order, drop repeats
+        try:
+            entries.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            entries.append(x509.DNSName(name))
+    return entries
+
+
+def _issue(ca_key, ca_cert: x509.Certificate, common_name: str, sans: list[str],
+           validity: dt.timedelta = CERT_VALIDITY) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "swarmlearn"),
+                                 x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + validity)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=False, key_agreement=True,
+                                     content_commitment=False, data_encipherment=False, key_cert_sign=False,
+                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
+        .add_extension(x509.SubjectAlternativeName(_san_entries(sans)), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def generate_host_certs(
+    out: Path,
+    index: int,
+    *,
+    sans: list[str] | None = None,
+    components: tuple[str, ...] = COMPONENTS,
+    ca_cert_path: Path | None = None,
+    ca_key_path: Path | None = None,
+    trust: list[Path] | None = None,
+    force: bool = False,
+) -> list[Path]:
+    """Writes a CA (or reuses one) and a key+certificate per component under `out`.
+
+    The CA used is, in order: the one given by `ca_cert_path`/`ca_key_path` (another host's CA, so
+    this host's identities are trusted wherever that CA is), the one already in `out` for this index,
+    or a new one. `trust` copies further CA certificates into capath: trust is the union of capath.
+    Refuses to overwrite an existing component key unless `force`. Writes all or nothing.
+    """
+    if index < 0:
+        raise ConfigError(f"host index must be 0 or more, got {index}")
+    layout = CertLayout(Path(out), index)
+    existing = [p for c in components for p in (layout.key(c), layout.cert(c)) if p.exists()]
+    if existing and not force:
+        raise ConfigError(f"{existing[0]} already exists; pass --force to replace the keys of host {index}, "
+                          f"or choose another --workspace/--out")
+    if (ca_cert_path is None) != (ca_key_path is None):
+        raise ConfigError("give both --ca-cert and --ca-key to issue from an existing CA, or neither")
+
+    files: dict[Path, tuple[bytes, int]] = {}
+    if ca_cert_path is not None:
+        ca_key, ca_cert = _load_ca(Path(ca_cert_path), Path(ca_key_path))
+        files[layout.capath / Path(ca_cert_path).name] = (cert_to_pem(ca_cert), 0o644)
+    elif layout.ca_key.exists() and layout.ca_cert.exists():
+        ca_key, ca_cert = _load_ca(layout.ca_cert, layout.ca_key)
+    else:
+        ca_key, ca_cert = _make_ca(index)
+        files[layout.ca_key] = (_key_pem(ca_key), 0o600)
+        files[layout.ca_cert] = (cert_to_pem(ca_cert), 0o644)
+    for extra in trust or []:
+        files[layout.capath / Path(extra).name] = (_read_ca_cert_bytes(Path(extra)), 0o644)
+
+    for comp in components:
+        key, cert = _issue(ca_key, ca_cert, f"{comp}-{index}", [comp, "localhost", "127.0.0.1", "::1", *(sans or [])])
+        files[layout.key(comp)] = (_key_pem(key), 0o600)
+        files[layout.cert(comp)] = (cert_to_pem(cert), 0o644)
+
+    _write_all(files)
+    _rehash(layout.capath)
+    return sorted(files)
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    if n < 0x80:
+        return bytes([tag, n]) + content
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + content
+
+
+def openssl_subject_hash(cert: x509.Certificate) -> str:
+    """The name under which `openssl verify -CApath` looks a CA up (X509_NAME_hash): SHA-1 over
+    OpenSSL's canonical form of the subject (values as lower-cased UTF8String, spaces collapsed)."""
+    encoded = b""
+    for rdn in cert.subject.rdns:
+        parts = b""
+        for attr in rdn:
+            value = " ".join(str(attr.value).split()).lower().encode()
+            oid = x509.ObjectIdentifier(attr.oid.dotted_string)
+            parts += _der(0x30, _der_oid(oid) + _der(0x0C, value))
+        encoded += _der(0x31, parts)
+    digest = hashlib.sha1(encoded).digest()
+    return f"{int.from_bytes(digest[:4], 'little'):08x}"
+
+
+def _der_oid(oid: x509.ObjectIdentifier) -> bytes:
+    arcs = [int(a) for a in oid.dotted_string.split(".")]
+    body = bytes([40 * arcs[0] + arcs[1]])
+    for arc in arcs[2:]:
+        chunk = [arc & 0x7F]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | (arc & 0x7F))
+            arc >>= 7
+        body += bytes(reversed(chunk))
+    return _der(0x06, body)
+
+
+def _rehash(capath: Path) -> None:
+    """Adds the <hash>.N links OpenSSL tools expect in a CApath folder (like `openssl rehash`)."""
+    for link in capath.glob("*.[0-9]"):
+        if link.is_symlink():
+            link.unlink()
+    taken: dict[str, int] = {}
+    for pem in sorted(capath.glob("*.pem")):
+        for cert in x509.load_pem_x509_certificates(pem.read_bytes()):
+            h = openssl_subject_hash(cert)
+            n = taken.get(h, 0)
+            taken[h] = n + 1
+            (capath / f"{h}.{n}").symlink_to(pem.name)
+            break
+
+
+def _write_all(files: dict[Path, tuple[bytes, int]]) -> None:
+    """Writes every file to a temporary name first, then renames them all: no half-written set."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, (data, mode) in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            staged.append((Path(tmp), path))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+
+
+def _load_ca(cert_path: Path, key_path: Path):
+    cert = _load_cert(cert_path)
+    key = _load_key(key_path)
+    if key.public_key().public_numbers() != cert.public_key().public_numbers():
+        raise CertificateError(f"{key_path} is not the key of {cert_path}; give the matching CA key")
+    return key, cert
+
+
+def _read_ca_cert_bytes(path: Path) -> bytes:
+    return cert_to_pem(_load_cert(path))
+
+
+# --------------------------------------------------------------------------------------------------
+# loading identities
+
+
+def _read(path: Path, what: str, flag: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise CertificateError(f"{path}: {what} not found; check {flag} (make one with `swarm gen-cert`)") from None
+    except IsADirectoryError:
+        raise CertificateError(f"{path}: is a folder, expected a {what} file; check {flag}") from None
+    except PermissionError:
+        raise CertificateError(f"{path}: {what} is not readable by this user; fix its permissions") from None
+
+
+def _load_cert(path: Path, flag: str = "--cert") -> x509.Certificate:
+    data = _read(path, "certificate", flag)
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError:
+        raise CertificateError(f"{path}: not a PEM certificate; check {flag}") from None
+
+
+def _load_key(path: Path, flag: str = "--key"):
+    data = _read(path, "private key", flag)
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise CertificateError(f"{path}: not an unencrypted PEM private key; check {flag}") from None
+
+
+def load_ca_certs(capath: Path) -> list[tuple[Path, x509.Certificate]]:
+    """The CAs this node trusts: every certificate in the capath folder (or the one PEM file)."""
+    capath = Path(capath)
+    if capath.is_dir():
+        paths = sorted(p for p in capath.iterdir()
+                       if p.is_file() and not p.is_symlink() and not p.name.startswith("."))
+    elif capath.is_file():
+        paths = [capath]
+    else:
+        raise CertificateError(f"{capath}: CA folder not found; check --capath (gen-cert writes cert/ca/capath)")
+    cas: list[tuple[Path, x509.Certificate]] = []
+    for p in paths:
+        try:
+            certs = x509.load_pem_x509_certificates(_read(p, "CA certificate", "--capath"))
+        except ValueError:
+            continue  # not a certificate file; capath folders often hold other files
+        cas.extend((p, c) for c in certs if _is_ca(c))
+    if not cas:
+        raise CertificateError(f"{capath}: holds no CA certificate; check --capath")
+    return cas
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def cert_fingerprint(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def cert_from_pem(pem: str | bytes) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem)
+
+
+def common_name(cert: x509.Certificate) -> str:
+    attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(attrs[0].value) if attrs else cert.subject.rfc4514_string()
+
+
+def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+        return True
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+
+
+def verify_signature(cert: x509.Certificate, data: bytes, signature: bytes) -> bool:
+    public = cert.public_key()
+    try:
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            public.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        elif isinstance(public, rsa.RSAPublicKey):
+            public.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True
+
+
+@dataclass
+class Identity:
+    """A node's key, certificate and trusted CAs, checked once at start-up."""
+
+    key_path: Path
+    cert_path: Path
+    capath: Path
+    key: object
+    cert: x509.Certificate
+    cas: list[x509.Certificate]
+
+    @classmethod
+    def load(cls, key: Path, cert: Path, capath: Path, now: dt.datetime | None = None) -> Identity:
+        key_path, cert_path, capath = Path(key), Path(cert), Path(capath)
+        certificate = _load_cert(cert_path)
+        private_key = _load_key(key_path)
+        if private_key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ) != certificate.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ):
+            raise CertificateError(f"{key_path} is not the private key of {cert_path}; pass the matching --key")
+        now = now or _now()
+        if now > certificate.not_valid_after_utc:
+            raise CertificateError(f"{cert_path}: certificate expired on {certificate.not_valid_after_utc:%Y-%m-%d}; "
+                                   f"make a new one with `swarm gen-cert --force`")
+        if now < certificate.not_valid_before_utc:
+            raise CertificateError(f"{cert_path}: certificate is not valid before "
+                                   f"{certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check this host's clock")
+        cas = [c for _, c in load_ca_certs(capath)]
+        if not any(issued_by(certificate, ca) for ca in cas):
+            raise CertificateError(f"{cert_path}: not signed by any CA in {capath}; "
+                                   f"pass the --capath of the CA that issued it, or add that CA to the folder")
+        return cls(key_path, cert_path, capath, private_key, certificate, cas)
+
+    @property
+    def fingerprint(self) -> str:
+        return cert_fingerprint(self.cert)
+
+    @property
+    def common_name(self) -> str:
+        return common_name(self.cert)
+
+    @property
+    def cert_pem(self) -> bytes:
+        return cert_to_pem(self.cert)
+
+    @property
+    def ca_bundle(self) -> bytes:
+        return b"".join(cert_to_pem(c) for c in self.cas)
+
+    def sign(self, data: bytes) -> bytes:
+        if isinstance(self.key, ec.EllipticCurvePrivateKey):
+            return self.key.sign(data, ec.ECDSA(hashes.SHA256()))
+        if isinstance(self.key, rsa.RSAPrivateKey):
+            return self.key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+        raise CertificateError(f"{self.key_path}: only EC and RSA keys can sign ledger entries")
+
+    def server_credentials(self):
+        import grpc
+
+        key_pem = self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption())
+        return grpc.ssl_server_credentials([(key_pem, self.cert_pem)], root_certificates=self.ca_bundle,
+                                           require_client_auth=True)
+
+    def channel_credentials(self):
+        import grpc
+
+        key_pem = self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption())
+        return grpc.ssl_channel_credentials(root_certificates=self.ca_bundle, private_key=key_pem,
+                                            certificate_chain=self.cert_pem)
+

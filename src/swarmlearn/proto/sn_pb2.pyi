@@ -1,0 +1,67 @@
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Optional as _Optional
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SignedTx(_message.Message):
+    __slots__ = ("tx", "signature")
+    TX_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    tx: bytes
+    signature: bytes
+    def __init__(self, tx: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class SubmitReply(_message.Message):
+    __slots__ = ("index", "hash")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    hash: str
+    def __init__(self, index: _Optional[int] = ..., hash: _Optional[str] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("node_id",)
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    def __init__(self, node_id: _Optional[str] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("head_index", "head_hash", "sn_node_id")
+    HEAD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
+    SN_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    head_index: int
+    head_hash: str
+    sn_node_id: str
+    def __init__(self, head_index: _Optional[int] = ..., head_hash: _Optional[str] = ..., sn_node_id: _Optional[str] = ...) -> None: ...
+
+class QueryRequest(_message.Message):
+    __slots__ = ("section",)
+    SECTION_FIELD_NUMBER: _ClassVar[int]
+    section: str
+    def __init__(self, section: _Optional[str] = ...) -> None: ...
+
+class QueryReply(_message.Message):
+    __slots__ = ("head_index", "state_json")
+    HEAD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    STATE_JSON_FIELD_NUMBER: _ClassVar[int]
+    head_index: int
+    state_json: bytes
+    def __init__(self, head_index: _Optional[int] = ..., state_json: _Optional[bytes] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("from_index",)
+    FROM_INDEX_FIELD_NUMBER: _ClassVar[int]
+    from_index: int
+    def __init__(self, from_index: _Optional[int] = ...) -> None: ...
+
+class LedgerEntry(_message.Message):
+    __slots__ = ("index", "hash", "body")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    hash: str
+    body: bytes
+    def __init__(self, index: _Optional[int] = ..., hash: _Optional[str] = ..., body: _Optional[bytes] = ...) -> None: ...

@@ -1,0 +1,158 @@
+"""The client every SL, SWOP and SWCI uses to talk to an SN: connect with certificates, submit signed
+transactions, query the folded state, and follow the ledger (reconnecting on its own)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+
+from swarmlearn import pki
+from swarmlearn.errors import AlreadyRecorded, LedgerError, Rejected, SNUnavailable
+from swarmlearn.ledger.entry import Entry
+from swarmlearn.ledger.signatures import registration, sign_tx
+from swarmlearn.proto import sn_pb2, sn_pb2_grpc
+
+log = logging.getLogger("swarmlearn.sn.client")
+
+# How long a call keeps retrying while the SN is unreachable before giving up with SNUnavailable.
+UNREACHABLE_TIMEOUT = 30.0
+# Longest single call (the SN answers in milliseconds; this only bounds a stuck connection).
+CALL_TIMEOUT = 10.0
+
+
+class SNClient:
+    def __init__(self, address: str, identity: pki.Identity, node_id: str | None = None,
+                 unreachable_timeout: float = UNREACHABLE_TIMEOUT):
+        self.address = address
+        self.identity = identity
+        self.node_id = node_id or identity.common_name
+        self.unreachable_timeout = unreachable_timeout
+        self._channel = grpc.secure_channel(address, identity.channel_credentials(), options=[
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
+        ])
+        self._stub = sn_pb2_grpc.SwarmNetworkStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> SNClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------ plumbing
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Waits until the SN accepts our TLS handshake; raises SNUnavailable with the reason."""
+        timeout = self.unreachable_timeout if timeout is None else timeout
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise SNUnavailable(f"no SN answered at {self.address} within {timeout:.0f} s: check --sn-ip/"
+                                f"--sn-api-port, that `swarm sn` runs, and that its certificates come from a CA "
+                                f"in {self.identity.capath} (and ours from a CA it trusts)") from None
+
+    def _call(self, method: Callable, request, what: str):
+        deadline = time.monotonic() + self.unreachable_timeout
+        delay = 0.1
+        while True:
+            try:
+                return method(request, timeout=CALL_TIMEOUT, wait_for_ready=False)
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
+                        or time.monotonic() + delay > deadline or _is_refusal(exc):
+                    raise _translate(exc, self.address, what) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    # ---------------------------------------------------------------------------------------- API
+
+    def submit(self, kind: str, payload: dict) -> int:
+        """Signs and submits a transaction; returns its entry index. A retry after a lost reply is
+        recognised by the SN as the same transaction and answers with the entry already made."""
+        signed = sign_tx(self.identity, self.node_id, kind, payload)
+        request = sn_pb2.SignedTx(tx=signed.tx.signing_bytes(), signature=signed.signature)
+        try:
+            return self._call(self._stub.Submit, request, kind).index
+        except AlreadyRecorded as exc:
+            return exc.index
+
+    def register(self, role: str, address: str = "", **info) -> int:
+        return self.submit("register_node", registration(self.identity, self.node_id, role, address, **info))
+
+    def heartbeat(self) -> int:
+        """Tells the SN we are alive; returns the ledger head index."""
+        return self._call(self._stub.Heartbeat, sn_pb2.HeartbeatRequest(node_id=self.node_id), "heartbeat").head_index
+
+    def query(self, section: str = "all") -> dict:
+        reply = self._call(self._stub.Query, sn_pb2.QueryRequest(section=section), f"query {section}")
+        return json.loads(reply.state_json)
+
+    def watch(self, from_index: int = 0, stop: threading.Event | None = None) -> Iterator[Entry]:
+        """Yields ledger entries from `from_index` on, forever or until `stop` is set. Reconnects
+        after an SN restart and resumes at the next index, so nothing is seen twice or skipped."""
+        stop = stop or threading.Event()
+        next_index = from_index
+        down_since: float | None = None
+        while not stop.is_set():
+            stream = self._stub.Watch(sn_pb2.WatchRequest(from_index=next_index))
+            done = threading.Event()
+            threading.Thread(target=_cancel_on_stop, args=(stream, stop, done), daemon=True).start()
+            try:
+                for msg in stream:
+                    down_since = None
+                    entry = Entry.from_body_bytes(msg.body)
+                    if entry.index != next_index or entry.hash != msg.hash:
+                        raise LedgerError(f"SN {self.address} sent entry {entry.index} out of order or altered")
+                    next_index += 1
+                    yield entry
+            except grpc.RpcError as exc:
+                if stop.is_set() or exc.code() == grpc.StatusCode.CANCELLED:
+                    return
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise _translate(exc, self.address, "watch") from None
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > self.unreachable_timeout:
+                    raise _translate(exc, self.address, "watch") from None
+                log.info("SN %s unreachable; reconnecting to follow the ledger from entry %d", self.address,
+                         next_index)
+                stop.wait(0.5)
+            finally:
+                done.set()
+                stream.cancel()
+
+
+def _cancel_on_stop(stream, stop: threading.Event, done: threading.Event) -> None:
+    while not done.is_set():
+        if stop.wait(0.25):
+            stream.cancel()
+            return
+
+
+def _is_refusal(exc: grpc.RpcError) -> bool:
+    # The SN answers UNAVAILABLE on purpose when its store cannot write: retrying will not help.
+    return "refuses new entries" in (exc.details() or "")
+
+
+def _translate(exc: grpc.RpcError, address: str, what: str) -> Exception:
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.ALREADY_EXISTS:
+        meta = dict(exc.trailing_metadata() or ())
+        return AlreadyRecorded(meta.get("swarm-tx-id", ""), int(meta.get("swarm-entry-index", -1)))
+    if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED,
+                grpc.StatusCode.INVALID_ARGUMENT):
+        return Rejected(f"{what}: {details}")
+    if code == grpc.StatusCode.UNAVAILABLE and _is_refusal(exc):
+        return LedgerError(details)
+    return SNUnavailable(f"{what}: SN at {address} unreachable ({code.name}: {details.splitlines()[0] if details else ''}); "
+                         f"check the SN address and that its CA and ours trust each other")
