@@ -7,6 +7,7 @@ Heavy modules (grpc, cryptography, torch) are imported inside the commands that 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -17,6 +18,9 @@ import click
 from swarmlearn import __version__
 
 DEFAULT_WORKSPACE = Path("workspace")
+# gRPC's C core logs its own copy of errors we report in our words (a port in use, a refused
+# handshake); set GRPC_VERBOSITY=ERROR to see them.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 
 class SwarmGroup(click.Group):

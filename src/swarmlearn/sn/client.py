@@ -13,7 +13,7 @@ import grpc
 
 from swarmlearn import pki
 from swarmlearn.errors import AlreadyRecorded, LedgerError, Rejected, SNUnavailable
-from swarmlearn.ledger.entry import Entry
+from swarmlearn.ledger.entry import Entry, SignedTx
 from swarmlearn.ledger.signatures import registration, sign_tx
 from swarmlearn.proto import sn_pb2, sn_pb2_grpc
 
@@ -80,10 +80,12 @@ class SNClient:
     def submit(self, kind: str, payload: dict) -> int:
         """Signs and submits a transaction; returns its entry index. A retry after a lost reply is
         recognised by the SN as the same transaction and answers with the entry already made."""
-        signed = sign_tx(self.identity, self.node_id, kind, payload)
+        return self.submit_signed(sign_tx(self.identity, self.node_id, kind, payload))
+
+    def submit_signed(self, signed: SignedTx) -> int:
         request = sn_pb2.SignedTx(tx=signed.tx.signing_bytes(), signature=signed.signature)
         try:
-            return self._call(self._stub.Submit, request, kind).index
+            return self._call(self._stub.Submit, request, signed.tx.kind).index
         except AlreadyRecorded as exc:
             return exc.index
 

@@ -1,0 +1,189 @@
+"""The SN as a user runs it: a real `swarm sn` process, clients over mutual TLS on 127.0.0.1."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import sqlite3
+import threading
+
+import pytest
+
+from conftest import identity, identity_args, run_swarm, start_sn
+from swarmlearn.errors import Rejected, SNUnavailable
+from swarmlearn.ledger.signatures import sign_tx
+from swarmlearn.pki import Identity
+from swarmlearn.sn.client import SNClient
+
+
+def client(sn, certs, component="sl", node_id=None, **kwargs) -> SNClient:
+    c = SNClient(sn.address, identity(certs, component), node_id, **kwargs)
+    c.wait_ready(10)
+    return c
+
+
+def test_register_submit_query_and_watch(sn, certs):
+    with client(sn, certs, "sl", "node1") as sl, client(sn, certs, "swci") as swci:
+        sl.register("SL", "127.0.0.1:5000")
+        swci.register("SWCI")
+        swci.submit("contract_create", {"name": "my-contract"})
+        sl.submit("session_join", {"contract": "my-contract", "node": "node1", "min_peers": 1})
+        sl.heartbeat()
+
+        state = swci.query()
+        assert state["nodes"]["node1"]["role"] == "SL"
+        assert state["nodes"]["node1"]["address"] == "127.0.0.1:5000"
+        assert "node1" in state["contracts"]["my-contract"]["members"]
+        assert "node1" in state["last_seen"]
+        assert set(swci.query("tasks")) == {"tasks", "last_seen"}
+
+        stop = threading.Event()
+        seen = []
+        for entry in swci.watch(0, stop):
+            seen.append(entry)
+            if entry.tx.kind == "session_join":
+                stop.set()
+        assert [e.tx.kind for e in seen] == ["genesis", "register_node", "register_node", "contract_create",
+                                             "session_join"]
+        assert [e.index for e in seen] == list(range(5))
+        assert seen[1].prev_hash == seen[0].hash
+
+
+def test_watch_delivers_entries_appended_after_it_started(sn, certs):
+    with client(sn, certs, "swci") as swci:
+        swci.register("SWCI")
+        stop = threading.Event()
+        got = []
+
+        def follow():
+            for entry in swci.watch(2, stop):
+                got.append(entry.tx.payload.get("name"))
+                if len(got) == 3:
+                    stop.set()
+
+        thread = threading.Thread(target=follow)
+        thread.start()
+        for name in ("a", "b", "c"):
+            swci.submit("contract_create", {"name": name})
+        thread.join(10)
+        assert got == ["a", "b", "c"]
+
+
+def test_refused_transaction_comes_back_with_the_reason(sn, certs):
+    with client(sn, certs, "swci") as swci:
+        swci.register("SWCI")
+        with pytest.raises(Rejected, match="not finalized|no task named"):
+            swci.submit("taskrunner_assign", {"runner": "default", "task": "ghost", "peers": 1})
+
+
+def test_a_node_cannot_submit_in_another_nodes_name(sn, certs):
+    with client(sn, certs, "swci") as swci, client(sn, certs, "sl", "node1") as sl:
+        swci.register("SWCI")
+        forged = sign_tx(identity(certs, "swci"), "swci-1", "contract_create", {"name": "forged"})
+        with pytest.raises(Rejected, match="certificate other than the caller"):
+            sl.submit_signed(forged)  # the swci's own signature, sent over the SL's connection
+        assert "forged" not in swci.query("contracts")["contracts"]
+
+
+def test_replayed_signed_transaction_adds_nothing(sn, certs):
+    with client(sn, certs, "swci") as swci:
+        swci.register("SWCI")
+        signed = sign_tx(swci.identity, swci.node_id, "contract_create", {"name": "once"})
+        first = swci.submit_signed(signed)
+        head = swci.heartbeat()
+        assert swci.submit_signed(signed) == first
+        assert swci.heartbeat() == head
+
+
+def test_certificate_from_a_foreign_ca_is_refused_at_the_handshake(sn, certs, foreign_certs, tmp_path):
+    both = tmp_path / "both-cas"  # the stranger trusts our CA, but we do not trust theirs
+    both.mkdir()
+    shutil.copy(certs.ca_cert, both)
+    shutil.copy(foreign_certs.ca_cert, both)
+    stranger = Identity.load(foreign_certs.key("sl"), foreign_certs.cert("sl"), both)
+    with SNClient(sn.address, stranger, "intruder", unreachable_timeout=2) as c:
+        with pytest.raises(SNUnavailable):
+            c.wait_ready(2)
+        with pytest.raises(SNUnavailable):
+            c.query()
+
+
+def test_unreachable_sn_is_a_clear_error_within_seconds(certs):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    with SNClient(f"127.0.0.1:{port}", identity(certs, "sl"), "node1", unreachable_timeout=2) as c:
+        with pytest.raises(SNUnavailable, match="unreachable|no SN answered"):
+            c.query()
+
+
+def test_kill_9_and_restart_continues_the_same_chain(procs, certs, tmp_path):
+    data = tmp_path / "sn"
+    sn = start_sn(procs, certs, data)
+    with client(sn, certs, "swci") as swci:
+        swci.register("SWCI")
+        for i in range(20):
+            swci.submit("contract_create", {"name": f"c{i}"})
+        before = swci.query()
+    sn.proc.kill()
+
+    again = start_sn(procs, certs, data)
+    assert "ledger at entry" in again.proc.output
+    with client(again, certs, "swci") as swci:
+        after = swci.query()
+        swci.submit("contract_create", {"name": "after-restart"})
+    for section in ("contracts", "tasks", "taskrunners"):
+        assert after[section] == before[section]
+    assert after["info"]["genesis"] == before["info"]["genesis"]
+    again.proc.kill()
+
+    verify = run_swarm("ledger", "verify", str(data))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert verify.stdout.startswith("OK ")
+    # genesis, SWCI, 20 contracts, (the SN re-registers at its new port), one more contract
+    assert int(verify.stdout.split()[1]) >= 23
+
+
+def test_ledger_verify_finds_a_flipped_byte(procs, certs, tmp_path):
+    data = tmp_path / "sn"
+    sn = start_sn(procs, certs, data)
+    with client(sn, certs, "swci") as swci:
+        swci.register("SWCI")
+        for i in range(5):
+            swci.submit("contract_create", {"name": f"contract-{i}"})
+    sn.proc.kill()
+    assert run_swarm("ledger", "verify", str(data)).returncode == 0
+
+    db = sqlite3.connect(data / "ledger.db")
+    body = bytearray(db.execute("SELECT body FROM entries WHERE idx = 4").fetchone()[0])
+    at = body.index(b"contract-")
+    body[at] ^= 0x01  # one bit of one byte
+    db.execute("UPDATE entries SET body = ? WHERE idx = 4", (bytes(body),))
+    db.commit()
+    db.close()
+
+    result = run_swarm("ledger", "verify", str(data))
+    assert result.returncode == 1
+    assert result.stdout.startswith("BAD entry 4:")
+
+
+def test_ledger_verify_finds_a_rewritten_entry_with_a_fixed_up_hash(procs, certs, tmp_path):
+    """Re-hashing an edited entry does not help: the next entry's link and the signature both break."""
+    import hashlib
+
+    data = tmp_path / "sn"
+    sn = start_sn(procs, certs, data)
+    with client(sn, certs, "swci") as swci:
+        swci.register("SWCI")
+        swci.submit("contract_create", {"name": "honest"})
+        swci.submit("contract_create", {"name": "later"})
+    sn.proc.kill()
+    db = sqlite3.connect(data / "ledger.db")
+    idx = db.execute("SELECT max(idx) FROM entries").fetchone()[0] - 1
+    body = db.execute("SELECT body FROM entries WHERE idx = ?", (idx,)).fetchone()[0].replace(b"honest", b"forged")
+    db.execute("UPDATE entries SET body = ?, hash = ? WHERE idx = ?", (body, hashlib.sha256(body).hexdigest(), idx))
+    db.commit()
+    db.close()
+    result = run_swarm("ledger", "verify", str(data))
+    assert result.returncode == 1 and result.stdout.startswith(f"BAD entry {idx}:")
+    assert "signature" in result.stdout
