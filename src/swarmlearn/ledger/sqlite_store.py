@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from swarmlearn.errors import HeadMoved, LedgerError
@@ -31,6 +32,7 @@ class SQLiteStore(LedgerStore):
         self._appended = threading.Condition(self._lock)
         if read_only and not self.path.is_file():
             raise LedgerError(f"{self.path}: no ledger file there; give the SN's ledger.db or its --data-dir")
+        self._db: sqlite3.Connection | None = None
         try:
             target = f"file:{self.path}?mode=ro" if read_only else str(self.path)
             self._db = sqlite3.connect(target, uri=read_only, isolation_level=None, check_same_thread=False,
@@ -43,9 +45,14 @@ class SQLiteStore(LedgerStore):
             check = self._db.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise sqlite3.DatabaseError(check)
-            if not read_only:
+            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "entries" not in tables:
+                if read_only or tables:
+                    raise sqlite3.DatabaseError("it holds no ledger entries table")
                 self._db.execute(_SCHEMA)
         except sqlite3.DatabaseError as exc:
+            if self._db is not None:
+                self._db.close()
             raise LedgerError(f"{self.path}: not a readable ledger database ({exc}); restore it from a backup "
                               f"or start with an empty --data-dir") from None
 
@@ -88,17 +95,16 @@ class SQLiteStore(LedgerStore):
     def wait_for(self, index: int, timeout: float) -> bool:
         # Appends made through this object wake the condition at once; appends from another process
         # are found by polling.
+        deadline = time.monotonic() + timeout
         with self._appended:
-            remaining = timeout
             while True:
                 head = self.head()
                 if head is not None and head[0] >= index:
                     return True
+                remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                step = min(self.CROSS_PROCESS_POLL, remaining)
-                self._appended.wait(step)
-                remaining -= step
+                self._appended.wait(min(self.CROSS_PROCESS_POLL, remaining))
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,115 @@
+"""Merge methods: one file each, one small interface.
+
+A method sees the participants' tensor sets one at a time (so `mean` holds about two models in
+memory, whatever the number of peers) and returns the merged set. Contributions are validated first
+(same keys, shapes and dtypes as the first one, finite values) and a bad one is refused with the
+node's name; the round goes on with the rest.
+
+Float tensors are merged in float64 and narrowed back to their own dtype. Integer and bool tensors
+(step counters and the like) are not averaged: they are taken from the contribution with the largest
+weight (ties: the first node in name order).
+
+To add a method: write `merge/<name>.py` with a `Merger` subclass whose `name` is the method's name,
+and list it in `METHODS` below.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from swarmlearn.errors import SwarmError
+from swarmlearn.tensors import Tensor
+
+
+class BadContribution(SwarmError):
+    def __init__(self, node: str, reason: str):
+        super().__init__(f"contribution of {node} refused: {reason}")
+        self.node = node
+        self.reason = reason
+
+
+class MergeError(SwarmError):
+    """Nothing could be merged (no valid contribution)."""
+
+
+@dataclass(frozen=True)
+class Contribution:
+    node: str
+    weight: float
+    tensors: dict[str, Tensor]
+
+
+def check_contribution(c: Contribution, reference: dict[str, Tensor] | None,
+                       max_abs: float | None = None) -> None:
+    """Raises BadContribution unless `c` matches `reference` key for key and holds finite values."""
+    if reference is not None:
+        missing = sorted(set(reference) - set(c.tensors))
+        extra = sorted(set(c.tensors) - set(reference))
+        if missing:
+            raise BadContribution(c.node, f"tensor {missing[0]} is missing (different model architecture?)")
+        if extra:
+            raise BadContribution(c.node, f"unexpected tensor {extra[0]} (different model architecture?)")
+        for name in sorted(reference):
+            ref, got = reference[name], c.tensors[name]
+            if got.array.shape != ref.array.shape:
+                raise BadContribution(c.node, f"tensor {name} has shape {list(got.array.shape)}, "
+                                              f"others have {list(ref.array.shape)}")
+            if got.dtype != ref.dtype:
+                raise BadContribution(c.node, f"tensor {name} is {got.dtype}, others are {ref.dtype}")
+    if not np.isfinite(c.weight) or c.weight < 0:
+        raise BadContribution(c.node, f"weight {c.weight} is not a finite number >= 0")
+    for name in sorted(c.tensors):
+        t = c.tensors[name]
+        if not t.is_float:
+            continue
+        values = t.as_float64()
+        if not np.isfinite(values).all():
+            raise BadContribution(c.node, f"tensor {name} holds NaN or Inf")
+        if max_abs is not None and values.size and np.abs(values).max() > max_abs:
+            raise BadContribution(c.node, f"tensor {name} has a value beyond {max_abs:g}")
+
+
+class Merger(ABC):
+    name: str
+
+    @abstractmethod
+    def merge(self, contributions: Iterable[Contribution]) -> dict[str, Tensor]:
+        """Merges already-validated contributions of identical structure."""
+
+
+def normalized_weights(weights: list[float]) -> np.ndarray:
+    """Weights summing to 1; equal weights when every weight is 0 (e.g. the very first sync)."""
+    w = np.asarray(weights, dtype=np.float64)
+    total = w.sum()
+    return np.full(len(w), 1.0 / len(w)) if total <= 0 else w / total
+
+
+def heaviness(c: Contribution) -> tuple[float, str]:
+    """Sort key: the heaviest contribution first, ties broken by node name."""
+    return (-c.weight, c.node)
+
+
+def non_float_from_heaviest(contributions: list[Contribution], name: str) -> Tensor:
+    return min(contributions, key=heaviness).tensors[name]
+
+
+def stacked(contributions: list[Contribution], name: str) -> np.ndarray:
+    return np.stack([c.tensors[name].as_float64().ravel() for c in contributions])
+
+
+def get_merger(name: str) -> Merger:
+    from swarmlearn.merge.coordmedian import CoordMedian
+    from swarmlearn.merge.geomedian import GeoMedian
+    from swarmlearn.merge.mean import Mean
+
+    methods = {m.name: m for m in (Mean, CoordMedian, GeoMedian)}
+    if name not in methods:
+        raise SwarmError(f"unknown merge method {name!r}; one of {', '.join(methods)}")
+    return methods[name]()
+
+
+METHODS = ("mean", "coordmedian", "geomedian")
