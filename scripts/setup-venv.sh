@@ -3,7 +3,7 @@
 # disk on our machines; an unpinned torch would pull a multi-GB CUDA build), then the package itself.
 set -euo pipefail
 venv="${1:-.venv}"
-extras="${SWARMLEARN_EXTRAS:-dev}"
+extras="${SWARMLEARN_EXTRAS:-dev,hf}"
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 case ",$extras," in

@@ -112,6 +112,41 @@ def sn(sentinel, host_ip, sn_api_port, key, cert, capath, data_dir, node_id, ver
     click.echo(f"SN {server.node_id} stopped")
 
 
+@cli.command("sl")
+@click.option("--sn-ip", default="127.0.0.1", show_default=True, help="Address of an SN.")
+@click.option("--sn-api-port", type=int, default=30304, show_default=True)
+@click.option("--host-ip", default="127.0.0.1", show_default=True,
+              help="Address other SLs reach this one at (and that it listens on).")
+@click.option("--sl-fs-port", type=int, default=30305, show_default=True,
+              help="Port for peer-to-peer tensor transfer; 0 lets the OS choose.")
+@identity_options
+@click.option("--node-id", required=True, help="This peer's name in the swarm, e.g. node1.")
+@click.option("--ml-addr", help="Local channel for this node's ML process: unix:PATH or HOST:PORT "
+                                "(default: a Unix socket in the data dir).")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Working folder (default: a new temp folder).")
+@click.option("--checkin-wait", type=float, default=3.0, show_default=True,
+              help="Seconds to wait for the other active peers once min_peers have checked in.")
+@click.option("--leader-timeout", type=float, default=10.0, show_default=True,
+              help="Seconds (plus a term for the bytes to move) before a silent leader is replaced.")
+@click.option("-v", "--verbose", is_flag=True)
+def sl(sn_ip, sn_api_port, host_ip, sl_fs_port, key, cert, capath, node_id, ml_addr, data_dir, checkin_wait,
+       leader_timeout, verbose) -> None:
+    """Run a Swarm Learning node: one per training peer, serving its ML process."""
+    _logging(verbose)
+    from swarmlearn.pki import Identity
+    from swarmlearn.sl.node import SLConfig, SLNode
+    from swarmlearn.sl.round import Timeouts
+
+    identity = Identity.load(key, cert, capath)
+    node = SLNode(SLConfig(node_id=node_id, identity=identity, sn_address=f"{sn_ip}:{sn_api_port}", host=host_ip,
+                           fs_port=sl_fs_port, ml_addr=ml_addr, data_dir=data_dir,
+                           timeouts=Timeouts(checkin_wait=checkin_wait, leader_base=leader_timeout)))
+    node.start()
+    click.echo(f"SL {node_id} ready: SWARM_SL_ADDR={node.ml_addr}")
+    sys.stdout.flush()
+    _serve_until_signalled(node.stop)
+
+
 def _serve_until_signalled(stop) -> None:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

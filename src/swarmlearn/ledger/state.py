@@ -74,6 +74,8 @@ class Member:
     weightage: float
     active: bool = True
     joined_at: int = 0
+    merge_method: str = "mean"
+    finished: bool = False  # its training ended; it still contributes its final weights (snapshot)
 
 
 @dataclass
@@ -81,6 +83,7 @@ class Checkin:
     hash: str
     weight: float
     size: int
+    final: bool = False
 
 
 @dataclass
@@ -117,6 +120,22 @@ class Contract:
     @property
     def latest_merged(self) -> Round | None:
         return self.rounds.get(self.latest_merged_round) if self.latest_merged_round else None
+
+    @property
+    def active_members(self) -> list[str]:
+        return sorted(n for n, m in self.members.items() if m.active)
+
+    @property
+    def merge_method(self) -> str:
+        methods = {m.merge_method for m in self.members.values() if m.active}
+        return methods.pop() if len(methods) == 1 else "mean"
+
+    def is_final(self, r: Round) -> bool:
+        """Whether merged round `r` is the swarm's last: every active member took part in it with
+        its final weights, so no node trains any more."""
+        active = self.active_members
+        return (r.status == "merged" and bool(active) and set(active) <= set(r.participants)
+                and all(r.checkins[n].final for n in r.participants))
 
 
 @dataclass
@@ -479,12 +498,17 @@ class LedgerState:
         node = _str(p, "node")
         self._speaks_for_itself(tx, node)
         min_peers, weightage = p.get("min_peers", 1), p.get("weightage", 1)
+        method = p.get("merge_method", "mean")
         if not isinstance(min_peers, int) or min_peers < 1:
             raise Rejected("min_peers must be a whole number of at least 1")
         if not isinstance(weightage, (int, float)) or not 0 < weightage <= 100:
             raise Rejected("node weightage must be in (0, 100]")
+        others = {m.merge_method for n, m in contract.members.items() if m.active and n != node}
+        if others and method not in others:
+            raise Rejected(f"contract {contract.name} merges with {others.pop()}; {node} asks for {method}: "
+                           f"every node of a contract must use the same merge_method")
         if not dry_run:
-            contract.members[node] = Member(min_peers, float(weightage), True, index)
+            contract.members[node] = Member(min_peers, float(weightage), True, index, str(method))
 
     def _session_leave(self, p: dict, tx: Tx, index: int, dry_run: bool) -> None:
         contract = self.contract(_str(p, "contract"))
@@ -514,9 +538,12 @@ class LedgerState:
         existing = contract.rounds.get(number)
         if existing and node in existing.checkins:
             raise Rejected(f"{node} already checked in to round {number}")
+        final = bool(p.get("final", False))
         if not dry_run:
             r = contract.rounds.setdefault(number, Round(number))
-            r.checkins[node] = Checkin(digest, float(weight), int(size))
+            r.checkins[node] = Checkin(digest, float(weight), int(size), final)
+            if final:
+                contract.members[node].finished = True
 
     def _closed_round(self, p: dict, status: str = "closed") -> tuple[Contract, Round]:
         contract = self.contract(_str(p, "contract"))

@@ -1,0 +1,207 @@
+"""The SL process: registers with the SN, follows the ledger, serves blobs to peers over mutual TLS,
+and serves its own ML process on a local channel (SWARM_SL_ADDR)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from swarmlearn import pki
+from swarmlearn.errors import ConfigError, Rejected, SwarmError
+from swarmlearn.proto import sl_pb2, sl_pb2_grpc
+from swarmlearn.sl.follower import LedgerFollower
+from swarmlearn.sl.round import RoundEngine, RoundResult, Timeouts
+from swarmlearn.sl.transport import CHUNK, MAX_MESSAGE, BlobStore, PeerFetcher, PeerService
+from swarmlearn.sn.client import SNClient
+
+log = logging.getLogger("swarmlearn.sl")
+
+DEFAULT_FS_PORT = 30305
+HEARTBEAT_EVERY = 1.0
+
+
+@dataclass
+class SLConfig:
+    node_id: str
+    identity: pki.Identity
+    sn_address: str
+    host: str = "127.0.0.1"
+    fs_port: int = DEFAULT_FS_PORT
+    ml_addr: str | None = None
+    data_dir: Path | None = None
+    timeouts: Timeouts | None = None
+
+
+class SLNode:
+    def __init__(self, config: SLConfig):
+        self.config = config
+        self.node_id = config.node_id
+        self.data_dir = Path(config.data_dir or tempfile.mkdtemp(prefix=f"swarm-sl-{config.node_id}-"))
+        self.ml_addr = config.ml_addr or f"unix:{self.data_dir / 'ml.sock'}"
+        self.blobs = BlobStore()
+        self.fetcher = PeerFetcher(config.identity)
+        self.sn = SNClient(config.sn_address, config.identity, config.node_id)
+        self.follower = LedgerFollower(self.sn)
+        self.engines: dict[str, RoundEngine] = {}
+        self._stopping = threading.Event()
+        self._last_seen: tuple[float, dict[str, float]] = (0.0, {})
+        self.peer_server: grpc.Server | None = None
+        self.local_server: grpc.Server | None = None
+        self.address = ""
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{self.data_dir}: cannot create the SL data dir ({exc.strerror}); "
+                              f"choose another --data-dir") from None
+        self.sn.wait_ready()
+        options = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_MESSAGE),
+                   ("grpc.max_send_message_length", MAX_MESSAGE)]
+        self.peer_server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=options)
+        sl_pb2_grpc.add_SwarmPeerServicer_to_server(PeerService(self.blobs), self.peer_server)
+        port = _bind(self.peer_server, f"{self.config.host}:{self.config.fs_port}",
+                     self.config.identity.server_credentials(), "--sl-fs-port")
+        self.address = f"{self.config.host}:{port}"
+        self.sn.register("SL", self.address)
+        self.follower.start()
+        self.local_server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=options)
+        sl_pb2_grpc.add_SwarmLocalServicer_to_server(LocalService(self), self.local_server)
+        if self.ml_addr.startswith("unix:"):
+            Path(self.ml_addr[5:]).unlink(missing_ok=True)
+        _bind(self.local_server, self.ml_addr, None, "--ml-addr")
+        self.peer_server.start()
+        self.local_server.start()
+        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+        log.info("SL %s serving peers on %s, its ML on %s", self.node_id, self.address, self.ml_addr)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for server in (self.local_server, self.peer_server):
+            if server is not None:
+                server.stop(0.5).wait()
+        self.follower.stop()
+        self.fetcher.close()
+        self.sn.close()
+
+    def _heartbeat(self) -> None:
+        while not self._stopping.wait(HEARTBEAT_EVERY):
+            try:
+                self.sn.heartbeat()
+            except SwarmError as exc:
+                log.warning("heartbeat to SN failed: %s", exc)
+
+    def liveness(self) -> dict[str, float]:
+        """Seconds since the SN last heard from each node (asked at most once a second)."""
+        asked, seen = self._last_seen
+        if time.monotonic() - asked > 1.0:
+            try:
+                seen = self.sn.query("info").get("last_seen", {})
+            except SwarmError:
+                seen = {}
+            self._last_seen = (time.monotonic(), seen)
+        return seen
+
+    # ------------------------------------------------------------------------------ for the ML
+
+    def join(self, contract: str, min_peers: int, weightage: float, merge_method: str) -> tuple[str, int]:
+        name = self.follower.read(lambda s: s.contract(contract).name)
+        self.sn.submit("session_join", {"contract": name, "node": self.node_id, "min_peers": min_peers,
+                                        "weightage": weightage, "merge_method": merge_method})
+        engine = RoundEngine(self.node_id, name, self.sn, self.follower, self.blobs, self.fetcher,
+                             self.config.timeouts, self.liveness)
+        self.engines[name] = engine
+        latest = self.follower.read(lambda s: s.contract(name).latest_merged_round) or 0
+        log.info("%s joined contract %s (min_peers %d, weightage %g, %s); latest merged round %d", self.node_id,
+                 name, min_peers, weightage, merge_method, latest)
+        return name, latest
+
+
+def _bind(server: grpc.Server, address: str, credentials, flag: str) -> int:
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if port == 0 and not address.startswith("unix:"):
+        raise ConfigError(f"cannot listen on {address}: the port is in use or the address is not this host's; "
+                          f"pick another {flag} (0 lets the OS choose)")
+    return port
+
+
+class LocalService(sl_pb2_grpc.SwarmLocalServicer):
+    """What the ML process asks of its SL. Only the SL's own ML reaches this channel."""
+
+    def __init__(self, node: SLNode):
+        self.node = node
+
+    def _engine(self, context) -> RoundEngine:
+        if len(self.node.engines) != 1:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "join a contract first (SwarmCallback does this)")
+        return next(iter(self.node.engines.values()))
+
+    def Join(self, request, context):
+        try:
+            name, latest = self.node.join(request.contract or "default", request.min_peers or 1,
+                                          request.weightage or 1.0, request.merge_method or "mean")
+        except Rejected as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return sl_pb2.JoinReply(node_id=self.node.node_id, contract=name, latest_merged_round=latest)
+
+    def Sync(self, request_iterator, context):
+        engine = self._engine(context)
+        header, blob = _receive(request_iterator)
+        try:
+            if header.catch_up:
+                result = engine.catch_up() or engine.sync(blob, header.weight)
+            elif header.final:
+                result = engine.sync_final(blob, header.weight)
+            else:
+                result = engine.sync(blob, header.weight)
+        except SwarmError as exc:
+            log.error("sync failed: %s", exc)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        yield from _send(result)
+
+    def Report(self, request, context):
+        engine = self._engine(context)
+        payload = {"contract": engine.contract_name, "node": self.node.node_id, "round": request.round,
+                   "loss": request.loss, "metric": request.metric, "metric_name": request.metric_name,
+                   "epoch": request.epoch, "step": request.step}
+        try:
+            self.node.sn.submit("metrics", payload)
+        except SwarmError as exc:
+            log.warning("metrics not recorded: %s", exc)
+        return sl_pb2.Empty()
+
+
+def _receive(parts) -> tuple[sl_pb2.SyncHeader, bytes]:
+    header = None
+    chunks: list[bytes] = []
+    for part in parts:
+        if part.HasField("header"):
+            header = part.header
+        else:
+            chunks.append(part.data)
+    blob = b"".join(chunks)
+    if header is None or len(blob) != header.size:
+        raise SwarmError("sync request lacks its header or is truncated")
+    return header, blob
+
+
+def _send(result: RoundResult):
+    yield sl_pb2.SyncPart(header=sl_pb2.SyncHeader(
+        round=result.round, hash=result.hash, size=len(result.blob), participants=result.participants,
+        leader=result.leader, seconds=result.seconds, swarm_finished=result.swarm_finished,
+        contributed=result.contributed))
+    view = memoryview(result.blob)
+    for start in range(0, len(result.blob), CHUNK):
+        yield sl_pb2.SyncPart(data=bytes(view[start:start + CHUNK]))

@@ -1,0 +1,313 @@
+"""One sync round as one SL lives it. Read top to bottom:
+
+1. check in: keep our tensors, post their hash and weight on the ledger;
+2. wait for the round to close: once `min_peers` are in, wait a bounded time for the other active
+   peers, then one node closes it (one `close_round` wins) fixing participants and leader;
+3. the leader pulls every participant's blob, checks it against the ledger hash, merges, posts the
+   merged hash; a leader that posts nothing in time is replaced by the next in the ledger's order;
+4. everyone pulls the merged blob (from the leader or any participant that has it), checks its hash
+   and hands it back.
+
+A node that was late for a round (closed without it) takes that round's merged model and contributes
+from the next one. Transport, storage and merging sit behind BlobStore, PeerFetcher and Merger.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from swarmlearn.errors import Rejected, SwarmError
+from swarmlearn.ledger.state import Contract, LedgerState, Round, leader_order
+from swarmlearn.merge import BadContribution, Contribution, check_contribution, get_merger
+from swarmlearn.sl.follower import LedgerFollower
+from swarmlearn.sl.transport import BlobStore, FetchError, PeerFetcher
+from swarmlearn.sn.client import SNClient
+from swarmlearn.tensors import BlobError, decode, encode
+
+log = logging.getLogger("swarmlearn.sl")
+
+
+@dataclass
+class Timeouts:
+    # Once min_peers have checked in, how long to wait for the rest of the active peers.
+    checkin_wait: float = 3.0
+    # A leader that posts no merged model within base + (bytes to move) / rate is replaced.
+    leader_base: float = 10.0
+    leader_bytes_per_second: float = 20e6
+    # A member whose SL has not been heard from for this long is not waited for.
+    stale_after: float = 5.0
+    # How often a waiting node says what it waits for.
+    waiting_log_every: float = 10.0
+    # A node other than the designated one closes a round or re-elects only after this extra grace,
+    # so that normally exactly one node writes each decision.
+    grace: float = 1.0
+    # How long a peer's blob may take to arrive.
+    fetch: float = 60.0
+
+
+@dataclass
+class RoundResult:
+    round: int
+    hash: str
+    blob: bytes
+    participants: list[str]
+    leader: str
+    seconds: float
+    contributed: bool
+    swarm_finished: bool
+
+
+class RoundEngine:
+    def __init__(self, node_id: str, contract: str, sn: SNClient, follower: LedgerFollower, blobs: BlobStore,
+                 fetcher: PeerFetcher, timeouts: Timeouts | None = None,
+                 liveness: Callable[[], dict[str, float]] | None = None):
+        self.node_id = node_id
+        self.contract_name = contract
+        self.sn = sn
+        self.follower = follower
+        self.blobs = blobs
+        self.fetcher = fetcher
+        self.t = timeouts or Timeouts()
+        self.liveness = liveness or (lambda: {})
+        self._led: set[tuple[int, int]] = set()
+
+    # ------------------------------------------------------------------------------ entry points
+
+    def sync(self, blob: bytes, weight: float, final: bool = False) -> RoundResult:
+        started = time.monotonic()
+        digest = self.blobs.put(blob)
+        number = self._check_in(digest, weight, len(blob), final)
+        if number < 0:
+            return self._take_merged(-number, started, contributed=False)
+        closed = self._wait_until_closed(number)
+        if self.node_id not in closed.participants:
+            log.info("round %d closed without %s; taking its merged model", number, self.node_id)
+            return self._take_merged(number, started, contributed=False)
+        self._wait_until_merged(number, sum(c.size for c in closed.checkins.values()))
+        return self._take_merged(number, started, contributed=True)
+
+    def sync_final(self, blob: bytes, weight: float) -> RoundResult:
+        """Contributes our final weights to every round until all peers have finished (the
+        `snapshot` behaviour), then returns the swarm's final merged model."""
+        while True:
+            result = self.sync(blob, weight, final=True)
+            if result.swarm_finished:
+                return result
+            log.info("round %d: %s has finished training; contributing its final weights until every peer "
+                     "has finished", result.round, self.node_id)
+
+    def catch_up(self) -> RoundResult | None:
+        """The latest merged model, for a node that joins a swarm already under way."""
+        latest = self._read(lambda c: c.latest_merged_round)
+        return self._take_merged(latest, time.monotonic(), contributed=False) if latest else None
+
+    # ---------------------------------------------------------------------------- 1. check in
+
+    def _check_in(self, digest: str, weight: float, size: int, final: bool) -> int:
+        """Checks in to the open round; returns its number, or minus the number of a round that
+        closed before our check-in reached the ledger (we are late for it)."""
+        number = self._read(lambda c: c.current_round)
+        payload = {"contract": self.contract_name, "round": number, "node": self.node_id, "hash": digest,
+                   "weight": weight, "size": size, "final": final}
+        try:
+            index = self.sn.submit("checkin", payload)
+        except Rejected:
+            if self.follower.wait_until(lambda s: self._contract(s).current_round > number, 5.0):
+                return -number
+            raise
+        self.follower.wait_index(index)
+        log.info("round %d: %s checked in %s (weight %g%s)", number, self.node_id, digest[:12], weight,
+                 ", final" if final else "")
+        return number
+
+    # ---------------------------------------------------------------------------- 2. close
+
+    def _wait_until_closed(self, number: int) -> Round:
+        ready_since: float | None = None
+        quorum_since: float | None = None
+        next_log = time.monotonic() + self.t.waiting_log_every
+        while True:
+            seen = self.follower.read(lambda s: s.head_index)
+            r, active, need, generation = self._read(
+                lambda c: (c.rounds[number], c.active_members, c.min_peers, c.generation))
+            if r.status != "open":
+                return r
+            now = time.monotonic()
+            checked = sorted(r.checkins)
+            if len(checked) >= need:
+                quorum_since = quorum_since or now
+                missing = [n for n in active if n not in r.checkins]
+                if missing and now - quorum_since < self.t.checkin_wait:
+                    missing = self._still_alive(missing)
+                if not missing or now - quorum_since >= self.t.checkin_wait:
+                    ready_since = ready_since or now
+                    self._try_close(number, checked, generation, now - ready_since)
+            else:
+                quorum_since = ready_since = None
+                if now >= next_log:
+                    waiting = ", ".join(n for n in active if n not in r.checkins) or "more peers to join"
+                    log.info("round %d: %d of %d required peers, waiting for %s", number, len(checked), need,
+                             waiting)
+                    next_log = now + self.t.waiting_log_every
+            self.follower.wait_until(lambda s: s.head_index > seen, 0.2)
+
+    def _still_alive(self, nodes: list[str]) -> list[str]:
+        last_seen = self.liveness()
+        return [n for n in nodes if last_seen.get(n, 0.0) < self.t.stale_after]
+
+    def _try_close(self, number: int, participants: list[str], generation: int, waited: float) -> None:
+        order = leader_order(self.contract_name, generation, number, participants)
+        if order[0] != self.node_id and waited < self.t.grace:
+            return  # the designated closer (the would-be leader) goes first
+        try:
+            self.sn.submit("close_round", {"contract": self.contract_name, "round": number,
+                                           "participants": participants, "leader": order[0]})
+            log.info("round %d closed: participants %s, leader %s", number, ",".join(order), order[0])
+        except Rejected:
+            pass  # another node closed it first; the ledger tells us how
+
+    # ---------------------------------------------------------------------------- 3. lead or wait
+
+    def _wait_until_merged(self, number: int, size: int) -> None:
+        watching: tuple[str, int] | None = None
+        since = time.monotonic()
+        limit = self.t.leader_base + size / self.t.leader_bytes_per_second
+        while True:
+            seen = self.follower.read(lambda s: s.head_index)
+            r, generation = self._read(lambda c: (c.rounds[number], c.generation))
+            if r.status == "merged" or self.node_id not in r.participants:
+                return
+            term = (r.leader, r.reelections)
+            if term != watching:
+                watching, since = term, time.monotonic()
+            if r.leader == self.node_id and (number, r.reelections) not in self._led:
+                self._led.add((number, r.reelections))
+                self._lead(r)
+                continue
+            waited = time.monotonic() - since
+            if waited > limit and len(r.participants) > 1:
+                successor = r.participants[1]
+                if successor == self.node_id or waited > limit + self.t.grace:
+                    try:
+                        self.sn.submit("reelect", {"contract": self.contract_name, "round": number,
+                                                   "failed": r.leader, "leader": successor})
+                        log.warning("round %d: leader %s posted no merged model in %.1f s; %s leads now",
+                                    number, r.leader, waited, successor)
+                    except Rejected as exc:
+                        if "fewer than min_peers" in str(exc):
+                            log.warning("round %d: leader %s is silent and too few peers remain to replace it",
+                                        number, r.leader)
+            self.follower.wait_until(lambda s: s.head_index > seen, 0.5)
+
+    def _lead(self, r: Round) -> None:
+        started = time.monotonic()
+        method, need = self._read(lambda c: (c.merge_method, c.min_peers))
+        addresses = self.follower.read(lambda s: {n: s.nodes[n].address for n in r.participants if n in s.nodes})
+        dropped: list[str] = []
+        # Our own contribution first: it is the reference the others must match.
+        order = sorted(r.participants, key=lambda n: n != self.node_id)
+
+        def load(node: str) -> Contribution:
+            checkin = r.checkins[node]
+            blob = self.blobs.get(checkin.hash)
+            if blob is None:
+                blob = self.fetcher.fetch(addresses.get(node, ""), checkin.hash, self.t.fetch)
+            return Contribution(node, checkin.weight, decode(blob))
+
+        def valid() -> Iterator[Contribution]:
+            reference = None
+            for node, outcome in _prefetched(order, load):
+                try:
+                    c = outcome()
+                    check_contribution(c, reference)
+                except (FetchError, BlobError, BadContribution) as exc:
+                    reason = exc.reason if isinstance(exc, BadContribution) else str(exc)
+                    log.warning("round %d: dropped %s from the merge: %s", r.number, node, reason)
+                    dropped.append(node)
+                    continue
+                reference = reference or c.tensors
+                yield c
+
+        try:
+            merged = get_merger(method).merge(valid())
+        except SwarmError as exc:
+            log.error("round %d: cannot merge: %s", r.number, exc)
+            return
+        kept = len(r.participants) - len(dropped)
+        if kept < need:
+            log.error("round %d: only %d valid contributions, min_peers is %d; leaving the round to "
+                      "re-election", r.number, kept, need)
+            return
+        blob = encode(merged)
+        digest = self.blobs.put(blob)
+        try:
+            self.sn.submit("merged", {"contract": self.contract_name, "round": r.number, "hash": digest,
+                                      "size": len(blob), "dropped": dropped})
+        except Rejected as exc:
+            log.warning("round %d: our merge was not accepted: %s", r.number, exc)
+            return
+        log.info("round %d: %s merged %d peers with %s in %.3f s -> %s", r.number, self.node_id, kept, method,
+                 time.monotonic() - started, digest[:12])
+
+    # ---------------------------------------------------------------------------- 4. take merged
+
+    def _take_merged(self, number: int, started: float, contributed: bool) -> RoundResult:
+        next_log = time.monotonic() + self.t.waiting_log_every
+        while True:
+            r = self.follower.wait_until(lambda s: self._merged_round(s, number), self.t.waiting_log_every)
+            if r:
+                break
+            if time.monotonic() >= next_log:
+                log.info("round %d: waiting for its merged model", number)
+                next_log = time.monotonic() + self.t.waiting_log_every
+        blob = self.blobs.get(r.merged_hash) or self._pull(r)
+        finished = self._read(lambda c: c.is_final(r))
+        return RoundResult(r.number, r.merged_hash, blob, list(r.participants), r.leader or "",
+                           time.monotonic() - started, contributed and self.node_id in r.participants, finished)
+
+    def _pull(self, r: Round) -> bytes:
+        """The merged blob from the leader, or from any participant that already holds it."""
+        sources = [r.leader, *[n for n in r.participants if n not in (r.leader, self.node_id)]]
+        addresses = self.follower.read(lambda s: {n: s.nodes[n].address for n in sources if n in s.nodes})
+        deadline = time.monotonic() + self.t.fetch
+        while True:
+            for node in sources:
+                try:
+                    blob = self.fetcher.fetch(addresses.get(node, ""), r.merged_hash, self.t.fetch)
+                except FetchError as exc:
+                    log.debug("round %d: merged model not from %s: %s", r.number, node, exc)
+                    continue
+                self.blobs.put(blob)
+                return blob
+            if time.monotonic() > deadline:
+                raise SwarmError(f"round {r.number}: no peer served the merged model {r.merged_hash[:12]}")
+            time.sleep(0.2)
+
+    # ---------------------------------------------------------------------------- helpers
+
+    def _contract(self, state: LedgerState) -> Contract:
+        return state.contract(self.contract_name)
+
+    def _read(self, fn: Callable[[Contract], object]):
+        return self.follower.read(lambda s: fn(self._contract(s)))
+
+    def _merged_round(self, state: LedgerState, number: int) -> Round | None:
+        r = self._contract(state).rounds.get(number)
+        return r if r is not None and r.status == "merged" else None
+
+
+def _prefetched(nodes: list[str], load: Callable[[str], Contribution], window: int = 4):
+    """Yields (node, outcome) in order while up to `window` loads run ahead in threads; calling
+    outcome() returns the contribution or raises the load's error. Only the window is held in memory."""
+    with ThreadPoolExecutor(max_workers=window) as pool:
+        ahead = deque(pool.submit(load, n) for n in nodes[:window])
+        for i, node in enumerate(nodes):
+            future = ahead.popleft()
+            if i + window < len(nodes):
+                ahead.append(pool.submit(load, nodes[i + window]))
+            yield node, future.result

@@ -1,0 +1,62 @@
+"""Starts a swarm the way a user does by hand: a sentinel SN, one `swarm sl` per node, and the
+user's model.py per node with SWARM_SL_ADDR pointing at its SL. Every process is stopped by pid."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from conftest import Proc, Procs, RunningSN, identity_args, start_sn
+from swarmlearn.pki import CertLayout
+
+ML_DIR = Path(__file__).parent / "ml"
+
+
+@dataclass
+class Node:
+    node_id: str
+    sl: Proc
+    ml_addr: str
+    ml: Proc | None = None
+
+
+@dataclass
+class Swarm:
+    sn: RunningSN
+    nodes: dict[str, Node] = field(default_factory=dict)
+    out_dir: Path | None = None
+
+
+def start_sl(procs: Procs, certs: CertLayout, sn: RunningSN, node_id: str, work: Path, *extra: str) -> Node:
+    host, port = sn.address.rsplit(":", 1)
+    sl = procs.swarm("sl", "--sn-ip", host, "--sn-api-port", port, "--sl-fs-port", "0", *identity_args(certs, "sl"),
+                     "--node-id", node_id, "--data-dir", str(work / f"sl-{node_id}"), *extra)
+    line = sl.wait_for_line(f"SL {node_id} ready: SWARM_SL_ADDR=")
+    return Node(node_id, sl, line.split("SWARM_SL_ADDR=")[1].strip())
+
+
+def start_ml(procs: Procs, node: Node, script: str, out_dir: Path, env: dict[str, str]) -> Proc:
+    node.ml = procs.start([sys.executable, str(ML_DIR / script)], env={
+        "NODE_ID": node.node_id, "SWARM_SL_ADDR": node.ml_addr, "OUT_DIR": str(out_dir), **env})
+    return node.ml
+
+
+def start_swarm(procs: Procs, certs: CertLayout, work: Path, nodes: list[str], script: str,
+                env: dict[str, str] | None = None, sl_args: tuple[str, ...] = ("--checkin-wait", "1"),
+                node_env: dict[str, dict[str, str]] | None = None) -> Swarm:
+    swarm = Swarm(start_sn(procs, certs, work / "sn"), out_dir=work / "out")
+    for node_id in nodes:
+        swarm.nodes[node_id] = start_sl(procs, certs, swarm.sn, node_id, work, *sl_args)
+    for node_id in nodes:
+        start_ml(procs, swarm.nodes[node_id], script, swarm.out_dir,
+                 {**(env or {}), **((node_env or {}).get(node_id, {}))})
+    return swarm
+
+
+def wait_ml(swarm: Swarm, nodes: list[str] | None = None, timeout: float = 180) -> None:
+    for node_id in nodes or list(swarm.nodes):
+        ml = swarm.nodes[node_id].ml
+        code = ml.popen.wait(timeout=timeout)
+        ml._thread.join(timeout=5)
+        assert code == 0, f"{node_id} ML exited {code}:\n{ml.output}\n--- its SL:\n{swarm.nodes[node_id].sl.output}"
