@@ -108,6 +108,14 @@ class Procs:
         return self.start([*SWARM, *args], **kwargs)
 
     def stop_all(self) -> None:
+        # Newest first: SLs and operators go before the SN they talk to, as a user would stop them.
+        for proc in reversed(self.started):
+            if proc.popen.poll() is None:
+                os.kill(proc.popen.pid, signal.SIGTERM)
+                try:
+                    proc.popen.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
         for proc in self.started:
             if proc.popen.poll() is None:
                 os.kill(proc.popen.pid, signal.SIGTERM)

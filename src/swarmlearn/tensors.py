@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass
 
@@ -51,9 +52,11 @@ class Tensor:
     def from_float(cls, dtype: str, values: np.ndarray, shape: tuple[int, ...]) -> Tensor:
         """Narrows float64 results back to `dtype` (round to nearest even for BF16)."""
         if dtype == "BF16":
-            bits = values.astype(np.float32).reshape(shape).view(np.uint32)
+            narrow = values.astype(np.float32).reshape(shape)
+            bits = narrow.view(np.uint32).astype(np.uint64)
             rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            return cls(dtype, rounded.astype(np.uint16))
+            quiet_nan = (bits >> 16) | 0x0040  # rounding must not turn a NaN into an infinity or zero
+            return cls(dtype, np.where(np.isnan(narrow), quiet_nan, rounded).astype(np.uint16))
         return cls(dtype, values.astype(_DTYPES[dtype]).reshape(shape))
 
 
@@ -92,7 +95,7 @@ def decode(blob: bytes) -> dict[str, Tensor]:
         raise BlobError(f"safetensors header length {header_len} does not fit the {len(blob)}-byte blob")
     try:
         header = json.loads(blob[8:8 + header_len])
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise BlobError("safetensors header is not JSON") from None
     if not isinstance(header, dict):
         raise BlobError("safetensors header is not a JSON object")
@@ -105,19 +108,22 @@ def decode(blob: bytes) -> dict[str, Tensor]:
             dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise BlobError(f"tensor {name!r}: header entry lacks dtype/shape/data_offsets") from None
-        dtype = _DTYPES.get(dtype_name)
+        dtype = _DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
         if dtype is None:
             raise BlobError(f"tensor {name!r}: unsupported dtype {dtype_name!r}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise BlobError(f"tensor {name!r}: shape must be a list of non-negative integers")
         if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= len(data)):
             raise BlobError(f"tensor {name!r}: data offsets [{begin}, {end}] fall outside the data")
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)
         if count * dtype.itemsize != end - begin:
             raise BlobError(f"tensor {name!r}: shape {shape} of {dtype_name} needs {count * dtype.itemsize} bytes, "
                             f"header gives {end - begin}")
         spans.append((begin, end))
-        out[name] = Tensor(dtype_name, np.frombuffer(data[begin:end], dtype=dtype).reshape(shape))
+        try:
+            out[name] = Tensor(dtype_name, np.frombuffer(data[begin:end], dtype=dtype).reshape(shape))
+        except (ValueError, OverflowError):
+            raise BlobError(f"tensor {name!r}: shape {shape} cannot be represented") from None
     position = 0
     for begin, end in sorted(spans):
         if begin != position:

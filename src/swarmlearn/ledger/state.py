@@ -35,6 +35,7 @@ class Kind(StrEnum):
     TASKRUNNER_RESET = "taskrunner_reset"
     SESSION_JOIN = "session_join"
     SESSION_LEAVE = "session_leave"
+    SESSION_EVICT = "session_evict"
     CHECKIN = "checkin"
     CLOSE_ROUND = "close_round"
     REELECT = "reelect"
@@ -97,6 +98,9 @@ class Round:
     reelections: int = 0
     merged_hash: str | None = None
     merged_size: int = 0
+    # Decided when merged: every active member took part with its final weights, so this is the
+    # swarm's last round. Fixed by the ledger's order, so every node reads the same answer.
+    final: bool = False
     closed_at: int | None = None
     merged_at: int | None = None
 
@@ -131,11 +135,14 @@ class Contract:
         return methods.pop() if len(methods) == 1 else "mean"
 
     def is_final(self, r: Round) -> bool:
-        """Whether merged round `r` is the swarm's last: every active member took part in it with
-        its final weights, so no node trains any more."""
         active = self.active_members
-        return (r.status == "merged" and bool(active) and set(active) <= set(r.participants)
+        return (bool(active) and set(active) <= set(r.participants)
                 and all(r.checkins[n].final for n in r.participants))
+
+    def absent_from_last_rounds(self, node: str, rounds: int = 2) -> bool:
+        """Whether `node` took part in none of the last `rounds` closed rounds (and there were that many)."""
+        closed = [self.rounds.get(n) for n in range(self.current_round - rounds, self.current_round)]
+        return all(r is not None and r.status != "open" and node not in r.participants for r in closed)
 
 
 @dataclass
@@ -522,6 +529,19 @@ class LedgerState:
         if open_round is not None:
             open_round.checkins.pop(node, None)
 
+    def _session_evict(self, p: dict, tx: Tx, index: int, dry_run: bool) -> None:
+        contract = self.contract(_str(p, "contract"))
+        node = _str(p, "node")
+        self._member(contract, tx.signer.node)
+        self._member(contract, node)
+        if node == tx.signer.node:
+            raise Rejected(f"{node} cannot evict itself; it leaves with session_leave")
+        if not contract.absent_from_last_rounds(node):
+            raise Rejected(f"{node} took part in one of the last 2 rounds of {contract.name}; only a node absent "
+                           f"from both can be evicted")
+        if not dry_run:
+            contract.members[node].active = False
+
     def _checkin(self, p: dict, tx: Tx, index: int, dry_run: bool) -> None:
         contract = self.contract(_str(p, "contract"))
         node = _str(p, "node")
@@ -607,6 +627,7 @@ class LedgerState:
             return
         r.participants = [n for n in r.participants if n not in dropped]
         r.status, r.merged_hash, r.merged_size, r.merged_at = "merged", digest, int(p.get("size", 0)), index
+        r.final = contract.is_final(r)
         contract.latest_merged_round = r.number
 
     def _metrics(self, p: dict, tx: Tx, index: int, dry_run: bool) -> None:

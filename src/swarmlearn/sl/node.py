@@ -85,7 +85,14 @@ class SLNode:
         log.info("SL %s serving peers on %s, its ML on %s", self.node_id, self.address, self.ml_addr)
 
     def stop(self) -> None:
+        """Leaves every joined session (so peers need not wait for us), then stops serving."""
         self._stopping.set()
+        for name in list(self.engines):
+            try:
+                self.sn.submit("session_leave", {"contract": name, "node": self.node_id}, patience=2.0)
+                log.info("%s left contract %s", self.node_id, name)
+            except SwarmError as exc:
+                log.warning("could not leave contract %s: %s", name, exc)
         for server in (self.local_server, self.peer_server):
             if server is not None:
                 server.stop(0.5).wait()

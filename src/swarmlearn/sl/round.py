@@ -36,7 +36,8 @@ log = logging.getLogger("swarmlearn.sl")
 class Timeouts:
     # Once min_peers have checked in, how long to wait for the rest of the active peers.
     checkin_wait: float = 3.0
-    # A leader that posts no merged model within base + (bytes to move) / rate is replaced.
+    # A leader that posts no merged model within base + (bytes to move) / rate is replaced; a
+    # peer's blob gets the same budget to arrive.
     leader_base: float = 10.0
     leader_bytes_per_second: float = 20e6
     # A member whose SL has not been heard from for this long is not waited for.
@@ -46,8 +47,9 @@ class Timeouts:
     # A node other than the designated one closes a round or re-elects only after this extra grace,
     # so that normally exactly one node writes each decision.
     grace: float = 1.0
-    # How long a peer's blob may take to arrive.
-    fetch: float = 60.0
+
+    def transfer_budget(self, size: int) -> float:
+        return self.leader_base + size / self.leader_bytes_per_second
 
 
 @dataclass
@@ -176,7 +178,7 @@ class RoundEngine:
     def _wait_until_merged(self, number: int, size: int) -> None:
         watching: tuple[str, int] | None = None
         since = time.monotonic()
-        limit = self.t.leader_base + size / self.t.leader_bytes_per_second
+        limit = self.t.transfer_budget(size)
         while True:
             seen = self.follower.read(lambda s: s.head_index)
             r, generation = self._read(lambda c: (c.rounds[number], c.generation))
@@ -204,8 +206,27 @@ class RoundEngine:
                                         number, r.leader)
             self.follower.wait_until(lambda s: s.head_index > seen, 0.5)
 
+    def _evict_vanished(self) -> None:
+        """Takes out of the session the members that missed the last two rounds and whose SL the SN
+        has not heard from: a node that died must not hold up the swarm's end."""
+        candidates = self._read(lambda c: [n for n in c.active_members
+                                           if n != self.node_id and c.absent_from_last_rounds(n)])
+        if not candidates:
+            return
+        for node in candidates:
+            if node in self._still_alive([node]):
+                continue
+            try:
+                self.sn.submit("session_evict", {"contract": self.contract_name, "node": node,
+                                                 "reason": "absent from the last 2 rounds and silent"})
+                log.warning("%s evicted from contract %s: absent from the last 2 rounds and silent",
+                            node, self.contract_name)
+            except Rejected:
+                pass
+
     def _lead(self, r: Round) -> None:
         started = time.monotonic()
+        self._evict_vanished()
         method, need = self._read(lambda c: (c.merge_method, c.min_peers))
         addresses = self.follower.read(lambda s: {n: s.nodes[n].address for n in r.participants if n in s.nodes})
         dropped: list[str] = []
@@ -216,7 +237,7 @@ class RoundEngine:
             checkin = r.checkins[node]
             blob = self.blobs.get(checkin.hash)
             if blob is None:
-                blob = self.fetcher.fetch(addresses.get(node, ""), checkin.hash, self.t.fetch)
+                blob = self.fetcher.fetch(addresses.get(node, ""), checkin.hash, self.t.transfer_budget(checkin.size))
             return Contribution(node, checkin.weight, decode(blob))
 
         def valid() -> Iterator[Contribution]:
@@ -266,19 +287,19 @@ class RoundEngine:
                 log.info("round %d: waiting for its merged model", number)
                 next_log = time.monotonic() + self.t.waiting_log_every
         blob = self.blobs.get(r.merged_hash) or self._pull(r)
-        finished = self._read(lambda c: c.is_final(r))
         return RoundResult(r.number, r.merged_hash, blob, list(r.participants), r.leader or "",
-                           time.monotonic() - started, contributed and self.node_id in r.participants, finished)
+                           time.monotonic() - started, contributed and self.node_id in r.participants, r.final)
 
     def _pull(self, r: Round) -> bytes:
         """The merged blob from the leader, or from any participant that already holds it."""
         sources = [r.leader, *[n for n in r.participants if n not in (r.leader, self.node_id)]]
         addresses = self.follower.read(lambda s: {n: s.nodes[n].address for n in sources if n in s.nodes})
-        deadline = time.monotonic() + self.t.fetch
+        budget = self.t.transfer_budget(r.merged_size)
+        deadline = time.monotonic() + budget
         while True:
             for node in sources:
                 try:
-                    blob = self.fetcher.fetch(addresses.get(node, ""), r.merged_hash, self.t.fetch)
+                    blob = self.fetcher.fetch(addresses.get(node, ""), r.merged_hash, budget)
                 except FetchError as exc:
                     log.debug("round %d: merged model not from %s: %s", r.number, node, exc)
                     continue

@@ -61,8 +61,8 @@ class SNClient:
                                 f"--sn-api-port, that `swarm sn` runs, and that its certificates come from a CA "
                                 f"in {self.identity.capath} (and ours from a CA it trusts)") from None
 
-    def _call(self, method: Callable, request, what: str):
-        deadline = time.monotonic() + self.unreachable_timeout
+    def _call(self, method: Callable, request, what: str, patience: float | None = None):
+        deadline = time.monotonic() + (self.unreachable_timeout if patience is None else patience)
         delay = 0.1
         while True:
             try:
@@ -77,15 +77,16 @@ class SNClient:
 
     # ---------------------------------------------------------------------------------------- API
 
-    def submit(self, kind: str, payload: dict) -> int:
+    def submit(self, kind: str, payload: dict, patience: float | None = None) -> int:
         """Signs and submits a transaction; returns its entry index. A retry after a lost reply is
-        recognised by the SN as the same transaction and answers with the entry already made."""
-        return self.submit_signed(sign_tx(self.identity, self.node_id, kind, payload))
+        recognised by the SN as the same transaction and answers with the entry already made.
+        `patience` bounds how long an unreachable SN is retried (default: unreachable_timeout)."""
+        return self.submit_signed(sign_tx(self.identity, self.node_id, kind, payload), patience)
 
-    def submit_signed(self, signed: SignedTx) -> int:
+    def submit_signed(self, signed: SignedTx, patience: float | None = None) -> int:
         request = sn_pb2.SignedTx(tx=signed.tx.signing_bytes(), signature=signed.signature)
         try:
-            return self._call(self._stub.Submit, request, signed.tx.kind).index
+            return self._call(self._stub.Submit, request, signed.tx.kind, patience).index
         except AlreadyRecorded as exc:
             return exc.index
 

@@ -1,0 +1,101 @@
+"""`mean` (FedAvg): peers that trained on more data pull the merged model harder, in proportion to weight.
+
+Checked against a plain weighted average written out below, to float32 exactness.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from swarmlearn.merge import get_merger
+from swarmlearn.tensors import tensor
+from test_merge import bf16, contribution, float_tensor, narrowed_like_torch, small_model
+
+
+def reference_mean(points: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """sum(w_i * x_i) / sum(w_i) in float64, one peer at a time; equal weights when all are zero."""
+    if sum(weights) == 0:
+        weights = [1.0] * len(points)
+    total = 0.0
+    for w in weights:
+        total += w
+    acc = np.zeros_like(points[0], dtype=np.float64)
+    for w, x in zip(weights, points):
+        acc = acc + w * x.astype(np.float64)
+    return acc / total
+
+
+@pytest.mark.parametrize("weights", [
+    [1.0, 2.0, 3.0, 4.0, 5.0],
+    [120.0, 3.0, 0.0, 77.0],
+    [0.1, 0.7, 0.2],
+    [1e-3, 5e4, 17.25, 3.5, 0.5, 9.0, 2.0],
+])
+def test_peers_with_more_data_pull_harder_exactly_as_a_weighted_average(weights):
+    rng = np.random.default_rng(21)
+    models = [small_model(rng, scale=10.0 ** rng.integers(-3, 3)) for _ in weights]
+    peers = [contribution(f"node-{i}", w, **m) for i, (w, m) in enumerate(zip(weights, models))]
+    merged = get_merger("mean").merge(peers)
+    for name in ("layer.weight", "layer.bias"):
+        want = reference_mean([m[name].array for m in models], weights).astype(np.float32)
+        assert merged[name].dtype == "F32"
+        assert np.array_equal(merged[name].array, want), name
+
+
+def test_first_sync_with_all_zero_weights_averages_everyone_equally():
+    rng = np.random.default_rng(22)
+    models = [small_model(rng) for _ in range(4)]
+    merged = get_merger("mean").merge([contribution(f"node-{i}", 0.0, **m) for i, m in enumerate(models)])
+    for name in ("layer.weight", "layer.bias"):
+        want = reference_mean([m[name].array for m in models], [1.0] * 4).astype(np.float32)
+        assert np.array_equal(merged[name].array, want), name
+
+
+def test_a_peer_with_zero_weight_does_not_move_the_model():
+    rng = np.random.default_rng(23)
+    a, b, outsider = small_model(rng), small_model(rng), small_model(rng, scale=1e6)
+    with_outsider = get_merger("mean").merge([contribution("a", 2.0, **a), contribution("z", 0.0, **outsider),
+                                              contribution("b", 1.0, **b)])
+    without = get_merger("mean").merge([contribution("a", 2.0, **a), contribution("b", 1.0, **b)])
+    for name in ("layer.weight", "layer.bias"):
+        assert np.array_equal(with_outsider[name].array, without[name].array), name
+
+
+@pytest.mark.parametrize("dtype", ["F16", "BF16", "F64", "F32"])
+def test_half_precision_models_are_averaged_in_float64_and_stored_back_in_their_dtype(dtype):
+    rng = np.random.default_rng(24)
+    weights = [3.0, 1.0, 0.5, 6.0]
+    tensors = [float_tensor(dtype, rng.standard_normal((8, 5))) for _ in weights]
+    merged = get_merger("mean").merge([contribution(f"n{i}", w, adapter=t)
+                                       for i, (w, t) in enumerate(zip(weights, tensors))])["adapter"]
+    assert merged.dtype == dtype
+    want = narrowed_like_torch(dtype, reference_mean([t.as_float64() for t in tensors], weights))
+    assert merged.array.dtype == want.dtype
+    assert np.array_equal(merged.array, want)
+
+
+def test_bf16_means_round_to_nearest_even():
+    # 1.0 and 1.0078125 are neighbours in bf16; their mean is the tie 1.00390625, which rounds to the even 1.0.
+    # 1.0078125 and 1.015625: the tie 1.01171875 rounds up to the even 1.015625.
+    a, b = bf16(np.array([1.0, 1.0078125])), bf16(np.array([1.0078125, 1.015625]))
+    merged = get_merger("mean").merge([contribution("a", 1.0, w=a), contribution("b", 1.0, w=b)])["w"]
+    np.testing.assert_array_equal(merged.as_float64(), [1.0, 1.015625])
+
+
+def test_memory_stays_at_about_two_models_so_peers_can_stream_in():
+    rng = np.random.default_rng(25)
+    models = [small_model(rng) for _ in range(6)]
+    weights = [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]
+    streamed = (contribution(f"node-{i}", w, **m) for i, (w, m) in enumerate(zip(weights, models)))
+    merged = get_merger("mean").merge(streamed)  # a generator: seen once, one peer at a time
+    want = reference_mean([m["layer.bias"].array for m in models], weights).astype(np.float32)
+    assert np.array_equal(merged["layer.bias"].array, want)
+
+
+def test_integer_tensors_are_not_averaged():
+    peers = [contribution("a", 1.0, step=tensor(np.array(10)), w=tensor(np.zeros(1, np.float32))),
+             contribution("b", 3.0, step=tensor(np.array(11)), w=tensor(np.ones(1, np.float32)))]
+    merged = get_merger("mean").merge(peers)
+    assert merged["step"].array == 11
+    assert merged["w"].array[0] == np.float32(0.75)
