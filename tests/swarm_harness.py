@@ -3,6 +3,7 @@ user's model.py per node with SWARM_SL_ADDR pointing at its SL. Every process is
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,9 +55,22 @@ def start_swarm(procs: Procs, certs: CertLayout, work: Path, nodes: list[str], s
     return swarm
 
 
-def wait_ml(swarm: Swarm, nodes: list[str] | None = None, timeout: float = 180) -> None:
+def everything(swarm: Swarm) -> str:
+    """All output of the swarm's processes, for a failing test's message."""
+    parts = [f"--- SN\n{swarm.sn.proc.output}"]
+    for node in swarm.nodes.values():
+        parts.append(f"--- {node.node_id} SL\n{node.sl.output}")
+        if node.ml is not None:
+            parts.append(f"--- {node.node_id} ML\n{node.ml.output}")
+    return "\n".join(parts)
+
+
+def wait_ml(swarm: Swarm, nodes: list[str] | None = None, timeout: float = 90) -> None:
     for node_id in nodes or list(swarm.nodes):
         ml = swarm.nodes[node_id].ml
-        code = ml.popen.wait(timeout=timeout)
+        try:
+            code = ml.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{node_id} ML still running after {timeout} s\n{everything(swarm)}") from None
         ml._thread.join(timeout=5)
         assert code == 0, f"{node_id} ML exited {code}:\n{ml.output}\n--- its SL:\n{swarm.nodes[node_id].sl.output}"

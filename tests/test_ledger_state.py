@@ -253,3 +253,53 @@ def test_replaying_the_log_gives_the_same_state_as_live_application():
     assert replayed == log.state
     assert replayed.to_obj() == log.state.to_obj()
     assert replayed.contracts[CONTRACT].latest_merged.merged_hash == "m3"
+
+
+def test_only_the_leader_aborts_a_round_and_then_it_is_over():
+    log = base_log()
+    nodes = ["node1", "node2", "node3"]
+    for node in nodes:
+        checkin(log, node, 1)
+    leader = close(log, 1, nodes)
+    other = next(n for n in nodes if n != leader)
+    with pytest.raises(Rejected, match="only its leader"):
+        log.add("round_abort", {"contract": CONTRACT, "round": 1, "reason": "x"}, other)
+    log.add("round_abort", {"contract": CONTRACT, "round": 1, "reason": "too few valid"}, leader)
+    r = log.state.contracts[CONTRACT].rounds[1]
+    assert r.status == "aborted"
+    with pytest.raises(Rejected, match="not closed"):
+        log.add("merged", {"contract": CONTRACT, "round": 1, "hash": "m"}, leader)
+
+
+def test_a_node_absent_from_two_rounds_can_be_evicted_and_the_last_round_is_final():
+    log = base_log()
+    for rnd in (1, 2):
+        for node in ("node1", "node2"):
+            checkin(log, node, rnd, digest="f" if rnd == 2 else "h")
+        with pytest.raises(Rejected, match="took part in one of the last 2 rounds|absent from both"):
+            log.add("session_evict", {"contract": CONTRACT, "node": "node3"}, "node1")
+        leader = close(log, rnd, ["node1", "node2"])
+        if rnd == 2:
+            log.add("session_evict", {"contract": CONTRACT, "node": "node3", "reason": "silent"}, "node1")
+        log.add("merged", {"contract": CONTRACT, "round": rnd, "hash": f"m{rnd}"}, leader)
+    contract = log.state.contracts[CONTRACT]
+    assert contract.active_members == ["node1", "node2"]
+    with pytest.raises(Rejected, match="cannot evict itself"):
+        log.add("session_evict", {"contract": CONTRACT, "node": "node1"}, "node1")
+
+
+def test_the_round_where_every_active_member_checks_in_final_is_the_last():
+    log = base_log()
+    nodes = ["node1", "node2", "node3"]
+    for node in nodes:
+        log.add("checkin", {"contract": CONTRACT, "round": 1, "node": node, "hash": "h", "weight": 1,
+                            "final": node != "node3"}, node)
+    leader = close(log, 1, nodes)
+    log.add("merged", {"contract": CONTRACT, "round": 1, "hash": "m1"}, leader)
+    assert not log.state.contracts[CONTRACT].rounds[1].final  # node3 still trains
+    for node in nodes:
+        log.add("checkin", {"contract": CONTRACT, "round": 2, "node": node, "hash": "h", "weight": 1,
+                            "final": True}, node)
+    leader = close(log, 2, nodes)
+    log.add("merged", {"contract": CONTRACT, "round": 2, "hash": "m2"}, leader)
+    assert log.state.contracts[CONTRACT].rounds[2].final

@@ -40,6 +40,7 @@ class Kind(StrEnum):
     CLOSE_ROUND = "close_round"
     REELECT = "reelect"
     MERGED = "merged"
+    ROUND_ABORT = "round_abort"
     METRICS = "metrics"
 
 
@@ -91,7 +92,7 @@ class Checkin:
 class Round:
     number: int
     checkins: dict[str, Checkin] = field(default_factory=dict)
-    status: str = "open"  # open -> closed -> merged
+    status: str = "open"  # open -> closed -> merged | aborted
     participants: list[str] = field(default_factory=list)
     order: list[str] = field(default_factory=list)  # leader order over the original participants
     leader: str | None = None
@@ -629,6 +630,14 @@ class LedgerState:
         r.status, r.merged_hash, r.merged_size, r.merged_at = "merged", digest, int(p.get("size", 0)), index
         r.final = contract.is_final(r)
         contract.latest_merged_round = r.number
+
+    def _round_abort(self, p: dict, tx: Tx, index: int, dry_run: bool) -> None:
+        contract, r = self._closed_round(p)
+        if tx.signer.node != r.leader:
+            raise Rejected(f"round {r.number}: only its leader {r.leader} may abort it")
+        if not dry_run:
+            r.status = "aborted"
+            r.merged_at = index
 
     def _metrics(self, p: dict, tx: Tx, index: int, dry_run: bool) -> None:
         contract = self.contract(_str(p, "contract"))

@@ -85,13 +85,13 @@ class RoundEngine:
         digest = self.blobs.put(blob)
         number = self._check_in(digest, weight, len(blob), final)
         if number < 0:
-            return self._take_merged(-number, started, contributed=False)
+            return self._take_merged(-number, started, False, blob)
         closed = self._wait_until_closed(number)
         if self.node_id not in closed.participants:
             log.info("round %d closed without %s; taking its merged model", number, self.node_id)
-            return self._take_merged(number, started, contributed=False)
+            return self._take_merged(number, started, False, blob)
         self._wait_until_merged(number, sum(c.size for c in closed.checkins.values()))
-        return self._take_merged(number, started, contributed=True)
+        return self._take_merged(number, started, True, blob)
 
     def sync_final(self, blob: bytes, weight: float) -> RoundResult:
         """Contributes our final weights to every round until all peers have finished (the
@@ -106,7 +106,7 @@ class RoundEngine:
     def catch_up(self) -> RoundResult | None:
         """The latest merged model, for a node that joins a swarm already under way."""
         latest = self._read(lambda c: c.latest_merged_round)
-        return self._take_merged(latest, time.monotonic(), contributed=False) if latest else None
+        return self._take_merged(latest, time.monotonic(), False, b"") if latest else None
 
     # ---------------------------------------------------------------------------- 1. check in
 
@@ -182,7 +182,7 @@ class RoundEngine:
         while True:
             seen = self.follower.read(lambda s: s.head_index)
             r, generation = self._read(lambda c: (c.rounds[number], c.generation))
-            if r.status == "merged" or self.node_id not in r.participants:
+            if r.status in ("merged", "aborted") or self.node_id not in r.participants:
                 return
             term = (r.leader, r.reelections)
             if term != watching:
@@ -261,8 +261,13 @@ class RoundEngine:
             return
         kept = len(r.participants) - len(dropped)
         if kept < need:
-            log.error("round %d: only %d valid contributions, min_peers is %d; leaving the round to "
-                      "re-election", r.number, kept, need)
+            reason = f"only {kept} valid contributions, min_peers is {need}"
+            log.error("round %d: %s; round aborted, every participant keeps its own weights", r.number, reason)
+            try:
+                self.sn.submit("round_abort", {"contract": self.contract_name, "round": r.number, "reason": reason,
+                                               "dropped": dropped})
+            except Rejected as exc:
+                log.warning("round %d: abort not accepted: %s", r.number, exc)
             return
         blob = encode(merged)
         digest = self.blobs.put(blob)
@@ -277,18 +282,22 @@ class RoundEngine:
 
     # ---------------------------------------------------------------------------- 4. take merged
 
-    def _take_merged(self, number: int, started: float, contributed: bool) -> RoundResult:
+    def _take_merged(self, number: int, started: float, contributed: bool, own: bytes) -> RoundResult:
         next_log = time.monotonic() + self.t.waiting_log_every
         while True:
-            r = self.follower.wait_until(lambda s: self._merged_round(s, number), self.t.waiting_log_every)
+            r = self.follower.wait_until(lambda s: self._ended_round(s, number), self.t.waiting_log_every)
             if r:
                 break
             if time.monotonic() >= next_log:
                 log.info("round %d: waiting for its merged model", number)
                 next_log = time.monotonic() + self.t.waiting_log_every
+        seconds = time.monotonic() - started
+        if r.status == "aborted":
+            return RoundResult(r.number, self.blobs.put(own), own, list(r.participants), r.leader or "", seconds,
+                               False, False)
         blob = self.blobs.get(r.merged_hash) or self._pull(r)
-        return RoundResult(r.number, r.merged_hash, blob, list(r.participants), r.leader or "",
-                           time.monotonic() - started, contributed and self.node_id in r.participants, r.final)
+        return RoundResult(r.number, r.merged_hash, blob, list(r.participants), r.leader or "", seconds,
+                           contributed and self.node_id in r.participants, r.final)
 
     def _pull(self, r: Round) -> bytes:
         """The merged blob from the leader, or from any participant that already holds it."""
@@ -317,9 +326,9 @@ class RoundEngine:
     def _read(self, fn: Callable[[Contract], object]):
         return self.follower.read(lambda s: fn(self._contract(s)))
 
-    def _merged_round(self, state: LedgerState, number: int) -> Round | None:
+    def _ended_round(self, state: LedgerState, number: int) -> Round | None:
         r = self._contract(state).rounds.get(number)
-        return r if r is not None and r.status == "merged" else None
+        return r if r is not None and r.status in ("merged", "aborted") else None
 
 
 def _prefetched(nodes: list[str], load: Callable[[str], Contribution], window: int = 4):
