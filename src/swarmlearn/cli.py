@@ -128,9 +128,11 @@ def sn(sentinel, host_ip, sn_api_port, key, cert, capath, data_dir, node_id, ver
               help="Seconds to wait for the other active peers once min_peers have checked in.")
 @click.option("--leader-timeout", type=float, default=10.0, show_default=True,
               help="Seconds (plus a term for the bytes to move) before a silent leader is replaced.")
+@click.option("--connect-timeout", type=float, default=20.0, show_default=True,
+              help="Seconds to wait for the SN at start-up before giving up.")
 @click.option("-v", "--verbose", is_flag=True)
 def sl(sn_ip, sn_api_port, host_ip, sl_fs_port, key, cert, capath, node_id, ml_addr, data_dir, checkin_wait,
-       leader_timeout, verbose) -> None:
+       leader_timeout, connect_timeout, verbose) -> None:
     """Run a Swarm Learning node: one per training peer, serving its ML process."""
     _logging(verbose)
     from swarmlearn.pki import Identity
@@ -140,7 +142,8 @@ def sl(sn_ip, sn_api_port, host_ip, sl_fs_port, key, cert, capath, node_id, ml_a
     identity = Identity.load(key, cert, capath)
     node = SLNode(SLConfig(node_id=node_id, identity=identity, sn_address=f"{sn_ip}:{sn_api_port}", host=host_ip,
                            fs_port=sl_fs_port, ml_addr=ml_addr, data_dir=data_dir,
-                           timeouts=Timeouts(checkin_wait=checkin_wait, leader_base=leader_timeout)))
+                           timeouts=Timeouts(checkin_wait=checkin_wait, leader_base=leader_timeout),
+                           connect_timeout=connect_timeout))
     node.start()
     click.echo(f"SL {node_id} ready: SWARM_SL_ADDR={node.ml_addr}")
     sys.stdout.flush()

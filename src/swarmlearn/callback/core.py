@@ -109,6 +109,62 @@ def load_tensors(model, tensors: dict, adapters_only: bool | None) -> None:
             raise SwarmError(f"merged model has tensors this model lacks, e.g. {unexpected[0]}")
 
 
+class SLChannel:
+    """The ML side of the local channel to this node's SL: join, sync blobs, report metrics. Knows
+    nothing of torch, so stand-ins (benchmarks, other frameworks) can use it too."""
+
+    def __init__(self, address: str, ready_timeout: float = 30.0):
+        from swarmlearn.proto import sl_pb2, sl_pb2_grpc
+
+        self.address = address
+        self.pb = sl_pb2
+        self._channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", CHUNK * 2),
+                                                                ("grpc.max_send_message_length", CHUNK * 2)])
+        self._stub = sl_pb2_grpc.SwarmLocalStub(self._channel)
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=ready_timeout)
+        except grpc.FutureTimeoutError:
+            self._channel.close()
+            raise SwarmError(f"no SL answers at SWARM_SL_ADDR={address}; is `swarm sl` running?") from None
+
+    def join(self, contract: str, min_peers: int, weightage: float, merge_method: str):
+        return self._call(self._stub.Join, self.pb.JoinRequest(contract=contract, min_peers=min_peers,
+                                                                weightage=weightage, merge_method=merge_method))
+
+    def sync(self, blob: bytes, weight: float, final: bool = False, catch_up: bool = False):
+        """Sends our tensors; returns (reply header, merged blob) once the round is over."""
+        header = self.pb.SyncHeader(weight=weight, size=len(blob), final=final, catch_up=catch_up)
+
+        def parts():
+            yield self.pb.SyncPart(header=header)
+            for start in range(0, len(blob), CHUNK):
+                yield self.pb.SyncPart(data=blob[start:start + CHUNK])
+
+        reply, chunks = None, []
+        try:
+            for part in self._stub.Sync(parts()):
+                if part.HasField("header"):
+                    reply = part.header
+                else:
+                    chunks.append(part.data)
+        except grpc.RpcError as exc:
+            raise SwarmError(f"sync with SL failed: {exc.details() or exc.code().name}") from None
+        return reply, b"".join(chunks)
+
+    def report(self, round_no: int, step: int, metric_name: str, **values: float) -> None:
+        self._call(self._stub.Report, self.pb.MetricsRequest(round=round_no, step=step, metric_name=metric_name,
+                                                             **values))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=60)
+        except grpc.RpcError as exc:
+            raise SwarmError(f"SL refused {type(request).__name__}: {exc.details() or exc.code().name}") from None
+
+
 class SwarmCore:
     def __init__(self, model, **kwargs):
         self.model = model
@@ -124,8 +180,7 @@ class SwarmCore:
         self.bytes_received = 0
         self.last: dict[str, float] = {}
         self.node_id = os.environ.get("NODE_ID", "")
-        self._stub = None
-        self._channel = None
+        self._sl: SLChannel | None = None
 
     # ---------------------------------------------------------------------------- lifecycle
 
@@ -137,19 +192,9 @@ class SwarmCore:
         if not address:
             raise ConfigError("SWARM_SL_ADDR is not set: run model.py through `swarm run`/`swarm swop`, or start "
                               "`swarm sl` and export the SWARM_SL_ADDR it prints; SWARM_LOOPBACK=1 trains alone")
-        from swarmlearn.proto import sl_pb2, sl_pb2_grpc
-
-        self._pb = sl_pb2
-        self._channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", CHUNK * 2),
-                                                                ("grpc.max_send_message_length", CHUNK * 2)])
-        self._stub = sl_pb2_grpc.SwarmLocalStub(self._channel)
-        try:
-            grpc.channel_ready_future(self._channel).result(timeout=30)
-        except grpc.FutureTimeoutError:
-            raise SwarmError(f"no SL answers at SWARM_SL_ADDR={address}; is `swarm sl` running?") from None
-        reply = self._call(self._stub.Join, self._pb.JoinRequest(
-            contract=self.settings.training_contract, min_peers=self.settings.min_peers,
-            weightage=float(self.settings.node_weightage), merge_method=self.settings.merge_method))
+        self._sl = SLChannel(address)
+        reply = self._sl.join(self.settings.training_contract, self.settings.min_peers,
+                              float(self.settings.node_weightage), self.settings.merge_method)
         self.node_id = reply.node_id
         self.log.info("%s joined the swarm on contract %s (latest merged round %d)", reply.node_id, reply.contract,
                       reply.latest_merged_round)
@@ -173,8 +218,8 @@ class SwarmCore:
             self.sync(final=True)
         self.log.info(FINAL_MESSAGE)
         print(FINAL_MESSAGE, flush=True)
-        if self._channel is not None:
-            self._channel.close()
+        if self._sl is not None:
+            self._sl.close()
 
     def report(self, **metrics: float) -> None:
         self.last.update({k: float(v) for k, v in metrics.items() if v is not None})
@@ -187,31 +232,14 @@ class SwarmCore:
         started = time.monotonic()
         blob = save(model_tensors(self.model, self.settings.adapters_only))
         weight = float(self.settings.node_weightage) * self.samples_since_sync
-        header = self._pb.SyncHeader(weight=weight, size=len(blob), final=final, catch_up=catch_up)
-
-        def parts():
-            yield self._pb.SyncPart(header=header)
-            for start in range(0, len(blob), CHUNK):
-                yield self._pb.SyncPart(data=blob[start:start + CHUNK])
-
-        reply_header, chunks = None, []
-        try:
-            for part in self._stub.Sync(parts()):
-                if part.HasField("header"):
-                    reply_header = part.header
-                else:
-                    chunks.append(part.data)
-        except grpc.RpcError as exc:
-            raise SwarmError(f"sync with SL failed: {exc.details() or exc.code().name}") from None
-        merged = b"".join(chunks)
+        h, merged = self._sl.sync(blob, weight, final=final, catch_up=catch_up)
         load_tensors(self.model, load(merged), self.settings.adapters_only)
         self.bytes_sent += len(blob)
         self.bytes_received += len(merged)
         self.rounds += 1
-        self.last_round = reply_header.round
+        self.last_round = h.round
         self.steps_since_sync = 0
         self.samples_since_sync = 0
-        h = reply_header
         self.log.info("round %d: %s model %s from %d peers (leader %s) loaded after %.2f s, %.1f KB each way",
                       h.round, "merged" if h.contributed else "latest merged", h.hash[:12], len(h.participants),
                       h.leader, time.monotonic() - started, len(blob) / 1024)
@@ -220,12 +248,5 @@ class SwarmCore:
 
     def _report_metrics(self, round_no: int) -> None:
         m = self.last
-        self._call(self._stub.Report, self._pb.MetricsRequest(
-            round=round_no, loss=m.get("loss", 0.0), metric=m.get("metric", 0.0), epoch=m.get("epoch", 0.0),
-            step=self.total_steps, metric_name=str(self.settings.extra.get("metric_name", "metric"))))
-
-    def _call(self, method, request):
-        try:
-            return method(request, timeout=60)
-        except grpc.RpcError as exc:
-            raise SwarmError(f"SL refused {type(request).__name__}: {exc.details() or exc.code().name}") from None
+        self._sl.report(round_no, self.total_steps, str(self.settings.extra.get("metric_name", "metric")),
+                        loss=m.get("loss", 0.0), metric=m.get("metric", 0.0), epoch=m.get("epoch", 0.0))

@@ -37,6 +37,7 @@ class SLConfig:
     ml_addr: str | None = None
     data_dir: Path | None = None
     timeouts: Timeouts | None = None
+    connect_timeout: float = 20.0
 
 
 class SLNode:
@@ -64,7 +65,7 @@ class SLNode:
         except OSError as exc:
             raise ConfigError(f"{self.data_dir}: cannot create the SL data dir ({exc.strerror}); "
                               f"choose another --data-dir") from None
-        self.sn.wait_ready()
+        self.sn.wait_ready(self.config.connect_timeout)
         options = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_MESSAGE),
                    ("grpc.max_send_message_length", MAX_MESSAGE)]
         self.peer_server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=options)

@@ -1,0 +1,95 @@
+"""Shared by benchmarks: a throw-away swarm on 127.0.0.1 — certificates, a sentinel SN and SL
+processes — started as a user would, and stopped by pid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from swarmlearn.pki import CertLayout, Identity, generate_host_certs
+
+SWARM = [sys.executable, "-m", "swarmlearn.cli"]
+
+
+@dataclass
+class Process:
+    popen: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+
+    def wait_line(self, needle: str, timeout: float = 60) -> str:
+        done = threading.Event()
+        found: list[str] = []
+
+        def pump():
+            for line in self.popen.stdout:
+                self.lines.append(line.rstrip())
+                if needle in line and not found:
+                    found.append(line.strip())
+                    done.set()
+            done.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        done.wait(timeout)
+        if not found:
+            raise RuntimeError(f"no {needle!r} from {self.popen.args}:\n" + "\n".join(self.lines[-20:]))
+        return found[0]
+
+
+class LocalSwarm:
+    def __init__(self, workdir: Path | None = None):
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="swarm-bench-"))
+        self.certs = CertLayout(self.dir / "cert", 1)
+        generate_host_certs(self.certs.root, 1)
+        self.processes: list[Process] = []
+        self.sn_address = ""
+        self.sl_addresses: dict[str, str] = {}
+        self.sls: dict[str, Process] = {}
+
+    def identity(self, component: str) -> Identity:
+        return Identity.load(self.certs.key(component), self.certs.cert(component), self.certs.capath)
+
+    def _ids(self, component: str) -> list[str]:
+        return ["--key", str(self.certs.key(component)), "--cert", str(self.certs.cert(component)),
+                "--capath", str(self.certs.capath)]
+
+    def _start(self, *args: str) -> Process:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        p = Process(subprocess.Popen([*SWARM, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=env))
+        self.processes.append(p)
+        return p
+
+    def start_sn(self) -> str:
+        sn = self._start("sn", "--sentinel", "--sn-api-port", "0", *self._ids("sn"), "--data-dir",
+                         str(self.dir / "sn"))
+        self.sn_address = sn.wait_line("SN ready on ").split("SN ready on ")[1].split()[0]
+        return self.sn_address
+
+    def start_sl(self, node_id: str, *extra: str) -> str:
+        host, port = self.sn_address.rsplit(":", 1)
+        sl = self._start("sl", "--sn-ip", host, "--sn-api-port", port, "--sl-fs-port", "0", *self._ids("sl"),
+                         "--node-id", node_id, "--data-dir", str(self.dir / f"sl-{node_id}"), *extra)
+        self.sl_addresses[node_id] = sl.wait_line("SWARM_SL_ADDR=").split("SWARM_SL_ADDR=")[1]
+        self.sls[node_id] = sl
+        return self.sl_addresses[node_id]
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.dir / "sn" / "ledger.db"
+
+    def stop(self) -> None:
+        for p in reversed(self.processes):
+            if p.popen.poll() is None:
+                try:
+                    p.popen.send_signal(signal.SIGCONT)
+                    p.popen.terminate()
+                    p.popen.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.popen.kill()
+                    p.popen.wait()
