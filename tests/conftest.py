@@ -93,6 +93,8 @@ class Procs:
 
     def __init__(self) -> None:
         self.started: list[Proc] = []
+        # Workspaces whose recorded processes (started by a SWOP under test) are stopped at the end.
+        self.workspaces: list[Path] = []
 
     def start(self, args: list[str], **kwargs) -> Proc:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}
@@ -108,6 +110,10 @@ class Procs:
         return self.start([*SWARM, *args], **kwargs)
 
     def stop_all(self) -> None:
+        from swarmlearn.swop.runtime import stop_recorded
+
+        for workspace in self.workspaces:
+            stop_recorded(workspace, grace=5)
         # Newest first: SLs and operators go before the SN they talk to, as a user would stop them.
         for proc in reversed(self.started):
             if proc.popen.poll() is None:

@@ -23,12 +23,13 @@ DEFAULT_WORKSPACE = Path("workspace")
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 
+from swarmlearn.errors import SwarmError  # noqa: E402  (light: no third-party imports)
+
+
 class SwarmGroup(click.Group):
     """Turns our typed errors into one line on stderr and exit code 1, instead of a traceback."""
 
     def invoke(self, ctx):
-        from swarmlearn.errors import SwarmError
-
         try:
             return super().invoke(ctx)
         except SwarmError as exc:
@@ -148,6 +149,105 @@ def sl(sn_ip, sn_api_port, host_ip, sl_fs_port, key, cert, capath, node_id, ml_a
     click.echo(f"SL {node_id} ready: SWARM_SL_ADDR={node.ml_addr}")
     sys.stdout.flush()
     _serve_until_signalled(node.stop)
+
+
+def _resolve(usr_dir: Path, name: Path, subdir: str) -> Path:
+    """A file named on the command line: as given, else in the usr dir, else in its `subdir`."""
+    for candidate in (name, usr_dir / name, usr_dir / subdir / name):
+        if candidate.is_file():
+            return candidate
+    return usr_dir / subdir / name
+
+
+@cli.command("swop")
+@click.option("--sn-ip", default="127.0.0.1", show_default=True)
+@click.option("--sn-api-port", type=int, default=30304, show_default=True)
+@click.option("--usr-dir", type=click.Path(path_type=Path), required=True,
+              help="The user's project folder (model, data, swop/ and swci/ files).")
+@click.option("--profile-file-name", type=click.Path(path_type=Path), required=True,
+              help="SWOP profile YAML, in --usr-dir or its swop/ folder.")
+@identity_options
+@click.option("--workspace", type=click.Path(path_type=Path),
+              help="Where node logs, models and pid files go (default: USR_DIR/runs).")
+@click.option("--keep-nodes", is_flag=True, envvar="SWOP_KEEP_CONTAINERS",
+              help="Keep SL processes and their data after a task (also SWOP_KEEP_CONTAINERS=True).")
+@click.option("--sl-arg", "sl_args", multiple=True, help="Extra option passed to every `swarm sl` (repeatable).")
+@click.option("-v", "--verbose", is_flag=True)
+def swop(sn_ip, sn_api_port, usr_dir, profile_file_name, key, cert, capath, workspace, keep_nodes, sl_args,
+         verbose) -> None:
+    """Run a Swarm Operator: start SL+ML pairs for the tasks assigned to this host's task runner."""
+    _logging(verbose)
+    from swarmlearn.pki import Identity
+    from swarmlearn.swop.operator import Operator, OperatorConfig
+
+    identity = Identity.load(key, cert, capath)
+    usr_dir = usr_dir.resolve()
+    operator = Operator(OperatorConfig(identity=identity, sn_address=f"{sn_ip}:{sn_api_port}", usr_dir=usr_dir,
+                                       profile_path=_resolve(usr_dir, profile_file_name, "swop"),
+                                       workspace=(workspace or usr_dir / "runs").resolve(), keep_nodes=keep_nodes,
+                                       extra_sl_args=list(sl_args)))
+    operator.start()
+    click.echo(f"SWOP {operator.node_id} ready: task runner {operator.runner}, {len(operator.nodes)} nodes "
+               f"({', '.join(n.node_id for n in operator.nodes)})")
+    sys.stdout.flush()
+    worker = threading.Thread(target=operator.run, daemon=True)
+    worker.start()
+    _serve_until_signalled(operator.stop)
+    worker.join(timeout=30)
+
+
+@cli.command("swci")
+@click.option("--usr-dir", type=click.Path(path_type=Path), default=Path("."), show_default=True,
+              help="Folder that relative paths in the script (taskdefs) start from.")
+@click.option("--init-script-name", type=click.Path(path_type=Path),
+              help="Script to run, in --usr-dir or its swci/ folder; without it, an interactive prompt.")
+@identity_options
+@click.option("--sn-api-port", type=int, default=30304, show_default=True,
+              help="SN port used by commands that name only an IP (CREATE CONTEXT ... WITH IP <ip>).")
+def swci(usr_dir, init_script_name, key, cert, capath, sn_api_port) -> None:
+    """Run the Swarm Command Interface: an init script, or commands typed at a prompt."""
+    from swarmlearn.pki import Identity
+    from swarmlearn.swci.script import parse_line, parse_script
+    from swarmlearn.swci.session import SwciSession
+
+    identity = Identity.load(key, cert, capath)
+    session = SwciSession(identity, usr_dir, out=lambda line: click.echo(line), default_sn_port=sn_api_port)
+    try:
+        if init_script_name is not None:
+            script = _resolve(usr_dir, init_script_name, "swci")
+            code = session.run(parse_script(script), str(script))
+        else:
+            code = 0
+            number = 0
+            while not session.exited:
+                number += 1
+                try:
+                    line = input("SWCI:%d > " % number)
+                except EOFError:
+                    break
+                try:
+                    command = parse_line(line, number)
+                except SwarmError as exc:
+                    click.echo(str(exc))
+                    continue
+                if command is not None:
+                    session.execute(command)
+    finally:
+        session.close()
+    sys.exit(code)
+
+
+@cli.command("stop")
+@click.option("--workspace", type=click.Path(path_type=Path), default=DEFAULT_WORKSPACE, show_default=True,
+              help="Folder whose recorded processes (pids/*.pid at any depth) are stopped.")
+def stop(workspace) -> None:
+    """Stop every swarmlearn process started from a workspace (like the original's stop-swarm)."""
+    from swarmlearn.swop.runtime import stop_recorded
+
+    stopped = stop_recorded(workspace)
+    for name, pid in stopped:
+        click.echo(f"stopped {name} (pid {pid})")
+    click.echo(f"{len(stopped)} processes stopped" if stopped else "nothing was running")
 
 
 def _serve_until_signalled(stop) -> None:

@@ -119,6 +119,9 @@ class RoundEngine:
         try:
             index = self.sn.submit("checkin", payload)
         except Rejected:
+            if self.node_id not in self._read(lambda c: c.active_members):
+                raise SwarmError(f"{self.node_id} is no longer in the training session of {self.contract_name} "
+                                 f"(it left or was evicted after missing rounds); restart it to rejoin") from None
             if self.follower.wait_until(lambda s: self._contract(s).current_round > number, 5.0):
                 return -number
             raise

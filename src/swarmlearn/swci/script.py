@@ -1,0 +1,114 @@
+"""The SWCI command language: init scripts as users of the original write them.
+
+One command per line, `#` starts a comment, keywords are case-insensitive (names are not). Each
+command is a pattern; a line that matches none is an error naming its line number.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from swarmlearn.errors import ConfigError
+
+def _p(template: str) -> re.Pattern:
+    """'WAIT FOR IP {ip} {port?}' -> a case-insensitive regex with a named group per field; a field
+    marked ? may be left out."""
+    regex = ""
+    for token in template.split():
+        field = re.fullmatch(r"\{(\w+)(\??)\}", token)
+        if field is None:
+            piece, optional = re.escape(token), False
+        else:
+            piece, optional = rf"(?P<{field.group(1)}>\S+)", bool(field.group(2))
+        regex += rf"(?:\s+{piece})?" if optional else (rf"\s+{piece}" if regex else piece)
+    return re.compile(rf"^\s*{regex}\s*$", re.IGNORECASE)
+
+
+# (command name, pattern). Order matters where one pattern is a prefix of another.
+GRAMMAR: list[tuple[str, re.Pattern]] = [(name, _p(t)) for name, t in [
+    ("exit_on_failure", "EXIT ON FAILURE {mode?}"),
+    ("exit", "EXIT"),
+    ("wait_for_ip", "WAIT FOR IP {ip} {port?}"),
+    ("wait_for_service", "WAIT FOR SERVICE {service?}"),
+    ("create_context", "CREATE CONTEXT {name} WITH IP {ip} {port?}"),
+    ("switch_context", "SWITCH CONTEXT {name}"),
+    ("list_contexts", "LIST CONTEXTS"),
+    ("get_context_info", "GET CONTEXT INFO {name?}"),
+    ("create_contract", "CREATE CONTRACT {name}"),
+    ("list_contracts", "LIST CONTRACTS"),
+    ("get_contract_info", "GET CONTRACT INFO {name}"),
+    ("get_contract_info", "GET CONTRACT STATUS {name}"),
+    ("reset_contract", "RESET CONTRACT {name}"),
+    ("perfdata", "PERFDATA {name}"),
+    ("create_task", "CREATE TASK FROM {file}"),
+    ("finalize_task", "FINALIZE TASK {name}"),
+    ("delete_task", "DELETE TASK {name}"),
+    ("list_tasks", "LIST TASKS"),
+    ("get_task_info", "GET TASK INFO {name}"),
+    ("get_task_body", "GET TASK BODY {name}"),
+    ("create_taskrunner", "CREATE TASKRUNNER {name}"),
+    ("assign_task_all", "ASSIGN TASK {task} TO {runner} WITH ALL PEERS"),
+    ("assign_task", "ASSIGN TASK {task} TO {runner} WITH {peers} PEERS"),
+    ("wait_for_taskrunner", "WAIT FOR TASKRUNNER {runner} {timeout?}"),
+    ("get_taskrunner_status", "GET TASKRUNNER STATUS {runner}"),
+    ("get_taskrunner_status", "GET TASKRUNNER INFO {runner}"),
+    ("get_taskrunner_status", "GET TASKRUNNER PEER STATUS {runner}"),
+    ("list_taskrunners", "LIST TASKRUNNERS"),
+    ("list_taskrunner_peers", "LIST TASKRUNNER PEERS {runner?}"),
+    ("reset_taskrunner", "RESET TASKRUNNER {runner}"),
+    ("list_nodes", "LIST NODES"),
+    ("sleep", "SLEEP {seconds}"),
+    ("cd", "cd {path}"),
+    ("pwd", "pwd()"),
+    ("ls", "ls()"),
+    ("help", "HELP"),
+]]
+
+USAGE = """Commands (keywords case-insensitive):
+  EXIT ON FAILURE [ON|OFF]            WAIT FOR IP <ip> [port]          EXIT
+  CREATE CONTEXT <n> WITH IP <ip> [port]   SWITCH CONTEXT <n>   LIST CONTEXTS   GET CONTEXT INFO [<n>]
+  CREATE CONTRACT <n>   LIST CONTRACTS   GET CONTRACT INFO <n>   RESET CONTRACT <n>   PERFDATA <contract>
+  CREATE TASK FROM <file.yaml>   FINALIZE TASK <n>   DELETE TASK <n>   LIST TASKS
+  GET TASK INFO <n>   GET TASK BODY <n>
+  CREATE TASKRUNNER <n>   ASSIGN TASK <task> TO <runner> WITH <N|ALL> PEERS
+  WAIT FOR TASKRUNNER <runner> [timeout-seconds]   GET TASKRUNNER STATUS <runner>
+  LIST TASKRUNNERS   LIST TASKRUNNER PEERS [<runner>]   RESET TASKRUNNER <runner>
+  LIST NODES   SLEEP <seconds>   cd <dir>   pwd()   ls()   HELP"""
+
+
+@dataclass(frozen=True)
+class Command:
+    line: int
+    text: str
+    name: str
+    args: dict[str, str]
+
+
+def parse_line(text: str, line: int, source: str = "<prompt>") -> Command | None:
+    """One line to a Command; None for blank lines and comments; ConfigError for anything else."""
+    stripped = text.split("#", 1)[0].strip() if not text.lstrip().startswith("cd ") else text.strip()
+    if not stripped:
+        return None
+    for name, pattern in GRAMMAR:
+        m = pattern.match(stripped)
+        if m:
+            return Command(line, stripped, name, {k: v for k, v in m.groupdict().items() if v is not None})
+    raise ConfigError(f"{source}:{line}: unknown command {stripped!r}; HELP lists the commands")
+
+
+def parse_script(path: Path) -> list[Command]:
+    """Parses a whole init script up front, so a typo on line 40 is reported before line 1 runs."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: init script not found; check --usr-dir and --init-script-name") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the init script ({exc})") from None
+    commands = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        command = parse_line(line, number, str(path))
+        if command is not None:
+            commands.append(command)
+    return commands

@@ -1,0 +1,333 @@
+"""Runs SWCI commands against an SN: contexts, contracts, tasks, task runners, waits.
+
+Output goes to the `out` callable one line at a time; refusals raise SwarmError with the ledger's
+reason. A task that ends FAILED makes `WAIT FOR TASKRUNNER` fail with the failing peers' last log
+lines, whatever EXIT ON FAILURE says, so a script never reports success for a failed task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from swarmlearn import pki
+from swarmlearn.errors import SwarmError
+from swarmlearn.sn.client import SNClient
+from swarmlearn.swci.script import USAGE, Command
+
+DEFAULT_SN_PORT = 30304
+# The original waits this long for a task runner; we say what is going on all along.
+DEFAULT_TASK_TIMEOUT = 120 * 60
+WAIT_FOR_IP_TIMEOUT = 300.0
+PROGRESS_EVERY = 30.0
+
+
+class TaskFailed(SwarmError):
+    pass
+
+
+class SwciSession:
+    def __init__(self, identity: pki.Identity, usr_dir: Path, out: Callable[[str], None] = print,
+                 default_sn_port: int = DEFAULT_SN_PORT, poll: float = 0.5):
+        self.identity = identity
+        self.cwd = Path(usr_dir).resolve()
+        self.out = out
+        self.default_sn_port = default_sn_port
+        self.poll = poll
+        self.contexts: dict[str, str] = {}
+        self.current: str | None = None
+        self.exit_on_failure = False
+        self.failed_tasks: list[str] = []
+        self._clients: dict[str, SNClient] = {}
+        self.exited = False
+
+    # ------------------------------------------------------------------------------ driving
+
+    def run(self, commands: list[Command], source: str) -> int:
+        """Runs a parsed script; returns the exit code (0 only if nothing that matters failed)."""
+        for command in commands:
+            if self.exited:
+                break
+            if not self.execute(command, source):
+                return 1
+        return 1 if self.failed_tasks else 0
+
+    def execute(self, command: Command, source: str = "<prompt>") -> bool:
+        """Runs one command; False when it failed and EXIT ON FAILURE is on (or the task failed)."""
+        self.out(f"{source}:{command.line}: {command.text}")
+        try:
+            getattr(self, f"cmd_{command.name}")(**command.args)
+        except TaskFailed as exc:
+            self.out(f"FAILED: {exc}")
+            return not self.exit_on_failure
+        except SwarmError as exc:
+            self.out(f"{'FAILED' if self.exit_on_failure else 'failed (continuing: EXIT ON FAILURE is off)'}: {exc}")
+            return not self.exit_on_failure
+        return True
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+
+    def _sn(self) -> SNClient:
+        if self.current is None:
+            raise SwarmError("no context: CREATE CONTEXT <name> WITH IP <sn-ip> and SWITCH CONTEXT <name> first")
+        return self._client(self.contexts[self.current])
+
+    def _client(self, address: str) -> SNClient:
+        client = self._clients.get(address)
+        if client is None:
+            client = SNClient(address, self.identity)
+            client.wait_ready(30)
+            client.register("SWCI")
+            self._clients[address] = client
+        return client
+
+    def _address(self, ip: str, port: str | None) -> str:
+        return f"{ip}:{int(port) if port else self.default_sn_port}"
+
+    def _state(self, section: str) -> dict:
+        return self._sn().query(section)[section]
+
+    def _show(self, obj) -> None:
+        for line in json.dumps(obj, indent=2, sort_keys=True, default=str).splitlines():
+            self.out(line)
+
+    # ------------------------------------------------------------------------------ commands
+
+    def cmd_help(self) -> None:
+        for line in USAGE.splitlines():
+            self.out(line)
+
+    def cmd_exit(self) -> None:
+        self.exited = True
+
+    def cmd_exit_on_failure(self, mode: str = "on") -> None:
+        if mode.lower() not in ("on", "off"):
+            raise SwarmError(f"EXIT ON FAILURE takes ON or OFF, not {mode}")
+        self.exit_on_failure = mode.lower() == "on"
+
+    def cmd_sleep(self, seconds: str) -> None:
+        time.sleep(_number(seconds, "SLEEP"))
+
+    def cmd_cd(self, path: str) -> None:
+        target = (self.cwd / path).resolve()
+        if not target.is_dir():
+            # The original's scripts `cd` into the container path where the usr dir is mounted.
+            self.out(f"{path} is not a folder here; staying in {self.cwd} (the --usr-dir)")
+            return
+        self.cwd = target
+
+    def cmd_pwd(self) -> None:
+        self.out(str(self.cwd))
+
+    def cmd_ls(self) -> None:
+        for entry in sorted(os.listdir(self.cwd)):
+            self.out(entry)
+
+    def cmd_wait_for_ip(self, ip: str, port: str | None = None) -> None:
+        address = self._address(ip, port)
+        client = SNClient(address, self.identity)
+        try:
+            client.wait_ready(WAIT_FOR_IP_TIMEOUT)
+        finally:
+            client.close()
+        self.out(f"SN at {address} is up")
+
+    def cmd_wait_for_service(self, service: str | None = None) -> None:
+        self._sn().wait_ready(WAIT_FOR_IP_TIMEOUT)
+
+    def cmd_create_context(self, name: str, ip: str, port: str | None = None) -> None:
+        address = self._address(ip, port)
+        self._client(address)
+        self.contexts[name] = address
+        self.out(f"context {name}: SN at {address}")
+
+    def cmd_switch_context(self, name: str) -> None:
+        if name not in self.contexts:
+            raise SwarmError(f"no context {name}; CREATE CONTEXT {name} WITH IP <sn-ip> first")
+        self.current = name
+
+    def cmd_list_contexts(self) -> None:
+        for name, address in self.contexts.items():
+            self.out(f"{'*' if name == self.current else ' '} {name}  {address}")
+
+    def cmd_get_context_info(self, name: str | None = None) -> None:
+        name = name or self.current
+        if name not in self.contexts:
+            raise SwarmError(f"no context {name}")
+        self._show({"name": name, "sn": self.contexts[name], "current": name == self.current})
+
+    def cmd_create_contract(self, name: str) -> None:
+        self._sn().submit("contract_create", {"name": name})
+
+    def cmd_list_contracts(self) -> None:
+        for name, c in self._state("contracts").items():
+            self.out(f"{name}  members {len(c['members'])}  rounds merged "
+                     f"{sum(1 for r in c['rounds'].values() if r['status'] == 'merged')}")
+
+    def cmd_get_contract_info(self, name: str) -> None:
+        contracts = self._state("contracts")
+        if name not in contracts:
+            raise SwarmError(f"no contract {name}; LIST CONTRACTS shows them")
+        c = contracts[name]
+        self._show({k: c[k] for k in ("name", "generation", "members", "current_round", "latest_merged_round",
+                                      "min_peers")})
+
+    def cmd_reset_contract(self, name: str) -> None:
+        self._sn().submit("contract_reset", {"name": name})
+
+    def cmd_perfdata(self, name: str) -> None:
+        contracts = self._state("contracts")
+        if name not in contracts:
+            raise SwarmError(f"no contract {name}; LIST CONTRACTS shows them")
+        latest: dict[str, dict] = {}
+        for m in contracts[name]["metrics"]:
+            latest[m["node"]] = m
+        for node, m in sorted(latest.items()):
+            self.out(f"{node}: round {m.get('round')} loss {m.get('loss')} {m.get('metric_name', 'metric')} "
+                     f"{m.get('metric')} epoch {m.get('epoch')}")
+
+    def cmd_create_task(self, file: str) -> None:
+        from swarmlearn.swci.taskdef import load_taskdef
+
+        task = load_taskdef(self.cwd / file)
+        self._sn().submit("task_create", task.to_ledger_payload())
+        note = task.note()
+        if note:
+            self.out(f"note: {note}")
+
+    def cmd_finalize_task(self, name: str) -> None:
+        self._sn().submit("task_finalize", {"name": name})
+
+    def cmd_delete_task(self, name: str) -> None:
+        self._sn().submit("task_delete", {"name": name})
+
+    def cmd_list_tasks(self) -> None:
+        for name, t in self._state("tasks").items():
+            self.out(f"{name}  {t['type']}  {'finalized' if t['finalized'] else 'draft'}  prereq {t['prereq']}")
+
+    def _task(self, name: str) -> dict:
+        tasks = self._state("tasks")
+        if name not in tasks:
+            raise SwarmError(f"no task {name}; LIST TASKS shows them")
+        return tasks[name]
+
+    def cmd_get_task_info(self, name: str) -> None:
+        self._show({k: v for k, v in self._task(name).items() if k != "body"})
+
+    def cmd_get_task_body(self, name: str) -> None:
+        self._show(self._task(name)["body"])
+
+    def cmd_create_taskrunner(self, name: str) -> None:
+        self._sn().submit("taskrunner_create", {"name": name})
+
+    def cmd_assign_task(self, task: str, runner: str, peers: str) -> None:
+        self._sn().submit("taskrunner_assign", {"runner": runner, "task": task, "peers": int(_number(peers, "WITH"))})
+
+    def cmd_assign_task_all(self, task: str, runner: str) -> None:
+        self._sn().submit("taskrunner_assign", {"runner": runner, "task": task, "peers": "ALL"})
+
+    def _runner(self, name: str) -> dict:
+        state = self._sn().query("all")
+        runners = state["taskrunners"]
+        if name == "default":
+            name = state["info"]["genesis"]["default_taskrunner"]
+        if name not in runners:
+            raise SwarmError(f"no task runner {name}; LIST TASKRUNNERS shows them")
+        return runners[name]
+
+    def cmd_list_taskrunners(self) -> None:
+        for name, r in self._state("taskrunners").items():
+            a = r["assignment"]
+            self.out(f"{name}  SWOPs {len(r['swops'])} (capacity {sum(r['swops'].values())})  "
+                     + (f"{a['task']} {a['status']}" if a else "idle"))
+
+    def cmd_list_taskrunner_peers(self, runner: str = "default") -> None:
+        for swop, capacity in self._runner(runner).get("swops", {}).items():
+            self.out(f"{swop}  can start {capacity} peers")
+
+    def cmd_get_taskrunner_status(self, runner: str) -> None:
+        r = self._runner(runner)
+        a = r["assignment"]
+        if a is None:
+            self.out(f"{runner}: idle")
+            return
+        self.out(f"{runner}: {a['task']} {a['status']} ({len(a['peer_status'])} of {a['peers']} peers started)")
+        for peer, s in sorted(a["peer_status"].items()):
+            code = "" if s["exit_code"] is None else f" exit {s['exit_code']}"
+            self.out(f"  {peer} on {s['swop']}: {s['status']}{code}")
+
+    def cmd_reset_taskrunner(self, runner: str) -> None:
+        self._sn().submit("taskrunner_reset", {"runner": runner})
+
+    def cmd_list_nodes(self) -> None:
+        state = self._sn().query("nodes")
+        seen = state.get("last_seen", {})
+        for node, n in sorted(state["nodes"].items()):
+            heard = f"heard {seen[node]:.0f} s ago" if node in seen else "not heard since the SN started"
+            self.out(f"{node}  {n['role']}  {n['address'] or '-'}  {n['subject']}  {heard}")
+
+    def cmd_wait_for_taskrunner(self, runner: str, timeout: str | None = None) -> None:
+        """Waits until the runner's task ends, saying what happens: peers starting, running, rounds
+        merged; on FAILED shows the failing peers' exit codes and last log lines."""
+        limit = _number(timeout, "timeout") if timeout else DEFAULT_TASK_TIMEOUT
+        started = time.monotonic()
+        last_line, last_progress = "", started
+        while True:
+            r = self._runner(runner)
+            a = r["assignment"]
+            if a is None:
+                raise SwarmError(f"task runner {runner} has no task assigned; ASSIGN TASK <task> TO {runner} first")
+            line = _progress(a, self._rounds_line())
+            now = time.monotonic()
+            if line != last_line or now - last_progress >= PROGRESS_EVERY:
+                self.out(f"[{now - started:5.0f} s] {runner}: {line}")
+                last_line, last_progress = line, now
+            if a["status"] == "COMPLETE":
+                return
+            if a["status"] in ("FAILED", "RESET"):
+                self.failed_tasks.append(a["task"])
+                raise TaskFailed(_failure(runner, a))
+            if now - started > limit:
+                self.failed_tasks.append(a["task"])
+                raise TaskFailed(f"task {a['task']} on {runner} did not end within {limit:.0f} s: {line}")
+            time.sleep(self.poll)
+
+    def _rounds_line(self) -> str:
+        contracts = self._state("contracts")
+        parts = []
+        for name, c in contracts.items():
+            merged = [r for r in c["rounds"].values() if r["status"] == "merged"]
+            if merged:
+                last = max(merged, key=lambda r: r["number"])
+                parts.append(f"round {last['number']} merged ({','.join(last['participants'])}, "
+                             f"leader {last['leader']})")
+        return "; ".join(parts)
+
+
+def _progress(a: dict, rounds: str) -> str:
+    counts: dict[str, int] = {}
+    for s in a["peer_status"].values():
+        counts[s["status"]] = counts.get(s["status"], 0) + 1
+    peers = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no peer started yet"
+    return f"{a['task']} {a['status']}: {peers} of {a['peers']}" + (f"; {rounds}" if rounds else "")
+
+
+def _failure(runner: str, a: dict) -> str:
+    lines = [f"task {a['task']} on {runner} {a['status']}"]
+    for peer, s in sorted(a["peer_status"].items()):
+        if s["status"] == "FAILED":
+            lines.append(f"--- {peer} on {s['swop']} exited {s['exit_code']}; its last log lines:")
+            lines.extend(f"    {line}" for line in (s["detail"] or "(no output)").splitlines())
+    return "\n".join(lines)
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise SwarmError(f"{what} needs a number, not {text!r}") from None

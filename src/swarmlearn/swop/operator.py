@@ -1,0 +1,334 @@
+"""SWOP: the per-host operator. Joins its task runner on the ledger, waits for tasks assigned to
+it, claims as many peers as its profile has nodes, and runs the task: for RUN_SWARM one SL and one
+ML process per node, reporting each peer RUNNING, then COMPLETE or FAILED with its exit code and
+last log lines. One task at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from swarmlearn import pki
+from swarmlearn.errors import ConfigError, Rejected, SwarmError
+from swarmlearn.ledger.state import Assignment, LedgerState
+from swarmlearn.sl.follower import LedgerFollower
+from swarmlearn.sn.client import SNClient
+from swarmlearn.swop.runtime import Handle, ProcessRuntime, Runtime, Spec, record_self
+
+log = logging.getLogger("swarmlearn.swop")
+
+SL_READY_TIMEOUT = 60.0
+# After a node's ML ends, its SL keeps serving the final merged model this long, for peers that
+# are still pulling it.
+LINGER = 5.0
+POLL = 0.5
+PYTHON_NAMES = {"python", "python3", f"python3.{sys.version_info.minor}"}
+
+
+@dataclass
+class NodeRun:
+    peer: str
+    sl: Handle | None = None
+    ml: Handle | None = None
+    ended_at: float | None = None
+    reported: str = "STARTING"
+
+
+@dataclass
+class OperatorConfig:
+    identity: pki.Identity
+    sn_address: str
+    usr_dir: Path
+    profile_path: Path
+    workspace: Path
+    keep_nodes: bool = False
+    node_id: str | None = None
+    sl_key: Path | None = None
+    sl_cert: Path | None = None
+    extra_sl_args: list[str] = field(default_factory=list)
+
+
+class Operator:
+    def __init__(self, config: OperatorConfig, runtime: Runtime | None = None):
+        from swarmlearn.swop.profile import load_profile
+
+        self.config = config
+        self.profile = load_profile(config.profile_path)
+        self.nodes = self.profile.slnodedefs
+        if not self.nodes:
+            raise ConfigError(f"{config.profile_path}: the profile lists no nodes; add `- slnodedef:` entries")
+        self.node_id = config.node_id or config.identity.common_name
+        self.workspace = Path(config.workspace)
+        self.runtime = runtime or ProcessRuntime(self.workspace)
+        self.sn = SNClient(config.sn_address, config.identity, self.node_id)
+        self.follower = LedgerFollower(self.sn)
+        self.runner = self.profile.taskrunner
+        self.handled: set[tuple[str, int]] = set()
+        self.handles: list[Handle] = []
+        self.stopping = threading.Event()
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        for note in self.profile.notes():
+            log.info("profile: %s", note)
+        self.sn.wait_ready()
+        index = self.sn.register("SWOP", "", capacity=len(self.nodes))
+        self.follower.start()
+        self.follower.wait_index(index)
+        self.runner = self.follower.read(lambda s: s.taskrunner(self.profile.taskrunner).name)
+        self.sn.submit("taskrunner_join", {"runner": self.runner, "capacity": len(self.nodes)})
+        record_self(self.workspace, self.node_id)
+
+    def run(self) -> None:
+        """Serves tasks until stop() is called."""
+        while not self.stopping.is_set():
+            a = self.follower.wait_until(self._claimable, 1.0)
+            if a is not None:
+                self._serve(a)
+
+    def stop(self) -> None:
+        """Stops serving and every node process this operator started."""
+        self.stopping.set()
+        for handle in list(self.handles):
+            handle.stop(grace=5.0)
+        self.follower.stop()
+        self.sn.close()
+
+    def _claimable(self, state: LedgerState) -> Assignment | None:
+        a = state.taskrunners[self.runner].assignment
+        if a is None or a.status != "RUNNING" or (a.task, a.generation) in self.handled:
+            return None
+        return a if len(a.peer_status) < a.peers else None
+
+    # ------------------------------------------------------------------------------ one task
+
+    def _serve(self, a: Assignment) -> None:
+        key = (a.task, a.generation)
+        wanted = min(a.peers - len(a.peer_status), len(self.nodes))
+        nodes = self.nodes[:wanted]
+        peers = [n.node_id for n in nodes]
+        try:
+            self.sn.submit("taskrunner_claim", {"runner": self.runner, "generation": a.generation, "peers": peers})
+        except Rejected as exc:
+            log.info("could not claim peers of %s: %s", a.task, exc)
+            time.sleep(POLL)  # another SWOP claimed first; look again at what is left
+            return
+        self.handled.add(key)
+        task = self.follower.read(lambda s: s.tasks[a.task])
+        log.info("task %s (%s): running %d peers: %s", task.name, task.type, len(peers), ", ".join(peers))
+        try:
+            if task.type == "RUN_SWARM":
+                self._run_swarm(task, nodes, a.generation)
+            elif task.type == "MAKE_USER_CONTAINER":
+                self._build(task, peers, a.generation)
+            else:
+                for peer in peers:
+                    self._report(a.generation, peer, "COMPLETE", 0,
+                                 f"{task.type} needs nothing on a host without containers; accepted as a no-op")
+        except SwarmError as exc:
+            log.error("task %s failed: %s", task.name, exc)
+            for peer in peers:
+                self._report(a.generation, peer, "FAILED", None, str(exc), quiet=True)
+
+    def _report(self, generation: int, peer: str, status: str, exit_code: int | None, detail: str = "",
+                quiet: bool = False) -> None:
+        try:
+            self.sn.submit("taskrunner_peer_status", {"runner": self.runner, "generation": generation, "peer": peer,
+                                                      "status": status, "exit_code": exit_code,
+                                                      "detail": detail[-4000:]})
+            log.info("peer %s: %s%s", peer, status, "" if exit_code is None else f" (exit {exit_code})")
+        except Rejected as exc:
+            if not quiet:
+                log.warning("status %s of %s not recorded: %s", status, peer, exc)
+
+    def _assignment_over(self, generation: int) -> str | None:
+        a = self.follower.read(lambda s: s.taskrunners[self.runner].assignment)
+        if a is None:
+            return "RESET"
+        if a.generation != generation:
+            return "REPLACED"
+        return a.status if a.status in ("FAILED", "RESET") else None
+
+    # ------------------------------------------------------------------------------ RUN_SWARM
+
+    def _run_swarm(self, task, nodes, generation: int) -> None:
+        body = task.body
+        mapping = _shared_content(body.get("SharedContent"))
+        runs: list[NodeRun] = []
+        try:
+            for node in nodes:
+                run = NodeRun(node.node_id)
+                runs.append(run)
+                run.sl = self._start_sl(task.name, node)
+                address = self._sl_address(run.sl)
+                run.ml = self._start_ml(task.name, node, body, mapping, address)
+                self._report(generation, run.peer, "RUNNING", None)
+                run.reported = "RUNNING"
+            self._watch(task.name, runs, generation)
+        finally:
+            self._clean_up(task.name, runs)
+
+    def _watch(self, task: str, runs: list[NodeRun], generation: int) -> None:
+        while True:
+            for run in runs:
+                if run.ended_at is not None:
+                    continue
+                code = run.ml.poll()
+                if code is None:
+                    continue
+                run.ended_at = time.monotonic()
+                if code == 0:
+                    self._report(generation, run.peer, "COMPLETE", 0)
+                else:
+                    self._report(generation, run.peer, "FAILED", code, run.ml.last_lines(20))
+            over = self._assignment_over(generation)
+            if over is not None:
+                log.info("task %s is %s; stopping its remaining processes", task, over)
+                return
+            if all(run.ended_at is not None for run in runs):
+                return
+            if self.stopping.wait(POLL):
+                return
+
+    def _start_sl(self, task: str, node) -> Handle:
+        sn_host, sn_port = self._sn_locator()
+        key, cert, capath = self._sl_identity(node)
+        argv = [sys.executable, "-m", "swarmlearn.cli", "sl", "--sn-ip", sn_host, "--sn-api-port", str(sn_port),
+                "--host-ip", node.slhostip or "127.0.0.1", "--sl-fs-port", str(self._sl_port(node)), "--key", str(key),
+                "--cert", str(cert), "--capath", str(capath), "--node-id", node.node_id,
+                "--data-dir", str(self._node_dir(task, node.node_id) / "sl"), *self.config.extra_sl_args]
+        env = {**os.environ, **node.slenvvars, "PYTHONUNBUFFERED": "1"}
+        return self._start(Spec(f"{task}-{node.node_id}-sl", argv, self.config.usr_dir, env,
+                                self._node_dir(task, node.node_id) / "sl.log"))
+
+    def _sl_port(self, node) -> int:
+        """The node's slport; nodes of one host that share a port (the original gave each container
+        its own address) get consecutive ports from it instead."""
+        same = [n for n in self.nodes if n.slport == node.slport]
+        return node.slport if node.slport == 0 or len(same) == 1 else node.slport + same.index(node)
+
+    def _sl_address(self, sl: Handle) -> str:
+        deadline = time.monotonic() + SL_READY_TIMEOUT
+        while time.monotonic() < deadline:
+            for line in _read_lines(sl.spec.log):
+                if "ready: SWARM_SL_ADDR=" in line:
+                    return line.split("SWARM_SL_ADDR=", 1)[1].strip()
+            if sl.poll() is not None:
+                raise SwarmError(f"SL {sl.spec.name} exited before it was ready:\n{sl.last_lines()}")
+            time.sleep(0.1)
+        raise SwarmError(f"SL {sl.spec.name} not ready within {SL_READY_TIMEOUT:.0f} s:\n{sl.last_lines()}")
+
+    def _start_ml(self, task: str, node, body: dict, mapping: dict[str, str], sl_address: str) -> Handle:
+        workdir = Path(_mapped(str(body.get("WorkingDir") or self.config.usr_dir), mapping))
+        entry = str(body.get("Entrypoint") or "python3")
+        command = _mapped(str(body.get("Command") or ""), mapping)
+        argv = [sys.executable if entry in PYTHON_NAMES else entry, *command.split()]
+        private = node.privatedata.src if node.privatedata and node.privatedata.src else body.get("PrivateContent")
+        env = {**os.environ, **self.profile.envvars}
+        env.update({k: _mapped(v, mapping) for k, v in (body.get("Envvars") or {}).items()})
+        env.update(node.usrenvvars)
+        env.update({"NODE_ID": node.node_id, "SWARM_SL_ADDR": sl_address, "PYTHONUNBUFFERED": "1"})
+        env.setdefault("DATA_DIR", _mapped(str(private), mapping) if private else str(workdir / "data"))
+        env.setdefault("MODEL_DIR", str(self.workspace / task / "models"))
+        gpus = node.gpu_devices()
+        if gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpus
+        if not workdir.is_dir():
+            raise SwarmError(f"task {task}: WorkingDir {workdir} is not a folder on this host")
+        return self._start(Spec(f"{task}-{node.node_id}-ml", argv, workdir, env,
+                                self._node_dir(task, node.node_id) / "ml.log"))
+
+    def _start(self, spec: Spec) -> Handle:
+        handle = self.runtime.start(spec)
+        self.handles.append(handle)
+        return handle
+
+    def _clean_up(self, task: str, runs: list[NodeRun]) -> None:
+        for run in runs:
+            if run.ml is not None and run.ml.poll() is None:
+                run.ml.stop()
+        if self.config.keep_nodes:
+            log.info("task %s: keeping its SL processes and data (--keep-nodes)", task)
+            return
+        if any(run.sl is not None for run in runs):
+            self.stopping.wait(LINGER)
+        for run in runs:
+            if run.sl is not None:
+                run.sl.stop()
+                shutil.rmtree(self._node_dir(task, run.peer) / "sl", ignore_errors=True)
+        self.handles = [h for h in self.handles if h.poll() is None]
+
+    def _node_dir(self, task: str, node: str) -> Path:
+        return self.workspace / task / node
+
+    def _sn_locator(self) -> tuple[str, int]:
+        host, port = self.config.sn_address.rsplit(":", 1)
+        return self.profile.sn_api(host, int(port))
+
+    def _sl_identity(self, node) -> tuple[Path, Path, Path]:
+        ident = self.config.identity
+        key = node.identity_file("KEY") or self.config.sl_key or _sibling(ident.key_path, "swop-", "sl-")
+        cert = node.identity_file("CERT") or self.config.sl_cert or _sibling(ident.cert_path, "swop-", "sl-")
+        capath = node.identity_file("CAPATH") or ident.capath
+        return key, cert, capath
+
+    # ------------------------------------------------------------------------------ build
+
+    def _build(self, task, peers: list[str], generation: int) -> None:
+        """The process runtime's image build: make sure the Python environment the run task uses
+        has what the task asks for (its Requirements and `RUN pip install` steps)."""
+        from swarmlearn.swci.taskdef import parse_build_steps
+
+        pip_args, ignored = parse_build_steps(task.body.get("BuildSteps") or [])
+        pip_args += list(task.body.get("Requirements") or [])
+        log_path = self.workspace / task.name / "build.log"
+        detail = f"environment {task.outcome or task.name!r} ready: {sys.executable}"
+        if pip_args:
+            handle = self._start(Spec(f"{task.name}-build", [sys.executable, "-m", "pip", "install", *pip_args],
+                                      self.config.usr_dir, dict(os.environ), log_path))
+            while (code := handle.poll()) is None:
+                if self.stopping.wait(POLL):
+                    handle.stop()
+                    return
+            if code != 0:
+                for peer in peers:
+                    self._report(generation, peer, "FAILED", code, handle.last_lines(20))
+                return
+            detail += f"; installed {' '.join(pip_args)}"
+        if ignored:
+            detail += f"; {len(ignored)} container-only build steps not applicable to processes"
+        for peer in peers:
+            self._report(generation, peer, "COMPLETE", 0, detail)
+
+
+def _shared_content(items) -> dict[str, str]:
+    """SharedContent maps a container path (Tgt) to a host path (Src); processes see the host, so
+    every Tgt prefix in the task's paths is rewritten to its Src."""
+    return {str(i["Tgt"]): str(i["Src"]) for i in items or [] if i.get("Src") and i.get("Tgt")}
+
+
+def _mapped(value: str, mapping: dict[str, str]) -> str:
+    for target, source in sorted(mapping.items(), key=lambda kv: -len(kv[0])):
+        if value == target or value.startswith(target.rstrip("/") + "/"):
+            return source + value[len(target):]
+    return value
+
+
+def _sibling(path: Path, old: str, new: str) -> Path:
+    candidate = Path(path).with_name(Path(path).name.replace(old, new))
+    return candidate if candidate.exists() else Path(path)
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return []

@@ -1,0 +1,273 @@
+"""The SWOP profile YAML: which SL+ML node pairs one operator spawns on its host, in HPE Swarm
+Learning's shape.
+
+    groupname  : demo
+    taskrunner : defaulttaskbb.taskdb.sml.hpe
+    resourcemgr : {mgrtype: DOCKER, accessinfo: {accesstype: FROMENV}}
+    apisrv : {locator: {host: ~, port: ~, service: api-service}}
+    envvars : [SL_LOG_LEVEL : INFO]
+    nodes :
+      - slnodedef :
+          idx : 0
+          identity : [{attribute: {aType: KEY, mType: BIND, src: <PROJECT-CERTS>/sl-1-key.pem}}]
+          slhostname : sl1
+          slport : ~
+          usrhostname : user1
+          usrenvvars : [SCRATCH_DIR : "user1", NODE_ID: "n1"]
+
+Keys that only make sense for containers are accepted; `notes()` says in one line each what we do
+with them. Placeholders such as `<PROJECT>` are left in the strings: `swarm run` fills them in.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from swarmlearn.yamlfile import EnvVars, KeyValues, YamlModel, line_of, located_error, validate
+
+DEFAULT_TASKRUNNER = "defaulttaskbb.taskdb.sml.hpe"
+DEFAULT_SLPORT = 30305
+
+MountType = Literal["BIND", "VOLUME"]
+AttributeType = Literal["KEY", "CERT", "CAPATH", "CACERT", "SPIFFE_SOCKETPATH"]
+
+# Node keys that configure a container (labels, networks, the SL file service's container); we run
+# local processes, so they are accepted and reported by notes().
+_CONTAINER_ONLY = ("slfsservice", "sllabels", "slnetworkopts", "usrlabels", "usrnetworkopts")
+
+
+def _tilde_means_default(cls: type[YamlModel], value: Any, info: ValidationInfo) -> Any:
+    """`key: ~` means the key's default (`slport : ~` in the original's files), not "no value"."""
+    return cls.model_fields[info.field_name].get_default(call_default_factory=True) if value is None else value
+
+
+class AccessInfo(YamlModel):
+    accesstype: Literal["FROMENV"] = "FROMENV"
+
+
+class ResourceMgr(YamlModel):
+    """How nodes are started. PROCESS is ours; the original's DOCKER is accepted and also runs processes."""
+
+    mgrtype: Literal["PROCESS", "DOCKER"] = "PROCESS"
+    accessinfo: AccessInfo | None = None
+
+
+class Locator(YamlModel):
+    """Where the SN API is. A `~` part means that of the SN that SWOP was started with."""
+
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    service: str | None = None  # a container service name in the original; not used here
+
+
+class ApiServer(YamlModel):
+    locator: Locator | None = None
+
+
+class IdentityAttribute(YamlModel):
+    """One identity file or folder of the SL node: `src` on this host (joined with `subPath` if given)."""
+
+    a_type: AttributeType = Field(alias="aType")
+    m_type: MountType = Field(alias="mType")
+    src: str
+    tgt: str | None = None  # the path inside the original's container; processes read `src` directly
+    sub_path: str | None = Field(default=None, alias="subPath")
+
+    @property
+    def path(self) -> Path:
+        return Path(self.src) / self.sub_path if self.sub_path else Path(self.src)
+
+
+class _Entry(YamlModel):
+    """A list entry written as a one-key map, `- attribute: {...}` or `- slnodedef: {...}`."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _wrapped(cls, data: Any) -> Any:
+        # Leaving out the one key is the usual slip; say that once instead of one "unknown key" per key.
+        (key,) = cls.model_fields
+        if isinstance(data, dict) and data and key not in data:
+            raise PydanticCustomError("not_wrapped", f'write this entry as "- {key}:" with its keys indented under it')
+        return data
+
+
+class IdentityEntry(_Entry):
+    attribute: IdentityAttribute
+
+
+class PrivateData(YamlModel):
+    """The node's private data folder, seen by its ML process."""
+
+    src: str
+    m_type: MountType = Field(alias="mType")
+
+
+class SlNodeDef(YamlModel):
+    """One SL+ML node pair of this host."""
+
+    idx: int = Field(ge=0)
+    identity: list[IdentityEntry] = []
+    slhostname: str | None = None
+    slhostip: str | None = None
+    slport: int = Field(default=DEFAULT_SLPORT, ge=0, le=65535)  # 0: the OS picks a free port
+    slfsservice: Any = None
+    sllabels: Any = None
+    slnetworkopts: Any = None
+    privatedata: PrivateData | None = None
+    slenvvars: EnvVars = {}
+    usrhostname: str | None = None
+    usrlabels: Any = None
+    usrnetworkopts: Any = None
+    usrcontaineropts: KeyValues = {}  # only `gpus` means something here; see gpu_devices()
+    usrenvvars: EnvVars = {}
+
+    @field_validator("identity", "slport", mode="before")
+    @classmethod
+    def _tilde_defaults(cls, value: Any, info: ValidationInfo) -> Any:
+        return _tilde_means_default(cls, value, info)
+
+    @field_validator("usrcontaineropts")
+    @classmethod
+    def _gpus_readable(cls, opts: dict[str, Any]) -> dict[str, Any]:
+        if "gpus" in opts:
+            _cuda_devices(opts["gpus"])  # raises ValueError now rather than when the node starts
+        return opts
+
+    @property
+    def node_id(self) -> str:
+        """The node's name in the swarm: its ML host name, else its SL host name, else node<idx>."""
+        return self.usrhostname or self.slhostname or f"node{self.idx}"
+
+    def identity_file(self, a_type: AttributeType) -> Path | None:
+        """The file (or folder, for CAPATH) given for `a_type`, or None when the profile gives none."""
+        for entry in self.identity:
+            if entry.attribute.a_type == a_type:
+                return entry.attribute.path
+        return None
+
+    def gpu_devices(self) -> str | None:
+        """CUDA_VISIBLE_DEVICES for the ML process from `usrcontaineropts: gpus` ("device=0,1" -> "0,1");
+        None when every visible GPU may be used (`all`, or no `gpus`)."""
+        return _cuda_devices(self.usrcontaineropts["gpus"]) if "gpus" in self.usrcontaineropts else None
+
+
+def _cuda_devices(gpus: Any) -> str | None:
+    """Docker's `--gpus` value -> CUDA_VISIBLE_DEVICES: `all` -> None, `2` -> "0,1", `device=0,1` -> "0,1"."""
+    text = gpus.strip().strip("'\"").strip() if isinstance(gpus, str) else gpus
+    if isinstance(text, str) and text.isdigit():
+        text = int(text)
+    if isinstance(text, int) and not isinstance(text, bool):
+        return ",".join(str(i) for i in range(text))
+    if isinstance(text, str) and text.lower() == "all":
+        return None
+    if isinstance(text, str) and text.startswith("device="):
+        devices = [d.strip() for d in text.removeprefix("device=").split(",")]
+        if devices and all(re.fullmatch(r"[A-Za-z0-9-]+", d) for d in devices):
+            return ",".join(devices)
+    raise ValueError(f'gpus must be all, a count, or "device=0,1" (GPU indexes or UUIDs), got {gpus!r}')
+
+
+class NodeEntry(_Entry):
+    slnodedef: SlNodeDef
+
+
+class SwopProfile(YamlModel):
+    """One SWOP's profile: its task runner, the SN API it talks to, and the nodes it spawns."""
+
+    groupname: str
+    taskrunner: str = DEFAULT_TASKRUNNER
+    policyuri: str | None = None
+    resourcemgr: ResourceMgr = ResourceMgr()
+    network: str | None = None
+    apls: Any = None  # the original's licence server: accepted, ignored
+    apisrv: ApiServer | None = None
+    envvars: EnvVars = {}
+    nodes: list[NodeEntry]
+    dns: Any = None
+
+    @field_validator("taskrunner", "resourcemgr", mode="before")
+    @classmethod
+    def _tilde_defaults(cls, value: Any, info: ValidationInfo) -> Any:
+        return _tilde_means_default(cls, value, info)
+
+    @field_validator("nodes")
+    @classmethod
+    def _some_nodes(cls, nodes: list[NodeEntry]) -> list[NodeEntry]:
+        if not nodes:
+            raise ValueError('the profile lists no nodes; add "- slnodedef:" entries')
+        return nodes
+
+    @model_validator(mode="after")
+    def _distinct_nodes(self, info: ValidationInfo) -> SwopProfile:
+        # Two nodes with one idx or one name would share a data folder and a place in the swarm.
+        problems = []
+        reported: set[tuple[int, int, str]] = set()  # a name taken from slhostname or idx: report it once
+        for what, key, fix in (
+            ("idx", lambda n: ("idx", n.idx), "give each node its own idx"),
+            ("node name", _name_key, "give each node its own usrhostname"),
+            ("slhostname", lambda n: ("slhostname", n.slhostname), "give each node its own slhostname"),
+        ):
+            first: dict[Any, int] = {}
+            for j, node in enumerate(self.slnodedefs):
+                field, value = key(node)
+                if value is None:
+                    continue
+                i = first.setdefault(value, j)
+                if i == j or (i, j, field) in reported:
+                    continue
+                reported.add((i, j, field))
+                here = ("nodes", i, "slnodedef", key(self.slnodedefs[i])[0])
+                problems.append((("nodes", j, "slnodedef", field),
+                                 f"{what} {value!r} is also used by nodes[{i}] ({line_of(info, here)}); {fix}",
+                                 value))
+        if problems:
+            raise located_error(problems, type(self).__name__)
+        return self
+
+    @property
+    def slnodedefs(self) -> list[SlNodeDef]:
+        return [entry.slnodedef for entry in self.nodes]
+
+    def sn_api(self, default_host: str, default_port: int) -> tuple[str, int]:
+        """The SN API to use: apisrv's locator, with `~` parts taken from the SN SWOP was started with."""
+        locator = self.apisrv.locator if self.apisrv and self.apisrv.locator else Locator()
+        return locator.host or default_host, locator.port or default_port
+
+    def notes(self) -> list[str]:
+        """One line per setting we accept but do not act on as the original did."""
+        notes = []
+        if self.resourcemgr.mgrtype == "DOCKER":
+            notes.append("resourcemgr DOCKER: no Docker engine is used; nodes run as local processes")
+        if self.apls is not None:
+            notes.append("apls: there is no licence server; ignored")
+        if self.policyuri:
+            notes.append("policyuri: there is no policy service; ignored")
+        if self.network:
+            notes.append(f"network {self.network}: nodes share this host's network; ignored")
+        if self.dns is not None:
+            notes.append("dns: nodes use this host's name resolution; ignored")
+        nodes = self.slnodedefs
+        ignored = sorted({key for n in nodes for key in _CONTAINER_ONLY if getattr(n, key) not in (None, {}, [])}
+                         | {f"usrcontaineropts.{k}" for n in nodes for k in n.usrcontaineropts if k != "gpus"})
+        if ignored:
+            notes.append(f"container settings ignored (nodes are processes): {', '.join(ignored)}")
+        if any(e.attribute.m_type == "VOLUME" for n in nodes for e in n.identity) or \
+                any(n.privatedata and n.privatedata.m_type == "VOLUME" for n in nodes):
+            notes.append("mType VOLUME: there are no Docker volumes; src is read as a path on this host")
+        return notes
+
+
+def _name_key(node: SlNodeDef) -> tuple[str, str]:
+    """The key a node's name comes from, and the name (see SlNodeDef.node_id)."""
+    field = "usrhostname" if node.usrhostname else "slhostname" if node.slhostname else "idx"
+    return field, node.node_id
+
+
+def load_profile(path: str | Path) -> SwopProfile:
+    """Read and validate a SWOP profile; ConfigError (file:line: key.path: what; fix) when it is wrong."""
+    return validate(SwopProfile, path)
