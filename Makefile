@@ -1,8 +1,10 @@
 # The two commands of the quick start are `make run` and `make test`; both set up .venv first.
+# `make run ARGS=...` passes other arguments to `swarm` (e.g. ARGS="run examples/huggingface-peft --compare").
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SWARM := $(VENV)/bin/swarm
-ARGS ?= --help
+ARGS ?= run examples/huggingface-peft
+BENCH ?=
 
 .PHONY: run test venv proto bench clean
 
@@ -21,7 +23,7 @@ proto: venv
 	bash scripts/gen-proto.sh $(VENV)
 
 bench: venv
-	$(PY) -m bench $(ARGS)
+	$(PY) -m bench $(BENCH)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

