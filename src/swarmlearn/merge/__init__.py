@@ -16,7 +16,7 @@ and list it in `METHODS` below.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,6 +99,23 @@ def non_float_from_heaviest(contributions: list[Contribution], name: str) -> Ten
 
 def stacked(contributions: list[Contribution], name: str) -> np.ndarray:
     return np.stack([c.tensors[name].as_float64().ravel() for c in contributions])
+
+
+def merge_each_tensor(contributions: Iterable[Contribution],
+                      combine: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> dict[str, Tensor]:
+    """For methods that need every contribution at once: stacks each float tensor as (peers, coords),
+    calls combine(values, normalized weights) and narrows the result back to the tensor's dtype."""
+    cs = list(contributions)
+    if not cs:
+        raise MergeError("no contribution to merge")
+    weights = normalized_weights([c.weight for c in cs])
+    merged: dict[str, Tensor] = {}
+    for name, t in cs[0].tensors.items():
+        if not t.is_float:
+            merged[name] = non_float_from_heaviest(cs, name)
+            continue
+        merged[name] = Tensor.from_float(t.dtype, combine(stacked(cs, name), weights), t.array.shape)
+    return merged
 
 
 def get_merger(name: str) -> Merger:

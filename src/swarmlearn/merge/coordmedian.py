@@ -7,8 +7,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from swarmlearn.merge import (Contribution, Merger, MergeError, non_float_from_heaviest, normalized_weights,
-                              stacked)
+from swarmlearn.merge import Contribution, Merger, merge_each_tensor
 from swarmlearn.tensors import Tensor
 
 
@@ -25,15 +24,4 @@ class CoordMedian(Merger):
     name = "coordmedian"
 
     def merge(self, contributions: Iterable[Contribution]) -> dict[str, Tensor]:
-        cs = list(contributions)
-        if not cs:
-            raise MergeError("no contribution to merge")
-        weights = normalized_weights([c.weight for c in cs])
-        merged: dict[str, Tensor] = {}
-        for name, t in cs[0].tensors.items():
-            if not t.is_float:
-                merged[name] = non_float_from_heaviest(cs, name)
-                continue
-            merged[name] = Tensor.from_float(t.dtype, weighted_median_columns(stacked(cs, name), weights),
-                                             t.array.shape)
-        return merged
+        return merge_each_tensor(contributions, weighted_median_columns)

@@ -7,8 +7,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from swarmlearn.merge import (Contribution, Merger, MergeError, non_float_from_heaviest, normalized_weights,
-                              stacked)
+from swarmlearn.merge import Contribution, Merger, merge_each_tensor
 from swarmlearn.tensors import Tensor
 
 # Stop when an iteration moves the estimate by less than this, relative to its norm (or absolutely,
@@ -37,14 +36,4 @@ class GeoMedian(Merger):
     name = "geomedian"
 
     def merge(self, contributions: Iterable[Contribution]) -> dict[str, Tensor]:
-        cs = list(contributions)
-        if not cs:
-            raise MergeError("no contribution to merge")
-        weights = normalized_weights([c.weight for c in cs])
-        merged: dict[str, Tensor] = {}
-        for name, t in cs[0].tensors.items():
-            if not t.is_float:
-                merged[name] = non_float_from_heaviest(cs, name)
-                continue
-            merged[name] = Tensor.from_float(t.dtype, weiszfeld(stacked(cs, name), weights), t.array.shape)
-        return merged
+        return merge_each_tensor(contributions, weiszfeld)
