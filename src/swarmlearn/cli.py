@@ -254,9 +254,9 @@ def stop(workspace) -> None:
 @click.argument("example_dir", type=click.Path(path_type=Path))
 @click.option("--workspace", type=click.Path(path_type=Path), default=DEFAULT_WORKSPACE, show_default=True)
 @click.option("--nodes", type=int, default=3, show_default=True)
-@click.option("--max-epochs", type=float, default=1, show_default=True)
+@click.option("--max-epochs", type=float, default=2, show_default=True)
 @click.option("--train-per-node", type=int, default=480, show_default=True, help="Training reviews per node.")
-@click.option("--test-size", type=int, default=500, show_default=True)
+@click.option("--test-size", type=int, default=300, show_default=True)
 @click.option("--label-skew", type=float, default=0.0, show_default=True,
               help="0: IID shards; up to 1: label-skewed (non-IID) shards.")
 @click.option("--sync-frequency", type=int, help="Optimizer steps between merges (default: the example's).")

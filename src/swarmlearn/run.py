@@ -29,9 +29,9 @@ class RunOptions:
     example: Path
     workspace: Path = Path("workspace")
     nodes: int = 3
-    max_epochs: float = 1
+    max_epochs: float = 2
     train_per_node: int = 480
-    test_size: int = 500
+    test_size: int = 300
     label_skew: float = 0.0
     sync_frequency: int | None = None
     merge_method: str | None = None
@@ -215,13 +215,13 @@ class SwarmRun:
         pooled.write_text("\n".join(lines) + "\n")
         runs = [(f"node{i}", f"N{i}.csv", "local-only") for i in range(1, self.o.nodes + 1)]
         runs.append(("pooled", "pooled.csv", "pooled"))
+        settings = self._run_task_envvars()
         results = []
         for node, train_file, kind in runs:
             self.out(f"baseline {kind}: training {node} on {train_file} without the swarm ...")
             out_dir = self.project / "baselines"
-            env = {**_env(), "NODE_ID": node, "TRAIN_FILE": train_file, "DATA_DIR": str(data),
-                   "MODEL_DIR": str(out_dir), "SWARM_LOOPBACK": "1", "MAX_EPOCHS": str(self.o.max_epochs),
-                   "TORCH_THREADS": "2"}
+            env = {**_env(), **settings, "NODE_ID": node, "TRAIN_FILE": train_file, "DATA_DIR": str(data),
+                   "MODEL_DIR": str(out_dir), "SWARM_LOOPBACK": "1", "TORCH_THREADS": "2"}
             log = out_dir / f"{node}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             with open(log, "w") as fh:
@@ -233,6 +233,17 @@ class SwarmRun:
                 continue
             results.append({"kind": kind, **json.loads(metrics.read_text())})
         return results
+
+
+    def _run_task_envvars(self) -> dict[str, str]:
+        """The hyperparameters the swarm ran with (the RUN_SWARM task's Envvars), for the baselines."""
+        from swarmlearn.swci.taskdef import load_taskdef
+
+        for path in self.project.joinpath("swci").rglob("*.yaml"):
+            payload = load_taskdef(path).to_ledger_payload()
+            if payload["type"] == "RUN_SWARM":
+                return {k: v for k, v in payload["body"]["Envvars"].items() if k != "MODEL_DIR"}
+        return {}
 
 
 def _env() -> dict[str, str]:

@@ -104,6 +104,9 @@ class Round:
     final: bool = False
     closed_at: int | None = None
     merged_at: int | None = None
+    # The signers' clocks at close and merge, kept as data for people (round durations).
+    closed_time: float = 0.0
+    merged_time: float = 0.0
 
 
 @dataclass
@@ -595,6 +598,7 @@ class LedgerState:
         if dry_run:
             return
         r.status, r.participants, r.order, r.leader, r.closed_at = "closed", order, order, order[0], index
+        r.closed_time = tx.time
         contract.current_round += 1
 
     def _reelect(self, p: dict, tx: Tx, index: int, dry_run: bool) -> None:
@@ -628,6 +632,7 @@ class LedgerState:
             return
         r.participants = [n for n in r.participants if n not in dropped]
         r.status, r.merged_hash, r.merged_size, r.merged_at = "merged", digest, int(p.get("size", 0)), index
+        r.merged_time = tx.time
         r.final = contract.is_final(r)
         contract.latest_merged_round = r.number
 

@@ -58,11 +58,14 @@ class LedgerFollower:
             while True:
                 if self.error is not None:
                     raise self.error
+                if self._stop.is_set():
+                    # Waiters must end with the SL: returning "not yet" would have them poll forever.
+                    raise SwarmError("this SL is stopping")
                 value = predicate(self.state)
                 if value:
                     return value
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._stop.is_set():
+                if remaining <= 0:
                     return None
                 self.changed.wait(remaining)
 

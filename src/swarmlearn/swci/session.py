@@ -298,14 +298,21 @@ class SwciSession:
             time.sleep(self.poll)
 
     def _rounds_line(self) -> str:
-        contracts = self._state("contracts")
+        """The training so far, per contract: the last merged round (participants, leader, how long
+        its merge took) and each node's latest step and epoch."""
         parts = []
-        for name, c in contracts.items():
+        for c in self._state("contracts").values():
             merged = [r for r in c["rounds"].values() if r["status"] == "merged"]
-            if merged:
-                last = max(merged, key=lambda r: r["number"])
-                parts.append(f"round {last['number']} merged ({','.join(last['participants'])}, "
-                             f"leader {last['leader']})")
+            if not merged:
+                continue
+            last = max(merged, key=lambda r: r["number"])
+            took = max(0.0, last["merged_time"] - last["closed_time"])
+            line = (f"round {last['number']} merged ({','.join(last['participants'])}, leader {last['leader']}, "
+                    f"{took:.2f} s)")
+            latest: dict[str, dict] = {m["node"]: m for m in c["metrics"]}
+            steps = ", ".join(f"{n} step {m.get('step')} epoch {float(m.get('epoch') or 0):.2f}"
+                              for n, m in sorted(latest.items()))
+            parts.append(line + (f"; {steps}" if steps else ""))
         return "; ".join(parts)
 
 
