@@ -31,7 +31,7 @@ from swarmlearn.ledger.chain import Chain, verify_store
 from swarmlearn.ledger.entry import GENESIS_PREV_HASH, Entry, SignedTx, Signer, Tx
 from swarmlearn.ledger.signatures import registration, sign_tx
 from swarmlearn.ledger.sqlite_store import SQLiteStore
-from swarmlearn.sn.server import DEFAULT_CONTRACT, DEFAULT_TASKRUNNER
+from swarmlearn.sn.server import genesis_tx
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ledger_append.json"
 SN_ID, SL_ID = "sn-0", "sl-0"
@@ -71,21 +71,6 @@ def make_identities(cert_dir: Path) -> Identities:
         return pki.Identity.load(layout.key(comp), layout.cert(comp), layout.capath)
 
     return Identities(load("sn"), load("sl"))
-
-
-def genesis_tx(sn: pki.Identity) -> SignedTx:
-    """The sentinel's genesis, as sn/server.py `_join_chain` writes it."""
-    cas = {pki.cert_fingerprint(ca): ca for ca in sn.cas}
-    genesis = {
-        "swarm_id": secrets.token_hex(8),
-        "ca_fingerprints": sorted(cas),
-        "ca_certs": [pki.cert_to_pem(cas[fp]).decode() for fp in sorted(cas)],
-        "default_contract": DEFAULT_CONTRACT,
-        "default_taskrunner": DEFAULT_TASKRUNNER,
-        "created": time.time(),
-        "sn": registration(sn, SN_ID, "SN", "127.0.0.1:30304"),
-    }
-    return sign_tx(sn, SN_ID, "genesis", genesis)
 
 
 def metrics_txs(sl: pki.Identity, count: int) -> list[SignedTx]:
@@ -129,7 +114,7 @@ def bench_store(path: Path, entries: list[Entry]) -> tuple[float, int]:
 def bench_submit(path: Path, ids: Identities, txs: list[SignedTx]) -> tuple[float, int]:
     chain = Chain(SQLiteStore(path))
     try:
-        chain.submit(genesis_tx(ids.sn))
+        chain.submit(genesis_tx(ids.sn, SN_ID, "127.0.0.1:30304"))
         chain.submit(sign_tx(ids.sl, SL_ID, "register_node", registration(ids.sl, SL_ID, "SL", "127.0.0.1:1")))
 
         def run() -> int:

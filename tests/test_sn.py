@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from conftest import identity, identity_args, run_swarm, start_sn
+from conftest import identity, run_swarm, start_sn
 from swarmlearn.errors import Rejected, SNUnavailable
 from swarmlearn.ledger.signatures import sign_tx
 from swarmlearn.pki import Identity

@@ -3,10 +3,8 @@ an init script in the original's style that builds, assigns and waits for a RUN_
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 

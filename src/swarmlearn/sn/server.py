@@ -137,6 +137,22 @@ def open_chain(data_dir: Path, identity: pki.Identity, node_id: str, address: st
     return chain
 
 
+def genesis_tx(identity: pki.Identity, node_id: str, address: str) -> SignedTx:
+    """The sentinel's first entry: the CAs this swarm trusts, the default contract and task runner,
+    and the sentinel itself."""
+    cas = {pki.cert_fingerprint(ca): ca for ca in identity.cas}
+    genesis = {
+        "swarm_id": secrets.token_hex(8),
+        "ca_fingerprints": sorted(cas),
+        "ca_certs": [pki.cert_to_pem(cas[fp]).decode() for fp in sorted(cas)],
+        "default_contract": DEFAULT_CONTRACT,
+        "default_taskrunner": DEFAULT_TASKRUNNER,
+        "created": time.time(),
+        "sn": registration(identity, node_id, "SN", address),
+    }
+    return sign_tx(identity, node_id, "genesis", genesis)
+
+
 def _join_chain(chain: Chain, identity: pki.Identity, node_id: str, address: str, sentinel: bool,
                 data_dir: Path) -> None:
     state = chain.state
@@ -145,16 +161,7 @@ def _join_chain(chain: Chain, identity: pki.Identity, node_id: str, address: str
         if not sentinel:
             raise ConfigError(f"{data_dir}: holds no ledger and this SN is not the sentinel; start the first SN "
                               f"with --sentinel (several SNs share a ledger through the replicated store)")
-        genesis = {
-            "swarm_id": secrets.token_hex(8),
-            "ca_fingerprints": sorted(ours),
-            "ca_certs": [pki.cert_to_pem(ours[fp]).decode() for fp in sorted(ours)],
-            "default_contract": DEFAULT_CONTRACT,
-            "default_taskrunner": DEFAULT_TASKRUNNER,
-            "created": time.time(),
-            "sn": registration(identity, node_id, "SN", address),
-        }
-        chain.submit(sign_tx(identity, node_id, "genesis", genesis))
+        chain.submit(genesis_tx(identity, node_id, address))
         return
     if not set(ours) & set(state.ca_fingerprints):
         raise ConfigError(f"{data_dir / LEDGER_FILE}: holds the ledger of another swarm (swarm id "
