@@ -232,10 +232,9 @@ class SwciSession:
         self._sn().submit("taskrunner_assign", {"runner": runner, "task": task, "peers": "ALL"})
 
     def _runner(self, name: str) -> dict:
-        state = self._sn().query("all")
-        runners = state["taskrunners"]
+        runners = self._state("taskrunners")
         if name == "default":
-            name = state["info"]["genesis"]["default_taskrunner"]
+            name = self._state("info")["genesis"]["default_taskrunner"]
         if name not in runners:
             raise SwarmError(f"no task runner {name}; LIST TASKRUNNERS shows them")
         return runners[name]
