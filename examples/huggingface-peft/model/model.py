@@ -99,11 +99,18 @@ def main() -> None:
     text_col, label_col = env("TEXT_COLUMN", "text"), env("LABEL_COLUMN", "label")
     train_texts, train_labels = read_csv(train_file, text_col, label_col)
     test_texts, test_labels = read_csv(test_file, text_col, label_col)
-    num_labels = env("NUM_LABELS", max(train_labels + test_labels) + 1, int)
+    values = sorted(set(train_labels + test_labels))
+    num_labels = env("NUM_LABELS", len(values), int)
+    # Classes are 0..n-1; star ratings written 1..n (the original's 5-class CSVs) are shifted down.
+    shift = 1 if values and values[0] == 1 and values[-1] == num_labels else 0
     for path, labels in ((train_file, train_labels), (test_file, test_labels)):
-        bad = [x for x in labels if not 0 <= x < num_labels]
+        bad = [x for x in labels if not 0 <= x - shift < num_labels]
         if bad:
             fail(f"{path}: column {label_col!r} holds {bad[0]}, outside 0..{num_labels - 1}; set NUM_LABELS")
+    if shift:
+        print(f"{NODE_ID}: {label_col} values 1..{num_labels} are used as classes 0..{num_labels - 1}", flush=True)
+        train_labels = [x - 1 for x in train_labels]
+        test_labels = [x - 1 for x in test_labels]
 
     # Data problems are reported before the heavy imports, within a second.
     from peft import LoraConfig, TaskType, get_peft_model
