@@ -105,3 +105,12 @@ def test_swarm_run_trains_the_flagship_end_to_end(procs, tmp_path):
     loaded = PeftModel.from_pretrained(base, finals[0])
     assert any("lora_B" in n for n, _ in loaded.named_parameters())
     assert not list((project / "runs" / "pids").glob("*.pid"))  # swarm run stopped all it started
+
+
+def test_pooled_shards_keep_reviews_that_span_lines(tmp_path):
+    from swarmlearn.datasets import pool, read_csv, write_csv
+
+    write_csv(tmp_path / "N1.csv", [("first line\nsecond line", 1), ("plain", 0)])
+    write_csv(tmp_path / "N2.csv", [("another, with a comma", 1)])
+    pooled = pool(tmp_path / "pooled.csv", [tmp_path / "N1.csv", tmp_path / "N2.csv"])
+    assert read_csv(pooled) == [("first line\nsecond line", 1), ("plain", 0), ("another, with a comma", 1)]

@@ -108,3 +108,14 @@ def prepare(out: Path, nodes: int = 3, train_per_node: int = 480, test_size: int
     paths.append(out / "test_data.csv")
     write_csv(paths[-1], s.test)
     return paths
+
+
+def read_csv(path: Path) -> list[tuple[str, int]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [(row["text"], int(row["label"])) for row in csv.DictReader(fh)]
+
+
+def pool(out: Path, shards: list[Path]) -> Path:
+    """All shards in one file, for the centralized baseline (rows may span lines: read them as CSV)."""
+    write_csv(out, [row for shard in shards for row in read_csv(shard)])
+    return out

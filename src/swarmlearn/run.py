@@ -206,13 +206,10 @@ class SwarmRun:
 
     def _baselines(self) -> list[dict]:
         """The same model.py without the swarm: on each node's shard alone, and on all shards pooled."""
+        from swarmlearn.datasets import pool
+
         data = self.project / "data"
-        pooled = data / "pooled.csv"
-        lines = []
-        for i in range(1, self.o.nodes + 1):
-            shard = (data / f"N{i}.csv").read_text().splitlines()
-            lines.extend(shard if not lines else shard[1:])
-        pooled.write_text("\n".join(lines) + "\n")
+        pool(data / "pooled.csv", [data / f"N{i}.csv" for i in range(1, self.o.nodes + 1)])
         runs = [(f"node{i}", f"N{i}.csv", "local-only") for i in range(1, self.o.nodes + 1)]
         runs.append(("pooled", "pooled.csv", "pooled"))
         settings = self._run_task_envvars()
