@@ -6,6 +6,7 @@ end. Every process started is stopped at the end (and on Ctrl-C) unless asked to
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -159,7 +160,7 @@ class SwarmRun:
     def _start_sn(self) -> int:
         sn = self._spawn("sn", "sn", "--sentinel", "--host-ip", "127.0.0.1", "--sn-api-port", "0",
                          *self._ids("sn"), "--data-dir", str(self.project / "sn"))
-        line = _wait_line(sn, "SN ready on ")
+        line = sn.wait_for_line("SN ready on ", READY_TIMEOUT)
         self.out(line)
         return int(line.split("SN ready on ")[1].split()[0].rsplit(":", 1)[1])
 
@@ -167,7 +168,7 @@ class SwarmRun:
         swop = self._spawn("swop", "swop", "--sn-ip", "127.0.0.1", "--sn-api-port", str(sn_port), "--usr-dir",
                            str(self.project), "--profile-file-name", "swop_profile.yaml", *self._ids("swop"),
                            "--workspace", str(self.runs), *(["--keep-nodes"] if self.o.keep else []))
-        self.out(_wait_line(swop, "SWOP "))
+        self.out(swop.wait_for_line("SWOP ", READY_TIMEOUT))
 
     def _run_swci(self, sn_port: int) -> bool:
         from swarmlearn.swci.script import parse_script
@@ -244,24 +245,7 @@ class SwarmRun:
 
 
 def _env() -> dict[str, str]:
-    import os
-
     return {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def _wait_line(handle: Handle, needle: str) -> str:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        try:
-            for line in handle.spec.log.read_text(errors="replace").splitlines():
-                if needle in line:
-                    return line.strip()
-        except OSError:
-            pass
-        if handle.poll() is not None:
-            raise SwarmError(f"{handle.spec.name} exited before it was ready:\n{handle.last_lines()}")
-        time.sleep(0.1)
-    raise SwarmError(f"{handle.spec.name} not ready within {READY_TIMEOUT:.0f} s:\n{handle.last_lines()}")
 
 
 def format_table(result: RunResult) -> list[str]:

@@ -19,9 +19,9 @@ import grpc
 
 from swarmlearn.errors import ConfigError, SwarmError
 from swarmlearn.merge import METHODS
+from swarmlearn.sl.transport import CHUNK, MAX_MESSAGE
 
 FINAL_MESSAGE = "All peers and Swarm training rounds finished. Final Swarm model was loaded."
-CHUNK = 1 << 20
 
 # The original product's keyword names, accepted so that existing model.py files run unchanged.
 CAMEL_CASE = {"syncFrequency": "sync_frequency", "minPeers": "min_peers", "trainingContract": "training_contract",
@@ -118,8 +118,8 @@ class SLChannel:
 
         self.address = address
         self.pb = sl_pb2
-        self._channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", CHUNK * 2),
-                                                                ("grpc.max_send_message_length", CHUNK * 2)])
+        self._channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_MESSAGE),
+                                                                ("grpc.max_send_message_length", MAX_MESSAGE)])
         self._stub = sl_pb2_grpc.SwarmLocalStub(self._channel)
         try:
             grpc.channel_ready_future(self._channel).result(timeout=ready_timeout)

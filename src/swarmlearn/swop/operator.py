@@ -171,7 +171,7 @@ class Operator:
                 run = NodeRun(node.node_id)
                 runs.append(run)
                 run.sl = self._start_sl(task.name, node)
-                address = self._sl_address(run.sl)
+                address = run.sl.wait_for_line("ready: SWARM_SL_ADDR=", SL_READY_TIMEOUT).split("=", 1)[1]
                 run.ml = self._start_ml(task.name, node, body, mapping, address)
                 self._report(generation, run.peer, "RUNNING", None)
                 run.reported = "RUNNING"
@@ -217,17 +217,6 @@ class Operator:
         its own address) get consecutive ports from it instead."""
         same = [n for n in self.nodes if n.slport == node.slport]
         return node.slport if node.slport == 0 or len(same) == 1 else node.slport + same.index(node)
-
-    def _sl_address(self, sl: Handle) -> str:
-        deadline = time.monotonic() + SL_READY_TIMEOUT
-        while time.monotonic() < deadline:
-            for line in _read_lines(sl.spec.log):
-                if "ready: SWARM_SL_ADDR=" in line:
-                    return line.split("SWARM_SL_ADDR=", 1)[1].strip()
-            if sl.poll() is not None:
-                raise SwarmError(f"SL {sl.spec.name} exited before it was ready:\n{sl.last_lines()}")
-            time.sleep(0.1)
-        raise SwarmError(f"SL {sl.spec.name} not ready within {SL_READY_TIMEOUT:.0f} s:\n{sl.last_lines()}")
 
     def _start_ml(self, task: str, node, body: dict, mapping: dict[str, str], sl_address: str) -> Handle:
         workdir = Path(_mapped(str(body.get("WorkingDir") or self.config.usr_dir), mapping))
@@ -328,10 +317,3 @@ def _mapped(value: str, mapping: dict[str, str]) -> str:
 def _sibling(path: Path, old: str, new: str) -> Path:
     candidate = Path(path).with_name(Path(path).name.replace(old, new))
     return candidate if candidate.exists() else Path(path)
-
-
-def _read_lines(path: Path) -> list[str]:
-    try:
-        return Path(path).read_text(errors="replace").splitlines()
-    except OSError:
-        return []

@@ -38,6 +38,24 @@ class Handle(ABC):
     def stop(self, grace: float = 10.0) -> int | None:
         """Asks the process to end, kills it after `grace` seconds; returns its exit code."""
 
+    def wait_for_line(self, needle: str, timeout: float) -> str:
+        """The first log line containing `needle` (a readiness line), waiting up to `timeout`
+        seconds; raises SwarmError with the last log lines if the process ends or is too slow."""
+        from swarmlearn.errors import SwarmError
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                for line in self.spec.log.read_text(errors="replace").splitlines():
+                    if needle in line:
+                        return line.strip()
+            except OSError:
+                pass
+            if self.poll() is not None:
+                raise SwarmError(f"{self.spec.name} exited before it was ready:\n{self.last_lines()}")
+            time.sleep(0.1)
+        raise SwarmError(f"{self.spec.name} not ready within {timeout:.0f} s:\n{self.last_lines()}")
+
     def last_lines(self, n: int = 20) -> str:
         try:
             with open(self.spec.log, errors="replace") as fh:
