@@ -12,7 +12,10 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from swarmlearn.ledger.sqlite_store import SQLiteStore
+from swarmlearn.ledger.state import LedgerState, Round
 from swarmlearn.pki import CertLayout, Identity, generate_host_certs
+from swarmlearn.sn.server import DEFAULT_CONTRACT
 
 SWARM = [sys.executable, "-m", "swarmlearn.cli"]
 
@@ -82,6 +85,20 @@ class LocalSwarm:
     @property
     def ledger_path(self) -> Path:
         return self.dir / "sn" / "ledger.db"
+
+    def ledger_state(self) -> LedgerState:
+        """The state folded from the SN's ledger file (read-only; the SN may keep appending)."""
+        store = SQLiteStore(self.ledger_path, read_only=True)
+        try:
+            state = LedgerState()
+            for entry in store.read():
+                state.apply(entry)
+            return state
+        finally:
+            store.close()
+
+    def round_record(self, number: int, contract: str = DEFAULT_CONTRACT) -> Round:
+        return self.ledger_state().contract(contract).rounds[number]
 
     def stop(self) -> None:
         for p in reversed(self.processes):

@@ -62,11 +62,20 @@ def checkin(log: Log, node: str, rnd: int, digest: str = "h") -> Entry:
                                "weight": 10, "size": 100}, node)
 
 
-def close(log: Log, rnd: int, participants: list[str], signer: str = "node1") -> str:
+def submit_close(log: Log, rnd: int, participants: list[str], signer: str = "node1") -> str:
     order = leader_order(CONTRACT, 0, rnd, participants)
     log.add("close_round", {"contract": CONTRACT, "round": rnd, "participants": participants, "leader": order[0]},
             signer)
     return order[0]
+
+
+def close(log: Log, rnd: int, participants: list[str], signer: str = "node1") -> str:
+    """Closes round `rnd`, unless the check-in of the last active member just closed it itself."""
+    r = log.state.contracts[CONTRACT].rounds[rnd]
+    if r.status == "closed" and r.closed_at == log.state.head_index:
+        assert r.participants == leader_order(CONTRACT, 0, rnd, participants)
+        return r.leader
+    return submit_close(log, rnd, participants, signer)
 
 
 ILLEGAL = [
@@ -170,26 +179,40 @@ def test_one_failed_peer_fails_the_assignment_and_reset_frees_the_runner():
 
 def test_round_checkin_close_merge_and_late_checkin_refused():
     log = base_log()
-    for node in ("node1", "node2", "node3"):
+    for node in ("node1", "node2"):
         checkin(log, node, 1)
     with pytest.raises(Rejected, match="already checked in"):
         checkin(log, "node1", 1, digest="again")
     with pytest.raises(Rejected, match="leader of round 1 must be"):
-        wrong = [n for n in ("node1", "node2", "node3") if n != leader_order(CONTRACT, 0, 1, ["node1", "node2",
-                                                                                             "node3"])[0]][0]
-        log.add("close_round", {"contract": CONTRACT, "round": 1, "participants": ["node1", "node2", "node3"],
+        wrong = [n for n in ("node1", "node2") if n != leader_order(CONTRACT, 0, 1, ["node1", "node2"])[0]][0]
+        log.add("close_round", {"contract": CONTRACT, "round": 1, "participants": ["node1", "node2"],
                                 "leader": wrong}, "node1")
-    leader = close(log, 1, ["node1", "node2", "node3"])
+    leader = close(log, 1, ["node1", "node2"])
     with pytest.raises(Rejected, match="not open"):
-        close(log, 1, ["node1", "node2", "node3"], signer="node2")  # the race's loser
+        submit_close(log, 1, ["node1", "node2"], signer="node2")  # the race's loser
     with pytest.raises(Rejected, match="round 1 .*closed"):
-        checkin(log, "node1", 1, digest="late")
-    follower = next(n for n in ("node1", "node2", "node3") if n != leader)
+        checkin(log, "node3", 1, digest="late")
+    follower = next(n for n in ("node1", "node2") if n != leader)
     with pytest.raises(Rejected, match="only its leader"):
         log.add("merged", {"contract": CONTRACT, "round": 1, "hash": "m1"}, follower)
     log.add("merged", {"contract": CONTRACT, "round": 1, "hash": "m1", "size": 300}, leader)
     contract = log.state.contracts[CONTRACT]
     assert contract.latest_merged.merged_hash == "m1" and contract.current_round == 2
+
+
+def test_the_check_in_that_completes_the_active_members_closes_the_round():
+    log = base_log()
+    for node in ("node1", "node2"):
+        checkin(log, node, 1)
+    assert log.state.contracts[CONTRACT].rounds[1].status == "open"
+    last = checkin(log, "node3", 1)
+    r = log.state.contracts[CONTRACT].rounds[1]
+    everyone = ["node1", "node2", "node3"]
+    assert r.status == "closed" and r.closed_at == last.index and r.closed_time == last.tx.time
+    assert r.participants == leader_order(CONTRACT, 0, 1, everyone) and r.leader == r.participants[0]
+    assert log.state.contracts[CONTRACT].current_round == 2
+    with pytest.raises(Rejected, match="not open"):
+        submit_close(log, 1, everyone)
 
 
 def test_round_needs_min_peers():

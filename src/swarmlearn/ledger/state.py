@@ -568,6 +568,12 @@ class LedgerState:
             r.checkins[node] = Checkin(digest, float(weight), int(size), final)
             if final:
                 contract.members[node].finished = True
+            # The check-in that completes the round closes it: with every active member in, the
+            # participants and leader are already decided, and a separate close_round entry would
+            # cost every round one more signed append and watch hop.
+            everyone = contract.active_members
+            if len(r.checkins) >= contract.min_peers and all(n in r.checkins for n in everyone):
+                self._close(contract, r, sorted(r.checkins), index, tx.time)
 
     def _closed_round(self, p: dict, status: str = "closed") -> tuple[Contract, Round]:
         contract = self.contract(_str(p, "contract"))
@@ -595,10 +601,14 @@ class LedgerState:
         order = leader_order(contract.name, contract.generation, number, participants)
         if p.get("leader") != order[0]:
             raise Rejected(f"leader of round {number} must be {order[0]}, not {p.get('leader')}")
-        if dry_run:
-            return
+        if not dry_run:
+            self._close(contract, r, participants, index, tx.time)
+
+    @staticmethod
+    def _close(contract: Contract, r: Round, participants: list[str], index: int, when: float) -> None:
+        order = leader_order(contract.name, contract.generation, r.number, participants)
         r.status, r.participants, r.order, r.leader, r.closed_at = "closed", order, order, order[0], index
-        r.closed_time = tx.time
+        r.closed_time = when
         contract.current_round += 1
 
     def _reelect(self, p: dict, tx: Tx, index: int, dry_run: bool) -> None:

@@ -1,8 +1,9 @@
 """One sync round as one SL lives it. Read top to bottom:
 
 1. check in: keep our tensors, post their hash and weight on the ledger;
-2. wait for the round to close: once `min_peers` are in, wait a bounded time for the other active
-   peers, then one node closes it (one `close_round` wins) fixing participants and leader;
+2. wait for the round to close: the check-in that completes the active members closes it; short of
+   that, once `min_peers` are in, wait a bounded time for the rest, then one node closes it (one
+   `close_round` wins) fixing participants and leader;
 3. the leader pulls every participant's blob, checks it against the ledger hash, merges, posts the
    merged hash; a leader that posts nothing in time is replaced by the next in the ledger's order;
 4. everyone pulls the merged blob (from the leader or any participant that has it), checks its hash
@@ -15,10 +16,11 @@ from the next one. Transport, storage and merging sit behind BlobStore, PeerFetc
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from swarmlearn.errors import Rejected, SwarmError
@@ -30,6 +32,10 @@ from swarmlearn.sn.client import SNClient
 from swarmlearn.tensors import BlobError, decode, encode
 
 log = logging.getLogger("swarmlearn.sl")
+
+# The node that will lead a round pulls its peers' blobs as their check-ins appear, up to this many
+# bytes per round; beyond it the leader fetches at merge time, a window at a time, as before.
+PREFETCH_BYTES = 256 << 20
 
 
 @dataclass
@@ -44,12 +50,19 @@ class Timeouts:
     stale_after: float = 5.0
     # How often a waiting node says what it waits for.
     waiting_log_every: float = 10.0
+    # How long a node waits with fewer than min_peers checked in before it gives up and fails its
+    # training with that reason; None waits for as long as it takes (saying so every waiting_log_every).
+    min_peers_timeout: float | None = None
     # A node other than the designated one closes a round or re-elects only after this extra grace,
     # so that normally exactly one node writes each decision.
     grace: float = 1.0
 
     def transfer_budget(self, size: int) -> float:
         return self.leader_base + size / self.leader_bytes_per_second
+
+
+class MinPeersTimeout(SwarmError):
+    """Fewer than min_peers checked in within the min-peers timeout."""
 
 
 @dataclass
@@ -77,6 +90,9 @@ class RoundEngine:
         self.t = timeouts or Timeouts()
         self.liveness = liveness or (lambda: {})
         self._led: set[tuple[int, int]] = set()
+        # Per round, blobs being pulled ahead of the merge, by hash.
+        self._early: dict[int, dict[str, Future]] = {}
+        self._early_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prefetch")
 
     # ------------------------------------------------------------------------------ entry points
 
@@ -86,6 +102,7 @@ class RoundEngine:
         number = self._check_in(digest, weight, len(blob), final)
         if number < 0:
             return self._take_merged(-number, started, False, blob)
+        self._start_prefetch(number)
         closed = self._wait_until_closed(number)
         if self.node_id not in closed.participants:
             log.info("round %d closed without %s; taking its merged model", number, self.node_id)
@@ -130,11 +147,43 @@ class RoundEngine:
                  ", final" if final else "")
         return number
 
+    def _start_prefetch(self, number: int) -> None:
+        """If we lead `number` should every active member take part, pulls the others' blobs while
+        the round is still filling, so that at close only the merge is left to do."""
+        for old in [n for n in self._early if n < number - 1]:
+            del self._early[old]
+        active, generation = self._read(lambda c: (c.active_members, c.generation))
+        if len(active) > 1 and leader_order(self.contract_name, generation, number, active)[0] == self.node_id:
+            self._early[number] = {}
+            threading.Thread(target=self._prefetch, args=(number, self._early[number]), daemon=True,
+                             name=f"prefetch-{number}").start()
+
+    def _prefetch(self, number: int, futures: dict[str, Future]) -> None:
+        budget = PREFETCH_BYTES
+        try:
+            while True:
+                seen = self.follower.read(lambda s: s.head_index)
+                r = self._read(lambda c: c.rounds.get(number))
+                addresses = self.follower.read(lambda s: {n: s.nodes[n].address for n in r.checkins if n in s.nodes})
+                for node, checkin in r.checkins.items():
+                    if node == self.node_id or checkin.hash in futures or checkin.size > budget:
+                        continue
+                    budget -= checkin.size
+                    futures[checkin.hash] = self._early_pool.submit(
+                        self.fetcher.fetch, addresses.get(node, ""), checkin.hash,
+                        self.t.transfer_budget(checkin.size))
+                if r.status != "open":
+                    return
+                self.follower.wait_until(lambda s: s.head_index > seen, 1.0)
+        except SwarmError:
+            return  # the SL is stopping or lost the ledger; the merge fetches what it needs itself
+
     # ---------------------------------------------------------------------------- 2. close
 
     def _wait_until_closed(self, number: int) -> Round:
         ready_since: float | None = None
         quorum_since: float | None = None
+        below_since: float | None = None
         next_log = time.monotonic() + self.t.waiting_log_every
         while True:
             seen = self.follower.read(lambda s: s.head_index)
@@ -146,6 +195,7 @@ class RoundEngine:
             checked = sorted(r.checkins)
             if len(checked) >= need:
                 quorum_since = quorum_since or now
+                below_since = None
                 missing = [n for n in active if n not in r.checkins]
                 if missing and now - quorum_since < self.t.checkin_wait:
                     missing = self._still_alive(missing)
@@ -154,12 +204,37 @@ class RoundEngine:
                     self._try_close(number, checked, generation, now - ready_since)
             else:
                 quorum_since = ready_since = None
+                below_since = below_since or now
+                limit = self.t.min_peers_timeout
+                if limit is not None and now - below_since >= limit:
+                    self._give_up(number, f"only {len(checked)} of {need} required peers checked in within "
+                                          f"{limit:g} s (waiting for {self._waiting_for(active, r)})")
                 if now >= next_log:
-                    waiting = ", ".join(n for n in active if n not in r.checkins) or "more peers to join"
                     log.info("round %d: %d of %d required peers, waiting for %s", number, len(checked), need,
-                             waiting)
+                             self._waiting_for(active, r))
                     next_log = now + self.t.waiting_log_every
             self.follower.wait_until(lambda s: s.head_index > seen, 0.2)
+
+    def _waiting_for(self, active: list[str], r: Round) -> str:
+        """The active members that have not checked in, each with how long ago the SN heard from its SL."""
+        missing = [n for n in active if n not in r.checkins]
+        if not missing:
+            return "more peers to join"
+        last_seen = self.liveness()
+        return ", ".join(f"{n} (last seen {last_seen[n]:.0f} s ago)" if n in last_seen
+                         else f"{n} (not heard from since the SN started)" for n in missing)
+
+    def _give_up(self, number: int, reason: str) -> None:
+        """Leaves the session (taking back our check-in, so no peer waits for us) and fails this
+        node's training with `reason`."""
+        log.error("round %d: %s; %s gives up (min-peers timeout) and leaves contract %s", number, reason,
+                  self.node_id, self.contract_name)
+        try:
+            self.sn.submit("session_leave", {"contract": self.contract_name, "node": self.node_id}, patience=5.0)
+        except SwarmError as exc:
+            log.warning("could not leave contract %s: %s", self.contract_name, exc)
+        raise MinPeersTimeout(f"round {number}: {reason}; {self.node_id} stopped training (min-peers timeout). "
+                              f"Start the missing nodes, or lower min_peers, and run it again")
 
     def _still_alive(self, nodes: list[str]) -> list[str]:
         last_seen = self.liveness()
@@ -236,9 +311,16 @@ class RoundEngine:
         # Our own contribution first: it is the reference the others must match.
         order = sorted(r.participants, key=lambda n: n != self.node_id)
 
+        early = self._early.get(r.number, {})
+
         def load(node: str) -> Contribution:
             checkin = r.checkins[node]
             blob = self.blobs.get(checkin.hash)
+            if blob is None and checkin.hash in early:
+                try:
+                    blob = early[checkin.hash].result()
+                except FetchError:
+                    blob = None  # fetched again below, with the error reported from there
             if blob is None:
                 blob = self.fetcher.fetch(addresses.get(node, ""), checkin.hash, self.t.transfer_budget(checkin.size))
             return Contribution(node, checkin.weight, decode(blob))
@@ -262,6 +344,8 @@ class RoundEngine:
         except SwarmError as exc:
             log.error("round %d: cannot merge: %s", r.number, exc)
             return
+        finally:
+            self._early.pop(r.number, None)
         kept = len(r.participants) - len(dropped)
         if kept < need:
             reason = f"only {kept} valid contributions, min_peers is {need}"
