@@ -4,6 +4,7 @@ processes — started as a user would, and stopped by pid."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,6 +47,7 @@ class Process:
 
 class LocalSwarm:
     def __init__(self, workdir: Path | None = None):
+        self.own_dir = workdir is None  # a temporary folder of ours is removed at stop
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="swarm-bench-"))
         self.certs = CertLayout(self.dir / "cert", 1)
         generate_host_certs(self.certs.root, 1)
@@ -110,3 +112,5 @@ class LocalSwarm:
                 except subprocess.TimeoutExpired:
                     p.popen.kill()
                     p.popen.wait()
+        if self.own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -18,6 +18,7 @@ import csv
 import json
 import os
 import re
+import resource
 import sys
 import time
 from pathlib import Path
@@ -180,7 +181,8 @@ def main() -> None:
     metrics = {"node": NODE_ID, "before": {"accuracy": before["eval_accuracy"], "f1": before["eval_f1"]},
                "after": {"accuracy": after["eval_accuracy"], "f1": after["eval_f1"]}, "train_seconds": seconds,
                "rounds": core.rounds, "bytes_per_round": core.bytes_sent // max(1, core.rounds),
-               "steps": core.total_steps, "train_rows": len(train_texts), "loopback": core.loopback}
+               "steps": core.total_steps, "train_rows": len(train_texts), "loopback": core.loopback,
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     (model_dir / NODE_ID / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(f"{NODE_ID}: saved the final adapters to {final}", flush=True)
 
