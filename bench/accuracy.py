@@ -27,10 +27,15 @@ RESULTS = Path(__file__).parent / "results"
 SETTINGS = {"LEARNING_RATE": "3e-3", "SYNC_FREQUENCY": "8", "MAX_EPOCHS": "1", "BATCH_SIZE": "16"}
 
 
-def arms(methods: list[str]) -> list[tuple[str, dict, bool]]:
-    """(name, extra settings, in a swarm) per arm of one data split."""
-    return ([(f"swarm {m}", {"MERGE_METHOD": m}, True) for m in methods]
-            + [("local-only", {}, False), ("pooled", {"TORCH_THREADS": "2"}, False)])
+BASELINES = [("swarm mean", {"MERGE_METHOD": "mean"}, True), ("local-only", {}, False),
+             ("pooled", {"TORCH_THREADS": "2"}, False)]
+
+
+def jobs(splits: list[tuple[str, float]], methods: list[str]) -> list[tuple[str, float, str, dict, bool]]:
+    """(split, skew, arm, extra settings, in a swarm): swarm vs local-only vs pooled on every split
+    first, then the other merge methods on the first split (so a cut-short run has the key rows)."""
+    return ([(name, skew, *arm) for name, skew in splits for arm in BASELINES]
+            + [(splits[0][0], splits[0][1], f"swarm {m}", {"MERGE_METHOD": m}, True) for m in methods if m != "mean"])
 
 
 def main() -> None:
@@ -43,41 +48,46 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy.json")
     args = parser.parse_args()
-    splits = [("IID", 0.0, args.methods.split(",")), (f"label skew {args.label_skew:g}", args.label_skew, ["mean"])]
+    splits = [("IID", 0.0), (f"label skew {args.label_skew:g}", args.label_skew)]
+    methods = args.methods.split(",")
     if args.quick:
-        args.train_per_node, args.test_size = 96, 100
-        splits = [("IID", 0.0, ["mean"])]
+        args.train_per_node, args.test_size, splits, methods = 96, 100, splits[:1], ["mean"]
     work = args.workdir or Path(os.environ.get("TMPDIR", "/tmp")) / f"swarm-accuracy-{os.getpid()}"
     report: dict = {"train_per_node": args.train_per_node, "test_size": args.test_size, "settings": SETTINGS,
                     "cpus": os.cpu_count(), "rows": []}
-    for split_name, skew, methods in splits:
+    for split_name, skew, arm, extra, in_swarm in jobs(splits, methods):
         data = work / split_name.replace(" ", "-") / "data"
-        shards = prepare(data, nodes=3, train_per_node=args.train_per_node, test_size=args.test_size, seed=42,
-                         label_skew=skew)[:-1]
-        pool(data / "pooled.csv", shards)
-        for arm, extra, in_swarm in arms(methods):
-            started = time.time()
-            out = work / split_name.replace(" ", "-") / arm.replace(" ", "-")
-            if arm == "pooled":
-                metrics = run_nodes(out, data, {**SETTINGS, **extra}, swarm=False, nodes=["pooled"],
-                                    train_files={"pooled": "pooled.csv"})
-            else:
-                metrics = run_nodes(out, data, {**SETTINGS, **extra}, swarm=in_swarm)
-            for m in metrics:
-                row = {"split": split_name, "arm": arm, "node": m["node"], "accuracy": m["after"]["accuracy"],
-                       "f1": m["after"]["f1"], "before": m["before"]["accuracy"], "train_s": m["train_seconds"],
-                       "rounds": m["rounds"], "bytes_per_round": m["bytes_per_round"], "steps": m["steps"]}
-                report["rows"].append(row)
-            print(f"  {split_name}, {arm}: accuracy " + ", ".join(f"{m['node']} {m['after']['accuracy']:.3f}"
-                                                               for m in metrics)
-                  + f" ({time.time() - started:.0f} s)", flush=True)
+        if not (data / "pooled.csv").is_file():
+            shards = prepare(data, nodes=3, train_per_node=args.train_per_node, test_size=args.test_size, seed=42,
+                             label_skew=skew)[:-1]
+            pool(data / "pooled.csv", shards)
+        started = time.time()
+        out = work / split_name.replace(" ", "-") / arm.replace(" ", "-")
+        done = [out / n / "metrics.json" for n in (["pooled"] if arm == "pooled" else NODES)]
+        if all(f.is_file() for f in done):  # finished by an earlier run in this --workdir
+            metrics = [json.loads(f.read_text()) for f in done]
+        elif arm == "pooled":
+            metrics = run_nodes(out, data, {**SETTINGS, **extra}, swarm=False, nodes=["pooled"],
+                                train_files={"pooled": "pooled.csv"})
+        else:
+            metrics = run_nodes(out, data, {**SETTINGS, **extra}, swarm=in_swarm)
+        for m in metrics:
+            row = {"split": split_name, "arm": arm, "node": m["node"], "accuracy": m["after"]["accuracy"],
+                   "f1": m["after"]["f1"], "before": m["before"]["accuracy"], "train_s": m["train_seconds"],
+                   "rounds": m["rounds"], "bytes_per_round": m["bytes_per_round"], "steps": m["steps"]}
+            report["rows"].append(row)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))  # so far, in case a later arm fails
+        print(f"  {split_name}, {arm}: accuracy " + ", ".join(f"{m['node']} {m['after']['accuracy']:.3f}"
+                                                           for m in metrics)
+              + f" ({time.time() - started:.0f} s)", flush=True)
     print(f"\n{args.train_per_node} training rows per node ({len(NODES)} nodes), {args.test_size} test rows, "
           f"lr {SETTINGS['LEARNING_RATE']}, sync every {SETTINGS['SYNC_FREQUENCY']} steps, 1 epoch")
     print(f"{'split':>16} {'arm':>18} {'node':>7} {'accuracy':>9} {'F1':>6} {'rounds':>7} {'train s':>8}")
     for r in report["rows"]:
         print(f"{r['split']:>16} {r['arm']:>18} {r['node']:>7} {r['accuracy']:>9.3f} {r['f1']:>6.3f} "
               f"{r['rounds']:>7} {r['train_s']:>8.0f}")
-    for split_name, _, methods in splits:
+    for split_name, _ in splits:
         rows = [r for r in report["rows"] if r["split"] == split_name]
         swarm = next(r["accuracy"] for r in rows if r["arm"] == "swarm mean")
         pooled = next(r["accuracy"] for r in rows if r["arm"] == "pooled")
