@@ -294,6 +294,26 @@ def test_only_the_leader_aborts_a_round_and_then_it_is_over():
         log.add("merged", {"contract": CONTRACT, "round": 1, "hash": "m"}, leader)
 
 
+def test_a_participant_aborts_a_round_whose_silent_leader_cannot_be_replaced():
+    log = base_log()
+    nodes = ["node1", "node2", "node3"]
+    for node in nodes:
+        checkin(log, node, 1)
+    order = leader_order(CONTRACT, 0, 1, nodes)
+    close(log, 1, nodes)
+    abort = {"contract": CONTRACT, "round": 1, "reason": "leader silent", "failed": order[0]}
+    with pytest.raises(Rejected, match="only its leader"):  # 2 would remain: re-elect instead
+        log.add("round_abort", abort, order[1])
+    log.add("reelect", {"contract": CONTRACT, "round": 1, "failed": order[0], "leader": order[1]}, order[1])
+    abort["failed"] = order[1]
+    with pytest.raises(Rejected, match="only its leader"):  # it must name the leader it holds failed
+        log.add("round_abort", {**abort, "failed": order[2]}, order[2])
+    with pytest.raises(Rejected, match="only its leader"):  # and take part in the round
+        log.add("round_abort", abort, order[0])
+    log.add("round_abort", abort, order[2])  # 1 would remain, fewer than min_peers 2: no re-election can help
+    assert log.state.contracts[CONTRACT].rounds[1].status == "aborted"
+
+
 def test_a_node_absent_from_two_rounds_can_be_evicted_and_the_last_round_is_final():
     log = base_log()
     for rnd in (1, 2):

@@ -244,3 +244,18 @@ def test_integer_tensors_on_a_weight_tie_come_from_the_first_node_by_name(method
     assert get_merger(method).merge(peers)["step"].array == 2
     zero = [with_step("node-c", 0.0, 3), with_step("node-b", 0.0, 2), with_step("node-d", 0.0, 4)]
     assert get_merger(method).merge(zero)["step"].array == 2
+
+
+def test_a_contribution_far_larger_than_the_others_is_an_outlier_whatever_the_updates():
+    from swarmlearn.merge import contribution_norm, norm_outliers
+    from swarmlearn.tensors import Tensor
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(100).astype(np.float32)
+    honest = {f"node{i}": {"w": Tensor("F32", base + 0.01 * i)} for i in range(1, 4)}  # node1 barely moved
+    boosted = {"w": Tensor("F32", base * 1e3)}
+    norms = {n: contribution_norm(t) for n, t in {**honest, "mallory": boosted}.items()}
+    refused = norm_outliers(norms)
+    assert list(refused) == ["mallory"] and "more than 10x the median" in refused["mallory"]
+    assert norm_outliers({"node1": norms["node1"], "mallory": norms["mallory"]}).keys() == {"mallory"}
+    assert norm_outliers({"node1": 0.0, "node2": 0.0}) == {}

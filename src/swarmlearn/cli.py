@@ -131,9 +131,14 @@ def sn(sentinel, host_ip, sn_api_port, key, cert, capath, data_dir, node_id, ver
               help="Seconds (plus a term for the bytes to move) before a silent leader is replaced.")
 @click.option("--connect-timeout", type=float, default=20.0, show_default=True,
               help="Seconds to wait for the SN at start-up before giving up.")
+@click.option("--min-peers-timeout", type=click.FloatRange(min=0, min_open=True), envvar="SWARM_MIN_PEERS_TIMEOUT",
+              help="Seconds a round may wait with fewer than min_peers checked in before this node's training "
+                   "fails with that reason (also SWARM_MIN_PEERS_TIMEOUT; default: wait as long as it takes).")
+@click.option("--waiting-log-every", type=click.FloatRange(min=0, min_open=True), default=10.0, hidden=True,
+              envvar="SWARM_WAITING_LOG_EVERY", help="Seconds between 'waiting for peers' log lines.")
 @click.option("-v", "--verbose", is_flag=True)
 def sl(sn_ip, sn_api_port, host_ip, sl_fs_port, key, cert, capath, node_id, ml_addr, data_dir, checkin_wait,
-       leader_timeout, connect_timeout, verbose) -> None:
+       leader_timeout, connect_timeout, min_peers_timeout, waiting_log_every, verbose) -> None:
     """Run a Swarm Learning node: one per training peer, serving its ML process."""
     _logging(verbose)
     from swarmlearn.pki import Identity
@@ -143,7 +148,9 @@ def sl(sn_ip, sn_api_port, host_ip, sl_fs_port, key, cert, capath, node_id, ml_a
     identity = Identity.load(key, cert, capath)
     node = SLNode(SLConfig(node_id=node_id, identity=identity, sn_address=f"{sn_ip}:{sn_api_port}", host=host_ip,
                            fs_port=sl_fs_port, ml_addr=ml_addr, data_dir=data_dir,
-                           timeouts=Timeouts(checkin_wait=checkin_wait, leader_base=leader_timeout),
+                           timeouts=Timeouts(checkin_wait=checkin_wait, leader_base=leader_timeout,
+                                            min_peers_timeout=min_peers_timeout,
+                                            waiting_log_every=waiting_log_every),
                            connect_timeout=connect_timeout))
     node.start()
     click.echo(f"SL {node_id} ready: SWARM_SL_ADDR={node.ml_addr}")
@@ -304,7 +311,10 @@ def _serve_until_signalled(stop) -> None:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    done.wait()
+    # A timed wait: Python runs signal handlers in the main thread only, and a main thread blocked
+    # for good in a lock would not notice a signal the kernel handed to one of gRPC's threads.
+    while not done.wait(0.5):
+        pass
     stop()
 
 

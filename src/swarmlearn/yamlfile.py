@@ -58,16 +58,19 @@ class LineMap:
 def load_yaml(path: str | os.PathLike) -> tuple[Any, LineMap]:
     """Parse one YAML document safely; return its data and where each key and item sits.
 
-    Raises ConfigError for a missing or unreadable file, a syntax error (with line:column), and a key
-    written twice in one mapping (YAML would silently keep the last).
+    Raises ConfigError for a missing or unreadable file, a syntax error (with line:column), a key
+    written twice in one mapping (YAML would silently keep the last), and hostile shapes: nesting too
+    deep to parse, or aliases that expand to more than MAX_NODES nodes (an "alias bomb").
     """
-    loader = yaml.SafeLoader(_read(path))
+    raw = _read(path)
+    loader = None
     try:
+        loader = _Loader(raw)
         root = loader.get_single_node()
         lines: dict[KeyPath, int] = {(): 1 if root is None else root.start_mark.line + 1}
         duplicates: list[tuple[KeyPath, int, int]] = []
         if root is not None:
-            _index(loader, root, (), lines, duplicates, frozenset())
+            _index(loader, root, (), lines, duplicates, frozenset(), _Budget(path))
         if duplicates:
             raise ConfigError("\n".join(
                 f"{path}:{line}: {key_path(where)}: this key is written twice in one mapping (first on line "
@@ -75,11 +78,48 @@ def load_yaml(path: str | os.PathLike) -> tuple[Any, LineMap]:
         data = None if root is None else loader.construct_document(root)
     except yaml.MarkedYAMLError as exc:
         raise ConfigError(_syntax_error(path, exc)) from exc
-    except yaml.YAMLError as exc:  # a ReaderError: bytes that are not UTF-8 text, or control characters
-        raise ConfigError(f"{path}: not a YAML text file: {' '.join(str(exc).split())}") from exc
+    except yaml.reader.ReaderError as exc:  # bytes that are not UTF-8 text, or control characters
+        line = raw[:exc.position].count(b"\n") + 1 if isinstance(exc.position, int) else 1
+        raise ConfigError(f"{path}:{line}: not a YAML text file: {' '.join(str(exc).split())}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
+    except RecursionError:
+        mark = loader.get_mark() if loader is not None else None
+        where = f"{path}:{mark.line + 1}" if mark else f"{path}"
+        raise ConfigError(f"{where}: nested too deeply to read; flatten the brackets or indentation") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return data, LineMap(lines)
+
+
+# A file whose aliases expand to more nodes than this is refused: `*alias` reuses a node, so a few
+# lines can stand for billions of them, and indexing or validating that would never end.
+MAX_NODES = 100_000
+
+
+class _Budget:
+    def __init__(self, path: str | os.PathLike):
+        self.path = path
+        self.left = MAX_NODES
+
+    def spend(self, node: yaml.Node) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise ConfigError(f"{self.path}:{node.start_mark.line + 1}: its aliases expand to more than "
+                              f"{MAX_NODES} values; write the repeated parts out or use fewer *aliases")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose constructors report bad scalars (an integer of 5000 digits, 2001-13-45) as
+    YAML errors at their line instead of raising ValueError."""
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError, TypeError) as exc:
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read this value: {exc}",
+                                                    node.start_mark) from None
 
 
 def _read(path: str | os.PathLike) -> bytes:
@@ -98,7 +138,7 @@ _UNHASHABLE = object()  # a complex key (`? [a, b]`); the constructor reports it
 
 
 def _index(loader: yaml.SafeLoader, node: yaml.Node, path: KeyPath, lines: dict, duplicates: list,
-           ancestors: frozenset[int]) -> None:
+           ancestors: frozenset[int], budget: _Budget) -> None:
     """Record the line of every key and item under `node` (composed, not yet constructed).
 
     Runs before construction because constructing `<<: *anchor` merges rewrites the nodes, after which an
@@ -107,10 +147,11 @@ def _index(loader: yaml.SafeLoader, node: yaml.Node, path: KeyPath, lines: dict,
     if id(node) in ancestors:  # an alias of its own ancestor (a recursive structure): indexed already
         return
     ancestors = ancestors | {id(node)}
+    budget.spend(node)
     if isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             lines[path + (i,)] = item.start_mark.line + 1
-            _index(loader, item, path + (i,), lines, duplicates, ancestors)
+            _index(loader, item, path + (i,), lines, duplicates, ancestors, budget)
     elif isinstance(node, yaml.MappingNode):
         seen: dict[Any, int] = {}
         merged: list[yaml.Node] = []
@@ -126,7 +167,7 @@ def _index(loader: yaml.SafeLoader, node: yaml.Node, path: KeyPath, lines: dict,
                 duplicates.append((path + (key,), line, seen[key]))
                 continue
             seen[key] = lines[path + (key,)] = line
-            _index(loader, value_node, path + (key,), lines, duplicates, ancestors)
+            _index(loader, value_node, path + (key,), lines, duplicates, ancestors, budget)
         # Merged keys point at the anchor they come from; keys written here win, as in YAML.
         for source in merged:
             for mapping in source.value if isinstance(source, yaml.SequenceNode) else [source]:
@@ -137,7 +178,7 @@ def _index(loader: yaml.SafeLoader, node: yaml.Node, path: KeyPath, lines: dict,
                     if key is _UNHASHABLE or key_node.tag == _MERGE_TAG or key in seen:
                         continue
                     seen[key] = lines[path + (key,)] = key_node.start_mark.line + 1
-                    _index(loader, value_node, path + (key,), lines, duplicates, ancestors)
+                    _index(loader, value_node, path + (key,), lines, duplicates, ancestors, budget)
 
 
 def _key(loader: yaml.SafeLoader, key_node: yaml.Node) -> Any:

@@ -98,8 +98,14 @@ class Tx:
             obj = json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
             raise LedgerError(f"transaction is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise LedgerError("transaction is nested too deeply to be read") from None
         tx = cls.from_obj(obj)
-        if tx.signing_bytes() != data:
+        try:
+            canonical = tx.signing_bytes()
+        except ValueError as exc:  # NaN or Infinity, which json.loads accepts and JSON does not have
+            raise LedgerError(f"transaction is not valid JSON: {exc}") from None
+        if canonical != data:
             raise LedgerError("transaction bytes are not in canonical form (sorted keys, no spaces)")
         return tx
 
@@ -145,7 +151,7 @@ class Entry:
             )
         except LedgerError:
             raise
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as exc:
             raise LedgerError(f"entry is not well formed: {exc!s}") from None
         if not isinstance(entry.index, int) or not isinstance(entry.prev_hash, str):
             raise LedgerError("entry index/prev_hash have the wrong type")

@@ -79,7 +79,12 @@ class SQLiteStore(LedgerStore):
                 self._db.execute("INSERT INTO entries (idx, hash, body) VALUES (?, ?, ?)", (entry.index, digest, body))
                 self._db.execute("COMMIT")
             except BaseException as exc:
-                self._db.execute("ROLLBACK")
+                # A failed write (disk full, I/O error) may already have rolled the transaction back.
+                if self._db.in_transaction:
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # the write error below is the one to report
                 if isinstance(exc, sqlite3.Error):
                     raise LedgerError(f"{self.path}: cannot write the ledger ({exc}); check free space and "
                                       f"permissions of the data dir") from None

@@ -119,6 +119,9 @@ class Contract:
     current_round: int = 1
     latest_merged_round: int | None = None
     metrics: list[dict] = field(default_factory=list)
+    # The node ids admitted to this contract's training, fixed when it is created; None admits every
+    # registered node (the default contract, and contracts created without a list).
+    peers: list[str] | None = None
 
     @property
     def min_peers(self) -> int:
@@ -338,8 +341,13 @@ class LedgerState:
         name = _str(p, "name")
         if name in self.contracts or name == DEFAULT_ALIAS:
             raise Rejected(f"contract {name!r} already exists")
+        peers = p.get("peers")
+        if peers is not None and (not isinstance(peers, list) or not peers
+                                  or not all(isinstance(n, str) and n for n in peers)):
+            raise Rejected(f"contract {name}: peers must be a non-empty list of node ids")
         if not dry_run:
-            self.contracts[name] = Contract(name, created_by=tx.signer.node)
+            self.contracts[name] = Contract(name, created_by=tx.signer.node,
+                                            peers=sorted(set(peers)) if peers is not None else None)
 
     def _contract_reset(self, p: dict, tx: Tx, index: int, dry_run: bool) -> None:
         contract = self.contract(_str(p, "name"))
@@ -498,6 +506,14 @@ class LedgerState:
 
     # ---------------------------------------------------------------------------- training rounds
 
+    @staticmethod
+    def _admitted(contract: Contract, node: str) -> None:
+        """A contract created with a peer list trains with those nodes only: any other node, even one
+        holding a valid certificate of this swarm, can neither join its session nor check in."""
+        if contract.peers is not None and node not in contract.peers:
+            raise Rejected(f"{node} is not among the peers of contract {contract.name} "
+                           f"({', '.join(contract.peers)}); it cannot join or check in to its rounds")
+
     def _member(self, contract: Contract, node: str) -> Member:
         member = contract.members.get(node)
         if member is None or not member.active:
@@ -508,12 +524,15 @@ class LedgerState:
         contract = self.contract(_str(p, "contract"))
         node = _str(p, "node")
         self._speaks_for_itself(tx, node)
+        self._admitted(contract, node)
         min_peers, weightage = p.get("min_peers", 1), p.get("weightage", 1)
         method = p.get("merge_method", "mean")
         if not isinstance(min_peers, int) or min_peers < 1:
             raise Rejected("min_peers must be a whole number of at least 1")
         if not isinstance(weightage, (int, float)) or not 0 < weightage <= 100:
             raise Rejected("node weightage must be in (0, 100]")
+        if not isinstance(method, str) or not method:
+            raise Rejected("merge_method must be the name of a merge method")
         others = {m.merge_method for n, m in contract.members.items() if m.active and n != node}
         if others and method not in others:
             raise Rejected(f"contract {contract.name} merges with {others.pop()}; {node} asks for {method}: "
@@ -550,13 +569,14 @@ class LedgerState:
         contract = self.contract(_str(p, "contract"))
         node = _str(p, "node")
         self._speaks_for_itself(tx, node)
+        self._admitted(contract, node)
         self._member(contract, node)
         number = p.get("round")
         if number != contract.current_round:
             state = "closed" if isinstance(number, int) and number < contract.current_round else "not open yet"
             raise Rejected(f"check-in of {node} for round {number} of {contract.name}: that round is {state}; "
                            f"the open round is {contract.current_round}")
-        digest, weight, size = _str(p, "hash"), p.get("weight"), p.get("size", 0)
+        digest, weight, size = _str(p, "hash"), p.get("weight"), _size(p)
         if not isinstance(weight, (int, float)) or weight < 0:
             raise Rejected("check-in weight must be a number of at least 0")
         existing = contract.rounds.get(number)
@@ -565,7 +585,7 @@ class LedgerState:
         final = bool(p.get("final", False))
         if not dry_run:
             r = contract.rounds.setdefault(number, Round(number))
-            r.checkins[node] = Checkin(digest, float(weight), int(size), final)
+            r.checkins[node] = Checkin(digest, float(weight), size, final)
             if final:
                 contract.members[node].finished = True
             # The check-in that completes the round closes it: with every active member in, the
@@ -591,8 +611,8 @@ class LedgerState:
         if r is None or r.status != "open" or number != contract.current_round:
             raise Rejected(f"round {number} of {contract.name} is not open (another node may have closed it)")
         participants = p.get("participants")
-        if not isinstance(participants, list) or not participants:
-            raise Rejected("close_round needs a non-empty participant list")
+        if not isinstance(participants, list) or not participants or not all(isinstance(n, str) for n in participants):
+            raise Rejected("close_round needs a non-empty list of participant names")
         missing = [n for n in participants if n not in r.checkins]
         if missing:
             raise Rejected(f"{missing[0]} did not check in to round {number}")
@@ -631,7 +651,7 @@ class LedgerState:
         contract, r = self._closed_round(p)
         if tx.signer.node != r.leader:
             raise Rejected(f"round {r.number}: only its leader {r.leader} may post the merged model")
-        digest = _str(p, "hash")
+        digest, size = _str(p, "hash"), _size(p)
         dropped = p.get("dropped", [])
         if not isinstance(dropped, list) or any(n not in r.participants for n in dropped):
             raise Rejected(f"round {r.number}: dropped nodes must be participants")
@@ -641,7 +661,7 @@ class LedgerState:
         if dry_run:
             return
         r.participants = [n for n in r.participants if n not in dropped]
-        r.status, r.merged_hash, r.merged_size, r.merged_at = "merged", digest, int(p.get("size", 0)), index
+        r.status, r.merged_hash, r.merged_size, r.merged_at = "merged", digest, size, index
         r.merged_time = tx.time
         r.final = contract.is_final(r)
         contract.latest_merged_round = r.number
@@ -649,7 +669,13 @@ class LedgerState:
     def _round_abort(self, p: dict, tx: Tx, index: int, dry_run: bool) -> None:
         contract, r = self._closed_round(p)
         if tx.signer.node != r.leader:
-            raise Rejected(f"round {r.number}: only its leader {r.leader} may abort it")
+            # A participant may abort in place of a leader it holds failed only when no re-election
+            # could replace that leader (too few peers would remain): else the round waits forever.
+            remaining = [n for n in r.participants if n != r.leader]
+            if tx.signer.node not in remaining or p.get("failed") != r.leader \
+                    or len(remaining) >= contract.min_peers:
+                raise Rejected(f"round {r.number}: only its leader {r.leader} may abort it (or a participant, "
+                               f"naming it as failed, when too few peers remain to re-elect)")
         if not dry_run:
             r.status = "aborted"
             r.merged_at = index
@@ -697,6 +723,15 @@ def _str(p: dict, key: str) -> str:
     value = p.get(key)
     if not isinstance(value, str) or not value:
         raise Rejected(f"field {key!r} must be a non-empty string")
+    return value
+
+
+def _size(p: dict) -> int:
+    # Checked before anything is stored: a value that only failed when applied would leave an entry
+    # on the ledger that no SN could fold again.
+    value = p.get("size", 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise Rejected(f"field 'size' must be a whole number of bytes, got {value!r}")
     return value
 
 

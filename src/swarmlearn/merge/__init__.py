@@ -73,6 +73,36 @@ def check_contribution(c: Contribution, reference: dict[str, Tensor] | None,
             raise BadContribution(c.node, f"tensor {name} has a value beyond {max_abs:g}")
 
 
+# A contribution whose L2 norm (over all its float tensors) is more than this many times the median
+# of the other contributions' norms is refused. Peers hold the same model near the same point, so
+# their parameter norms stay within a small factor of each other whatever their data, however late
+# they joined and whether or not they still train; a scaled-up ("boosted") or exploded contribution
+# is orders of magnitude off. The norms of the parameters, not of the updates, are compared: update
+# norms legitimately differ by far more than 10x (a finished node's update is about 0, a returning
+# node's is large). The median of the *others* keeps one huge contribution from raising its own bar
+# and works from two peers on; a relative rule needs no per-model threshold for users to pick.
+NORM_OUTLIER_FACTOR = 10.0
+
+
+def contribution_norm(tensors: dict[str, Tensor]) -> float:
+    """L2 norm over all float tensors."""
+    return float(np.sqrt(sum(float(np.square(t.as_float64()).sum()) for t in tensors.values() if t.is_float)))
+
+
+def norm_outliers(norms: dict[str, float], factor: float = NORM_OUTLIER_FACTOR) -> dict[str, str]:
+    """The nodes whose norm exceeds `factor` x the median of the others', with the reason."""
+    refused = {}
+    for node, norm in norms.items():
+        others = [v for n, v in norms.items() if n != node]
+        if not others:
+            continue
+        median = float(np.median(others))
+        if median > 0 and norm > factor * median:
+            refused[node] = (f"norm {norm:.4g} is more than {factor:g}x the median of the other "
+                             f"contributions' ({median:.4g})")
+    return refused
+
+
 class Merger(ABC):
     name: str
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -177,7 +178,10 @@ class LocalService(sl_pb2_grpc.SwarmLocalServicer):
 
     def Sync(self, request_iterator, context):
         engine = self._engine(context)
-        header, blob = _receive(request_iterator)
+        try:
+            header, blob = _receive(request_iterator)
+        except SwarmError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             if header.catch_up:
                 result = engine.catch_up() or engine.sync(blob, header.weight)
@@ -192,14 +196,19 @@ class LocalService(sl_pb2_grpc.SwarmLocalServicer):
 
     def Report(self, request, context):
         engine = self._engine(context)
+        # A diverged model reports NaN or Inf; JSON (and so the ledger) has no such numbers: null.
         payload = {"contract": engine.contract_name, "node": self.node.node_id, "round": request.round,
-                   "loss": request.loss, "metric": request.metric, "metric_name": request.metric_name,
-                   "epoch": request.epoch, "step": request.step}
+                   "loss": _finite(request.loss), "metric": _finite(request.metric),
+                   "metric_name": request.metric_name, "epoch": _finite(request.epoch), "step": request.step}
         try:
             self.node.sn.submit("metrics", payload)
         except SwarmError as exc:
             log.warning("metrics not recorded: %s", exc)
         return sl_pb2.Empty()
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _receive(parts) -> tuple[sl_pb2.SyncHeader, bytes]:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 from swarmlearn.errors import Rejected, SwarmError
 from swarmlearn.ledger.state import Contract, LedgerState, Round, leader_order
-from swarmlearn.merge import BadContribution, Contribution, check_contribution, get_merger
+from swarmlearn.merge import (BadContribution, Contribution, check_contribution, contribution_norm, get_merger,
+                              norm_outliers)
 from swarmlearn.sl.follower import LedgerFollower
 from swarmlearn.sl.transport import BlobStore, FetchError, PeerFetcher
 from swarmlearn.sn.client import SNClient
@@ -63,6 +64,10 @@ class Timeouts:
 
 class MinPeersTimeout(SwarmError):
     """Fewer than min_peers checked in within the min-peers timeout."""
+
+
+class MergedModelGone(SwarmError):
+    """No peer serves a round's merged model (within the transfer budget)."""
 
 
 @dataclass
@@ -121,9 +126,18 @@ class RoundEngine:
                      "has finished", result.round, self.node_id)
 
     def catch_up(self) -> RoundResult | None:
-        """The latest merged model, for a node that joins a swarm already under way."""
+        """The latest merged model, for a node that joins a swarm already under way; None for a
+        fresh swarm, or when no live peer holds that model any more (every node that had it is gone,
+        e.g. a task run again after its SWOP died): the node then starts from its own weights."""
         latest = self._read(lambda c: c.latest_merged_round)
-        return self._take_merged(latest, time.monotonic(), False, b"") if latest else None
+        if not latest:
+            return None
+        try:
+            return self._take_merged(latest, time.monotonic(), False, b"")
+        except MergedModelGone as exc:
+            log.warning("%s; %s starts from its own weights, merged with its peers' in the next round", exc,
+                        self.node_id)
+            return None
 
     # ---------------------------------------------------------------------------- 1. check in
 
@@ -280,9 +294,22 @@ class RoundEngine:
                                     number, r.leader, waited, successor)
                     except Rejected as exc:
                         if "fewer than min_peers" in str(exc):
-                            log.warning("round %d: leader %s is silent and too few peers remain to replace it",
-                                        number, r.leader)
+                            self._abort_leaderless(r, waited)
             self.follower.wait_until(lambda s: s.head_index > seen, 0.5)
+
+    def _abort_leaderless(self, r: Round, waited: float) -> None:
+        """Without its silent leader too few peers remain to re-elect one: the round is aborted (each
+        participant keeps its own weights) rather than waited on forever; the next round then waits
+        for min_peers as usual, saying so."""
+        left = len(r.participants) - 1
+        reason = (f"leader {r.leader} posted no merged model in {waited:.1f} s and without it only {left} "
+                  f"{'peer remains' if left == 1 else 'peers remain'}, fewer than min_peers")
+        try:
+            self.sn.submit("round_abort", {"contract": self.contract_name, "round": r.number, "reason": reason,
+                                           "failed": r.leader, "dropped": []})
+            log.warning("round %d aborted: %s; every participant keeps its own weights", r.number, reason)
+        except Rejected:
+            pass  # another participant aborted it first
 
     def _evict_vanished(self) -> None:
         """Takes out of the session the members that missed the last two rounds and whose SL the SN
@@ -325,19 +352,29 @@ class RoundEngine:
                 blob = self.fetcher.fetch(addresses.get(node, ""), checkin.hash, self.t.transfer_budget(checkin.size))
             return Contribution(node, checkin.weight, decode(blob))
 
+        def drop(node: str, reason: str) -> None:
+            log.warning("round %d: dropped %s from the merge: %s", r.number, node, reason)
+            dropped.append(node)
+
         def valid() -> Iterator[Contribution]:
-            reference = None
+            # Every contribution is checked before any is merged: the norm rule compares each one
+            # with the others', so the valid ones are held until all are in (for adapters, little).
+            reference, kept = None, []
             for node, outcome in _prefetched(order, load):
                 try:
                     c = outcome()
                     check_contribution(c, reference)
                 except (FetchError, BlobError, BadContribution) as exc:
-                    reason = exc.reason if isinstance(exc, BadContribution) else str(exc)
-                    log.warning("round %d: dropped %s from the merge: %s", r.number, node, reason)
-                    dropped.append(node)
+                    drop(node, exc.reason if isinstance(exc, BadContribution) else str(exc))
                     continue
                 reference = reference or c.tensors
-                yield c
+                kept.append(c)
+            outliers = norm_outliers({c.node: contribution_norm(c.tensors) for c in kept})
+            for c in kept:
+                if c.node in outliers:
+                    drop(c.node, outliers[c.node])
+                else:
+                    yield c
 
         try:
             merged = get_merger(method).merge(valid())
@@ -402,7 +439,7 @@ class RoundEngine:
                 self.blobs.put(blob)
                 return blob
             if time.monotonic() > deadline:
-                raise SwarmError(f"round {r.number}: no peer served the merged model {r.merged_hash[:12]}")
+                raise MergedModelGone(f"round {r.number}: no peer served the merged model {r.merged_hash[:12]}")
             time.sleep(0.2)
 
     # ---------------------------------------------------------------------------- helpers

@@ -113,7 +113,10 @@ class SNClient:
             threading.Thread(target=_cancel_on_stop, args=(stream, stop, done), daemon=True).start()
             try:
                 for msg in stream:
-                    down_since = None
+                    if down_since is not None:
+                        log.info("SN %s reachable again after %.1f s; following the ledger from entry %d",
+                                 self.address, time.monotonic() - down_since, next_index)
+                        down_since = None
                     entry = Entry.from_body_bytes(msg.body)
                     if entry.index != next_index or entry.hash != msg.hash:
                         raise LedgerError(f"SN {self.address} sent entry {entry.index} out of order or altered")
@@ -124,11 +127,12 @@ class SNClient:
                     return
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise _translate(exc, self.address, "watch") from None
-                down_since = down_since or time.monotonic()
-                if time.monotonic() - down_since > self.unreachable_timeout:
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning("SN %s unreachable; reconnecting to follow the ledger from entry %d (for up "
+                                "to %.0f s)", self.address, next_index, self.unreachable_timeout)
+                elif time.monotonic() - down_since > self.unreachable_timeout:
                     raise _translate(exc, self.address, "watch") from None
-                log.info("SN %s unreachable; reconnecting to follow the ledger from entry %d", self.address,
-                         next_index)
                 stop.wait(0.5)
             finally:
                 done.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import threading
 import time
@@ -19,6 +20,8 @@ from swarmlearn.ledger.entry import SignedTx, Tx
 from swarmlearn.ledger.signatures import registration, sign_tx
 from swarmlearn.ledger.sqlite_store import SQLiteStore
 from swarmlearn.proto import sn_pb2, sn_pb2_grpc
+
+log = logging.getLogger("swarmlearn.sn")
 
 DEFAULT_API_PORT = 30304
 DEFAULT_CONTRACT = "defaultbb.cqdb.sml.hpe"
@@ -63,6 +66,7 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
         except Rejected as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except LedgerError as exc:
+            log.error("refused %s of %s: the ledger cannot be written: %s", tx.kind, tx.signer.node, exc)
             context.abort(grpc.StatusCode.UNAVAILABLE, f"SN {self.node_id} refuses new entries: {exc}")
         self._seen(tx.signer.node)
         return sn_pb2.SubmitReply(index=entry.index, hash=entry.hash)

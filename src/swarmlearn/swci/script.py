@@ -101,11 +101,17 @@ def parse_line(text: str, line: int, source: str = "<prompt>") -> Command | None
 def parse_script(path: Path) -> list[Command]:
     """Parses a whole init script up front, so a typo on line 40 is reported before line 1 runs."""
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: init script not found; check --usr-dir and --init-script-name") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the init script ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the init script ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: the init script is not UTF-8 text (byte {raw[exc.start]:#04x}); "
+                          f"save it as UTF-8") from None
     commands = []
     for number, line in enumerate(text.splitlines(), start=1):
         command = parse_line(line, number, str(path))

@@ -23,6 +23,8 @@ DEFAULT_SN_PORT = 30304
 DEFAULT_TASK_TIMEOUT = 120 * 60
 WAIT_FOR_IP_TIMEOUT = 300.0
 PROGRESS_EVERY = 30.0
+# A SWOP heartbeats every second; one silent this long while its peers run has stopped (or lost the SN).
+SWOP_SILENT_AFTER = 5.0
 
 
 class TaskFailed(SwarmError):
@@ -232,12 +234,17 @@ class SwciSession:
         self._sn().submit("taskrunner_assign", {"runner": runner, "task": task, "peers": "ALL"})
 
     def _runner(self, name: str) -> dict:
-        runners = self._state("taskrunners")
+        return self._runner_and_liveness(name)[0]
+
+    def _runner_and_liveness(self, name: str) -> tuple[dict, dict[str, float]]:
+        """The task runner, and how many seconds ago the SN heard from each node."""
+        reply = self._sn().query("taskrunners")
+        runners = reply["taskrunners"]
         if name == "default":
             name = self._state("info")["genesis"]["default_taskrunner"]
         if name not in runners:
             raise SwarmError(f"no task runner {name}; LIST TASKRUNNERS shows them")
-        return runners[name]
+        return runners[name], reply.get("last_seen", {})
 
     def cmd_list_taskrunners(self) -> None:
         for name, r in self._state("taskrunners").items():
@@ -258,7 +265,8 @@ class SwciSession:
         self.out(f"{runner}: {a['task']} {a['status']} ({len(a['peer_status'])} of {a['peers']} peers started)")
         for peer, s in sorted(a["peer_status"].items()):
             code = "" if s["exit_code"] is None else f" exit {s['exit_code']}"
-            self.out(f"  {peer} on {s['swop']}: {s['status']}{code}")
+            why = [line for line in s["detail"].splitlines() if line.strip()] if s["status"] == "FAILED" else []
+            self.out(f"  {peer} on {s['swop']}: {s['status']}{code}" + (f": {why[-1].strip()}" if why else ""))
 
     def cmd_reset_taskrunner(self, runner: str) -> None:
         self._sn().submit("taskrunner_reset", {"runner": runner})
@@ -277,7 +285,7 @@ class SwciSession:
         started = time.monotonic()
         last_line, last_progress = "", started
         while True:
-            r = self._runner(runner)
+            r, last_seen = self._runner_and_liveness(runner)
             a = r["assignment"]
             if a is None:
                 raise SwarmError(f"task runner {runner} has no task assigned; ASSIGN TASK <task> TO {runner} first")
@@ -291,6 +299,10 @@ class SwciSession:
             if a["status"] in ("FAILED", "RESET"):
                 self.failed_tasks.append(a["task"])
                 raise TaskFailed(_failure(runner, a))
+            gone = _silent_swop(runner, a, last_seen)
+            if gone:
+                self.failed_tasks.append(a["task"])
+                raise TaskFailed(gone)
             if now - started > limit:
                 self.failed_tasks.append(a["task"])
                 raise TaskFailed(f"task {a['task']} on {runner} did not end within {limit:.0f} s: {line}")
@@ -327,9 +339,28 @@ def _failure(runner: str, a: dict) -> str:
     lines = [f"task {a['task']} on {runner} {a['status']}"]
     for peer, s in sorted(a["peer_status"].items()):
         if s["status"] == "FAILED":
-            lines.append(f"--- {peer} on {s['swop']} exited {s['exit_code']}; its last log lines:")
+            if s["exit_code"] is None:
+                lines.append(f"--- {peer} on {s['swop']} failed:")
+            else:
+                lines.append(f"--- {peer} on {s['swop']} exited {s['exit_code']}; its last log lines:")
             lines.extend(f"    {line}" for line in (s["detail"] or "(no output)").splitlines())
     return "\n".join(lines)
+
+
+def _silent_swop(runner: str, a: dict, last_seen: dict[str, float]) -> str | None:
+    """Why the task cannot end well, if a SWOP whose peers still run has gone silent. (A SWOP the SN
+    has not heard from since it started is given the benefit of the doubt.)"""
+    running: dict[str, list[str]] = {}
+    for peer, s in sorted(a["peer_status"].items()):
+        if s["status"] in ("STARTING", "RUNNING"):
+            running.setdefault(s["swop"], []).append(peer)
+    for swop, peers in sorted(running.items()):
+        silent = last_seen.get(swop)
+        if silent is not None and silent > SWOP_SILENT_AFTER:
+            return (f"task {a['task']} on {runner}: {swop} stopped while its nodes ran (not heard from for "
+                    f"{silent:.0f} s); its peers {', '.join(peers)} stopped with it. Start `swarm swop` again, then "
+                    f"RESET TASKRUNNER {runner} and ASSIGN TASK {a['task']} to run it afresh")
+    return None
 
 
 def _number(text: str, what: str) -> float:

@@ -2,6 +2,11 @@
 it, claims as many peers as its profile has nodes, and runs the task: for RUN_SWARM one SL and one
 ML process per node, reporting each peer RUNNING, then COMPLETE or FAILED with its exit code and
 last log lines. One task at a time.
+
+A SWOP that dies takes its nodes with it (the kernel sends them SIGTERM) and does not re-adopt a task
+when it starts again: it reports the peers it had started as FAILED ("swop-1 stopped while its nodes
+ran"), so the task ends instead of showing RUNNING forever, and RESET TASKRUNNER + ASSIGN TASK run it
+afresh. While it runs it heartbeats to the SN, so that SWCI sees a SWOP that went silent.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ SL_READY_TIMEOUT = 60.0
 # are still pulling it.
 LINGER = 5.0
 POLL = 0.5
+HEARTBEAT_EVERY = 1.0
 PYTHON_NAMES = {"python", "python3", f"python3.{sys.version_info.minor}"}
 
 
@@ -87,6 +93,8 @@ class Operator:
         self.runner = self.follower.read(lambda s: s.taskrunner(self.profile.taskrunner).name)
         self.sn.submit("taskrunner_join", {"runner": self.runner, "capacity": len(self.nodes)})
         self.pid_file = record_self(self.workspace, self.node_id)
+        self._fail_orphans()
+        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
 
     def run(self) -> None:
         """Serves tasks until stop() is called."""
@@ -104,6 +112,31 @@ class Operator:
         self.sn.close()
         if self.pid_file is not None:
             self.pid_file.unlink(missing_ok=True)
+
+    def _heartbeat(self) -> None:
+        while not self.stopping.wait(HEARTBEAT_EVERY):
+            try:
+                self.sn.heartbeat()
+            except SwarmError as exc:
+                log.warning("heartbeat to SN failed: %s", exc)
+
+    def _fail_orphans(self) -> None:
+        """Peers of a running task that a previous run of this SWOP started are gone with it (or
+        about to go: the kernel sent them SIGTERM). We do not re-adopt them; we end them on the
+        ledger, so the task is FAILED with the reason instead of RUNNING forever."""
+        a = self.follower.read(lambda s: s.taskrunners[self.runner].assignment)
+        if a is None or a.status != "RUNNING":
+            return
+        orphans = [p for p, s in sorted(a.peer_status.items())
+                   if s.swop == self.node_id and s.status in ("STARTING", "RUNNING")]
+        if not orphans:
+            return
+        self.handled.add((a.task, a.generation))
+        reason = (f"{self.node_id} stopped while its nodes ran ({', '.join(orphans)}); its restart does not "
+                  f"re-adopt them. RESET TASKRUNNER {self.runner} and ASSIGN TASK {a.task} again to run it afresh")
+        log.warning("task %s: %s", a.task, reason)
+        for peer in orphans:  # the first FAILED ends the task; the ledger refuses the rest, quietly
+            self._report(a.generation, peer, "FAILED", None, reason, quiet=True)
 
     def _claimable(self, state: LedgerState) -> Assignment | None:
         a = state.taskrunners[self.runner].assignment
