@@ -15,7 +15,7 @@ import shutil
 import grpc
 import pytest
 
-from conftest import identity, start_sn
+from conftest import identity, identity_args, run_swarm, start_sn
 from swarm_harness import start_sl
 from swarmlearn.ledger.entry import Signer, SignedTx, Tx
 from swarmlearn.ledger.signatures import registration, sign_tx
@@ -133,9 +133,13 @@ def test_a_node_of_this_swarm_outside_a_contracts_peers_cannot_join_or_check_in(
     sn = start_sn(procs, certs, tmp_path / "sn")
     insider = RawSN(sn.address, identity(certs, "sl"))
     outsider = RawSN(sn.address, identity(host2, "sl"))
-    with SNClient(sn.address, identity(certs, "swci")) as swci:
-        swci.register("SWCI")
-        swci.submit("contract_create", {"name": CONTRACT, "peers": ["node1", "node2"]})
+    script = tmp_path / "swci" / "swci-init"
+    script.parent.mkdir()
+    script.write_text(f"EXIT ON FAILURE ON\nCREATE CONTEXT local WITH IP {sn.address.replace(':', ' ')}\n"
+                      f"SWITCH CONTEXT local\nCREATE CONTRACT {CONTRACT} WITH PEERS node1,node2\n")
+    made = run_swarm("swci", "--usr-dir", str(script.parent), "--init-script-name", script.name,
+                     *identity_args(certs, "swci"), "--sn-api-port", sn.address.rsplit(":", 1)[1])
+    assert made.returncode == 0, made.stdout + made.stderr
     try:
         for raw, node in ((insider, "node1"), (outsider, "node9")):
             assert not isinstance(raw.submit(sign_tx(raw.identity, node, "register_node",

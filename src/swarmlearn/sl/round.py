@@ -419,7 +419,18 @@ class RoundEngine:
         if r.status == "aborted":
             return RoundResult(r.number, self.blobs.put(own), own, list(r.participants), r.leader or "", seconds,
                                False, False)
-        blob = self.blobs.get(r.merged_hash) or self._pull(r)
+        blob = self.blobs.get(r.merged_hash)
+        if blob is None:
+            try:
+                blob = self._pull(r)
+            except MergedModelGone as exc:
+                if not own:
+                    raise
+                # The leader died between posting the merged hash and serving it, before any peer
+                # pulled it: like an aborted round, we go on with our own weights rather than stop.
+                log.warning("%s; %s keeps its own weights for this round", exc, self.node_id)
+                return RoundResult(r.number, self.blobs.put(own), own, list(r.participants), r.leader or "",
+                                   seconds, False, r.final)
         return RoundResult(r.number, r.merged_hash, blob, list(r.participants), r.leader or "", seconds,
                            contributed and self.node_id in r.participants, r.final)
 

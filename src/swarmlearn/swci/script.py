@@ -36,6 +36,7 @@ GRAMMAR: list[tuple[str, re.Pattern]] = [(name, _p(t)) for name, t in [
     ("switch_context", "SWITCH CONTEXT {name}"),
     ("list_contexts", "LIST CONTEXTS"),
     ("get_context_info", "GET CONTEXT INFO {name?}"),
+    ("create_contract", "CREATE CONTRACT {name} WITH PEERS {nodes}"),
     ("create_contract", "CREATE CONTRACT {name}"),
     ("list_contracts", "LIST CONTRACTS"),
     ("get_contract_info", "GET CONTRACT INFO {name}"),
@@ -69,7 +70,7 @@ GRAMMAR: list[tuple[str, re.Pattern]] = [(name, _p(t)) for name, t in [
 USAGE = """Commands (keywords case-insensitive):
   EXIT ON FAILURE [ON|OFF]            WAIT FOR IP <ip> [port]          EXIT
   CREATE CONTEXT <n> WITH IP <ip> [port]   SWITCH CONTEXT <n>   LIST CONTEXTS   GET CONTEXT INFO [<n>]
-  CREATE CONTRACT <n>   LIST CONTRACTS   GET CONTRACT INFO <n>   RESET CONTRACT <n>   PERFDATA <contract>
+  CREATE CONTRACT <n> [WITH PEERS a,b]   LIST CONTRACTS   GET CONTRACT INFO <n>   RESET CONTRACT <n>   PERFDATA <contract>
   CREATE TASK FROM <file.yaml>   FINALIZE TASK <n>   DELETE TASK <n>   LIST TASKS
   GET TASK INFO <n>   GET TASK BODY <n>
   CREATE TASKRUNNER <n>   ASSIGN TASK <task> TO <runner> WITH <N|ALL> PEERS

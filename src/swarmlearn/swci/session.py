@@ -163,8 +163,12 @@ class SwciSession:
             raise SwarmError(f"no context {name}")
         self._show({"name": name, "sn": self.contexts[name], "current": name == self.current})
 
-    def cmd_create_contract(self, name: str) -> None:
-        self._sn().submit("contract_create", {"name": name})
+    def cmd_create_contract(self, name: str, nodes: str | None = None) -> None:
+        """With `nodes` (comma separated), only those nodes may join the contract and check in to its rounds."""
+        payload: dict = {"name": name}
+        if nodes is not None:
+            payload["peers"] = [n for n in nodes.split(",") if n]
+        self._sn().submit("contract_create", payload)
 
     def cmd_list_contracts(self) -> None:
         for name, c in self._state("contracts").items():
