@@ -5,12 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import socket
 
+import pytest
+
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import identity_args, run_swarm, start_sn
+from conftest import identity, identity_args, run_swarm, start_sn
 from swarmlearn.pki import _load_ca
 
 
@@ -99,3 +101,15 @@ def test_member_sn_on_an_empty_data_dir_is_told_to_start_a_sentinel(certs, tmp_p
 def test_ledger_verify_on_a_missing_file(tmp_path):
     result = run_swarm("ledger", "verify", str(tmp_path / "nothing.db"))
     assert_one_line_error(result, "nothing.db", "no ledger file")
+
+
+def test_sn_patience_comes_from_the_environment_and_a_bad_value_is_named(monkeypatch, certs):
+    from swarmlearn.errors import ConfigError
+    from swarmlearn.sn.client import SNClient
+
+    monkeypatch.setenv("SWARM_SN_PATIENCE", "120")
+    with SNClient("127.0.0.1:9", identity(certs, "swci")) as client:
+        assert client.unreachable_timeout == 120
+    monkeypatch.setenv("SWARM_SN_PATIENCE", "two minutes")
+    with pytest.raises(ConfigError, match="SWARM_SN_PATIENCE='two minutes' is not a number of seconds"):
+        SNClient("127.0.0.1:9", identity(certs, "swci"))

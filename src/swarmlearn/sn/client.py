@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,26 +13,35 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from swarmlearn import pki
-from swarmlearn.errors import AlreadyRecorded, LedgerError, Rejected, SNUnavailable
+from swarmlearn.errors import AlreadyRecorded, ConfigError, LedgerError, Rejected, SNUnavailable
 from swarmlearn.ledger.entry import Entry, SignedTx
 from swarmlearn.ledger.signatures import registration, sign_tx
 from swarmlearn.proto import sn_pb2, sn_pb2_grpc
 
 log = logging.getLogger("swarmlearn.sn.client")
 
-# How long a call keeps retrying while the SN is unreachable before giving up with SNUnavailable.
+# How long a call keeps retrying while the SN is unreachable before giving up with SNUnavailable;
+# SWARM_SN_PATIENCE (seconds) changes it for every component, e.g. to ride out longer SN restarts.
 UNREACHABLE_TIMEOUT = 30.0
+
+
+def default_patience() -> float:
+    value = os.environ.get("SWARM_SN_PATIENCE", "")
+    try:
+        return float(value) if value else UNREACHABLE_TIMEOUT
+    except ValueError:
+        raise ConfigError(f"SWARM_SN_PATIENCE={value!r} is not a number of seconds") from None
 # Longest single call (the SN answers in milliseconds; this only bounds a stuck connection).
 CALL_TIMEOUT = 10.0
 
 
 class SNClient:
     def __init__(self, address: str, identity: pki.Identity, node_id: str | None = None,
-                 unreachable_timeout: float = UNREACHABLE_TIMEOUT):
+                 unreachable_timeout: float | None = None):
         self.address = address
         self.identity = identity
         self.node_id = node_id or identity.common_name
-        self.unreachable_timeout = unreachable_timeout
+        self.unreachable_timeout = default_patience() if unreachable_timeout is None else unreachable_timeout
         self._channel = grpc.secure_channel(address, identity.channel_credentials(), options=[
             ("grpc.keepalive_time_ms", 10_000),
             ("grpc.keepalive_timeout_ms", 5_000),
