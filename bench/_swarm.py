@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from swarmlearn.ledger.sqlite_store import SQLiteStore
-from swarmlearn.ledger.state import LedgerState, Round
+from swarmlearn.callback.core import SLChannel
+from swarmlearn.ledger.state import LedgerState, Round, fold
 from swarmlearn.pki import CertLayout, Identity, generate_host_certs
 from swarmlearn.sn.server import DEFAULT_CONTRACT
 
@@ -92,12 +93,20 @@ class LocalSwarm:
         """The state folded from the SN's ledger file (read-only; the SN may keep appending)."""
         store = SQLiteStore(self.ledger_path, read_only=True)
         try:
-            state = LedgerState()
-            for entry in store.read():
-                state.apply(entry)
-            return state
+            return fold(store.read())
         finally:
             store.close()
+
+    def start_peers(self, nodes: list[str], min_peers: int) -> dict[str, SLChannel]:
+        """An SN, one SL process per node, and for each an ML-side channel joined to the default
+        contract (the ML stand-ins of the latency benchmarks)."""
+        self.start_sn()
+        for n in nodes:
+            self.start_sl(n)
+        channels = {n: SLChannel(self.sl_addresses[n]) for n in nodes}
+        for n in nodes:
+            channels[n].join("default", min_peers, 1.0, "mean")
+        return channels
 
     def round_record(self, number: int, contract: str = DEFAULT_CONTRACT) -> Round:
         return self.ledger_state().contract(contract).rounds[number]

@@ -166,12 +166,7 @@ def main() -> None:
         nodes = [f"node{i + 1}" for i in range(peers)]
         swarm = LocalSwarm()
         try:
-            swarm.start_sn()
-            for n in nodes:
-                swarm.start_sl(n)
-            channels = {n: SLChannel(swarm.sl_addresses[n]) for n in nodes}
-            for n in nodes:
-                channels[n].join("default", max(1, peers - 1), 1.0, "mean")
+            channels = swarm.start_peers(nodes, max(1, peers - 1))
             for mb in cells:
                 cell = run_cell(swarm, channels, mb, args.rounds)
                 cell.update(peers=peers, mb=mb)

@@ -18,7 +18,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._swarm import LocalSwarm  # noqa: E402
 from bench.round import checkin_times, payload, run_rounds  # noqa: E402
-from swarmlearn.callback.core import SLChannel  # noqa: E402
 from swarmlearn.ledger.chain import verify_store  # noqa: E402
 from swarmlearn.ledger.sqlite_store import SQLiteStore  # noqa: E402
 
@@ -51,12 +50,7 @@ def soak(peers: int, rounds: int, mb: float = 0.3, sample_every: int = 5, out=pr
     swarm = LocalSwarm()
     samples: list[dict] = []
     try:
-        swarm.start_sn()
-        for n in nodes:
-            swarm.start_sl(n)
-        channels = {n: SLChannel(swarm.sl_addresses[n]) for n in nodes}
-        for n in nodes:
-            channels[n].join("default", max(1, peers - 1), 1.0, "mean")
+        channels = swarm.start_peers(nodes, max(1, peers - 1))
         blobs = {n: payload(mb, i) for i, n in enumerate(nodes)}
         pids = {"sn": swarm.processes[0].popen.pid, **{n: swarm.sls[n].popen.pid for n in nodes}}
         done = 0

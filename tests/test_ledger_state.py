@@ -83,6 +83,11 @@ ILLEGAL = [
     ("a second genesis", "genesis", {"swarm_id": "x", "ca_fingerprints": [], "default_contract": "c",
                                      "default_taskrunner": "t", "sn": reg("sn-1", "SN")}, "sn-1", "first entry"),
     ("an unknown kind", "mint_coins", {}, "node1", "unknown transaction kind"),
+    ("a payload nested too deep to serve back", "contract_create",
+     {"name": "c2", "x": __import__("functools").reduce(lambda inner, _: [inner], range(40), 0)}, "swci-1",
+     "nested deeper than 16"),
+    ("an SL resetting a contract it did not create", "contract_reset", {"name": CONTRACT}, "node1",
+     "may reset contract"),
     ("a node registering for another", "register_node", reg("node2", "SL"), "node1", "only speak for itself"),
     ("an unregistered signer", "contract_create", {"name": "c2"}, "stranger", "not a registered node"),
     ("a registered id signing with another certificate", "contract_create", {"name": "c2"}, "node1",
@@ -312,6 +317,21 @@ def test_a_participant_aborts_a_round_whose_silent_leader_cannot_be_replaced():
         log.add("round_abort", abort, order[0])
     log.add("round_abort", abort, order[2])  # 1 would remain, fewer than min_peers 2: no re-election can help
     assert log.state.contracts[CONTRACT].rounds[1].status == "aborted"
+
+
+def test_a_closed_round_keeps_its_min_peers_so_a_rejoin_cannot_license_an_abort():
+    log = base_log()
+    nodes = ["node1", "node2", "node3"]
+    for node in nodes:
+        checkin(log, node, 1)
+    order = leader_order(CONTRACT, 0, 1, nodes)
+    close(log, 1, nodes)
+    # A participant raises the contract's min_peers after the close ...
+    log.add("session_leave", {"contract": CONTRACT, "node": order[2]}, order[2])
+    log.add("session_join", {"contract": CONTRACT, "node": order[2], "min_peers": 99, "weightage": 1}, order[2])
+    # ... but the round still needs the 2 it closed with: 2 remain, so no participant may abort it.
+    with pytest.raises(Rejected, match="only its leader"):
+        log.add("round_abort", {"contract": CONTRACT, "round": 1, "reason": "x", "failed": order[0]}, order[2])
 
 
 def test_a_node_absent_from_two_rounds_can_be_evicted_and_the_last_round_is_final():

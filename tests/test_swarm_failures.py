@@ -11,6 +11,7 @@ import time
 from concurrent import futures
 
 import grpc
+import pytest
 from safetensors.numpy import load_file
 
 from conftest import identity
@@ -153,7 +154,28 @@ class TamperingStore(BlobStore):
     """A peer that checked in one hash and serves other bytes under it."""
 
     def get(self, digest):
-        return b"not the tensors whose hash was checked in"
+        return b"other 15 bytes!"  # as long as the genuine blob: the hash, not the size, gives it away
+
+
+class OversizeStore(BlobStore):
+    def get(self, digest):
+        return b"x" * (3 << 20)
+
+
+def test_a_peer_sending_more_than_the_ledger_declares_is_cut_off(certs):
+    from swarmlearn.sl.transport import FetchError, PeerFetcher
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    sl_pb2_grpc.add_SwarmPeerServicer_to_server(PeerService(OversizeStore()), server)
+    port = server.add_secure_port("127.0.0.1:0", identity(certs, "sl").server_credentials())
+    server.start()
+    fetcher = PeerFetcher(identity(certs, "sl"))
+    try:
+        with pytest.raises(FetchError, match="more than the 15 bytes the ledger declares"):
+            fetcher.fetch(f"127.0.0.1:{port}", blob_hash(b"genuine tensors"), 10, size=15)
+    finally:
+        fetcher.close()
+        server.stop(0)
 
 
 def test_a_blob_that_does_not_match_its_ledger_hash_is_refused_with_the_senders_name(procs, certs, tmp_path):

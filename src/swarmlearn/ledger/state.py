@@ -50,6 +50,19 @@ PEER_STATUSES = ("STARTING", "RUNNING", "COMPLETE", "FAILED")
 DEFAULT_ALIAS = "default"
 
 
+# Deeper payloads are refused: every entry is kept in the state, and the state is served as JSON
+# through recursive encoders that a payload nested hundreds of levels deep would break for good.
+MAX_PAYLOAD_DEPTH = 16
+
+
+def _depth(value, limit: int = MAX_PAYLOAD_DEPTH + 1) -> int:
+    """How deeply `value` nests lists and dicts (counting stops past `limit`)."""
+    if limit <= 0 or not isinstance(value, (dict, list)):
+        return 0
+    children = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(c, limit - 1) for c in children), default=0)
+
+
 def leader_order(contract: str, generation: int, round_no: int, participants: Iterable[str]) -> list[str]:
     """The deterministic order in which participants lead a round: the first leads, and each
     re-election passes to the next. Seeded by contract and round, so leadership rotates."""
@@ -104,6 +117,8 @@ class Round:
     final: bool = False
     closed_at: int | None = None
     merged_at: int | None = None
+    # min_peers when the round closed: later joins cannot change a closed round's rules.
+    need: int = 0
     # The signers' clocks at close and merge, kept as data for people (round durations).
     closed_time: float = 0.0
     merged_time: float = 0.0
@@ -244,6 +259,8 @@ class LedgerState:
             raise Rejected(f"{kind} before genesis: the first entry must be the sentinel's genesis")
         elif kind is not Kind.REGISTER_NODE:
             self._require_registered_signer(tx)
+        if _depth(tx.payload) > MAX_PAYLOAD_DEPTH:
+            raise Rejected(f"{kind} payload is nested deeper than {MAX_PAYLOAD_DEPTH} levels")
         handler = getattr(self, f"_{kind.value}")
         handler(tx.payload, tx, index, dry_run)
 
@@ -351,6 +368,9 @@ class LedgerState:
 
     def _contract_reset(self, p: dict, tx: Tx, index: int, dry_run: bool) -> None:
         contract = self.contract(_str(p, "name"))
+        signer = tx.signer.node
+        if signer != contract.created_by and self.nodes[signer].role != "SWCI":
+            raise Rejected(f"only a SWCI or {contract.created_by}, who created it, may reset contract {contract.name}")
         if not dry_run:
             contract.generation += 1
             contract.members.clear()
@@ -628,7 +648,7 @@ class LedgerState:
     def _close(contract: Contract, r: Round, participants: list[str], index: int, when: float) -> None:
         order = leader_order(contract.name, contract.generation, r.number, participants)
         r.status, r.participants, r.order, r.leader, r.closed_at = "closed", order, order, order[0], index
-        r.closed_time = when
+        r.closed_time, r.need = when, contract.min_peers
         contract.current_round += 1
 
     def _reelect(self, p: dict, tx: Tx, index: int, dry_run: bool) -> None:
@@ -637,9 +657,9 @@ class LedgerState:
         if p.get("failed") != r.leader:
             raise Rejected(f"round {r.number}: {p.get('failed')} is not its leader ({r.leader})")
         remaining = [n for n in r.participants if n != r.leader]
-        if len(remaining) < contract.min_peers:
+        if len(remaining) < r.need:
             raise Rejected(f"round {r.number}: without {r.leader} only {len(remaining)} peers remain, "
-                           f"fewer than min_peers {contract.min_peers}")
+                           f"fewer than min_peers {r.need}")
         successor = remaining[0]  # participants stay in leader order
         if p.get("leader") != successor:
             raise Rejected(f"round {r.number}: the next leader must be {successor}, not {p.get('leader')}")
@@ -655,9 +675,9 @@ class LedgerState:
         dropped = p.get("dropped", [])
         if not isinstance(dropped, list) or any(n not in r.participants for n in dropped):
             raise Rejected(f"round {r.number}: dropped nodes must be participants")
-        if len(r.participants) - len(dropped) < contract.min_peers:
+        if len(r.participants) - len(dropped) < r.need:
             raise Rejected(f"round {r.number}: merging {len(r.participants) - len(dropped)} peers is fewer "
-                           f"than min_peers {contract.min_peers}")
+                           f"than min_peers {r.need}")
         if dry_run:
             return
         r.participants = [n for n in r.participants if n not in dropped]
@@ -673,7 +693,7 @@ class LedgerState:
             # could replace that leader (too few peers would remain): else the round waits forever.
             remaining = [n for n in r.participants if n != r.leader]
             if tx.signer.node not in remaining or p.get("failed") != r.leader \
-                    or len(remaining) >= contract.min_peers:
+                    or len(remaining) >= r.need:
                 raise Rejected(f"round {r.number}: only its leader {r.leader} may abort it (or a participant, "
                                f"naming it as failed, when too few peers remain to re-elect)")
         if not dry_run:
@@ -684,6 +704,7 @@ class LedgerState:
         contract = self.contract(_str(p, "contract"))
         node = _str(p, "node")
         self._speaks_for_itself(tx, node)
+        self._admitted(contract, node)
         values = {k: v for k, v in p.items() if k not in ("contract", "node")}
         if not all(isinstance(v, (int, float, str)) or v is None for v in values.values()):
             raise Rejected("metric values must be numbers or strings")

@@ -84,7 +84,7 @@ class SLNode:
         _bind(self.local_server, self.ml_addr, None, "--ml-addr")
         self.peer_server.start()
         self.local_server.start()
-        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+        self.sn.keep_alive(self._stopping, HEARTBEAT_EVERY)
         log.info("SL %s serving peers on %s, its ML on %s", self.node_id, self.address, self.ml_addr)
 
     def stop(self) -> None:
@@ -99,16 +99,11 @@ class SLNode:
         for server in (self.local_server, self.peer_server):
             if server is not None:
                 server.stop(0.5).wait()
+        for engine in self.engines.values():
+            engine.close()
         self.follower.stop()
         self.fetcher.close()
         self.sn.close()
-
-    def _heartbeat(self) -> None:
-        while not self._stopping.wait(HEARTBEAT_EVERY):
-            try:
-                self.sn.heartbeat()
-            except SwarmError as exc:
-                log.warning("heartbeat to SN failed: %s", exc)
 
     def liveness(self) -> dict[str, float]:
         """Seconds since the SN last heard from each node (asked at most once a second)."""
@@ -129,6 +124,8 @@ class SLNode:
                                         "weightage": weightage, "merge_method": merge_method})
         engine = RoundEngine(self.node_id, name, self.sn, self.follower, self.blobs, self.fetcher,
                              self.config.timeouts, self.liveness)
+        if name in self.engines:
+            self.engines[name].close()  # the ML joined again (restarted): the old engine's prefetching ends
         self.engines[name] = engine
         latest = self.follower.read(lambda s: s.contract(name).latest_merged_round) or 0
         log.info("%s joined contract %s (min_peers %d, weightage %g, %s); latest merged round %d", self.node_id,

@@ -98,6 +98,7 @@ class RoundEngine:
         # Per round, blobs being pulled ahead of the merge, by hash.
         self._early: dict[int, dict[str, Future]] = {}
         self._early_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prefetch")
+        self._closed = threading.Event()
 
     # ------------------------------------------------------------------------------ entry points
 
@@ -174,23 +175,38 @@ class RoundEngine:
 
     def _prefetch(self, number: int, futures: dict[str, Future]) -> None:
         budget = PREFETCH_BYTES
+
+        def snapshot(state: LedgerState):
+            # Copied under the follower's lock: the live round changes as entries arrive.
+            r = self._contract(state).rounds.get(number)
+            if r is None:
+                return None
+            return (state.head_index, r.status, dict(r.checkins),
+                    {n: state.nodes[n].address for n in r.checkins if n in state.nodes})
+
         try:
-            while True:
-                seen = self.follower.read(lambda s: s.head_index)
-                r = self._read(lambda c: c.rounds.get(number))
-                addresses = self.follower.read(lambda s: {n: s.nodes[n].address for n in r.checkins if n in s.nodes})
-                for node, checkin in r.checkins.items():
+            while not self._closed.is_set():
+                seen = self.follower.read(snapshot)
+                if seen is None:
+                    return  # the contract was reset
+                head, status, checkins, addresses = seen
+                for node, checkin in checkins.items():
                     if node == self.node_id or checkin.hash in futures or checkin.size > budget:
                         continue
                     budget -= checkin.size
                     futures[checkin.hash] = self._early_pool.submit(
                         self.fetcher.fetch, addresses.get(node, ""), checkin.hash,
-                        self.t.transfer_budget(checkin.size))
-                if r.status != "open":
+                        self.t.transfer_budget(checkin.size), checkin.size or None)
+                if status != "open":
                     return
-                self.follower.wait_until(lambda s: s.head_index > seen, 1.0)
-        except SwarmError:
+                self.follower.wait_until(lambda s: s.head_index > head, 1.0)
+        except (SwarmError, RuntimeError):
             return  # the SL is stopping or lost the ledger; the merge fetches what it needs itself
+
+    def close(self) -> None:
+        """Ends prefetching; the SL calls this when it stops or replaces this engine."""
+        self._closed.set()
+        self._early_pool.shutdown(wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------------------- 2. close
 
@@ -349,7 +365,8 @@ class RoundEngine:
                 except FetchError:
                     blob = None  # fetched again below, with the error reported from there
             if blob is None:
-                blob = self.fetcher.fetch(addresses.get(node, ""), checkin.hash, self.t.transfer_budget(checkin.size))
+                blob = self.fetcher.fetch(addresses.get(node, ""), checkin.hash, self.t.transfer_budget(checkin.size),
+                                          checkin.size or None)
             return Contribution(node, checkin.weight, decode(blob))
 
         def drop(node: str, reason: str) -> None:
@@ -443,7 +460,7 @@ class RoundEngine:
         while True:
             for node in sources:
                 try:
-                    blob = self.fetcher.fetch(addresses.get(node, ""), r.merged_hash, budget)
+                    blob = self.fetcher.fetch(addresses.get(node, ""), r.merged_hash, budget, r.merged_size or None)
                 except FetchError as exc:
                     log.debug("round %d: merged model not from %s: %s", r.number, node, exc)
                     continue

@@ -78,17 +78,26 @@ class PeerFetcher:
                 self._channels[address] = channel
             return sl_pb2_grpc.SwarmPeerStub(channel)
 
-    def fetch(self, address: str, digest: str, timeout: float) -> bytes:
+    def fetch(self, address: str, digest: str, timeout: float, size: int | None = None) -> bytes:
         """The blob with SHA-256 `digest` from the SL at `address`; raises FetchError if the peer
-        does not answer, does not have it, or sends bytes that do not hash to `digest`."""
+        does not answer, does not have it, or sends bytes that do not hash to `digest`. With `size`
+        (as the ledger declares it), a peer announcing or sending more is cut off at once rather
+        than read into memory."""
         if not address:
             raise FetchError("peer has no registered address")
         parts: list[bytes] = []
         expected = None
+        received = 0
         try:
-            for chunk in self._stub(address).Fetch(sl_pb2.FetchRequest(hash=digest), timeout=timeout):
+            stream = self._stub(address).Fetch(sl_pb2.FetchRequest(hash=digest), timeout=timeout)
+            for chunk in stream:
                 if expected is None:
                     expected = chunk.total_size
+                received += len(chunk.data)
+                if size is not None and max(expected, received) > size:
+                    stream.cancel()
+                    raise FetchError(f"peer sends more than the {size} bytes the ledger declares for "
+                                     f"{digest[:12]}")
                 parts.append(chunk.data)
         except grpc.RpcError as exc:
             raise FetchError(f"{exc.code().name}: {(exc.details() or '').splitlines()[0] if exc.details() else ''}") \

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from swarmlearn import pki
-from swarmlearn.errors import AlreadyRecorded, ConfigError, LedgerError, Rejected, SNUnavailable
+from swarmlearn.errors import AlreadyRecorded, ConfigError, LedgerError, Rejected, SNUnavailable, SwarmError
 from swarmlearn.ledger.entry import Entry, SignedTx
 from swarmlearn.ledger.signatures import registration, sign_tx
 from swarmlearn.proto import sn_pb2, sn_pb2_grpc
@@ -107,6 +107,20 @@ class SNClient:
         """Tells the SN we are alive; returns the ledger head index."""
         return self._call(self._stub.Heartbeat, sn_pb2.HeartbeatRequest(node_id=self.node_id), "heartbeat").head_index
 
+    def keep_alive(self, stop: threading.Event, every: float = 1.0) -> threading.Thread:
+        """Heartbeats every `every` seconds in a daemon thread until `stop` is set, so that peers
+        see this node as alive (the SN keeps last-seen times, not ledger entries)."""
+        def beat() -> None:
+            while not stop.wait(every):
+                try:
+                    self.heartbeat()
+                except SwarmError as exc:
+                    log.warning("heartbeat to SN failed: %s", exc)
+
+        thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+        thread.start()
+        return thread
+
     def query(self, section: str = "all") -> dict:
         reply = self._call(self._stub.Query, sn_pb2.QueryRequest(section=section), f"query {section}")
         return json.loads(reply.state_json)
@@ -118,6 +132,7 @@ class SNClient:
         next_index = from_index
         down_since: float | None = None
         while not stop.is_set():
+            attempt = time.monotonic()
             stream = self._stub.Watch(sn_pb2.WatchRequest(from_index=next_index))
             done = threading.Event()
             threading.Thread(target=_cancel_on_stop, args=(stream, stop, done), daemon=True).start()
@@ -137,6 +152,10 @@ class SNClient:
                     return
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise _translate(exc, self.address, "watch") from None
+                if down_since is not None and time.monotonic() - attempt > 2.0:
+                    # The stream stood for a while on a quiet ledger before it broke: that was a
+                    # reconnection, and this is a new outage, not the old one going on.
+                    down_since = None
                 if down_since is None:
                     down_since = time.monotonic()
                     log.warning("SN %s unreachable; reconnecting to follow the ledger from entry %d (for up "

@@ -24,7 +24,8 @@ DEFAULT_TASK_TIMEOUT = 120 * 60
 WAIT_FOR_IP_TIMEOUT = 300.0
 PROGRESS_EVERY = 30.0
 # A SWOP heartbeats every second; one silent this long while its peers run has stopped (or lost the SN).
-SWOP_SILENT_AFTER = 5.0
+# Ten beats, not two: a loaded host can stall a SWOP for seconds, and a false alarm ends a healthy task.
+SWOP_SILENT_AFTER = 10.0
 
 
 class TaskFailed(SwarmError):

@@ -94,7 +94,7 @@ class Operator:
         self.sn.submit("taskrunner_join", {"runner": self.runner, "capacity": len(self.nodes)})
         self.pid_file = record_self(self.workspace, self.node_id)
         self._fail_orphans()
-        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+        self.sn.keep_alive(self.stopping, HEARTBEAT_EVERY)
 
     def run(self) -> None:
         """Serves tasks until stop() is called."""
@@ -112,13 +112,6 @@ class Operator:
         self.sn.close()
         if self.pid_file is not None:
             self.pid_file.unlink(missing_ok=True)
-
-    def _heartbeat(self) -> None:
-        while not self.stopping.wait(HEARTBEAT_EVERY):
-            try:
-                self.sn.heartbeat()
-            except SwarmError as exc:
-                log.warning("heartbeat to SN failed: %s", exc)
 
     def _fail_orphans(self) -> None:
         """Peers of a running task that a previous run of this SWOP started are gone with it (or
