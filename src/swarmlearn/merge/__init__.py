@@ -66,7 +66,9 @@ def check_contribution(c: Contribution, reference: dict[str, Tensor] | None,
         t = c.tensors[name]
         if not t.is_float:
             continue
-        values = t.as_float64()
+        # F16/F32/F64 are checked as they are (NaN and Inf survive widening, so the answer is the
+        # same without a float64 copy of a large model); BF16 is stored as bits and must be widened.
+        values = t.as_float64() if t.dtype == "BF16" else t.array
         if not np.isfinite(values).all():
             raise BadContribution(c.node, f"tensor {name} holds NaN or Inf")
         if max_abs is not None and values.size and np.abs(values).max() > max_abs:
@@ -84,9 +86,17 @@ def check_contribution(c: Contribution, reference: dict[str, Tensor] | None,
 NORM_OUTLIER_FACTOR = 10.0
 
 
-def contribution_norm(tensors: dict[str, Tensor]) -> float:
-    """L2 norm over all float tensors."""
-    return float(np.sqrt(sum(float(np.square(t.as_float64()).sum()) for t in tensors.values() if t.is_float)))
+def contribution_norm(tensors: dict[str, Tensor], chunk: int = 1 << 22) -> float:
+    """L2 norm over all float tensors, summed in float64 a chunk at a time (no full-size copy)."""
+    total = 0.0
+    for t in tensors.values():
+        if not t.is_float:
+            continue
+        flat = t.array.reshape(-1)
+        for start in range(0, flat.size, chunk):
+            part = Tensor(t.dtype, flat[start:start + chunk]).as_float64()
+            total += float(np.dot(part, part))
+    return float(np.sqrt(total))
 
 
 def norm_outliers(norms: dict[str, float], factor: float = NORM_OUTLIER_FACTOR) -> dict[str, str]:

@@ -20,19 +20,23 @@ class Mean(Merger):
         heaviest: Contribution | None = None
         weights: list[float] = []
         template: dict[str, Tensor] = {}
-        unweighted: dict[str, np.ndarray] = {}  # for the all-zero-weight case
+        # For the all-zero-weight case (equal weights); kept only while every weight so far is 0, so
+        # that a normal round accumulates once, not twice.
+        unweighted: dict[str, np.ndarray] | None = {}
         for c in contributions:
             weights.append(c.weight)
+            if c.weight != 0:
+                unweighted = None
             for name, t in c.tensors.items():
                 if not t.is_float:
                     continue
-                values = t.as_float64()
+                values = np.asarray(t.as_float64())  # a fresh array: scaled in place, no second temporary
                 if name not in sums:
                     sums[name] = np.zeros_like(values)
-                    unweighted[name] = np.zeros_like(values)
                     template[name] = t
-                sums[name] += c.weight * values
-                unweighted[name] += values
+                if unweighted is not None:
+                    unweighted[name] = unweighted[name] + values if name in unweighted else values.copy()
+                sums[name] += np.multiply(values, c.weight, out=values)
             if heaviest is None or heaviness(c) < heaviness(heaviest):
                 heaviest = c
                 kept = {n: t for n, t in c.tensors.items() if not t.is_float}
