@@ -46,8 +46,10 @@ def main() -> None:
     parser.add_argument("--methods", default="mean,coordmedian,geomedian", help="merge methods on the IID split")
     parser.add_argument("--quick", action="store_true", help="smoke run: 96 rows per node, 100 test, IID, mean")
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=RESULTS / "accuracy.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="raw figures (default bench/results/accuracy.json, accuracy-quick.json with --quick)")
     args = parser.parse_args()
+    args.out = args.out or RESULTS / f"accuracy{'-quick' if args.quick else ''}.json"
     splits = [("IID", 0.0), (f"label skew {args.label_skew:g}", args.label_skew)]
     methods = args.methods.split(",")
     if args.quick:

@@ -33,8 +33,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each arm, alternating")
     parser.add_argument("--quick", action="store_true", help="smoke run: 96 rows per node, sync every 2, 1 repeat")
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="raw figures (default bench/results/overhead.json, overhead-quick.json with --quick)")
     args = parser.parse_args()
+    args.out = args.out or RESULTS / f"overhead{'-quick' if args.quick else ''}.json"
     if args.quick:
         args.train_per_node, args.sync_frequency, args.repeats = 96, 2, 1
     work = args.workdir or Path(os.environ.get("TMPDIR", "/tmp")) / f"swarm-overhead-{os.getpid()}"

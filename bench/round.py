@@ -144,8 +144,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--failover", action="store_true", help="also time a leader failover (default timeouts)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 and 8 peers, 0.3 and 1.2 MB, 5 rounds")
-    parser.add_argument("--out", type=Path, default=RESULTS / "round.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="raw figures (default bench/results/round.json, round-quick.json with --quick)")
     args = parser.parse_args()
+    args.out = args.out or RESULTS / f"round{'-quick' if args.quick else ''}.json"
     if args.quick:
         args.peers, args.sizes, args.rounds = "3,8", "0.3,1.2", 5
     peer_counts = [int(x) for x in args.peers.split(",")]

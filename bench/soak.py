@@ -121,8 +121,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--mb", type=float, default=0.3, help="payload per peer in MB")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 peers, 40 rounds")
-    parser.add_argument("--out", type=Path, default=RESULTS / "soak.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="raw figures (default bench/results/soak.json, soak-quick.json with --quick)")
     args = parser.parse_args()
+    args.out = args.out or RESULTS / f"soak{'-quick' if args.quick else ''}.json"
     if args.quick:
         args.peers, args.rounds = 4, 40
     print(f"soak: {args.peers} SL processes, {args.rounds} rounds of {args.mb} MB per peer, ML stand-ins as threads")
