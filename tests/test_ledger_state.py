@@ -78,6 +78,14 @@ def close(log: Log, rnd: int, participants: list[str], signer: str = "node1") ->
     return submit_close(log, rnd, participants, signer)
 
 
+def round_one_closed(log: Log, nodes: list[str]) -> list[str]:
+    """Every node checks in to round 1 and it closes; returns its leader order."""
+    for node in nodes:
+        checkin(log, node, 1)
+    close(log, 1, nodes)
+    return leader_order(CONTRACT, 0, 1, nodes)
+
+
 ILLEGAL = [
     # (story, kind, payload, signer, reason fragment)
     ("a second genesis", "genesis", {"swarm_id": "x", "ca_fingerprints": [], "default_contract": "c",
@@ -230,10 +238,7 @@ def test_round_needs_min_peers():
 def test_reelection_passes_to_the_next_in_order_and_drops_the_dead_leader():
     log = base_log()
     nodes = ["node1", "node2", "node3"]
-    for node in nodes:
-        checkin(log, node, 1)
-    order = leader_order(CONTRACT, 0, 1, nodes)
-    close(log, 1, nodes)
+    order = round_one_closed(log, nodes)
     with pytest.raises(Rejected, match="next leader must be"):
         log.add("reelect", {"contract": CONTRACT, "round": 1, "failed": order[0], "leader": order[2]}, order[1])
     log.add("reelect", {"contract": CONTRACT, "round": 1, "failed": order[0], "leader": order[1]}, order[1])
@@ -302,10 +307,7 @@ def test_only_the_leader_aborts_a_round_and_then_it_is_over():
 def test_a_participant_aborts_a_round_whose_silent_leader_cannot_be_replaced():
     log = base_log()
     nodes = ["node1", "node2", "node3"]
-    for node in nodes:
-        checkin(log, node, 1)
-    order = leader_order(CONTRACT, 0, 1, nodes)
-    close(log, 1, nodes)
+    order = round_one_closed(log, nodes)
     abort = {"contract": CONTRACT, "round": 1, "reason": "leader silent", "failed": order[0]}
     with pytest.raises(Rejected, match="only its leader"):  # 2 would remain: re-elect instead
         log.add("round_abort", abort, order[1])
@@ -322,10 +324,7 @@ def test_a_participant_aborts_a_round_whose_silent_leader_cannot_be_replaced():
 def test_a_closed_round_keeps_its_min_peers_so_a_rejoin_cannot_license_an_abort():
     log = base_log()
     nodes = ["node1", "node2", "node3"]
-    for node in nodes:
-        checkin(log, node, 1)
-    order = leader_order(CONTRACT, 0, 1, nodes)
-    close(log, 1, nodes)
+    order = round_one_closed(log, nodes)
     # A participant raises the contract's min_peers after the close ...
     log.add("session_leave", {"contract": CONTRACT, "node": order[2]}, order[2])
     log.add("session_join", {"contract": CONTRACT, "node": order[2], "min_peers": 99, "weightage": 1}, order[2])

@@ -303,14 +303,16 @@ class RoundEngine:
             if waited > limit and len(r.participants) > 1:
                 successor = r.participants[1]
                 if successor == self.node_id or waited > limit + self.t.grace:
-                    try:
-                        self.sn.submit("reelect", {"contract": self.contract_name, "round": number,
-                                                   "failed": r.leader, "leader": successor})
-                        log.warning("round %d: leader %s posted no merged model in %.1f s; %s leads now",
-                                    number, r.leader, waited, successor)
-                    except Rejected as exc:
-                        if "fewer than min_peers" in str(exc):
-                            self._abort_leaderless(r, waited)
+                    if len(r.participants) - 1 < r.need:  # no re-election can help: the ledger's own rule
+                        self._abort_leaderless(r, waited)
+                    else:
+                        try:
+                            self.sn.submit("reelect", {"contract": self.contract_name, "round": number,
+                                                       "failed": r.leader, "leader": successor})
+                            log.warning("round %d: leader %s posted no merged model in %.1f s; %s leads now",
+                                        number, r.leader, waited, successor)
+                        except Rejected:
+                            pass  # another participant re-elected first; the ledger tells us who leads
             self.follower.wait_until(lambda s: s.head_index > seen, 0.5)
 
     def _abort_leaderless(self, r: Round, waited: float) -> None:
