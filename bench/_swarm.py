@@ -57,12 +57,21 @@ class LocalSwarm:
         self.sl_addresses: dict[str, str] = {}
         self.sls: dict[str, Process] = {}
 
-    def identity(self, component: str) -> Identity:
-        return Identity.load(self.certs.key(component), self.certs.cert(component), self.certs.capath)
+    def _files(self, component: str, node: str | None) -> tuple[Path, Path]:
+        if component != "sl":
+            return self.certs.key(component), self.certs.cert(component)
+        node = node or "node1"
+        if not self.certs.node_cert(node).exists():  # each training node has a certificate of its own
+            generate_host_certs(self.certs.root, 1, nodes=[node], components=())
+        return self.certs.node_key(node), self.certs.node_cert(node)
 
-    def _ids(self, component: str) -> list[str]:
-        return ["--key", str(self.certs.key(component)), "--cert", str(self.certs.cert(component)),
-                "--capath", str(self.certs.capath)]
+    def identity(self, component: str, node: str | None = None) -> Identity:
+        key, cert = self._files(component, node)
+        return Identity.load(key, cert, self.certs.capath)
+
+    def _ids(self, component: str, node: str | None = None) -> list[str]:
+        key, cert = self._files(component, node)
+        return ["--key", str(key), "--cert", str(cert), "--capath", str(self.certs.capath)]
 
     def _start(self, *args: str) -> Process:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -79,7 +88,7 @@ class LocalSwarm:
 
     def start_sl(self, node_id: str, *extra: str) -> str:
         host, port = self.sn_address.rsplit(":", 1)
-        sl = self._start("sl", "--sn-ip", host, "--sn-api-port", port, "--sl-fs-port", "0", *self._ids("sl"),
+        sl = self._start("sl", "--sn-ip", host, "--sn-api-port", port, "--sl-fs-port", "0", *self._ids("sl", node_id),
                          "--node-id", node_id, "--data-dir", str(self.dir / f"sl-{node_id}"), *extra)
         self.sl_addresses[node_id] = sl.wait_line("SWARM_SL_ADDR=").split("SWARM_SL_ADDR=")[1]
         self.sls[node_id] = sl

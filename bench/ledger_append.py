@@ -64,13 +64,10 @@ class Identities:
 
 
 def make_identities(cert_dir: Path) -> Identities:
-    pki.generate_host_certs(cert_dir, 0, components=("sn", "sl"))
+    pki.generate_host_certs(cert_dir, 0, components=("sn",), nodes=[SL_ID])
     layout = pki.CertLayout(cert_dir, 0)
-
-    def load(comp: str) -> pki.Identity:
-        return pki.Identity.load(layout.key(comp), layout.cert(comp), layout.capath)
-
-    return Identities(load("sn"), load("sl"))
+    return Identities(pki.Identity.load(layout.key("sn"), layout.cert("sn"), layout.capath),
+                      pki.Identity.load(layout.node_key(SL_ID), layout.node_cert(SL_ID), layout.capath))
 
 
 def metrics_txs(sl: pki.Identity, count: int) -> list[SignedTx]:
@@ -114,8 +111,9 @@ def bench_store(path: Path, entries: list[Entry]) -> tuple[float, int]:
 def bench_submit(path: Path, ids: Identities, txs: list[SignedTx]) -> tuple[float, int]:
     chain = Chain(SQLiteStore(path))
     try:
-        chain.submit(genesis_tx(ids.sn, SN_ID, "127.0.0.1:30304"))
-        chain.submit(sign_tx(ids.sl, SL_ID, "register_node", registration(ids.sl, SL_ID, "SL", "127.0.0.1:1")))
+        chain.submit(genesis_tx(ids.sn, "127.0.0.1:30304"))
+        chain.submit(sign_tx(ids.sl, SL_ID, "register_node", registration(ids.sl, "127.0.0.1:1")))
+        chain.submit(sign_tx(ids.sl, SL_ID, "session_join", {"contract": "default", "node": SL_ID}))
 
         def run() -> int:
             for signed in txs:

@@ -18,11 +18,16 @@ from swarmlearn.pki import CertLayout, Identity, generate_host_certs
 SWARM = [sys.executable, "-m", "swarmlearn.cli"]
 
 
+# The training nodes tests run: each has its own certificate, named after it (its node id).
+NODES = [f"node{i}" for i in range(10)] + ["mallory", "attacker", "alice", "bob"]
+
+
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory) -> CertLayout:
-    """Host 1's CA and component certificates, made once per test session."""
+    """Organization "test": host 1's CA, its component certificates and one per training node, made
+    once per test session."""
     root = tmp_path_factory.mktemp("cert")
-    generate_host_certs(root, 1)
+    generate_host_certs(root, 1, org="test", nodes=NODES)
     return CertLayout(root, 1)
 
 
@@ -30,17 +35,26 @@ def certs(tmp_path_factory) -> CertLayout:
 def foreign_certs(tmp_path_factory) -> CertLayout:
     """A second, unrelated CA and its certificates: nobody in the swarm trusts them."""
     root = tmp_path_factory.mktemp("foreign")
-    generate_host_certs(root, 9)
+    generate_host_certs(root, 9, org="foreign", nodes=NODES)
     return CertLayout(root, 9)
 
 
-def identity(layout: CertLayout, component: str) -> Identity:
-    return Identity.load(layout.key(component), layout.cert(component), layout.capath)
+def _files(layout: CertLayout, component: str, node: str | None) -> tuple[Path, Path]:
+    if component == "sl":
+        node = node or "node1"
+        return layout.node_key(node), layout.node_cert(node)
+    return layout.key(component), layout.cert(component)
 
 
-def identity_args(layout: CertLayout, component: str) -> list[str]:
-    return ["--key", str(layout.key(component)), "--cert", str(layout.cert(component)),
-            "--capath", str(layout.capath)]
+def identity(layout: CertLayout, component: str, node: str | None = None) -> Identity:
+    """A component's identity; for "sl", the certificate of training node `node` (default node1)."""
+    key, cert = _files(layout, component, node)
+    return Identity.load(key, cert, layout.capath)
+
+
+def identity_args(layout: CertLayout, component: str, node: str | None = None) -> list[str]:
+    key, cert = _files(layout, component, node)
+    return ["--key", str(key), "--cert", str(cert), "--capath", str(layout.capath)]
 
 
 @dataclass

@@ -31,7 +31,7 @@ class Swarm:
 
 def start_sl(procs: Procs, certs: CertLayout, sn: RunningSN, node_id: str, work: Path, *extra: str) -> Node:
     host, port = sn.address.rsplit(":", 1)
-    sl = procs.swarm("sl", "--sn-ip", host, "--sn-api-port", port, "--sl-fs-port", "0", *identity_args(certs, "sl"),
+    sl = procs.swarm("sl", "--sn-ip", host, "--sn-api-port", port, "--sl-fs-port", "0", *identity_args(certs, "sl", node_id),
                      "--node-id", node_id, "--data-dir", str(work / f"sl-{node_id}"), *extra)
     line = sl.wait_for_line(f"SL {node_id} ready: SWARM_SL_ADDR=")
     return Node(node_id, sl, line.split("SWARM_SL_ADDR=")[1].strip())

@@ -19,20 +19,12 @@ from conftest import identity, identity_args, run_swarm, start_sn
 from swarm_harness import start_sl
 from swarmlearn.ledger.entry import Signer, SignedTx, Tx
 from swarmlearn.ledger.signatures import registration, sign_tx
-from swarmlearn.pki import CertLayout, Identity, generate_host_certs
+from swarmlearn.pki import Identity
 from swarmlearn.proto import sl_pb2, sl_pb2_grpc, sn_pb2, sn_pb2_grpc
 from swarmlearn.sl.transport import FetchError, PeerFetcher
 from swarmlearn.sn.client import SNClient
 
 CONTRACT = "admitted-only"
-
-
-@pytest.fixture(scope="module")
-def host2(certs, tmp_path_factory) -> CertLayout:
-    """A second host of the same swarm: its own keys, issued by host 1's CA (gen-cert --ca-cert/--ca-key)."""
-    root = tmp_path_factory.mktemp("host2")
-    generate_host_certs(root, 2, ca_cert_path=certs.ca_cert, ca_key_path=certs.ca_key)
-    return CertLayout(root, 2)
 
 
 def stranger(certs, foreign_certs, tmp_path) -> Identity:
@@ -41,7 +33,7 @@ def stranger(certs, foreign_certs, tmp_path) -> Identity:
     both.mkdir(exist_ok=True)
     shutil.copy(certs.ca_cert, both)
     shutil.copy(foreign_certs.ca_cert, both)
-    return Identity.load(foreign_certs.key("sl"), foreign_certs.cert("sl"), both)
+    return Identity.load(foreign_certs.node_key("node1"), foreign_certs.node_cert("node1"), both)
 
 
 class RawSN:
@@ -129,10 +121,10 @@ def test_an_sl_peer_port_refuses_a_foreign_ca_and_an_sl_refuses_a_foreign_peer(p
 
 
 @pytest.mark.slow
-def test_a_node_of_this_swarm_outside_a_contracts_peers_cannot_join_or_check_in(procs, certs, host2, tmp_path):
+def test_a_node_of_this_swarm_outside_a_contracts_peers_cannot_join_or_check_in(procs, certs, tmp_path):
     sn = start_sn(procs, certs, tmp_path / "sn")
-    insider = RawSN(sn.address, identity(certs, "sl"))
-    outsider = RawSN(sn.address, identity(host2, "sl"))
+    insider = RawSN(sn.address, identity(certs, "sl", "node1"))
+    outsider = RawSN(sn.address, identity(certs, "sl", "node9"))
     script = tmp_path / "swci" / "swci-init"
     script.parent.mkdir()
     script.write_text(f"EXIT ON FAILURE ON\nCREATE CONTEXT local WITH IP {sn.address.replace(':', ' ')}\n"
@@ -143,7 +135,7 @@ def test_a_node_of_this_swarm_outside_a_contracts_peers_cannot_join_or_check_in(
     try:
         for raw, node in ((insider, "node1"), (outsider, "node9")):
             assert not isinstance(raw.submit(sign_tx(raw.identity, node, "register_node",
-                                                     registration(raw.identity, node, "SL", ""))), grpc.RpcError)
+                                                     registration(raw.identity, ""))), grpc.RpcError)
 
         def as_(raw, node, kind, payload):
             return raw.submit(sign_tx(raw.identity, node, kind, payload))
@@ -178,7 +170,7 @@ def test_a_replayed_old_transaction_is_refused_even_after_a_restart(procs, certs
     data = tmp_path / "sn"
     sn = start_sn(procs, certs, data)
     raw = RawSN(sn.address, identity(certs, "swci"))
-    raw.submit(sign_tx(raw.identity, "swci-1", "register_node", registration(raw.identity, "swci-1", "SWCI", "")))
+    raw.submit(sign_tx(raw.identity, "swci-1", "register_node", registration(raw.identity, "")))
     old = sign_tx(raw.identity, "swci-1", "contract_create", {"name": "once"})
     first = raw.submit(old)
     for i in range(3):  # the ledger moves on; the old bytes are replayed later
@@ -204,12 +196,12 @@ def test_a_replayed_old_transaction_is_refused_even_after_a_restart(procs, certs
 
 
 @pytest.mark.slow
-def test_a_node_cannot_append_in_another_nodes_name(procs, certs, host2, tmp_path):
+def test_a_node_cannot_append_in_another_nodes_name(procs, certs, tmp_path):
     sn = start_sn(procs, certs, tmp_path / "sn")
-    alice = RawSN(sn.address, identity(certs, "sl"))   # host 1's SL certificate
-    bob = RawSN(sn.address, identity(host2, "sl"))     # host 2's: the same CA, another key
+    alice = RawSN(sn.address, identity(certs, "sl", "alice"))  # two nodes of one organization
+    bob = RawSN(sn.address, identity(certs, "sl", "bob"))
     for raw, node in ((alice, "alice"), (bob, "bob")):
-        raw.submit(sign_tx(raw.identity, node, "register_node", registration(raw.identity, node, "SL", "")))
+        raw.submit(sign_tx(raw.identity, node, "register_node", registration(raw.identity, "")))
         raw.submit(sign_tx(raw.identity, node, "session_join", {"contract": "default", "node": node, "min_peers": 2}))
     head = alice.head()
     checkin = {"contract": "default", "round": 1, "hash": "cd" * 32, "weight": 1, "size": 10}
@@ -233,8 +225,8 @@ def test_a_node_cannot_append_in_another_nodes_name(procs, certs, host2, tmp_pat
             grpc.StatusCode.FAILED_PRECONDITION, "alice cannot act for node bob")
     # Takes over bob's node id by registering it with alice's certificate.
     refused(alice.submit(signed_by_alice(Signer("bob", a_fp), "register_node",
-                                         registration(alice.identity, "bob", "SL", "127.0.0.1:1"))),
-            grpc.StatusCode.FAILED_PRECONDITION, "node id bob is already registered with another certificate")
+                                         {**registration(alice.identity, "127.0.0.1:1"), "node_id": "bob"})),
+            grpc.StatusCode.FAILED_PRECONDITION, "a node's id is the name in its certificate (alice)")
     # Sends bob's genuine signed transaction (captured on the way) over her own connection.
     bobs = sign_tx(bob.identity, "bob", "checkin", {**checkin, "node": "bob"})
     refused(alice.submit(bobs), grpc.StatusCode.PERMISSION_DENIED, "certificate other than the caller's")

@@ -39,6 +39,8 @@ from swarmlearn.swci.script import parse_script
 from swarmlearn.swci.taskdef import load_taskdef
 from swarmlearn.swop.profile import load_profile
 
+from ledger_ids import CONTRACT, RUNNER, ca_pem, fingerprints, genesis_payload, reg
+
 EXAMPLE = Path(__file__).parent.parent / "examples" / "huggingface-peft"
 TASKDEFS = sorted((EXAMPLE / "swci" / "taskdefs").glob("*.yaml"))
 PROFILE = EXAMPLE / "swop" / "swop_profile.yaml"
@@ -189,13 +191,7 @@ def test_hostile_yaml_shapes_are_refused_quickly_with_file_and_line(tmp_path, ki
 
 # ----------------------------------------------------------------------------- the state machine
 
-FP = {name: f"{i:064x}" for i, name in enumerate(["sn-1", "swop-1", "swci-1", "node1", "node2", "node3"])}
-CONTRACT = "defaultbb.cqdb.sml.hpe"
-RUNNER = "defaulttaskbb.taskdb.sml.hpe"
-
-
-def _reg(node: str, role: str) -> dict:
-    return {"node_id": node, "role": role, "address": "127.0.0.1:1", "cert_fp": FP[node], "subject": node}
+FP = fingerprints()
 
 
 def busy_state() -> LedgerState:
@@ -206,10 +202,9 @@ def busy_state() -> LedgerState:
         state.apply_tx(Tx(kind, payload, Signer(signer, FP[signer])), state.head_index + 1)
         state.head_index += 1
 
-    add("genesis", {"swarm_id": "s", "ca_fingerprints": ["ca"], "default_contract": CONTRACT,
-                    "default_taskrunner": RUNNER, "sn": _reg("sn-1", "SN")})
-    for node, role in (("swop-1", "SWOP"), ("swci-1", "SWCI"), ("node1", "SL"), ("node2", "SL"), ("node3", "SL")):
-        add("register_node", _reg(node, role), node)
+    add("genesis", genesis_payload())
+    for node in ("swop-1", "swci-1", "admin-1", "node1", "node2", "node3"):
+        add("register_node", reg(node), node)
     add("taskrunner_join", {"runner": RUNNER, "capacity": 3}, "swop-1")
     add("task_create", {"name": "run", "type": "RUN_SWARM", "author": "a", "prereq": "ROOTTASK", "outcome": "o",
                         "body": {"Command": "model.py"}}, "swci-1")
@@ -232,7 +227,7 @@ def busy_state() -> LedgerState:
 PAYLOAD_KEYS = ["contract", "node", "round", "hash", "weight", "size", "final", "participants", "leader", "failed",
                 "dropped", "name", "type", "prereq", "author", "outcome", "body", "runner", "task", "peers",
                 "capacity", "generation", "peer", "status", "exit_code", "detail", "min_peers", "weightage",
-                "merge_method", "ca_fp", "ca_cert", "node_id", "role", "address", "cert_fp", "subject", "reason"]
+                "merge_method", "cert", "org", "roles", "node_id", "role", "address", "cert_fp", "limits", "reason"]
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**30), st.floats(allow_nan=False, allow_infinity=False),
                          st.text(max_size=8),
                          st.sampled_from([CONTRACT, "default", RUNNER, "run", "node1", "node2", "node3", "h",
@@ -245,10 +240,12 @@ LEADER2 = leader_order(CONTRACT, 0, 2, ["node1", "node2"])[0]
 # One legal transaction of every kind against busy_state(), as (kind, signer, payload). The fuzzer
 # swaps, drops and adds fields of these, so that most of what it sends gets past the first checks.
 TEMPLATES = [
-    ("register_node", "node3", {**_reg("node3", "SL"), "address": "127.0.0.1:2"}),
-    ("trust_ca", "sn-1", {"ca_fp": "x", "ca_cert": "-----BEGIN CERTIFICATE-----"}),
-    ("contract_create", "swci-1", {"name": "c2"}),
-    ("contract_reset", "swci-1", {"name": CONTRACT}),
+    ("register_node", "node3", {**reg("node3"), "address": "127.0.0.1:2"}),
+    ("trust_ca", "admin-1", {"cert": ca_pem("other-sl"), "org": "other", "roles": ["sl"]}),
+    ("revoke_cert", "admin-1", {"cert_fp": FP["node3"], "reason": "lost"}),
+    ("contract_create", "swci-1", {"name": "c2", "limits": {"max_min_peers": 3}}),
+    ("contract_update", "admin-1", {"name": CONTRACT, "peers": ["node1"]}),
+    ("contract_reset", "admin-1", {"name": CONTRACT}),
     ("task_create", "swci-1", {"name": "t2", "type": "RUN_SWARM", "author": "a", "prereq": "run", "outcome": "o",
                                "body": {"Command": "x"}}),
     ("task_append", "swci-1", {"name": "run", "body": {"Envvars": ["A"]}}),

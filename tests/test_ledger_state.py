@@ -11,9 +11,9 @@ from swarmlearn.errors import AlreadyRecorded, Rejected
 from swarmlearn.ledger import GENESIS_PREV_HASH, Entry, LedgerState, Signer, Tx, fold
 from swarmlearn.ledger.state import leader_order
 
-FP = {name: f"{i:064x}" for i, name in enumerate(["sn-1", "swop-1", "swci-1", "node1", "node2", "node3", "node4"])}
-CONTRACT = "defaultbb.cqdb.sml.hpe"
-RUNNER = "defaulttaskbb.taskdb.sml.hpe"
+from ledger_ids import CONTRACT, RUNNER, fingerprints, genesis_payload, reg
+
+FP = fingerprints()
 
 
 class Log:
@@ -34,18 +34,13 @@ class Log:
         return entry
 
 
-def reg(node: str, role: str) -> dict:
-    return {"node_id": node, "role": role, "address": "127.0.0.1:1", "cert_fp": FP[node], "subject": node}
-
-
 def base_log() -> Log:
     log = Log()
-    log.add("genesis", {"swarm_id": "s1", "ca_fingerprints": ["ca"], "default_contract": CONTRACT,
-                        "default_taskrunner": RUNNER, "sn": reg("sn-1", "SN")})
-    log.add("register_node", reg("swop-1", "SWOP"), "swop-1")
-    log.add("register_node", reg("swci-1", "SWCI"), "swci-1")
+    log.add("genesis", genesis_payload())
+    for name in ("swop-1", "swci-1", "admin-1"):
+        log.add("register_node", reg(name), name)
     for node in ("node1", "node2", "node3", "node4"):
-        log.add("register_node", reg(node, "SL"), node)
+        log.add("register_node", reg(node), node)
     log.add("taskrunner_join", {"runner": RUNNER, "capacity": 3}, "swop-1")
     log.add("task_create", {"name": "build", "type": "MAKE_USER_CONTAINER", "author": "me", "prereq": "ROOTTASK",
                             "outcome": "env", "body": {"BuildSteps": ["RUN pip install x"]}}, "swci-1")
@@ -88,15 +83,15 @@ def round_one_closed(log: Log, nodes: list[str]) -> list[str]:
 
 ILLEGAL = [
     # (story, kind, payload, signer, reason fragment)
-    ("a second genesis", "genesis", {"swarm_id": "x", "ca_fingerprints": [], "default_contract": "c",
-                                     "default_taskrunner": "t", "sn": reg("sn-1", "SN")}, "sn-1", "first entry"),
+    ("a second genesis", "genesis", genesis_payload(), "sn-1", "first entry"),
     ("an unknown kind", "mint_coins", {}, "node1", "unknown transaction kind"),
     ("a payload nested too deep to serve back", "contract_create",
      {"name": "c2", "x": __import__("functools").reduce(lambda inner, _: [inner], range(40), 0)}, "swci-1",
      "nested deeper than 16"),
-    ("an SL resetting a contract it did not create", "contract_reset", {"name": CONTRACT}, "node1",
-     "may reset contract"),
-    ("a node registering for another", "register_node", reg("node2", "SL"), "node1", "only speak for itself"),
+    ("an SL resetting a contract", "contract_reset", {"name": CONTRACT}, "node1", "may be submitted by admin, swci"),
+    ("a SWCI resetting the default contract", "contract_reset", {"name": CONTRACT}, "swci-1",
+     "only an admin may reset the default contract"),
+    ("a node registering for another", "register_node", reg("node2"), "node1", "the certificate carried is not"),
     ("an unregistered signer", "contract_create", {"name": "c2"}, "stranger", "not a registered node"),
     ("a registered id signing with another certificate", "contract_create", {"name": "c2"}, "node1",
      "other than the one it registered"),
@@ -120,8 +115,9 @@ ILLEGAL = [
     ("a check-in to an unknown contract", "checkin",
      {"contract": "nope", "round": 1, "node": "node1", "hash": "h", "weight": 1}, "node1", "no contract"),
     ("a non-SWOP joining a task runner", "taskrunner_join", {"runner": RUNNER, "capacity": 1}, "node1",
-     "not a SWOP"),
-    ("a non-SN trusting a CA", "trust_ca", {"ca_fp": "ab", "ca_cert": "x"}, "node1", "not an SN"),
+     "may be submitted by swop only"),
+    ("a non-admin trusting a CA", "trust_ca", {"cert": "x", "org": "o", "roles": ["sl"]}, "node1",
+     "may be submitted by admin only"),
     ("metrics for another node", "metrics", {"contract": CONTRACT, "node": "node2", "loss": 1.0}, "node1",
      "only speak for itself"),
 ]
@@ -265,7 +261,7 @@ def test_session_leave_removes_an_open_checkin_and_contract_reset_starts_over():
     assert "node1" not in log.state.contracts[CONTRACT].rounds[1].checkins
     with pytest.raises(Rejected, match="has not joined"):
         checkin(log, "node1", 1)
-    log.add("contract_reset", {"name": CONTRACT}, "swci-1")
+    log.add("contract_reset", {"name": CONTRACT}, "admin-1")
     contract = log.state.contracts[CONTRACT]
     assert contract.generation == 1 and contract.members == {} and contract.current_round == 1
 
@@ -327,7 +323,7 @@ def test_a_closed_round_keeps_its_min_peers_so_a_rejoin_cannot_license_an_abort(
     order = round_one_closed(log, nodes)
     # A participant raises the contract's min_peers after the close ...
     log.add("session_leave", {"contract": CONTRACT, "node": order[2]}, order[2])
-    log.add("session_join", {"contract": CONTRACT, "node": order[2], "min_peers": 99, "weightage": 1}, order[2])
+    log.add("session_join", {"contract": CONTRACT, "node": order[2], "min_peers": 16, "weightage": 1}, order[2])
     # ... but the round still needs the 2 it closed with: 2 remain, so no participant may abort it.
     with pytest.raises(Rejected, match="only its leader"):
         log.add("round_abort", {"contract": CONTRACT, "round": 1, "reason": "x", "failed": order[0]}, order[2])

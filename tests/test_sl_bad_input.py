@@ -32,7 +32,7 @@ def test_certificates_the_sn_does_not_trust_are_a_clear_error(sn, certs, foreign
     shutil.copy(foreign_certs.ca_cert, both)
     host, port = sn.address.rsplit(":", 1)
     result = run_swarm("sl", "--sn-ip", host, "--sn-api-port", port, "--sl-fs-port", "0",
-                       "--key", str(foreign_certs.key("sl")), "--cert", str(foreign_certs.cert("sl")),
+                       "--key", str(foreign_certs.node_key("node1")), "--cert", str(foreign_certs.node_cert("node1")),
                        "--capath", str(both), "--node-id", "node1", "--connect-timeout", "3")
     assert result.returncode == 1
     assert "certificates" in result.stderr and "CA" in result.stderr

@@ -100,7 +100,7 @@ def test_certificate_from_a_foreign_ca_is_refused_at_the_handshake(sn, certs, fo
     both.mkdir()
     shutil.copy(certs.ca_cert, both)
     shutil.copy(foreign_certs.ca_cert, both)
-    stranger = Identity.load(foreign_certs.key("sl"), foreign_certs.cert("sl"), both)
+    stranger = Identity.load(foreign_certs.node_key("node1"), foreign_certs.node_cert("node1"), both)
     with SNClient(sn.address, stranger, "intruder", unreachable_timeout=2) as c:
         with pytest.raises(SNUnavailable):
             c.wait_ready(2)

@@ -42,6 +42,23 @@ def _logging(verbose: bool) -> None:
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
 
 
+def own_name(identity, role: str, given: str | None) -> str:
+    """The node id a component runs as: the name in its certificate, which must be of `role`. A
+    role-less (older) certificate runs under `given` only if an admin mapped it on the ledger."""
+    from swarmlearn.errors import CertificateError
+
+    ident = identity.require_role(role)
+    if ident is None:
+        if not given:
+            raise CertificateError(f"{identity.cert_path}: carries no swarm role and name; pass --node-id with the "
+                                   f"name an admin mapped it to, or re-issue it with `swarm gen-cert`")
+        return given
+    if given and given != ident.name:
+        raise CertificateError(f"--node-id {given} is not the name in {identity.cert_path} ({ident}); a node's id "
+                               f"is its certificate's name: leave --node-id out or use the certificate of {given}")
+    return ident.name
+
+
 def identity_options(fn):
     for option in reversed([
         click.option("--key", type=click.Path(path_type=Path), required=True, help="This node's private key (PEM)."),
@@ -70,19 +87,26 @@ def cli() -> None:
               help="Host index I: files are named ca-I-cert.pem, sn-I-key.pem, ...")
 @click.option("--workspace", type=click.Path(path_type=Path), default=DEFAULT_WORKSPACE, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Write straight into this folder instead.")
+@click.option("--org", help="Organization of a new CA: the <org> of spiffe://<org>/<role>/<name> in every "
+                            "certificate it issues (default: the example name). A reused CA keeps its own.")
+@click.option("--nodes", help="Training nodes of this host, comma separated: each gets its own sl certificate "
+                              "named after it, sl-<node>-cert.pem (default: one node named node<index>).")
 @click.option("--san", multiple=True, help="Extra host name or IP for every certificate (repeatable).")
 @click.option("--ca-cert", type=click.Path(path_type=Path), help="Issue from this existing CA (another host's).")
 @click.option("--ca-key", type=click.Path(path_type=Path), help="Key of --ca-cert.")
 @click.option("--trust", type=click.Path(path_type=Path), multiple=True,
               help="Copy this CA certificate into capath too (trust is the union of capath).")
 @click.option("--force", is_flag=True, help="Replace existing keys of this host index.")
-def gen_cert(example, host_index, workspace, out, san, ca_cert, ca_key, trust, force) -> None:
-    """Make a CA and a key + certificate for each of sn, sl, swop, swci."""
+def gen_cert(example, host_index, org, nodes, workspace, out, san, ca_cert, ca_key, trust, force) -> None:
+    """Make a CA and a key + certificate for each of sn, swop, swci, ui, admin, and one sl per node.
+
+    Each certificate says who it is: spiffe://<org>/<role>/<name>."""
     from swarmlearn.pki import generate_host_certs
 
     target = out or workspace / example / "cert"
-    written = generate_host_certs(target, host_index, sans=list(san), ca_cert_path=ca_cert, ca_key_path=ca_key,
-                                  trust=list(trust), force=force)
+    written = generate_host_certs(target, host_index, org=org or example.lower(),
+                                  nodes=[n for n in (nodes or "").split(",") if n] or None, sans=list(san),
+                                  ca_cert_path=ca_cert, ca_key_path=ca_key, trust=list(trust), force=force)
     click.echo(f"wrote {len(written)} files to {target}:")
     for path in written:
         click.echo(f"  {path}")
@@ -94,9 +118,12 @@ def gen_cert(example, host_index, workspace, out, san, ca_cert, ca_key, trust, f
 @click.option("--sn-api-port", type=int, default=30304, show_default=True, help="0 lets the OS choose.")
 @identity_options
 @click.option("--data-dir", type=click.Path(path_type=Path), required=True, help="Where the ledger is kept.")
-@click.option("--node-id", help="Name of this SN on the ledger (default: its certificate's common name).")
+@click.option("--node-id", help="Name of this SN on the ledger: must be its certificate's name (the default).")
+@click.option("--new-swarm", is_flag=True,
+              help="With --sentinel: found a new swarm even though --data-dir shows traces of an earlier ledger "
+                   "(its history is then abandoned; nodes that followed it will refuse this SN).")
 @click.option("-v", "--verbose", is_flag=True)
-def sn(sentinel, host_ip, sn_api_port, key, cert, capath, data_dir, node_id, verbose) -> None:
+def sn(sentinel, host_ip, sn_api_port, key, cert, capath, data_dir, node_id, new_swarm, verbose) -> None:
     """Run a Swarm Network node: hold the ledger and serve the SN API."""
     _logging(verbose)
     from swarmlearn.pki import Identity
@@ -104,7 +131,7 @@ def sn(sentinel, host_ip, sn_api_port, key, cert, capath, data_dir, node_id, ver
 
     identity = Identity.load(key, cert, capath)
     server = start_sn(host=host_ip, port=sn_api_port, identity=identity, data_dir=data_dir, sentinel=sentinel,
-                      node_id=node_id)
+                      node_id=node_id, new_swarm=new_swarm)
     head = server.chain.state.head_index
     click.echo(f"SN ready on {server.address} ({'sentinel' if sentinel else 'member'}) as {server.node_id}, "
                f"ledger at entry {head}", err=False)
@@ -121,7 +148,7 @@ def sn(sentinel, host_ip, sn_api_port, key, cert, capath, data_dir, node_id, ver
 @click.option("--sl-fs-port", type=int, default=30305, show_default=True,
               help="Port for peer-to-peer tensor transfer; 0 lets the OS choose.")
 @identity_options
-@click.option("--node-id", required=True, help="This peer's name in the swarm, e.g. node1.")
+@click.option("--node-id", help="This peer's name in the swarm: must be the name in its certificate (the default).")
 @click.option("--ml-addr", help="Local channel for this node's ML process: unix:PATH or HOST:PORT "
                                 "(default: a Unix socket in the data dir).")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Working folder (default: a new temp folder).")
@@ -144,8 +171,10 @@ def sl(sn_ip, sn_api_port, host_ip, sl_fs_port, key, cert, capath, node_id, ml_a
     from swarmlearn.pki import Identity
     from swarmlearn.sl.node import SLConfig, SLNode
     from swarmlearn.sl.round import Timeouts
+    from swarmlearn.sl.wire import TOKEN_ENV
 
     identity = Identity.load(key, cert, capath)
+    node_id = own_name(identity, "sl", node_id)
     node = SLNode(SLConfig(node_id=node_id, identity=identity, sn_address=f"{sn_ip}:{sn_api_port}", host=host_ip,
                            fs_port=sl_fs_port, ml_addr=ml_addr, data_dir=data_dir,
                            timeouts=Timeouts(checkin_wait=checkin_wait, leader_base=leader_timeout,
@@ -153,9 +182,23 @@ def sl(sn_ip, sn_api_port, host_ip, sl_fs_port, key, cert, capath, node_id, ml_a
                                             waiting_log_every=waiting_log_every),
                            connect_timeout=connect_timeout))
     node.start()
-    click.echo(f"SL {node_id} ready: SWARM_SL_ADDR={node.ml_addr}")
+    # The ready line is what the SWOP passes on to the ML's environment: the channel's address and,
+    # for a TCP channel, the secret it asks of its callers.
+    ready = f"SL {node_id} ready: SWARM_SL_ADDR={node.ml_addr}"
+    click.echo(f"{ready} {TOKEN_ENV}={node.token}" if node.token else ready)
     sys.stdout.flush()
-    _serve_until_signalled(node.stop)
+    # Until signalled, or until the SL loses its ledger (the SN stayed away past SWARM_SN_PATIENCE, or
+    # sent what the follower refuses): an SL that cannot follow the ledger is of no use to its ML, so
+    # it stops and exits non-zero with the reason as its last line, rather than linger.
+    signalled = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: signalled.set())
+    failure = None
+    while failure is None and not signalled.is_set():
+        failure = node.failure(0.5)
+    node.stop()
+    if failure is not None:
+        raise SwarmError(f"SL {node_id} stopped: it lost the ledger: {failure}")
 
 
 def _resolve(usr_dir: Path, name: Path, subdir: str) -> Path:
@@ -188,6 +231,7 @@ def swop(sn_ip, sn_api_port, usr_dir, profile_file_name, key, cert, capath, work
     from swarmlearn.swop.operator import Operator, OperatorConfig
 
     identity = Identity.load(key, cert, capath)
+    own_name(identity, "swop", None)
     usr_dir = usr_dir.resolve()
     operator = Operator(OperatorConfig(identity=identity, sn_address=f"{sn_ip}:{sn_api_port}", usr_dir=usr_dir,
                                        profile_path=_resolve(usr_dir, profile_file_name, "swop"),
@@ -218,6 +262,8 @@ def swci(usr_dir, init_script_name, key, cert, capath, sn_api_port) -> None:
     from swarmlearn.swci.session import SwciSession
 
     identity = Identity.load(key, cert, capath)
+    if identity.swarm_id is None or identity.swarm_id.role != "admin":
+        own_name(identity, "swci", None)  # an admin may run SWCI commands too
     session = SwciSession(identity, usr_dir, out=lambda line: click.echo(line), default_sn_port=sn_api_port)
     try:
         if init_script_name is not None:
@@ -242,6 +288,95 @@ def swci(usr_dir, init_script_name, key, cert, capath, sn_api_port) -> None:
     finally:
         session.close()
     sys.exit(code)
+
+
+@cli.group("admin")
+@click.option("--sn-ip", default="127.0.0.1", show_default=True)
+@click.option("--sn-api-port", type=int, default=30304, show_default=True)
+@identity_options
+@click.pass_context
+def admin(ctx, sn_ip, sn_api_port, key, cert, capath) -> None:
+    """What only an admin certificate may do: trust another organization's CA, revoke or map
+    certificates, change the default contract's limits. Each is a signed ledger entry."""
+    ctx.obj = (f"{sn_ip}:{sn_api_port}", key, cert, capath)
+
+
+def _admin_submit(ctx, kind: str, payload: dict) -> int:
+    from swarmlearn.pki import Identity
+    from swarmlearn.sn.client import SNClient
+
+    address, key, cert, capath = ctx.obj
+    identity = Identity.load(key, cert, capath)
+    own_name(identity, "admin", None)
+    with SNClient(address, identity) as sn:
+        sn.wait_ready()
+        sn.register("admin")
+        return sn.submit(kind, payload)
+
+
+@admin.command("trust-ca")
+@click.argument("ca_cert", type=click.Path(path_type=Path))
+@click.option("--roles", default="sn,sl,swop,swci,ui", show_default=True,
+              help="Roles the CA may issue certificates for (never admin).")
+@click.pass_context
+def admin_trust_ca(ctx, ca_cert, roles) -> None:
+    """Trust CA_CERT (another organization's CA) for its own organization and the given roles."""
+    from swarmlearn.pki import _load_cert, ca_organization, cert_to_pem
+
+    ca = _load_cert(ca_cert, "CA_CERT")
+    org = ca_organization(ca)
+    index = _admin_submit(ctx, "trust_ca", {"cert": cert_to_pem(ca).decode(), "org": org,
+                                            "roles": [r for r in roles.split(",") if r]})
+    click.echo(f"CA of {org} trusted for {roles} at ledger entry {index}")
+
+
+@admin.command("revoke")
+@click.argument("cert_file", type=click.Path(path_type=Path))
+@click.option("--reason", default="", help="Why, for the ledger's readers.")
+@click.pass_context
+def admin_revoke(ctx, cert_file, reason) -> None:
+    """Revoke the certificate in CERT_FILE: every SN and SL refuses it from now on."""
+    from swarmlearn.pki import _load_cert, cert_fingerprint
+
+    fp = cert_fingerprint(_load_cert(cert_file, "CERT_FILE"))
+    index = _admin_submit(ctx, "revoke_cert", {"cert_fp": fp, "reason": reason})
+    click.echo(f"certificate {fp[:12]} revoked at ledger entry {index}")
+
+
+@admin.command("map-cert")
+@click.argument("cert_file", type=click.Path(path_type=Path))
+@click.option("--role", type=click.Choice(["sn", "sl", "swop", "swci", "ui"]), required=True)
+@click.option("--name", required=True, help="The node id it acts as.")
+@click.pass_context
+def admin_map_cert(ctx, cert_file, role, name) -> None:
+    """Give a role-less certificate (an older one, or the original product's) a role and a name."""
+    from swarmlearn.pki import _load_cert, cert_to_pem
+
+    pem = cert_to_pem(_load_cert(cert_file, "CERT_FILE")).decode()
+    index = _admin_submit(ctx, "map_cert", {"cert": pem, "role": role, "name": name})
+    click.echo(f"{cert_file} acts as {role} {name} from ledger entry {index}")
+
+
+@admin.command("contract-limits")
+@click.argument("contract", default="default")
+@click.option("--max-min-peers", type=int, default=16, show_default=True)
+@click.option("--max-blob-bytes", type=int, default=4 << 30, show_default=True)
+@click.option("--max-metrics-bytes", type=int, default=16 << 10, show_default=True)
+@click.pass_context
+def admin_contract_limits(ctx, contract, max_min_peers, max_blob_bytes, max_metrics_bytes) -> None:
+    """Set what members of CONTRACT may declare (the default contract's limits only an admin sets)."""
+    limits = {"max_min_peers": max_min_peers, "max_blob_bytes": max_blob_bytes, "max_metrics_bytes": max_metrics_bytes}
+    index = _admin_submit(ctx, "contract_update", {"name": contract, "limits": limits})
+    click.echo(f"limits of {contract} set at ledger entry {index}: {limits}")
+
+
+@cli.command("policy")
+def policy() -> None:
+    """Print the ledger's policy table: who may submit each kind of transaction."""
+    from swarmlearn.ledger.policy import policy_table
+
+    for row in policy_table():
+        click.echo(row)
 
 
 @cli.command("stop")
@@ -333,14 +468,28 @@ def _open_ledger_file(path: Path):
 @ledger.command("verify")
 @click.argument("path", type=click.Path(path_type=Path))
 def ledger_verify(path) -> None:
-    """Walk the chain: every hash, link and signature. PATH is ledger.db or the SN's data dir."""
+    """Walk the chain: every hash, link and signature, and compare it with the SN's swarm.json (the
+    swarm and the head it acknowledged) when there is one. PATH is ledger.db or the SN's data dir."""
+    from swarmlearn.errors import LedgerError
     from swarmlearn.ledger.chain import ChainBroken, verify_store
+    from swarmlearn.ledger.pin import PinFile, check_marker
+    from swarmlearn.sn.server import MARKER_FILE
 
     store = _open_ledger_file(path)
     try:
         report = verify_store(store)
+        marker_path = store.path.parent / MARKER_FILE
+        marker = PinFile(marker_path).load()
+        if marker is not None:
+            check_marker(marker, report.entries - 1, lambda i: store.read_raw(i, 1)[0].hash, store.path, marker_path)
+        elif report.entries == 0:
+            raise LedgerError(f"{store.path} holds no entries, not even a genesis: an SN's ledger always has one; "
+                              f"it was emptied or is not an SN's ledger")
     except ChainBroken as exc:
         click.echo(f"BAD entry {exc.index}: {exc.reason}")
+        sys.exit(1)
+    except LedgerError as exc:
+        click.echo(f"BAD {exc}")
         sys.exit(1)
     finally:
         store.close()

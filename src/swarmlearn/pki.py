@@ -1,15 +1,22 @@
-"""Identities: gen-cert (a CA and a key+certificate per component of a host) and loading them for mTLS.
+"""Identities: gen-cert (a CA and a key+certificate per component of a host and per training node) and
+loading them for mTLS.
 
 Keys are ECDSA P-256: small, fast to sign ledger transactions with, and accepted by gRPC's TLS. Every
 certificate is good for both TLS server and client use, because every node is both.
+
+Every certificate carries who it is as a URI SAN in SPIFFE form, `spiffe://<organization>/<role>/<name>`:
+the organization is the issuing CA's (its O attribute), the role one of ROLES, the name the node id it
+has in the swarm. Servers read role and name from the verified certificate, never from a message.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import ipaddress
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +29,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from swarmlearn.errors import CertificateError, ConfigError
 
-COMPONENTS = ("sn", "sl", "swop", "swci")
+# What a certificate may be: each role runs one component; `ui` only reads, `admin` is the operator who
+# trusts other organizations' CAs, revokes certificates and changes the default contract's limits.
+ROLES = ("sn", "sl", "swop", "swci", "ui", "admin")
+# The per-host certificates gen-cert writes (named <role>-<index>); training nodes get one each (--nodes).
+COMPONENTS = ("sn", "swop", "swci", "ui", "admin")
+# Organization and node names: what fits a SPIFFE trust domain / path segment and a file name.
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}", re.IGNORECASE)
+ORG_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 CA_VALIDITY = dt.timedelta(days=3650)
 CERT_VALIDITY = dt.timedelta(days=825)
 
@@ -56,6 +70,13 @@ class CertLayout:
     def key(self, component: str) -> Path:
         return self.root / f"{component}-{self.index}-key.pem"
 
+    def node_cert(self, name: str) -> Path:
+        """A training node's own certificate (role sl, name = its node id)."""
+        return self.root / f"sl-{name}-cert.pem"
+
+    def node_key(self, name: str) -> Path:
+        return self.root / f"sl-{name}-key.pem"
+
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
@@ -69,10 +90,10 @@ def cert_to_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _make_ca(index: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def _make_ca(index: int, org: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "swarmlearn"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, f"swarmlearn CA {index}")])
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
+                      x509.NameAttribute(NameOID.COMMON_NAME, f"{org} CA {index}")])
     now = _now()
     cert = (
         x509.CertificateBuilder()
@@ -102,14 +123,17 @@ def _san_entries(names: list[str]) -> list[x509.GeneralName]:
     return entries
 
 
-def _issue(ca_key, ca_cert: x509.Certificate, common_name: str, sans: list[str],
+def _issue(ca_key, ca_cert: x509.Certificate, role: str, name: str, sans: list[str],
            validity: dt.timedelta = CERT_VALIDITY) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
+    org = ca_organization(ca_cert)
+    general_names = [x509.UniformResourceIdentifier(spiffe_id(org, role, name)), *_san_entries(sans)]
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "swarmlearn"),
-                                 x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
+                                 x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+                                 x509.NameAttribute(NameOID.COMMON_NAME, name)]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -121,7 +145,7 @@ def _issue(ca_key, ca_cert: x509.Certificate, common_name: str, sans: list[str],
                                      crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                        critical=False)
-        .add_extension(x509.SubjectAlternativeName(_san_entries(sans)), critical=False)
+        .add_extension(x509.SubjectAlternativeName(general_names), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -132,6 +156,8 @@ def generate_host_certs(
     out: Path,
     index: int,
     *,
+    org: str = "swarm",
+    nodes: list[str] | None = None,
     sans: list[str] | None = None,
     components: tuple[str, ...] = COMPONENTS,
     ca_cert_path: Path | None = None,
@@ -139,17 +165,29 @@ def generate_host_certs(
     trust: list[Path] | None = None,
     force: bool = False,
 ) -> list[Path]:
-    """Writes a CA (or reuses one) and a key+certificate per component under `out`.
+    """Writes a CA (or reuses one) and a key+certificate per component and per training node under `out`.
 
     The CA used is, in order: the one given by `ca_cert_path`/`ca_key_path` (another host's CA, so
     this host's identities are trusted wherever that CA is), the one already in `out` for this index,
-    or a new one. `trust` copies further CA certificates into capath: trust is the union of capath.
-    Refuses to overwrite an existing component key unless `force`. Writes all or nothing.
+    or a new one for organization `org`. A reused CA keeps its own organization. Each component's
+    certificate is named <component>-<index> (role = component); each of `nodes` gets an `sl`
+    certificate named after it (default: one node named node<index>). `trust` copies further CA
+    certificates into capath: trust is the union of capath. Refuses to overwrite an existing key
+    unless `force`. Writes all or nothing.
     """
     if index < 0:
         raise ConfigError(f"host index must be 0 or more, got {index}")
+    if not ORG_PATTERN.fullmatch(org):
+        raise ConfigError(f"organization {org!r} must be 1-63 lower-case letters, digits, '.', '-' or '_' "
+                          f"(it is the trust domain of spiffe://<organization>/...); pass another --org")
+    nodes = list(dict.fromkeys(nodes)) if nodes else [f"node{index}"]
+    for name in nodes:
+        if not NAME_PATTERN.fullmatch(name):
+            raise ConfigError(f"node name {name!r} must be 1-63 letters, digits, '.', '-' or '_'; fix --nodes")
     layout = CertLayout(Path(out), index)
-    existing = [p for c in components for p in (layout.key(c), layout.cert(c)) if p.exists()]
+    issued = [(c, f"{c}-{index}", layout.key(c), layout.cert(c)) for c in components]
+    issued += [("sl", name, layout.node_key(name), layout.node_cert(name)) for name in nodes]
+    existing = [p for *_, key, cert in issued for p in (key, cert) if p.exists()]
     if existing and not force:
         raise ConfigError(f"{existing[0]} already exists; pass --force to replace the keys of host {index}, "
                           f"or choose another --workspace/--out")
@@ -163,16 +201,19 @@ def generate_host_certs(
     elif layout.ca_key.exists() and layout.ca_cert.exists():
         ca_key, ca_cert = _load_ca(layout.ca_cert, layout.ca_key)
     else:
-        ca_key, ca_cert = _make_ca(index)
+        ca_key, ca_cert = _make_ca(index, org)
         files[layout.ca_key] = (_key_pem(ca_key), 0o600)
         files[layout.ca_cert] = (cert_to_pem(ca_cert), 0o644)
+    if not ORG_PATTERN.fullmatch(ca_organization(ca_cert)):
+        raise CertificateError(f"the CA {pki_subject(ca_cert)} names no usable organization (O attribute); "
+                               f"issue from a CA made by `swarm gen-cert --org <name>`")
     for extra in trust or []:
         files[layout.capath / Path(extra).name] = (_read_ca_cert_bytes(Path(extra)), 0o644)
 
-    for comp in components:
-        key, cert = _issue(ca_key, ca_cert, f"{comp}-{index}", [comp, "localhost", "127.0.0.1", "::1", *(sans or [])])
-        files[layout.key(comp)] = (_key_pem(key), 0o600)
-        files[layout.cert(comp)] = (cert_to_pem(cert), 0o644)
+    for role, name, key_path, cert_path in issued:
+        key, cert = _issue(ca_key, ca_cert, role, name, [role, "localhost", "127.0.0.1", "::1", *(sans or [])])
+        files[key_path] = (_key_pem(key), 0o600)
+        files[cert_path] = (cert_to_pem(cert), 0o644)
 
     _write_all(files)
     _rehash(layout.capath)
@@ -307,13 +348,13 @@ def load_ca_certs(capath: Path) -> list[tuple[Path, x509.Certificate]]:
             certs = x509.load_pem_x509_certificates(_read(p, "CA certificate", "--capath"))
         except ValueError:
             continue  # not a certificate file; capath folders often hold other files
-        cas.extend((p, c) for c in certs if _is_ca(c))
+        cas.extend((p, c) for c in certs if is_ca(c))
     if not cas:
         raise CertificateError(f"{capath}: holds no CA certificate; check --capath")
     return cas
 
 
-def _is_ca(cert: x509.Certificate) -> bool:
+def is_ca(cert: x509.Certificate) -> bool:
     try:
         return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
@@ -326,6 +367,76 @@ def cert_fingerprint(cert: x509.Certificate) -> str:
 
 def cert_from_pem(pem: str | bytes) -> x509.Certificate:
     return x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_peer_pem(pem: bytes) -> tuple[x509.Certificate, str]:
+    cert = x509.load_pem_x509_certificate(pem)
+    return cert, cert_fingerprint(cert)
+
+
+def peer_certificate(context) -> tuple[x509.Certificate, str] | None:
+    """The certificate a gRPC caller presented at the (verified) TLS handshake and its fingerprint;
+    parsed once per distinct certificate, not once per call."""
+    pems = context.auth_context().get("x509_pem_cert")
+    if not pems:
+        return None
+    return _parse_peer_pem(bytes(pems[0]))
+
+
+def pki_subject(cert: x509.Certificate) -> str:
+    return cert.subject.rfc4514_string()
+
+
+def ca_organization(ca: x509.Certificate) -> str:
+    """The organization a CA issues for: its subject's O attribute."""
+    attrs = ca.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    return str(attrs[0].value) if attrs else ""
+
+
+def spiffe_id(org: str, role: str, name: str) -> str:
+    return f"spiffe://{org}/{role}/{name}"
+
+
+@dataclass(frozen=True)
+class SwarmId:
+    """Who a certificate says it is: organization, role and name, from its SPIFFE URI SAN."""
+
+    org: str
+    role: str
+    name: str
+
+    @property
+    def spiffe_id(self) -> str:
+        return spiffe_id(self.org, self.role, self.name)
+
+    def __str__(self) -> str:
+        return self.spiffe_id
+
+
+_SPIFFE = re.compile(r"spiffe://([^/]+)/([^/]+)/([^/]+)")
+
+
+def swarm_id(cert: x509.Certificate) -> SwarmId | None:
+    """The certificate's swarm identity, or None when it carries no `spiffe://<org>/<role>/<name>` URI
+    of ours (an older certificate, or one made by the original product's gen-cert)."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    found = [m for uri in sans.get_values_for_type(x509.UniformResourceIdentifier)
+             if (m := _SPIFFE.fullmatch(uri))]
+    if len(found) != 1:
+        return None
+    org, role, name = found[0].groups()
+    if role not in ROLES or not ORG_PATTERN.fullmatch(org) or not NAME_PATTERN.fullmatch(name):
+        return None
+    return SwarmId(org, role, name)
+
+
+REISSUE_HINT = ("re-issue it with `swarm gen-cert --force` (certificates now carry "
+                "spiffe://<organization>/<role>/<name>), or have an admin map its fingerprint with "
+                "`swarm admin map-cert`")
 
 
 def common_name(cert: x509.Certificate) -> str:
@@ -393,6 +504,25 @@ class Identity:
     @property
     def fingerprint(self) -> str:
         return cert_fingerprint(self.cert)
+
+    @property
+    def swarm_id(self) -> SwarmId | None:
+        return swarm_id(self.cert)
+
+    def require_role(self, role: str) -> SwarmId | None:
+        """Refuses to run a component with another role's certificate. A certificate without a role
+        (made before roles existed) passes here; the ledger accepts it only if an admin mapped it."""
+        ident = self.swarm_id
+        if ident is not None and ident.role != role:
+            raise CertificateError(f"{self.cert_path}: is the certificate of {ident} (role {ident.role}); "
+                                   f"a {role} needs a certificate of role {role} (see `swarm gen-cert`)")
+        return ident
+
+    @property
+    def name(self) -> str:
+        """This node's name in the swarm: its certificate's, else (older certificates) the common name."""
+        ident = self.swarm_id
+        return ident.name if ident is not None else self.common_name
 
     @property
     def common_name(self) -> str:

@@ -25,6 +25,11 @@ from swarmlearn.swop.runtime import Handle, ProcessRuntime, Spec
 READY_TIMEOUT = 60.0
 
 
+def _org_name(example: str) -> str:
+    """The organization of a run's certificates: the example's folder name as a SPIFFE trust domain."""
+    return re.sub(r"[^a-z0-9._-]", "-", example.lower()).strip("-._") or "swarm"
+
+
 @dataclass
 class RunOptions:
     example: Path
@@ -110,9 +115,11 @@ class SwarmRun:
                 path.write_text(text.replace("<PROJECT-CERTS>", str(self.certs.root))
                                 .replace("<PROJECT>", str(self.project)))
         self._set_sizes()
-        if not self.certs.key("sn").exists():
-            generate_host_certs(self.certs.root, 1)
-            self.out(f"certificates: {self.certs.root}")
+        nodes = [f"node{i}" for i in range(1, self.o.nodes + 1)]
+        if not self._certs_ready(nodes):
+            generate_host_certs(self.certs.root, 1, org=_org_name(self.example.name), nodes=nodes, force=True)
+            self.out(f"certificates: {self.certs.root} (organization {_org_name(self.example.name)}, "
+                     f"one per component and per node)")
         files = prepare(self.project / "data", self.o.nodes, self.o.train_per_node, self.o.test_size, self.o.seed,
                         self.o.label_skew)
         self.out(f"data: {len(files) - 1} shards of {self.o.train_per_node} reviews and {self.o.test_size} test "
@@ -146,6 +153,18 @@ class SwarmRun:
         script.write_text(re.sub(r"(ASSIGN TASK \S+ TO \S+ WITH )(\d+)( PEERS)",
                                  lambda m: m.group(1) + (m.group(2) if m.group(2) == "1" else str(self.o.nodes))
                                  + m.group(3), script.read_text()))
+
+    def _certs_ready(self, nodes: list[str]) -> bool:
+        """Whether the workspace holds role-bound certificates for every component and node (older
+        workspaces hold certificates without roles: those are made anew)."""
+        from swarmlearn.pki import _load_cert, swarm_id
+
+        needed = [self.certs.cert("sn"), self.certs.cert("swop"), self.certs.cert("swci"),
+                  *(self.certs.node_cert(n) for n in nodes)]
+        try:
+            return all(swarm_id(_load_cert(path)) is not None for path in needed)
+        except SwarmError:
+            return False
 
     def _ids(self, component: str) -> list[str]:
         return ["--key", str(self.certs.key(component)), "--cert", str(self.certs.cert(component)),

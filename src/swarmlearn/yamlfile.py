@@ -60,7 +60,8 @@ def load_yaml(path: str | os.PathLike) -> tuple[Any, LineMap]:
 
     Raises ConfigError for a missing or unreadable file, a syntax error (with line:column), a key
     written twice in one mapping (YAML would silently keep the last), and hostile shapes: nesting too
-    deep to parse, or aliases that expand to more than MAX_NODES nodes (an "alias bomb").
+    deep to parse, aliases that expand to more than MAX_NODES nodes (an "alias bomb"), and files over
+    MAX_YAML_BYTES.
     """
     raw = _read(path)
     loader = None
@@ -122,9 +123,21 @@ class _Loader(yaml.SafeLoader):
                                                     node.start_mark) from None
 
 
+# A taskdef or profile is a few kilobytes; a file far bigger is a mistake (data pasted in, the wrong
+# file) and would only fail later, less clearly (an SN refusing a task too big to send, say).
+MAX_YAML_BYTES = 1 << 20
+
+
 def _read(path: str | os.PathLike) -> bytes:
     try:
-        return Path(path).read_bytes()  # bytes: PyYAML detects UTF-8/UTF-16 and reports bad bytes by position
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)  # bytes: PyYAML detects UTF-8/UTF-16 and reports bad bytes by position
+            if len(raw) > MAX_YAML_BYTES:
+                size = os.fstat(f.fileno()).st_size  # 0 for a pipe or a device
+                what = f"{size} bytes" if size > MAX_YAML_BYTES else f"over {MAX_YAML_BYTES} bytes"
+                raise ConfigError(f"{path}: {what}, more than the {MAX_YAML_BYTES >> 20} MiB a swarmlearn YAML file "
+                                  f"may have; is it the right file? Keep data in the files it names")
+            return raw
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file; check the path (relative paths start at {os.getcwd()})") from None
     except IsADirectoryError:

@@ -19,7 +19,7 @@ import grpc
 
 from swarmlearn.errors import ConfigError, SwarmError
 from swarmlearn.merge import METHODS
-from swarmlearn.sl.transport import CHUNK, MAX_MESSAGE
+from swarmlearn.sl.wire import CHUNK, MAX_MESSAGE, TOKEN_ENV, TOKEN_METADATA
 
 FINAL_MESSAGE = "All peers and Swarm training rounds finished. Final Swarm model was loaded."
 
@@ -113,11 +113,14 @@ class SLChannel:
     """The ML side of the local channel to this node's SL: join, sync blobs, report metrics. Knows
     nothing of torch, so stand-ins (benchmarks, other frameworks) can use it too."""
 
-    def __init__(self, address: str, ready_timeout: float = 30.0):
+    def __init__(self, address: str, ready_timeout: float = 30.0, token: str | None = None):
         from swarmlearn.proto import sl_pb2, sl_pb2_grpc
 
         self.address = address
         self.pb = sl_pb2
+        # An SL serving its ML on TCP wants its secret with every call (SWARM_SL_TOKEN, from its ready line).
+        token = os.environ.get(TOKEN_ENV) if token is None else token
+        self._metadata = ((TOKEN_METADATA, token),) if token else None
         self._channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                                                                 ("grpc.max_send_message_length", MAX_MESSAGE)])
         self._stub = sl_pb2_grpc.SwarmLocalStub(self._channel)
@@ -142,7 +145,7 @@ class SLChannel:
 
         reply, chunks = None, []
         try:
-            for part in self._stub.Sync(parts()):
+            for part in self._stub.Sync(parts(), metadata=self._metadata):
                 if part.HasField("header"):
                     reply = part.header
                 else:
@@ -160,7 +163,7 @@ class SLChannel:
 
     def _call(self, method, request):
         try:
-            return method(request, timeout=60)
+            return method(request, timeout=60, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise SwarmError(f"SL refused {type(request).__name__}: {exc.details() or exc.code().name}") from None
 

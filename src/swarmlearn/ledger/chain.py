@@ -2,12 +2,15 @@
 
 Every entry read from a store is checked before it is folded: its bytes hash to the stored hash, it
 links to the previous entry, its signature verifies against a certificate the ledger carries, and
-the state machine accepts it. A store that was edited fails here, at the first edited entry.
+the state machine accepts it (ChainVerifier, which followers use too). A store that was edited fails
+here, at the first edited entry; one that was cut short is caught by comparing it with a pin
+(ledger/pin.py).
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from swarmlearn.errors import HeadMoved, LedgerError, Rejected
@@ -30,33 +33,24 @@ class VerifyReport:
     head_hash: str | None
 
 
-class Chain:
-    # A compare-and-set append that loses to another writer (another SN on a shared store) re-reads
-    # the head and tries again this many times.
-    APPEND_ATTEMPTS = 20
-    READ_BATCH = 1000
+class ChainVerifier:
+    """Checks ledger entries one after another, as a reader receives them: the entry's bytes hash to
+    its hash, it is the next index, it links to the previous entry's hash, its signature verifies
+    against a certificate the ledger carries, and the state machine accepts it; then folds it.
 
-    def __init__(self, store: LedgerStore):
-        self.store = store
+    The one verifier of the project: the SN's Chain and `swarm ledger verify` use it on the store, and
+    every follower (SL, SWOP) on the entries the SN streams (index, hash and body bytes, as stored).
+    """
+
+    def __init__(self) -> None:
         self.state = LedgerState()
         self.signatures = SignatureChecker()
-        self.lock = threading.RLock()
-        self.catch_up()
 
-    def catch_up(self) -> int:
-        """Folds entries other writers appended since we last looked; returns how many."""
-        with self.lock:
-            count = 0
-            while rows := self.store.read_raw(self.state.head_index + 1, self.READ_BATCH):
-                for row in rows:
-                    self._follow(row)
-                count += len(rows)
-            return count
-
-    def _follow(self, row: StoredEntry) -> None:
+    def verify_next(self, row: StoredEntry) -> Entry:
+        """Checks `row` as the next entry and folds it; raises ChainBroken (changing nothing) if it is not."""
         expected = self.state.head_index + 1
         if row.index != expected:
-            raise ChainBroken(expected, f"missing; the store jumps to index {row.index}")
+            raise ChainBroken(expected, f"missing; the ledger jumps to index {row.index}")
         if sha256_hex(row.body) != row.hash:
             raise ChainBroken(row.index, "its bytes do not match its stored hash (edited)")
         try:
@@ -76,23 +70,71 @@ class Chain:
         except Rejected as exc:
             raise ChainBroken(row.index, str(exc)) from None
         self.signatures.learn(entry.tx)
+        return entry
+
+    def check_new(self, signed: SignedTx) -> Entry:
+        """The entry `signed` would become next; raises Rejected if it would not be accepted."""
+        self.signatures.check(signed.tx, signed.signature)
+        self.state.check_tx(signed.tx)
+        return Entry(self.state.head_index + 1, self.state.head_hash or GENESIS_PREV_HASH, signed.tx,
+                     signed.signature)
+
+    def accept(self, entry: Entry) -> None:
+        """Folds an entry made by check_new and stored by this writer."""
+        self.state.apply(entry)
+        self.signatures.learn(entry.tx)
+
+
+class Chain:
+    # A compare-and-set append that loses to another writer (another SN on a shared store) re-reads
+    # the head and tries again this many times.
+    APPEND_ATTEMPTS = 20
+    READ_BATCH = 1000
+
+    def __init__(self, store: LedgerStore):
+        self.store = store
+        self.verifier = ChainVerifier()
+        self.lock = threading.RLock()
+        # Called with (index, hash) of the new head after entries were folded (the SN's marker).
+        self.on_head: Callable[[int, str], None] | None = None
+        self.catch_up()
+
+    @property
+    def state(self) -> LedgerState:
+        return self.verifier.state
+
+    @property
+    def signatures(self) -> SignatureChecker:
+        return self.verifier.signatures
+
+    def _moved(self) -> None:
+        if self.on_head is not None and self.state.head_hash is not None:
+            self.on_head(self.state.head_index, self.state.head_hash)
+
+    def catch_up(self) -> int:
+        """Folds entries other writers appended since we last looked; returns how many."""
+        with self.lock:
+            count = 0
+            while rows := self.store.read_raw(self.state.head_index + 1, self.READ_BATCH):
+                for row in rows:
+                    self.verifier.verify_next(row)
+                count += len(rows)
+            if count:
+                self._moved()
+            return count
 
     def submit(self, signed: SignedTx) -> Entry:
         """Checks a signed transaction and appends it; raises Rejected with the reason if refused."""
-        tx = signed.tx
         with self.lock:
             for _ in range(self.APPEND_ATTEMPTS):
                 self.catch_up()
-                self.signatures.check(tx, signed.signature)
-                self.state.check_tx(tx)
-                entry = Entry(self.state.head_index + 1, self.state.head_hash or GENESIS_PREV_HASH, tx,
-                              signed.signature)
+                entry = self.verifier.check_new(signed)
                 try:
                     self.store.append_if_head_is(self.state.head_hash, entry)
                 except HeadMoved:
                     continue
-                self.state.apply(entry)
-                self.signatures.learn(tx)
+                self.verifier.accept(entry)
+                self._moved()
                 return entry
         raise LedgerError(f"could not append after {self.APPEND_ATTEMPTS} attempts: the ledger head keeps moving")
 

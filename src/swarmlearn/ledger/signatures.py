@@ -1,7 +1,9 @@
-"""Who may sign what: certificates and trusted CAs as the ledger records them, and signature checks.
+"""Signatures: that each transaction was signed by the certificate it names.
 
 The ledger carries every certificate that ever signed an entry (in the genesis and registration
-entries) and every CA trusted (genesis, trust_ca), so a verifier needs nothing but the log.
+entries), so a verifier needs nothing but the log. Whether that certificate may act at all (a trusted
+CA issued it for its organization and role, it is not revoked) is the state machine's business
+(ledger/identities.py); here only the signature itself is checked.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from swarmlearn.ledger.entry import Signer, SignedTx, Tx
 
 def _cert_in_payload(tx: Tx) -> str | None:
     if tx.kind == "genesis":
-        return (tx.payload.get("sn") or {}).get("cert")
+        sn = tx.payload.get("sn")
+        return sn.get("cert") if isinstance(sn, dict) else None
     if tx.kind == "register_node":
         return tx.payload.get("cert")
     return None
@@ -26,20 +29,12 @@ def _cert_in_payload(tx: Tx) -> str | None:
 class SignatureChecker:
     def __init__(self) -> None:
         self.certs: dict[str, x509.Certificate] = {}
-        self.cas: dict[str, x509.Certificate] = {}
 
     def check(self, tx: Tx, signature: bytes) -> None:
-        """Raises Rejected unless `signature` is the signer's over `tx` and the signer's certificate
-        was issued by a CA the ledger trusts."""
-        if tx.kind == "trust_ca":
-            self._check_trust_ca(tx)
+        """Raises Rejected unless `signature` is the signer's over `tx`."""
         pem = _cert_in_payload(tx)
         if pem is not None:
             cert = self._parse(pem, tx)
-            cas = self._genesis_cas(tx) if tx.kind == "genesis" else self.cas
-            if not any(pki.issued_by(cert, ca) for ca in cas.values()):
-                raise Rejected(f"certificate of {tx.signer.node} ({pki.common_name(cert)}) is not issued by a CA "
-                               f"this swarm trusts")
         else:
             cert = self.certs.get(tx.signer.cert_fp)
             if cert is None:
@@ -48,28 +43,14 @@ class SignatureChecker:
             raise Rejected(f"signature of {tx.kind} by {tx.signer.node} does not verify")
 
     def learn(self, tx: Tx) -> None:
-        """Records the certificates and CAs of an accepted transaction."""
+        """Records the certificate an accepted transaction carried."""
         pem = _cert_in_payload(tx)
         if pem is not None:
             cert = pki.cert_from_pem(pem)
             self.certs[pki.cert_fingerprint(cert)] = cert
-        if tx.kind == "genesis":
-            self.cas.update(self._genesis_cas(tx))
-        elif tx.kind == "trust_ca":
-            ca = pki.cert_from_pem(tx.payload["ca_cert"])
-            self.cas[pki.cert_fingerprint(ca)] = ca
 
     @staticmethod
-    def _check_trust_ca(tx: Tx) -> None:
-        try:
-            ca = pki.cert_from_pem(tx.payload.get("ca_cert", ""))
-        except ValueError:
-            raise Rejected("trust_ca carries no PEM CA certificate") from None
-        if pki.cert_fingerprint(ca) != tx.payload.get("ca_fp"):
-            raise Rejected("trust_ca: ca_fp is not the fingerprint of ca_cert")
-
-    @staticmethod
-    def _parse(pem: str, tx: Tx) -> x509.Certificate:
+    def _parse(pem, tx: Tx) -> x509.Certificate:
         try:
             cert = pki.cert_from_pem(pem)
         except (ValueError, TypeError, AttributeError):
@@ -77,19 +58,6 @@ class SignatureChecker:
         if pki.cert_fingerprint(cert) != tx.signer.cert_fp:
             raise Rejected(f"{tx.kind} of {tx.signer.node}: the certificate carried is not the one that signed")
         return cert
-
-    @staticmethod
-    def _genesis_cas(tx: Tx) -> dict[str, x509.Certificate]:
-        cas = {}
-        for pem in tx.payload.get("ca_certs") or []:
-            try:
-                ca = pki.cert_from_pem(pem)
-            except (ValueError, TypeError, AttributeError):
-                raise Rejected("genesis lists a CA that is not a PEM certificate") from None
-            cas[pki.cert_fingerprint(ca)] = ca
-        if sorted(cas) != sorted(tx.payload.get("ca_fingerprints") or []):
-            raise Rejected("genesis ca_fingerprints do not match its ca_certs")
-        return cas
 
 
 def sign_tx(identity: pki.Identity, node_id: str, kind: str, payload: dict, now: float | None = None) -> SignedTx:
@@ -99,7 +67,6 @@ def sign_tx(identity: pki.Identity, node_id: str, kind: str, payload: dict, now:
     return SignedTx(tx, identity.sign(tx.signing_bytes()))
 
 
-def registration(identity: pki.Identity, node_id: str, role: str, address: str, **info) -> dict:
-    """The payload by which a node enters the ledger, carrying the certificate that proves it."""
-    return {"node_id": node_id, "role": role, "address": address, "cert_fp": identity.fingerprint,
-            "subject": identity.common_name, "cert": identity.cert_pem.decode(), **info}
+def registration(identity: pki.Identity, address: str, **info) -> dict:
+    """The payload by which a node enters the ledger: its certificate, which says its role and name."""
+    return {"node_id": identity.name, "address": address, "cert": identity.cert_pem.decode(), **info}

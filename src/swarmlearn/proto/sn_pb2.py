@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19swarmlearn/proto/sn.proto\x12\rswarmlearn.sn\")\n\x08SignedTx\x12\n\n\x02tx\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"*\n\x0bSubmitReply\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\"#\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"K\n\x0eHeartbeatReply\x12\x12\n\nhead_index\x18\x01 \x01(\x03\x12\x11\n\thead_hash\x18\x02 \x01(\t\x12\x12\n\nsn_node_id\x18\x03 \x01(\t\"\x1f\n\x0cQueryRequest\x12\x0f\n\x07section\x18\x01 \x01(\t\"4\n\nQueryReply\x12\x12\n\nhead_index\x18\x01 \x01(\x03\x12\x12\n\nstate_json\x18\x02 \x01(\x0c\"\"\n\x0cWatchRequest\x12\x12\n\nfrom_index\x18\x01 \x01(\x04\"8\n\x0bLedgerEntry\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x32\x9f\x02\n\x0cSwarmNetwork\x12=\n\x06Submit\x12\x17.swarmlearn.sn.SignedTx\x1a\x1a.swarmlearn.sn.SubmitReply\x12K\n\tHeartbeat\x12\x1f.swarmlearn.sn.HeartbeatRequest\x1a\x1d.swarmlearn.sn.HeartbeatReply\x12?\n\x05Query\x12\x1b.swarmlearn.sn.QueryRequest\x1a\x19.swarmlearn.sn.QueryReply\x12\x42\n\x05Watch\x12\x1b.swarmlearn.sn.WatchRequest\x1a\x1a.swarmlearn.sn.LedgerEntry0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19swarmlearn/proto/sn.proto\x12\rswarmlearn.sn\")\n\x08SignedTx\x12\n\n\x02tx\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"*\n\x0bSubmitReply\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\"#\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"K\n\x0eHeartbeatReply\x12\x12\n\nhead_index\x18\x01 \x01(\x03\x12\x11\n\thead_hash\x18\x02 \x01(\t\x12\x12\n\nsn_node_id\x18\x03 \x01(\t\"E\n\x0cQueryRequest\x12\x0f\n\x07section\x18\x01 \x01(\t\x12\x10\n\x08\x63ontract\x18\x02 \x01(\t\x12\x12\n\nfrom_index\x18\x03 \x01(\x04\"4\n\nQueryReply\x12\x12\n\nhead_index\x18\x01 \x01(\x03\x12\x12\n\nstate_json\x18\x02 \x01(\x0c\"\"\n\x0cWatchRequest\x12\x12\n\nfrom_index\x18\x01 \x01(\x04\"8\n\x0bLedgerEntry\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x32\x9f\x02\n\x0cSwarmNetwork\x12=\n\x06Submit\x12\x17.swarmlearn.sn.SignedTx\x1a\x1a.swarmlearn.sn.SubmitReply\x12K\n\tHeartbeat\x12\x1f.swarmlearn.sn.HeartbeatRequest\x1a\x1d.swarmlearn.sn.HeartbeatReply\x12?\n\x05Query\x12\x1b.swarmlearn.sn.QueryRequest\x1a\x19.swarmlearn.sn.QueryReply\x12\x42\n\x05Watch\x12\x1b.swarmlearn.sn.WatchRequest\x1a\x1a.swarmlearn.sn.LedgerEntry0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,13 +40,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEATREPLY']._serialized_start=168
   _globals['_HEARTBEATREPLY']._serialized_end=243
   _globals['_QUERYREQUEST']._serialized_start=245
-  _globals['_QUERYREQUEST']._serialized_end=276
-  _globals['_QUERYREPLY']._serialized_start=278
-  _globals['_QUERYREPLY']._serialized_end=330
-  _globals['_WATCHREQUEST']._serialized_start=332
-  _globals['_WATCHREQUEST']._serialized_end=366
-  _globals['_LEDGERENTRY']._serialized_start=368
-  _globals['_LEDGERENTRY']._serialized_end=424
-  _globals['_SWARMNETWORK']._serialized_start=427
-  _globals['_SWARMNETWORK']._serialized_end=714
+  _globals['_QUERYREQUEST']._serialized_end=314
+  _globals['_QUERYREPLY']._serialized_start=316
+  _globals['_QUERYREPLY']._serialized_end=368
+  _globals['_WATCHREQUEST']._serialized_start=370
+  _globals['_WATCHREQUEST']._serialized_end=404
+  _globals['_LEDGERENTRY']._serialized_start=406
+  _globals['_LEDGERENTRY']._serialized_end=462
+  _globals['_SWARMNETWORK']._serialized_start=465
+  _globals['_SWARMNETWORK']._serialized_end=752
 # @@protoc_insertion_point(module_scope)

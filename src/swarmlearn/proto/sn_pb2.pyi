@@ -37,10 +37,14 @@ class HeartbeatReply(_message.Message):
     def __init__(self, head_index: _Optional[int] = ..., head_hash: _Optional[str] = ..., sn_node_id: _Optional[str] = ...) -> None: ...
 
 class QueryRequest(_message.Message):
-    __slots__ = ("section",)
+    __slots__ = ("section", "contract", "from_index")
     SECTION_FIELD_NUMBER: _ClassVar[int]
+    CONTRACT_FIELD_NUMBER: _ClassVar[int]
+    FROM_INDEX_FIELD_NUMBER: _ClassVar[int]
     section: str
-    def __init__(self, section: _Optional[str] = ...) -> None: ...
+    contract: str
+    from_index: int
+    def __init__(self, section: _Optional[str] = ..., contract: _Optional[str] = ..., from_index: _Optional[int] = ...) -> None: ...
 
 class QueryReply(_message.Message):
     __slots__ = ("head_index", "state_json")

@@ -2,18 +2,30 @@
 
 The state machine is pure, so folding the same entries gives every SL the state the SN has. Round
 logic waits on this copy ("until round 7 is closed") instead of polling the SN.
+
+Nothing the SN sends is trusted: every entry goes through the ChainVerifier the SN itself uses (hash,
+link, signature, state machine), and the follower pins the swarm (ledger/pin.py): the genesis hash
+of its first contact and the highest entry it verified. An SN whose ledger has another genesis, is
+shorter than that entry, or holds another entry there is refused, and so is the ledger from then on.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import TypeVar
 
-from swarmlearn.errors import SwarmError
+from swarmlearn.errors import LedgerError, SwarmError
+from swarmlearn.ledger.chain import ChainVerifier
+from swarmlearn.ledger.pin import Pin, PinFile, sn_refused
 from swarmlearn.ledger.state import LedgerState
+from swarmlearn.ledger.store import StoredEntry
 from swarmlearn.sn.client import SNClient
 
 log = logging.getLogger("swarmlearn.sl")
@@ -21,13 +33,27 @@ T = TypeVar("T")
 
 
 class LedgerFollower:
-    def __init__(self, sn: SNClient):
+    """pin_file: where the swarm's genesis and the highest verified entry are kept across restarts
+    (SL: DATA_DIR/ledger-pin.json, SWOP: WORKSPACE/ledger-pin.json); without one the pin lives only
+    as long as this object. A refused ledger (any LedgerError: a broken chain, a bad signature, a
+    rollback) is kept in `error`, raised to every waiter, and passed to `on_refused` (called in the
+    follower's thread), e.g. exit_when_refused."""
+
+    def __init__(self, sn: SNClient, pin_file: Path | None = None,
+                 on_refused: Callable[[LedgerError], None] | None = None):
         self.sn = sn
-        self.state = LedgerState()
+        self.verifier = ChainVerifier()
         self.changed = threading.Condition()
         self.error: Exception | None = None
+        self.pin = PinFile(pin_file) if pin_file is not None else None
+        self._pinned: Pin | None = None
+        self._on_refused = on_refused
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="ledger-follower", daemon=True)
+
+    @property
+    def state(self) -> LedgerState:
+        return self.verifier.state
 
     def start(self) -> None:
         self._thread.start()
@@ -36,19 +62,63 @@ class LedgerFollower:
         self._stop.set()
         with self.changed:
             self.changed.notify_all()
-        self._thread.join(timeout=5)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        if self.pin is not None:
+            self.pin.flush()
 
     def _follow(self) -> None:
         try:
-            for entry in self.sn.watch(0, self._stop):
+            if self.pin is not None:
+                self._pinned = self.pin.load()
+            for row in self.sn.watch(0, self._stop, raw=True, on_connect=self._check_length):
+                self._check_pin(row)
                 with self.changed:
-                    self.state.apply(entry)
+                    self.verifier.verify_next(row)
                     self.changed.notify_all()
+                self._advance_pin(row)
         except SwarmError as exc:
-            log.error("lost the ledger: %s", exc)
+            refused = isinstance(exc, LedgerError)
+            if refused:
+                log.error("refusing the ledger of SN %s: %s", self.sn.address, exc)
+            else:
+                log.error("lost the ledger: %s", exc)
             with self.changed:
                 self.error = exc
                 self.changed.notify_all()
+            if refused and self._on_refused is not None:
+                self._on_refused(exc)
+
+    # ------------------------------------------------------------------------------ the pin
+    # The pin is advanced on every entry but written at most once a second (PinFile) and at stop():
+    # one small file replaced off the round's path, never an fsync per entry.
+
+    def _check_length(self, sn_head: int) -> None:
+        """On every (re)connection: the SN's ledger must reach the highest entry this node verified,
+        in this run or, per its pin, before (the pin never falls behind this run's head)."""
+        if self._pinned is not None and sn_head < self._pinned.head_index:
+            raise sn_refused("shorter", self.sn.address, self._pinned, self._pin_path, sn_head=sn_head)
+
+    def _check_pin(self, row: StoredEntry) -> None:
+        pinned = self._pinned
+        if pinned is not None and row.index == 0 and row.hash != pinned.genesis_hash:
+            raise sn_refused("genesis", self.sn.address, pinned, self._pin_path, served=row.hash)
+        if pinned is not None and row.index == pinned.head_index and row.hash != pinned.head_hash:
+            raise sn_refused("differs", self.sn.address, pinned, self._pin_path, served=row.hash)
+
+    @property
+    def _pin_path(self) -> Path | None:
+        return self.pin.path if self.pin is not None else None
+
+    def _advance_pin(self, row: StoredEntry) -> None:
+        if self._pinned is None:  # first contact: the swarm is the one whose genesis this is
+            self._pinned = Pin(row.hash, row.index, row.hash, str((self.state.genesis or {}).get("swarm_id", "")))
+        elif row.index > self._pinned.head_index:
+            self._pinned = replace(self._pinned, head_index=row.index, head_hash=row.hash)
+        else:
+            return
+        if self.pin is not None:
+            self.pin.advance(self._pinned)
 
     def wait_until(self, predicate: Callable[[LedgerState], T], timeout: float) -> T | None:
         """Returns the first truthy value of predicate(state), re-evaluated after every ledger
@@ -77,3 +147,25 @@ class LedgerFollower:
     def read(self, fn: Callable[[LedgerState], T]) -> T:
         with self.changed:
             return fn(self.state)
+
+
+def exit_when_refused(stop: Callable[[], None]) -> Callable[[LedgerError], None]:
+    """An on_refused for a component process whose command waits only for a signal (SWOP): a refused
+    ledger cannot be worked with, so the component stops as on SIGTERM (`stop`, which stops its node
+    processes) and the process exits with status 1, the refusal already in its log. (`swarm sl`
+    watches SLNode.failure() itself and exits non-zero with the reason.)"""
+    def refused(exc: LedgerError) -> None:
+        def end() -> None:
+            try:
+                stop()
+            except Exception as stop_exc:  # the exit below matters more than a clean stop
+                log.warning("while stopping after the refusal: %s", stop_exc)
+            finally:
+                logging.shutdown()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(1)
+
+        threading.Thread(target=end, name="ledger-refused", daemon=True).start()
+
+    return refused

@@ -1,11 +1,15 @@
 """The SL process: registers with the SN, follows the ledger, serves blobs to peers over mutual TLS,
-and serves its own ML process on a local channel (SWARM_SL_ADDR)."""
+and serves its own ML process on a local channel (SWARM_SL_ADDR): a Unix socket in a folder only this
+user may enter, or a TCP port that serves only callers presenting this SL's secret (SWARM_SL_TOKEN)."""
 
 from __future__ import annotations
 
-import hashlib
+import hmac
 import logging
 import math
+import os
+import secrets
+import stat
 import tempfile
 import threading
 import time
@@ -18,15 +22,19 @@ import grpc
 from swarmlearn import pki
 from swarmlearn.errors import ConfigError, Rejected, SwarmError
 from swarmlearn.proto import sl_pb2, sl_pb2_grpc
+from swarmlearn.ledger.pin import PIN_FILE
 from swarmlearn.sl.follower import LedgerFollower
 from swarmlearn.sl.round import RoundEngine, RoundResult, Timeouts
-from swarmlearn.sl.transport import CHUNK, MAX_MESSAGE, BlobStore, PeerFetcher, PeerService
+from swarmlearn.sl.transport import BlobStore, PeerFetcher, PeerService
+from swarmlearn.sl.wire import CHUNK, MAX_MESSAGE, TOKEN_ENV, TOKEN_METADATA
 from swarmlearn.sn.client import SNClient
 
 log = logging.getLogger("swarmlearn.sl")
 
 DEFAULT_FS_PORT = 30305
 HEARTBEAT_EVERY = 1.0
+# How long a blob request from a registered SL may wait for our ledger copy to show its entitlement.
+LEDGER_LAG_GRACE = 1.0
 
 
 @dataclass
@@ -47,11 +55,17 @@ class SLNode:
         self.config = config
         self.node_id = config.node_id
         self.data_dir = Path(config.data_dir or tempfile.mkdtemp(prefix=f"swarm-sl-{config.node_id}-"))
-        self.ml_addr = config.ml_addr or f"unix:{_socket_path(self.data_dir, config.node_id)}"
+        # Set at start: the default is a socket in the data dir, which start() creates.
+        self.ml_addr = config.ml_addr or ""
+        # A TCP (or abstract-socket) ML channel is open to anyone who reaches it, so its callers must
+        # present this secret; a socket in a private folder needs none.
+        self.token = secrets.token_urlsafe(32) if self.ml_addr and not self.ml_addr.startswith("unix:") else None
         self.blobs = BlobStore()
         self.fetcher = PeerFetcher(config.identity)
         self.sn = SNClient(config.sn_address, config.identity, config.node_id)
-        self.follower = LedgerFollower(self.sn)
+        # The swarm this SL verified is pinned in its data dir: an SN that rolled back or replaced that
+        # history is refused (follower.error; the `sl` command then exits non-zero with that line).
+        self.follower = LedgerFollower(self.sn, self.data_dir / PIN_FILE)
         self.engines: dict[str, RoundEngine] = {}
         self._stopping = threading.Event()
         self._last_seen: tuple[float, dict[str, float]] = (0.0, {})
@@ -71,14 +85,17 @@ class SLNode:
         options = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_MESSAGE),
                    ("grpc.max_send_message_length", MAX_MESSAGE)]
         self.peer_server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=options)
-        sl_pb2_grpc.add_SwarmPeerServicer_to_server(PeerService(self.blobs), self.peer_server)
+        sl_pb2_grpc.add_SwarmPeerServicer_to_server(PeerService(self.blobs, self.fetch_refusal), self.peer_server)
         port = _bind(self.peer_server, f"{self.config.host}:{self.config.fs_port}",
                      self.config.identity.server_credentials(), "--sl-fs-port")
         self.address = f"{self.config.host}:{port}"
         self.sn.register("SL", self.address)
         self.follower.start()
-        self.local_server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=options)
+        self.local_server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=options,
+                                        interceptors=[_RequireToken(self.token)] if self.token else None)
         sl_pb2_grpc.add_SwarmLocalServicer_to_server(LocalService(self), self.local_server)
+        if not self.ml_addr:
+            self.ml_addr = f"unix:{_private_socket(self.data_dir, self.node_id)}"
         if self.ml_addr.startswith("unix:"):
             Path(self.ml_addr[5:]).unlink(missing_ok=True)
         _bind(self.local_server, self.ml_addr, None, "--ml-addr")
@@ -86,6 +103,15 @@ class SLNode:
         self.local_server.start()
         self.sn.keep_alive(self._stopping, HEARTBEAT_EVERY)
         log.info("SL %s serving peers on %s, its ML on %s", self.node_id, self.address, self.ml_addr)
+
+    def failure(self, timeout: float) -> Exception | None:
+        """Waits up to `timeout` seconds for this SL to lose its ledger (its SN stayed away past the
+        patience, or sent what the follower refuses); returns that error, or None while all is well."""
+        follower = self.follower
+        with follower.changed:
+            if follower.error is None and not self._stopping.is_set():
+                follower.changed.wait(timeout)
+            return follower.error
 
     def stop(self) -> None:
         """Leaves every joined session (so peers need not wait for us), then stops serving."""
@@ -104,6 +130,31 @@ class SLNode:
         self.follower.stop()
         self.fetcher.close()
         self.sn.close()
+
+    def fetch_refusal(self, caller_fp: str, digest: str) -> str | None:
+        """Why the caller may not have blob `digest`, or None: a contribution goes only to the SLs that
+        checked in to its round, a merged model only to its contract's members. Our ledger copy may
+        trail the caller's by an entry or two (it just checked in), so a registered SL gets a moment."""
+        def entitled(state) -> bool:
+            node = next((n for n in state.nodes.values() if n.cert_fp == caller_fp), None)
+            if node is None or node.role != "SL" or caller_fp in state.revoked:
+                return False
+            for contract in state.contracts.values():
+                for r in reversed(list(contract.rounds.values())):
+                    if r.merged_hash == digest and node.node_id in contract.members:
+                        return True
+                    if node.node_id in r.checkins and any(c.hash == digest for c in r.checkins.values()):
+                        return True
+            return False
+
+        known = self.follower.read(lambda s: any(n.cert_fp == caller_fp and n.role == "SL" for n in s.nodes.values()))
+        try:
+            if self.follower.wait_until(entitled, LEDGER_LAG_GRACE if known else 0.0):
+                return None
+        except SwarmError:
+            return "this SL is stopping"
+        return (f"blob {digest[:12]} is served only to the SLs that checked in to its round (a merged model: to its "
+                f"contract's members); the caller is not one of them")
 
     def liveness(self) -> dict[str, float]:
         """Seconds since the SN last heard from each node (asked at most once a second)."""
@@ -133,14 +184,51 @@ class SLNode:
         return name, latest
 
 
-def _socket_path(data_dir: Path, node_id: str) -> Path:
-    """The ML channel's Unix socket: in the data dir, or in the temp dir when that path would be
-    longer than a socket address may be (108 bytes on Linux)."""
-    path = data_dir.resolve() / "ml.sock"
-    if len(str(path)) < 100:
-        return path
-    digest = hashlib.sha256(str(path).encode()).hexdigest()[:10]
-    return Path(tempfile.gettempdir()) / f"swarm-{node_id[:20]}-{digest}.sock"
+def _private_socket(data_dir: Path, node_id: str) -> Path:
+    """The ML channel's Unix socket, in a folder of mode 0700 whatever the umask (whoever can reach the
+    socket talks to this SL as its ML, and a socket's own mode follows the umask): the data dir's
+    `ml-channel/`, or a new temp folder when that path would be longer than a socket address may be
+    (108 bytes on Linux)."""
+    folder = data_dir.resolve() / "ml-channel"
+    try:
+        if len(str(folder / "ml.sock")) < 100:
+            folder.mkdir(mode=0o700, exist_ok=True)
+        else:
+            folder = Path(tempfile.mkdtemp(prefix=f"swarm-{node_id[:20]}-"))
+        info = folder.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            raise ConfigError(f"{folder}: not a folder of this user's; remove it or choose another --data-dir")
+        folder.chmod(0o700)  # mkdir's mode is masked by the umask, and an existing folder keeps its own
+    except OSError as exc:
+        raise ConfigError(f"{folder}: cannot make the ML channel's private folder ({exc.strerror}); "
+                          f"choose another --data-dir") from None
+    return folder / "ml.sock"
+
+
+class _RequireToken(grpc.ServerInterceptor):
+    """Refuses every call on the ML channel that does not carry this SL's secret (compared in
+    constant time) as TOKEN_METADATA."""
+
+    def __init__(self, token: str):
+        self._token = token.encode()
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        given = next((v for k, v in details.invocation_metadata or () if k == TOKEN_METADATA), "")
+        if handler is None or hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._token):
+            return handler
+
+        def refuse(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          f"this SL's ML channel needs its secret: set {TOKEN_ENV} to the value in the SL's "
+                          f"ready line")
+
+        kind = {(False, False): grpc.unary_unary_rpc_method_handler,
+                (False, True): grpc.unary_stream_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler,
+                (True, True): grpc.stream_stream_rpc_method_handler}
+        return kind[(handler.request_streaming, handler.response_streaming)](
+            refuse, handler.request_deserializer, handler.response_serializer)
 
 
 def _bind(server: grpc.Server, address: str, credentials, flag: str) -> int:
@@ -155,7 +243,8 @@ def _bind(server: grpc.Server, address: str, credentials, flag: str) -> int:
 
 
 class LocalService(sl_pb2_grpc.SwarmLocalServicer):
-    """What the ML process asks of its SL. Only the SL's own ML reaches this channel."""
+    """What the ML process asks of its SL. Only the SL's own ML reaches this channel (private socket
+    folder, or the SL's secret on TCP)."""
 
     def __init__(self, node: SLNode):
         self.node = node

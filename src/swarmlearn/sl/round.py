@@ -21,14 +21,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 from swarmlearn.errors import Rejected, SwarmError
-from swarmlearn.ledger.state import Contract, LedgerState, Round, leader_order
+from swarmlearn.ledger.state import Checkin, Contract, LedgerState, Round, leader_order
 from swarmlearn.merge import (BadContribution, Contribution, check_contribution, contribution_norm, get_merger,
                               norm_outliers)
 from swarmlearn.sl.follower import LedgerFollower
-from swarmlearn.sl.transport import BlobStore, FetchError, PeerFetcher
+from swarmlearn.sl.transport import MAX_BLOB_BYTES, BlobStore, FetchError, PeerFetcher
 from swarmlearn.sn.client import SNClient
 from swarmlearn.tensors import BlobError, decode, encode
 
@@ -37,6 +38,29 @@ log = logging.getLogger("swarmlearn.sl")
 # The node that will lead a round pulls its peers' blobs as their check-ins appear, up to this many
 # bytes per round; beyond it the leader fetches at merge time, a window at a time, as before.
 PREFETCH_BYTES = 256 << 20
+
+# How long a round may wait for its merged model, and how long its leader may wait for each peer's
+# blob, are the swarm's defence against one peer holding everyone up, so nothing a peer declares
+# stretches them beyond bounds:
+# - Every participant (leader included) counts, for the time a leader may take, the bytes each peer
+#   declares, but never more than `blob_limit` of its own blob: contributions must hold the same
+#   tensors as ours (the merge refuses other names, shapes or dtypes), so only their safetensors
+#   header can differ in size. A peer declaring more (10^12 bytes, say) is not waited for at all: the
+#   leader drops it unfetched, by name, and one line says so on every node.
+# - The leader waits for each contribution once per round, until FETCH_SHARE of that leader timeout
+#   has passed since the round closed (a prefetch under way is awaited, not repeated), so it posts
+#   `merged`, without the peers it had to drop, before the others' patience runs out and they
+#   re-elect it away. The rest of the timeout is left for the merge (about a tenth of the transfer
+#   time at the rates assumed) and for posting it.
+# - Within that, a transfer that sends nothing for `Timeouts.stall` seconds, or then runs below
+#   MIN_TRANSFER_RATE, is cut off at once: a frozen peer costs the round seconds, not its whole budget.
+FETCH_SHARE = 0.75
+
+
+def blob_limit(own: int) -> int:
+    """The most bytes a blob of a round may have when ours has `own`: twice ours plus 1 MiB for a
+    header written differently, and never beyond MAX_BLOB_BYTES (without a blob of our own)."""
+    return min(MAX_BLOB_BYTES, 2 * own + (1 << 20)) if own else MAX_BLOB_BYTES
 
 
 @dataclass
@@ -60,6 +84,11 @@ class Timeouts:
 
     def transfer_budget(self, size: int) -> float:
         return self.leader_base + size / self.leader_bytes_per_second
+
+    @property
+    def stall(self) -> float:
+        """A transfer that sends nothing for this long is cut off (its peer dropped from the round)."""
+        return max(1.0, self.leader_base / 2)
 
 
 class MinPeersTimeout(SwarmError):
@@ -99,6 +128,8 @@ class RoundEngine:
         self._early: dict[int, dict[str, Future]] = {}
         self._early_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prefetch")
         self._closed = threading.Event()
+        # (round, node) whose declared size was found beyond bounds, so that it is said once.
+        self._oversize_said: set[tuple[int, str]] = set()
 
     # ------------------------------------------------------------------------------ entry points
 
@@ -113,7 +144,7 @@ class RoundEngine:
         if self.node_id not in closed.participants:
             log.info("round %d closed without %s; taking its merged model", number, self.node_id)
             return self._take_merged(number, started, False, blob)
-        self._wait_until_merged(number, sum(c.size for c in closed.checkins.values()))
+        self._wait_until_merged(number, self._leader_timeout(closed))
         return self._take_merged(number, started, True, blob)
 
     def sync_final(self, blob: bytes, weight: float) -> RoundResult:
@@ -190,13 +221,15 @@ class RoundEngine:
                 if seen is None:
                     return  # the contract was reset
                 head, status, checkins, addresses = seen
+                sizes = self._declared(number, checkins)
                 for node, checkin in checkins.items():
-                    if node == self.node_id or checkin.hash in futures or checkin.size > budget:
+                    if node == self.node_id or checkin.hash in futures or sizes[node] is None \
+                            or checkin.size > budget:
                         continue
                     budget -= checkin.size
                     futures[checkin.hash] = self._early_pool.submit(
                         self.fetcher.fetch, addresses.get(node, ""), checkin.hash,
-                        self.t.transfer_budget(checkin.size), checkin.size or None)
+                        self.t.transfer_budget(sizes[node]), sizes[node], self.t.stall)
                 if status != "open":
                     return
                 self.follower.wait_until(lambda s: s.head_index > head, 1.0)
@@ -283,10 +316,32 @@ class RoundEngine:
 
     # ---------------------------------------------------------------------------- 3. lead or wait
 
-    def _wait_until_merged(self, number: int, size: int) -> None:
+    def _declared(self, number: int, checkins: dict[str, Checkin]) -> dict[str, int | None]:
+        """The bytes to expect from each check-in: as declared (up to blob_limit of our own; MAX_BLOB_BYTES
+        for one that declares none), or None for a declaration beyond that, which nobody waits for."""
+        own = checkins.get(self.node_id)
+        limit = blob_limit(own.size if own else 0)
+        sizes: dict[str, int | None] = {}
+        for node, c in checkins.items():
+            if c.size <= limit:
+                sizes[node] = c.size or limit
+                continue
+            sizes[node] = None
+            if (number, node) not in self._oversize_said:
+                self._oversize_said.add((number, node))
+                log.warning("round %d: %s declares a %d-byte blob, more than the %d bytes one of this model may "
+                            "have; it is not fetched nor waited for", number, node, c.size, limit)
+        return sizes
+
+    def _leader_timeout(self, r: Round) -> float:
+        """How long a round's leader has to post `merged`: a base plus the time to move the bytes its
+        participants declare, each within bounds (see FETCH_SHARE)."""
+        sizes = self._declared(r.number, {n: r.checkins[n] for n in r.participants if n in r.checkins})
+        return self.t.transfer_budget(sum(size for size in sizes.values() if size is not None))
+
+    def _wait_until_merged(self, number: int, limit: float) -> None:
         watching: tuple[str, int] | None = None
         since = time.monotonic()
-        limit = self.t.transfer_budget(size)
         while True:
             seen = self.follower.read(lambda s: s.head_index)
             r, generation = self._read(lambda c: (c.rounds[number], c.generation))
@@ -297,7 +352,7 @@ class RoundEngine:
                 watching, since = term, time.monotonic()
             if r.leader == self.node_id and (number, r.reelections) not in self._led:
                 self._led.add((number, r.reelections))
-                self._lead(r)
+                self._lead(r, since)
                 continue
             waited = time.monotonic() - since
             if waited > limit and len(r.participants) > 1:
@@ -347,8 +402,11 @@ class RoundEngine:
             except Rejected:
                 pass
 
-    def _lead(self, r: Round) -> None:
+    def _lead(self, r: Round, since: float) -> None:
+        """Merges round `r`, which we lead since `since` (when we saw it closed or were re-elected)."""
         started = time.monotonic()
+        deadline = since + FETCH_SHARE * self._leader_timeout(r)
+        sizes = self._declared(r.number, r.checkins)
         self._evict_vanished()
         method, need = self._read(lambda c: (c.merge_method, c.min_peers))
         addresses = self.follower.read(lambda s: {n: s.nodes[n].address for n in r.participants if n in s.nodes})
@@ -361,14 +419,9 @@ class RoundEngine:
         def load(node: str) -> Contribution:
             checkin = r.checkins[node]
             blob = self.blobs.get(checkin.hash)
-            if blob is None and checkin.hash in early:
-                try:
-                    blob = early[checkin.hash].result()
-                except FetchError:
-                    blob = None  # fetched again below, with the error reported from there
             if blob is None:
-                blob = self.fetcher.fetch(addresses.get(node, ""), checkin.hash, self.t.transfer_budget(checkin.size),
-                                          checkin.size or None)
+                blob = self._fetch_once(addresses.get(node, ""), checkin, sizes[node], early.get(checkin.hash),
+                                        deadline)
             return Contribution(node, checkin.weight, decode(blob))
 
         def drop(node: str, reason: str) -> None:
@@ -423,6 +476,24 @@ class RoundEngine:
         log.info("round %d: %s merged %d peers with %s in %.3f s -> %s", r.number, self.node_id, kept, method,
                  time.monotonic() - started, digest[:12])
 
+    def _fetch_once(self, address: str, checkin: Checkin, size: int | None, early: Future | None,
+                    deadline: float) -> bytes:
+        """A contribution, waited for once and never past `deadline`: the prefetch under way is awaited
+        (its failure is final, not retried), else it is fetched now; FetchError says why not."""
+        if size is None:
+            raise FetchError(f"declares a {checkin.size}-byte blob, more than one of this model may have; "
+                             f"not fetched")
+        if early is not None and not early.cancel():
+            try:
+                return early.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                raise FetchError(f"its blob was not in by the leader's fetch deadline (the first "
+                                 f"{FETCH_SHARE:.0%} of the leader timeout)") from None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise FetchError("the leader's fetch deadline passed before its blob was asked for")
+        return self.fetcher.fetch(address, checkin.hash, left, size, self.t.stall)
+
     # ---------------------------------------------------------------------------- 4. take merged
 
     def _take_merged(self, number: int, started: float, contributed: bool, own: bytes) -> RoundResult:
@@ -441,7 +512,7 @@ class RoundEngine:
         blob = self.blobs.get(r.merged_hash)
         if blob is None:
             try:
-                blob = self._pull(r)
+                blob = self._pull(r, len(own))
             except MergedModelGone as exc:
                 if not own:
                     raise
@@ -453,16 +524,18 @@ class RoundEngine:
         return RoundResult(r.number, r.merged_hash, blob, list(r.participants), r.leader or "", seconds,
                            contributed and self.node_id in r.participants, r.final)
 
-    def _pull(self, r: Round) -> bytes:
-        """The merged blob from the leader, or from any participant that already holds it."""
+    def _pull(self, r: Round, own: int) -> bytes:
+        """The merged blob from the leader, or from any participant that already holds it; no bigger
+        than blob_limit(own) whatever its leader declared."""
         sources = [r.leader, *[n for n in r.participants if n not in (r.leader, self.node_id)]]
         addresses = self.follower.read(lambda s: {n: s.nodes[n].address for n in sources if n in s.nodes})
-        budget = self.t.transfer_budget(r.merged_size)
+        size = min(r.merged_size or blob_limit(own), blob_limit(own))
+        budget = self.t.transfer_budget(size)
         deadline = time.monotonic() + budget
         while True:
             for node in sources:
                 try:
-                    blob = self.fetcher.fetch(addresses.get(node, ""), r.merged_hash, budget, r.merged_size or None)
+                    blob = self.fetcher.fetch(addresses.get(node, ""), r.merged_hash, budget, size, self.t.stall)
                 except FetchError as exc:
                     log.debug("round %d: merged model not from %s: %s", r.number, node, exc)
                     continue

@@ -4,6 +4,8 @@ them in 1 MiB chunks over mutual TLS, and the fetch that pulls one from a peer."
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+import time
 from collections import OrderedDict
 
 import grpc
@@ -11,11 +13,18 @@ import grpc
 from swarmlearn import pki
 from swarmlearn.errors import SwarmError
 from swarmlearn.proto import sl_pb2, sl_pb2_grpc
+from swarmlearn.sl.wire import CHUNK, MAX_MESSAGE
 from swarmlearn.tensors import blob_hash
 
-CHUNK = 1 << 20
-# The biggest single message we accept: a chunk plus room for framing.
-MAX_MESSAGE = CHUNK + (64 << 10)
+__all__ = ["CHUNK", "MAX_MESSAGE", "MAX_BLOB_BYTES", "MIN_TRANSFER_RATE", "BlobStore", "FetchError", "PeerFetcher",
+           "PeerService"]
+
+# The most bytes any blob of a round (a contribution or a merged model) may have, whatever a peer
+# declares: the contracts' default `max_blob_bytes`, until the SL reads each contract's own limit.
+MAX_BLOB_BYTES = 4 << 30
+# A transfer that, after its first `stall` seconds, has averaged less than this is cut off: a peer
+# trickling bytes must not hold a leader for as long as its declared size would allow.
+MIN_TRANSFER_RATE = 1e6
 
 
 class FetchError(SwarmError):
@@ -45,10 +54,20 @@ class BlobStore:
 
 
 class PeerService(sl_pb2_grpc.SwarmPeerServicer):
-    def __init__(self, blobs: BlobStore):
+    """Serves blobs by hash. With `refusal` (the SL gives one), each caller, known by the fingerprint
+    of its verified certificate, gets only what it is entitled to: `refusal(fingerprint, digest)`
+    returns why not, or None."""
+
+    def __init__(self, blobs: BlobStore, refusal: Callable[[str, str], str | None] | None = None):
         self.blobs = blobs
+        self.refusal = refusal
 
     def Fetch(self, request, context):
+        if self.refusal is not None:
+            peer = pki.peer_certificate(context)
+            why = self.refusal(peer[1] if peer else "", request.hash)
+            if why:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         blob = self.blobs.get(request.hash)
         if blob is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no blob {request.hash[:12]} here")
@@ -78,30 +97,48 @@ class PeerFetcher:
                 self._channels[address] = channel
             return sl_pb2_grpc.SwarmPeerStub(channel)
 
-    def fetch(self, address: str, digest: str, timeout: float, size: int | None = None) -> bytes:
+    def fetch(self, address: str, digest: str, timeout: float, size: int | None = None,
+              stall: float | None = None) -> bytes:
         """The blob with SHA-256 `digest` from the SL at `address`; raises FetchError if the peer
-        does not answer, does not have it, or sends bytes that do not hash to `digest`. With `size`
-        (as the ledger declares it), a peer announcing or sending more is cut off at once rather
-        than read into memory."""
+        does not answer, does not have it, or sends bytes that do not hash to `digest`. A peer
+        announcing or sending more than `size` (as the ledger declares it; MAX_BLOB_BYTES without
+        one) is cut off at once rather than read into memory. With `stall`, so is a peer that sends
+        nothing for `stall` seconds (a frozen or silent peer: its TCP handshake may well succeed) or,
+        after its first `stall` seconds, averages below MIN_TRANSFER_RATE."""
         if not address:
             raise FetchError("peer has no registered address")
+        limit = size or MAX_BLOB_BYTES
         parts: list[bytes] = []
         expected = None
         received = 0
+        progress = [time.monotonic(), 0]  # when the last chunk came, bytes so far
+        cut: list[str] = []
+        done = threading.Event()
         try:
             stream = self._stub(address).Fetch(sl_pb2.FetchRequest(hash=digest), timeout=timeout)
+            if stall:
+                threading.Thread(target=_watchdog, args=(stream, stall, progress, cut, done), daemon=True,
+                                 name="fetch-watchdog").start()
             for chunk in stream:
                 if expected is None:
                     expected = chunk.total_size
                 received += len(chunk.data)
-                if size is not None and max(expected, received) > size:
+                if max(expected, received) > limit:
                     stream.cancel()
-                    raise FetchError(f"peer sends more than the {size} bytes the ledger declares for "
+                    raise FetchError(f"peer sends more than the {limit} bytes the ledger declares for "
                                      f"{digest[:12]}")
                 parts.append(chunk.data)
+                progress[:] = [time.monotonic(), received]
         except grpc.RpcError as exc:
+            if cut:
+                raise FetchError(cut[0]) from None
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise FetchError(f"sent {received} bytes in {timeout:.1f} s and was cut off "
+                                 f"(DEADLINE_EXCEEDED)") from None
             raise FetchError(f"{exc.code().name}: {(exc.details() or '').splitlines()[0] if exc.details() else ''}") \
                 from None
+        finally:
+            done.set()
         blob = b"".join(parts)
         if expected is not None and len(blob) != expected:
             raise FetchError(f"got {len(blob)} of {expected} bytes")
@@ -114,3 +151,21 @@ class PeerFetcher:
             for channel in self._channels.values():
                 channel.close()
             self._channels.clear()
+
+
+def _watchdog(stream, stall: float, progress: list, cut: list[str], done: threading.Event) -> None:
+    """Cancels `stream` when it makes no progress for `stall` seconds or, after that long, runs below
+    MIN_TRANSFER_RATE; the reason goes into `cut` for the fetch to report."""
+    started = time.monotonic()
+    while not done.wait(min(0.2, stall / 4)):
+        now = time.monotonic()
+        last, received = progress
+        if now - last > stall:
+            cut.append(f"sent nothing for {stall:g} s ({received} bytes in all); transfer cut off")
+        elif now - started > stall and received < MIN_TRANSFER_RATE * (now - started):
+            cut.append(f"sent {received} bytes in {now - started:.1f} s, below the floor of "
+                       f"{MIN_TRANSFER_RATE / 1e6:g} MB/s; transfer cut off")
+        else:
+            continue
+        stream.cancel()
+        return

@@ -16,6 +16,7 @@ from swarmlearn import pki
 from swarmlearn.errors import AlreadyRecorded, ConfigError, LedgerError, Rejected, SNUnavailable, SwarmError
 from swarmlearn.ledger.entry import Entry, SignedTx
 from swarmlearn.ledger.signatures import registration, sign_tx
+from swarmlearn.ledger.store import StoredEntry
 from swarmlearn.proto import sn_pb2, sn_pb2_grpc
 
 log = logging.getLogger("swarmlearn.sn.client")
@@ -33,6 +34,16 @@ def default_patience() -> float:
         raise ConfigError(f"SWARM_SN_PATIENCE={value!r} is not a number of seconds") from None
 # Longest single call (the SN answers in milliseconds; this only bounds a stuck connection).
 CALL_TIMEOUT = 10.0
+# The SN's per-certificate bounds (submit rate, watch streams) are not outages: a call past one
+# waits them out this long (a brief burst, our own old streams still closing) and then raises
+# SNLimitReached instead of retrying on.
+LIMIT_PATIENCE = 10.0
+WATCH_LIMIT_PATIENCE = 5.0
+
+
+class SNLimitReached(SwarmError):
+    """The SN refused a call past one of its bounds (submit rate, watch streams, reply size); the
+    message names the bound and what to do."""
 
 
 class SNClient:
@@ -40,7 +51,7 @@ class SNClient:
                  unreachable_timeout: float | None = None):
         self.address = address
         self.identity = identity
-        self.node_id = node_id or identity.common_name
+        self.node_id = node_id or identity.name
         self.unreachable_timeout = default_patience() if unreachable_timeout is None else unreachable_timeout
         self._channel = grpc.secure_channel(address, identity.channel_credentials(), options=[
             ("grpc.keepalive_time_ms", 10_000),
@@ -73,12 +84,20 @@ class SNClient:
 
     def _call(self, method: Callable, request, what: str, patience: float | None = None):
         deadline = time.monotonic() + (self.unreachable_timeout if patience is None else patience)
+        limited_until = min(deadline, time.monotonic() + LIMIT_PATIENCE)
         delay = 0.1
         while True:
             try:
                 return method(request, timeout=CALL_TIMEOUT, wait_for_ready=False)
             except grpc.RpcError as exc:
                 code = exc.code()
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    # Over the SN's submit rate: wait as long as it says, within LIMIT_PATIENCE.
+                    wait = _retry_after(exc)
+                    if wait is None or time.monotonic() + wait > limited_until:
+                        raise _translate(exc, self.address, what) from None
+                    time.sleep(min(max(wait, 0.02), 1.0))
+                    continue
                 if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
                         or time.monotonic() + delay > deadline or _is_refusal(exc):
                     raise _translate(exc, self.address, what) from None
@@ -101,7 +120,10 @@ class SNClient:
             return exc.index
 
     def register(self, role: str, address: str = "", **info) -> int:
-        return self.submit("register_node", registration(self.identity, self.node_id, role, address, **info))
+        """Enters the ledger as the node our certificate names. `role` is what the caller runs as: a
+        certificate of another role is refused here, before the SN refuses it."""
+        self.identity.require_role(role.lower())
+        return self.submit("register_node", registration(self.identity, address, **info))
 
     def heartbeat(self) -> int:
         """Tells the SN we are alive; returns the ledger head index."""
@@ -122,34 +144,90 @@ class SNClient:
         return thread
 
     def query(self, section: str = "all") -> dict:
+        """The folded state of one section (all, info, nodes, contracts, tasks, taskrunners); contracts
+        carry "metrics_count", and `metrics` reads the metrics themselves."""
         reply = self._call(self._stub.Query, sn_pb2.QueryRequest(section=section), f"query {section}")
         return json.loads(reply.state_json)
 
-    def watch(self, from_index: int = 0, stop: threading.Event | None = None) -> Iterator[Entry]:
+    def metrics(self, contract: str = "default", from_index: int = 0) -> tuple[list[dict], int]:
+        """The metrics entries of `contract` recorded at ledger index `from_index` or later, read page by
+        page, and the index to pass next time to read only newer ones."""
+        entries: list[dict] = []
+        while True:
+            request = sn_pb2.QueryRequest(section="metrics", contract=contract, from_index=from_index)
+            reply = self._call(self._stub.Query, request, f"metrics of contract {contract}")
+            page = json.loads(reply.state_json)["metrics"]
+            entries += page["entries"]
+            if entries:
+                from_index = max(from_index, entries[-1]["index"] + 1)
+            if page["next"] is None:
+                return entries, from_index
+            from_index = page["next"]
+
+    def watch(self, from_index: int = 0, stop: threading.Event | None = None, *, raw: bool = False,
+              on_connect: Callable[[int], None] | None = None) -> Iterator[Entry] | Iterator[StoredEntry]:
         """Yields ledger entries from `from_index` on, forever or until `stop` is set. Reconnects
-        after an SN restart and resumes at the next index, so nothing is seen twice or skipped."""
+        after an SN restart and resumes at the next index, so nothing is seen twice or skipped.
+
+        raw: yield each entry as the SN stores it (index, hash, body bytes), for a ChainVerifier.
+        on_connect: called with the SN's head index each time a stream is (re)opened, so that a
+        follower can refuse an SN whose ledger is shorter than what it verified.
+        On a reconnection the last entry seen is asked for again, and an SN that now holds another
+        entry there (its history was replaced) is refused with LedgerError."""
         stop = stop or threading.Event()
         next_index = from_index
+        last_hash: str | None = None
         down_since: float | None = None
+        refused_since = refused_at = 0.0
         while not stop.is_set():
             attempt = time.monotonic()
-            stream = self._stub.Watch(sn_pb2.WatchRequest(from_index=next_index))
+            overlap = last_hash is not None
+            stream = None
             done = threading.Event()
-            threading.Thread(target=_cancel_on_stop, args=(stream, stop, done), daemon=True).start()
             try:
+                if on_connect is not None:
+                    on_connect(self._stub.Query(sn_pb2.QueryRequest(section="info"), timeout=CALL_TIMEOUT).head_index)
+                stream = self._stub.Watch(sn_pb2.WatchRequest(from_index=next_index - 1 if overlap else next_index))
+                threading.Thread(target=_cancel_on_stop, args=(stream, stop, done), daemon=True).start()
                 for msg in stream:
                     if down_since is not None:
                         log.info("SN %s reachable again after %.1f s; following the ledger from entry %d",
                                  self.address, time.monotonic() - down_since, next_index)
                         down_since = None
-                    entry = Entry.from_body_bytes(msg.body)
-                    if entry.index != next_index or entry.hash != msg.hash:
-                        raise LedgerError(f"SN {self.address} sent entry {entry.index} out of order or altered")
+                    if overlap:
+                        overlap = False
+                        if msg.index != next_index - 1 or msg.hash != last_hash:
+                            raise LedgerError(f"SN {self.address} now serves another entry {next_index - 1} "
+                                              f"({msg.hash[:12]}) than the one this node received "
+                                              f"({last_hash[:12]}): its history was replaced; stop this node and "
+                                              f"restore the SN's ledger, or use another SN of the swarm")
+                        continue
+                    row = StoredEntry(msg.index, msg.hash, bytes(msg.body))
+                    if row.index != next_index:
+                        raise LedgerError(f"SN {self.address} sent entry {row.index} when {next_index} was next")
+                    if raw:
+                        item = row
+                    else:
+                        item = row.entry()
+                        if item.index != next_index or item.hash != msg.hash:
+                            raise LedgerError(f"SN {self.address} sent entry {item.index} out of order or altered")
                     next_index += 1
-                    yield entry
+                    last_hash = row.hash
+                    yield item
             except grpc.RpcError as exc:
                 if stop.is_set() or exc.code() == grpc.StatusCode.CANCELLED:
                     return
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    # A stream cap of the SN: not an outage. Our own old streams may still be closing
+                    # after a reconnection, so retry for WATCH_LIMIT_PATIENCE, then give up clearly.
+                    now = time.monotonic()
+                    if now - refused_at > 2.0:
+                        refused_since = now  # a new run of refusals: streams were accepted in between
+                    refused_at = now
+                    if now - refused_since > WATCH_LIMIT_PATIENCE:
+                        raise _translate(exc, self.address, "watch") from None
+                    stop.wait(0.5)
+                    continue
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise _translate(exc, self.address, "watch") from None
                 if down_since is not None and time.monotonic() - attempt > 2.0:
@@ -165,7 +243,8 @@ class SNClient:
                 stop.wait(0.5)
             finally:
                 done.set()
-                stream.cancel()
+                if stream is not None:
+                    stream.cancel()
 
 
 def _cancel_on_stop(stream, stop: threading.Event, done: threading.Event) -> None:
@@ -180,8 +259,19 @@ def _is_refusal(exc: grpc.RpcError) -> bool:
     return "refuses new entries" in (exc.details() or "")
 
 
+def _retry_after(exc: grpc.RpcError) -> float | None:
+    """The seconds the SN asks us to wait before retrying a rate-limited call; None if it did not."""
+    value = dict(exc.trailing_metadata() or ()).get("swarm-retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
 def _translate(exc: grpc.RpcError, address: str, what: str) -> Exception:
     code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return SNLimitReached(f"{what}: SN at {address}: {details.splitlines()[0] if details else 'limit reached'}")
     if code == grpc.StatusCode.ALREADY_EXISTS:
         meta = dict(exc.trailing_metadata() or ())
         return AlreadyRecorded(meta.get("swarm-tx-id", ""), int(meta.get("swarm-entry-index", -1)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import secrets
@@ -16,6 +17,7 @@ import grpc
 from swarmlearn import pki
 from swarmlearn.errors import AlreadyRecorded, ConfigError, LedgerError, Rejected
 from swarmlearn.ledger.chain import Chain
+from swarmlearn.ledger.pin import HistoryRefused, Pin, PinFile, check_marker
 from swarmlearn.ledger.entry import SignedTx, Tx
 from swarmlearn.ledger.signatures import registration, sign_tx
 from swarmlearn.ledger.sqlite_store import SQLiteStore
@@ -27,16 +29,133 @@ DEFAULT_API_PORT = 30304
 DEFAULT_CONTRACT = "defaultbb.cqdb.sml.hpe"
 DEFAULT_TASKRUNNER = "defaulttaskbb.taskdb.sml.hpe"
 LEDGER_FILE = "ledger.db"
+# Beside the ledger: the swarm this data dir holds and the head this SN acknowledged (ledger/pin.py).
+MARKER_FILE = "swarm.json"
 # One thread per open watch stream plus the unary calls; a swarm of dozens of peers fits.
 MAX_WORKERS = 256
+
+# --- Bounds on what one caller can take from the SN (identity = its certificate's SHA-256). ---
+# Watch streams each hold a worker thread for as long as they are open. Streams together never take
+# more than WATCH_STREAMS_TOTAL threads, so unary calls (Submit, Heartbeat, Query) always find 64
+# left. A certificate is one node, which follows the ledger with one stream; the rest of its
+# WATCH_STREAMS_PER_IDENTITY is room for reconnections whose old stream is still being torn down.
+WATCH_STREAMS_TOTAL = 192
+WATCH_STREAMS_PER_IDENTITY = 8
+# Submits per certificate: a token bucket of SUBMIT_BURST that refills at SUBMIT_RATE per second.
+# Refused submits cost a token too. An honest node submits a handful of entries per round (the
+# 8-peer soak: about 9 per peer per second at 130 ms rounds; a SWCI's script: a few dozen at once),
+# so honest swarms stay far inside while a flood from one certificate is cut to this pace.
+SUBMIT_RATE = 50.0
+SUBMIT_BURST = 200
+# A reply must fit gRPC's default 4 MiB message limit with room for its framing. Metrics, the one
+# section that grows with every round, are served in pages of at most METRICS_PAGE_BYTES.
+MAX_REPLY_BYTES = 4 * 1024 * 1024 - 64 * 1024
+METRICS_PAGE_BYTES = 1024 * 1024
+# The SN pings idle connections, so a client that vanished without closing its connection frees
+# its watch stream within KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS.
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+# On stop, how long the SN waits for its watch streams to end (each notices within the store's
+# half-second poll) before it closes the ledger under them.
+STOP_STREAMS_TIMEOUT = 2.0
 
 
 def caller_fingerprint(context: grpc.ServicerContext) -> str | None:
     """The SHA-256 of the certificate the caller presented at the TLS handshake."""
-    pems = context.auth_context().get("x509_pem_cert")
-    if not pems:
-        return None
-    return pki.cert_fingerprint(pki.cert_from_pem(pems[0]))
+    peer = pki.peer_certificate(context)
+    return peer[1] if peer else None
+
+
+def caller_name(context: grpc.ServicerContext, fingerprint: str | None) -> str:
+    """The caller as people know it in messages: certificate common name and fingerprint prefix."""
+    names = context.auth_context().get("x509_common_name") or [b"?"]
+    return f"{names[0].decode(errors='replace')} (certificate {(fingerprint or '?')[:12]})"
+
+
+class StreamSlots:
+    """Open watch streams, counted per identity and in total, so that streams cannot take the
+    worker threads unary calls need. Each admitted stream holds a ticket until its handler ends;
+    releasing a ticket twice counts once."""
+
+    def __init__(self, total: int = WATCH_STREAMS_TOTAL, per_identity: int = WATCH_STREAMS_PER_IDENTITY):
+        self.total = total
+        self.per_identity = per_identity
+        self._lock = threading.Condition()
+        self._live: dict[object, str] = {}
+        self._open: dict[str, int] = {}
+
+    def acquire(self, who: str) -> object | str:
+        """A ticket for a new stream of `who`, or (a string) why it is refused."""
+        with self._lock:
+            if self._open.get(who, 0) >= self.per_identity:
+                return (f"cap of {self.per_identity} watch streams per certificate reached; close the streams "
+                        f"it no longer reads before opening another")
+            if len(self._live) >= self.total:
+                return (f"cap of {self.total} watch streams per SN reached; retry later or follow the ledger "
+                        f"through another SN")
+            ticket = object()
+            self._live[ticket] = who
+            self._open[who] = self._open.get(who, 0) + 1
+            return ticket
+
+    def release(self, ticket: object) -> None:
+        with self._lock:
+            who = self._live.pop(ticket, None)
+            if who is not None:
+                self._open[who] -= 1
+                if not self._open[who]:
+                    del self._open[who]
+                self._lock.notify_all()
+
+    def wait_closed(self, timeout: float) -> bool:
+        """Waits until no stream is open; False if some still are after `timeout` seconds."""
+        with self._lock:
+            return self._lock.wait_for(lambda: not self._live, timeout)
+
+    def count(self, who: str | None = None) -> int:
+        with self._lock:
+            return len(self._live) if who is None else self._open.get(who, 0)
+
+
+class SubmitBudget:
+    """A token bucket per identity: SUBMIT_BURST submits at once, refilled at SUBMIT_RATE per second."""
+
+    def __init__(self, rate: float = SUBMIT_RATE, burst: int = SUBMIT_BURST):
+        self.rate = rate
+        self.burst = burst
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}  # identity -> (tokens, when counted)
+
+    def take(self, who: str) -> float:
+        """Takes one token of `who`; returns 0, or the seconds until one is available (none taken)."""
+        now = time.monotonic()
+        with self._lock:
+            tokens, then = self._buckets.get(who, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - then) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[who] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[who] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+
+
+def metrics_page(metrics: list[dict], from_index: int, budget: int = METRICS_PAGE_BYTES) -> tuple[list[dict], int | None]:
+    """The metrics entries recorded at ledger index `from_index` or later, as many as fit `budget`
+    bytes of JSON, and the index to ask from for the next page (None: this page reaches the end)."""
+    page: list[dict] = []
+    used = 0
+    for i in range(bisect.bisect_left(metrics, from_index, key=lambda m: m["index"]), len(metrics)):
+        m = metrics[i]
+        size = len(json.dumps(m, sort_keys=True))
+        if size > budget:  # recorded before entries were bounded: name it instead of sending it
+            m = {"node": m.get("node"), "index": m["index"], "time": m.get("time"),
+                 "omitted": f"{size} bytes, over the {budget} a page holds"}
+            size = len(json.dumps(m, sort_keys=True))
+        if page and used + size > budget:
+            return page, m["index"]
+        page.append(m)
+        used += size
+    return page, None
 
 
 class SNService(sn_pb2_grpc.SwarmNetworkServicer):
@@ -45,11 +164,33 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
         self.node_id = node_id
         self.stopping = stopping
         self.last_seen: dict[str, float] = {}
+        self.streams = StreamSlots()
+        self.submits = SubmitBudget()
 
     def _seen(self, node: str) -> None:
         self.last_seen[node] = time.monotonic()
 
+    def _refuse_revoked(self, context) -> None:
+        """A certificate an admin revoked still passes the TLS handshake (the CA signed it); from the
+        revocation's entry on, this SN answers it nothing."""
+        fp = caller_fingerprint(context)
+        if fp in self.chain.state.revoked:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"certificate {fp[:12]} was revoked at ledger entry {self.chain.state.revoked[fp]}; "
+                          f"use a newly issued certificate")
+
+    def _within_submit_rate(self, context) -> None:
+        fp = caller_fingerprint(context) or ""
+        wait = self.submits.take(fp)
+        if wait:
+            context.set_trailing_metadata((("swarm-retry-after", f"{wait:.3f}"),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"rate limit of {self.submits.rate:g} submits/s (bursts of {self.submits.burst}) for "
+                          f"{caller_name(context, fp)} exceeded; retry in {wait:.2f} s and submit less often")
+
     def Submit(self, request, context):
+        self._refuse_revoked(context)
+        self._within_submit_rate(context)
         try:
             tx = Tx.from_bytes(request.tx)
         except LedgerError as exc:
@@ -72,6 +213,7 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
         return sn_pb2.SubmitReply(index=entry.index, hash=entry.hash)
 
     def Heartbeat(self, request, context):
+        self._refuse_revoked(context)
         node = self.chain.state.nodes.get(request.node_id)
         if node is None or node.cert_fp != caller_fingerprint(context):
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
@@ -82,24 +224,53 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
                                      sn_node_id=self.node_id)
 
     def Query(self, request, context):
+        self._refuse_revoked(context)
+        section = request.section or "all"
         with self.chain.lock:
             self.chain.catch_up()
+            state = self.chain.state
             try:
-                obj = self.chain.state.to_obj(request.section or "all")
+                obj = self._metrics(request, state) if section == "metrics" else state.to_obj(section)
             except KeyError as exc:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc.args[0]))
-            head = self.chain.state.head_index
+            except Rejected as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            for name, c in obj.get("contracts", {}).items():
+                # Metrics grow with every round: they are read page by page with the metrics query.
+                c.pop("metrics", None)
+                c["metrics_count"] = len(state.contracts[name].metrics)
+            head = state.head_index
             now = time.monotonic()
             obj["last_seen"] = {n: round(now - t, 3) for n, t in self.last_seen.items()}
             body = json.dumps(obj, sort_keys=True).encode()
+        if len(body) > MAX_REPLY_BYTES:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"the {section} state is {len(body)} bytes, more than the {MAX_REPLY_BYTES} a reply may "
+                          f"carry; query a narrower section (info, nodes, contracts, tasks, taskrunners)")
         return sn_pb2.QueryReply(head_index=head, state_json=body)
 
+    @staticmethod
+    def _metrics(request, state) -> dict:
+        contract = state.contract(request.contract or "default")
+        entries, following = metrics_page(contract.metrics, request.from_index)
+        return {"metrics": {"contract": contract.name, "entries": entries, "next": following}}
+
     def Watch(self, request, context):
+        self._refuse_revoked(context)
+        who = caller_fingerprint(context) or ""
+        ticket = self.streams.acquire(who)
+        if isinstance(ticket, str):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"watch of {caller_name(context, who)} refused: {ticket}")
         ended = threading.Event()
-        context.add_callback(ended.set)
-        rows = self.chain.store.watch(request.from_index, lambda: ended.is_set() or self.stopping.is_set())
-        for row in rows:
-            yield sn_pb2.LedgerEntry(index=row.index, hash=row.hash, body=row.body)
+        try:
+            # The RPC's end (client cancel, SN stop, broken connection) ends the store's watch within
+            # its poll; the slot is freed when this handler (and so its thread) is done.
+            context.add_callback(ended.set)
+            rows = self.chain.store.watch(request.from_index, lambda: ended.is_set() or self.stopping.is_set())
+            for row in rows:
+                yield sn_pb2.LedgerEntry(index=row.index, hash=row.hash, body=row.body)
+        finally:
+            self.streams.release(ticket)
 
 
 @dataclass
@@ -111,6 +282,7 @@ class SNServer:
     port: int
     sentinel: bool
     stopping: threading.Event
+    streams: StreamSlots | None = None
 
     @property
     def address(self) -> str:
@@ -119,42 +291,95 @@ class SNServer:
     def stop(self, grace: float = 1.0) -> None:
         self.stopping.set()
         self.server.stop(grace).wait()
+        if self.streams is not None:
+            self.streams.wait_closed(STOP_STREAMS_TIMEOUT)
         self.chain.store.close()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
 
 
-def open_chain(data_dir: Path, identity: pki.Identity, node_id: str, address: str, sentinel: bool) -> Chain:
-    """Opens (or, for the sentinel, founds) this SN's ledger and makes sure it is recorded in it."""
+def open_chain(data_dir: Path, identity: pki.Identity, node_id: str, address: str, sentinel: bool,
+               new_swarm: bool = False) -> Chain:
+    """Opens (or, for the sentinel, founds) this SN's ledger and makes sure it is recorded in it.
+
+    A data dir that shows any trace of an earlier ledger (ledger.db, its -wal/-shm files, the
+    swarm.json marker) is never given a new genesis unless `new_swarm`; a ledger that is shorter than,
+    or differs from, what the marker says this SN acknowledged is refused (ledger/pin.py)."""
     data_dir = Path(data_dir)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"{data_dir}: cannot create the SN data dir ({exc.strerror}); choose another --data-dir")
+    marker = PinFile(data_dir / MARKER_FILE)
+    traces = [name for name in (LEDGER_FILE, f"{LEDGER_FILE}-wal", f"{LEDGER_FILE}-shm", MARKER_FILE)
+              if (data_dir / name).exists()]
     chain = Chain(SQLiteStore(data_dir / LEDGER_FILE))
     try:
+        _check_history(chain, data_dir, marker.load(), traces, new_swarm)
         _join_chain(chain, identity, node_id, address, sentinel, data_dir)
+        _keep_marker(chain, marker)
     except BaseException:
         chain.store.close()
         raise
     return chain
 
 
-def genesis_tx(identity: pki.Identity, node_id: str, address: str) -> SignedTx:
-    """The sentinel's first entry: the CAs this swarm trusts, the default contract and task runner,
-    and the sentinel itself."""
+def _check_history(chain: Chain, data_dir: Path, marker: Pin | None, traces: list[str], new_swarm: bool) -> None:
+    ledger = data_dir / LEDGER_FILE
+    if chain.state.genesis is None:
+        if new_swarm:
+            return
+        if marker is not None:
+            check_marker(marker, -1, lambda i: None, ledger, data_dir / MARKER_FILE)
+        if traces:
+            raise HistoryRefused(f"{data_dir}: holds traces of an earlier ledger ({', '.join(traces)}) but "
+                                 f"{LEDGER_FILE} has no entries: its history was erased or lost; restore ledger.db "
+                                 f"from a backup, or found a new swarm here with `swarm sn --new-swarm` (nodes of the "
+                                 f"old one will refuse it)")
+        return
+    if new_swarm:
+        log.warning("--new-swarm ignored: %s holds swarm %s (%d entries); this SN goes on with it", ledger,
+                    chain.state.genesis.get("swarm_id"), chain.state.head_index + 1)
+    if marker is not None:
+        check_marker(marker, chain.state.head_index, lambda i: chain.store.read_raw(i, 1)[0].hash, ledger,
+                     data_dir / MARKER_FILE)
+
+
+def _keep_marker(chain: Chain, marker: PinFile) -> None:
+    """Records the swarm and the acknowledged head in swarm.json: at once when the swarm is new here,
+    then at most once a second as entries are appended (PinFile), off the append path. A crash loses
+    at most that last second of marker, which only makes the check on restart less strict."""
+    genesis, swarm_id = chain.store.read_raw(0, 1)[0].hash, chain.state.genesis.get("swarm_id", "")
+    current = Pin(genesis, chain.state.head_index, chain.state.head_hash, swarm_id)
+    if marker.pin is None or marker.pin.genesis_hash != genesis:
+        marker.replace(current)  # founded here now, or a data dir from before markers
+    else:
+        marker.advance(current)
+    chain.on_head = lambda index, digest: marker.advance(Pin(genesis, index, digest, swarm_id))
+
+
+def genesis_tx(identity: pki.Identity, address: str) -> SignedTx:
+    """The sentinel's first entry: the CAs this swarm trusts, each bound to its organization and the
+    roles it may issue (the sentinel's own CA: every role; other CAs in its capath: every role but
+    admin), the default contract and task runner, and the sentinel itself."""
+    own_org = identity.swarm_id.org if identity.swarm_id else ""
     cas = {pki.cert_fingerprint(ca): ca for ca in identity.cas}
+    grants = []
+    for fp in sorted(cas):
+        org = pki.ca_organization(cas[fp])
+        issued_ours = pki.issued_by(identity.cert, cas[fp])
+        roles = list(pki.ROLES) if issued_ours and org == own_org else [r for r in pki.ROLES if r != "admin"]
+        grants.append({"cert": pki.cert_to_pem(cas[fp]).decode(), "org": org, "roles": roles})
     genesis = {
         "swarm_id": secrets.token_hex(8),
-        "ca_fingerprints": sorted(cas),
-        "ca_certs": [pki.cert_to_pem(cas[fp]).decode() for fp in sorted(cas)],
+        "cas": grants,
         "default_contract": DEFAULT_CONTRACT,
         "default_taskrunner": DEFAULT_TASKRUNNER,
         "created": time.time(),
-        "sn": registration(identity, node_id, "SN", address),
+        "sn": registration(identity, address),
     }
-    return sign_tx(identity, node_id, "genesis", genesis)
+    return sign_tx(identity, identity.name, "genesis", genesis)
 
 
 def _join_chain(chain: Chain, identity: pki.Identity, node_id: str, address: str, sentinel: bool,
@@ -165,7 +390,7 @@ def _join_chain(chain: Chain, identity: pki.Identity, node_id: str, address: str
         if not sentinel:
             raise ConfigError(f"{data_dir}: holds no ledger and this SN is not the sentinel; start the first SN "
                               f"with --sentinel (several SNs share a ledger through the replicated store)")
-        chain.submit(genesis_tx(identity, node_id, address))
+        chain.submit(genesis_tx(identity, address))
         return
     if not set(ours) & set(state.ca_fingerprints):
         raise ConfigError(f"{data_dir / LEDGER_FILE}: holds the ledger of another swarm (swarm id "
@@ -174,20 +399,30 @@ def _join_chain(chain: Chain, identity: pki.Identity, node_id: str, address: str
     known = state.nodes.get(node_id)
     if known is None or known.address != address or known.cert_fp != identity.fingerprint:
         try:
-            chain.submit(sign_tx(identity, node_id, "register_node", registration(identity, node_id, "SN", address)))
+            chain.submit(sign_tx(identity, node_id, "register_node", registration(identity, address)))
         except Rejected as exc:
             raise ConfigError(f"{data_dir / LEDGER_FILE}: this SN cannot join its ledger: {exc}") from None
     for fp in sorted(set(ours) - set(state.ca_fingerprints)):
-        pem = pki.cert_to_pem(ours[fp]).decode()
-        chain.submit(sign_tx(identity, node_id, "trust_ca", {"ca_fp": fp, "ca_cert": pem}))
+        # Trusting another organization is an admin's decision (`swarm admin trust-ca`), recorded on
+        # the ledger with the roles granted; a CA file in an SN's capath grants nothing.
+        log.warning("CA %s (%s) in --capath is not trusted by this swarm; its certificates are refused until "
+                    "an admin runs `swarm admin trust-ca`", fp[:12], pki.pki_subject(ours[fp]))
 
 
 def start_sn(*, host: str, port: int, identity: pki.Identity, data_dir: Path, sentinel: bool,
-             node_id: str | None = None) -> SNServer:
+             node_id: str | None = None, new_swarm: bool = False) -> SNServer:
     """Starts an SN; returns once it is serving. Raises ConfigError/LedgerError on bad set-up."""
-    node_id = node_id or identity.common_name
+    ident = identity.require_role("sn")
+    if ident is None:
+        raise ConfigError(f"{identity.cert_path}: carries no swarm role and name; {pki.REISSUE_HINT}")
+    if node_id is not None and node_id != ident.name:
+        raise ConfigError(f"--node-id {node_id} is not the name in this SN's certificate ({ident}); leave it out "
+                          f"or use the certificate of {node_id}")
+    node_id = ident.name
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_WORKERS),
-                         options=[("grpc.so_reuseport", 0)])
+                         options=[("grpc.so_reuseport", 0),
+                                  ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+                                  ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS)])
     try:
         bound = server.add_secure_port(f"{host}:{port}", identity.server_credentials())
     except RuntimeError:
@@ -195,8 +430,9 @@ def start_sn(*, host: str, port: int, identity: pki.Identity, data_dir: Path, se
     if bound == 0:
         raise ConfigError(f"cannot listen on {host}:{port}: the port is in use or the address is not this "
                           f"host's; pick another --sn-api-port (0 lets the OS choose) or --host-ip")
-    chain = open_chain(data_dir, identity, node_id, f"{host}:{bound}", sentinel)
+    chain = open_chain(data_dir, identity, node_id, f"{host}:{bound}", sentinel, new_swarm)
     stopping = threading.Event()
-    sn_pb2_grpc.add_SwarmNetworkServicer_to_server(SNService(chain, node_id, stopping), server)
+    service = SNService(chain, node_id, stopping)
+    sn_pb2_grpc.add_SwarmNetworkServicer_to_server(service, server)
     server.start()
-    return SNServer(server, chain, node_id, host, bound, sentinel, stopping)
+    return SNServer(server, chain, node_id, host, bound, sentinel, stopping, service.streams)

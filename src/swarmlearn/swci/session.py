@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from swarmlearn import pki
 from swarmlearn.errors import SwarmError
+from swarmlearn.ledger.pin import PIN_FILE, HistoryRefused, Pin, PinFile, sn_refused
 from swarmlearn.sn.client import SNClient
 from swarmlearn.swci.script import USAGE, Command
 
@@ -26,6 +28,11 @@ PROGRESS_EVERY = 30.0
 # A SWOP heartbeats every second; one silent this long while its peers run has stopped (or lost the SN).
 # Ten beats, not two: a loaded host can stall a SWOP for seconds, and a false alarm ends a healthy task.
 SWOP_SILENT_AFTER = 10.0
+# The pin (see SwciSession._check_history) lives in USR_DIR/.swarm/ and is checked against the SN on
+# connecting and then at most this often (one Query and one short Watch each), as commands run.
+PIN_DIR = ".swarm"
+PIN_CHECK_EVERY = 10.0
+PIN_READ_TIMEOUT = 10.0
 
 
 class TaskFailed(SwarmError):
@@ -45,7 +52,12 @@ class SwciSession:
         self.exit_on_failure = False
         self.failed_tasks: list[str] = []
         self._clients: dict[str, SNClient] = {}
+        # Per (SN, contract): the ledger index metrics were read up to, and each node's latest entry.
+        self._metrics_read: dict[tuple[str, str], tuple[int, dict[str, dict]]] = {}
         self.exited = False
+        # The swarm this SWCI has seen, pinned as SL and SWOP pin it (ledger/pin.py), in USR_DIR/.swarm/.
+        self.pin = PinFile(self.cwd / PIN_DIR / PIN_FILE)
+        self._pin_checked: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------ driving
 
@@ -66,6 +78,11 @@ class SwciSession:
         except TaskFailed as exc:
             self.out(f"FAILED: {exc}")
             return not self.exit_on_failure
+        except HistoryRefused as exc:
+            # Whatever EXIT ON FAILURE says: nothing more is said to an SN whose history is refused.
+            self.out(f"FAILED: {exc}")
+            self.exited = True
+            return False
         except SwarmError as exc:
             self.out(f"{'FAILED' if self.exit_on_failure else 'failed (continuing: EXIT ON FAILURE is off)'}: {exc}")
             return not self.exit_on_failure
@@ -74,6 +91,7 @@ class SwciSession:
     def close(self) -> None:
         for client in self._clients.values():
             client.close()
+        self.pin.flush()
 
     def _sn(self) -> SNClient:
         if self.current is None:
@@ -84,16 +102,55 @@ class SwciSession:
         client = self._clients.get(address)
         if client is None:
             client = SNClient(address, self.identity)
-            client.wait_ready(30)
-            client.register("SWCI")
+            try:
+                client.wait_ready(30)
+                self._check_history(client)
+            except BaseException:
+                client.close()
+                raise
+            ident = self.identity.swarm_id
+            client.register(ident.role if ident is not None and ident.role == "admin" else "SWCI")
             self._clients[address] = client
+        elif time.monotonic() - self._pin_checked.get(address, 0.0) > PIN_CHECK_EVERY:
+            self._check_history(client)
         return client
+
+    def _check_history(self, client: SNClient) -> None:
+        """The SWCI folds no ledger, so it pins from what the SN answers: the head index and hash of
+        a Query, the hash of one entry read with Watch. Refuses (HistoryRefused) an SN with another
+        genesis, a ledger shorter than the pinned head, or another entry at it; then pins its head."""
+        info = client.query("info")["info"]
+        head, head_hash = info["head_index"], info["head_hash"]
+        pinned = self.pin.pin if self._pin_checked else self.pin.load()
+        genesis = _entry_hash(client, 0)
+
+        def hash_at(index: int) -> str | None:
+            return genesis if index == 0 else head_hash if index == head else _entry_hash(client, index)
+
+        if pinned is not None:
+            problem = pinned.divergence(head, hash_at)
+            if problem is not None:
+                served = genesis if problem == "genesis" else hash_at(pinned.head_index) if problem == "differs" else ""
+                raise sn_refused(problem, client.address, pinned, self.pin.path, sn_head=head, served=served or "")
+        self._pin_checked[client.address] = time.monotonic()
+        if genesis is not None and head_hash:
+            self.pin.advance(Pin(genesis, head, head_hash, str((info.get("genesis") or {}).get("swarm_id", ""))))
 
     def _address(self, ip: str, port: str | None) -> str:
         return f"{ip}:{int(port) if port else self.default_sn_port}"
 
     def _state(self, section: str) -> dict:
         return self._sn().query(section)[section]
+
+    def _latest_metrics(self, contract: str) -> dict[str, dict]:
+        """Each node's latest metrics entry of `contract`; reads only the entries added since last time."""
+        sn = self._sn()
+        read_to, latest = self._metrics_read.get((sn.address, contract), (0, {}))
+        entries, read_to = sn.metrics(contract, read_to)
+        for m in entries:
+            latest[m["node"]] = m
+        self._metrics_read[(sn.address, contract)] = (read_to, latest)
+        return latest
 
     def _show(self, obj) -> None:
         for line in json.dumps(obj, indent=2, sort_keys=True, default=str).splitlines():
@@ -188,13 +245,7 @@ class SwciSession:
         self._sn().submit("contract_reset", {"name": name})
 
     def cmd_perfdata(self, name: str) -> None:
-        contracts = self._state("contracts")
-        if name not in contracts:
-            raise SwarmError(f"no contract {name}; LIST CONTRACTS shows them")
-        latest: dict[str, dict] = {}
-        for m in contracts[name]["metrics"]:
-            latest[m["node"]] = m
-        for node, m in sorted(latest.items()):
+        for node, m in sorted(self._latest_metrics(name).items()):
             self.out(f"{node}: round {m.get('round')} loss {m.get('loss')} {m.get('metric_name', 'metric')} "
                      f"{m.get('metric')} epoch {m.get('epoch')}")
 
@@ -325,7 +376,7 @@ class SwciSession:
             took = max(0.0, last["merged_time"] - last["closed_time"])
             line = (f"round {last['number']} merged ({','.join(last['participants'])}, leader {last['leader']}, "
                     f"{took:.2f} s)")
-            latest: dict[str, dict] = {m["node"]: m for m in c["metrics"]}
+            latest = self._latest_metrics(c["name"])
             steps = ", ".join(f"{n} step {m.get('step')} epoch {float(m.get('epoch') or 0):.2f}"
                               for n, m in sorted(latest.items()))
             parts.append(line + (f"; {steps}" if steps else ""))
@@ -366,6 +417,20 @@ def _silent_swop(runner: str, a: dict, last_seen: dict[str, float]) -> str | Non
                     f"{silent:.0f} s); its peers {', '.join(peers)} stopped with it. Start `swarm swop` again, then "
                     f"RESET TASKRUNNER {runner} and ASSIGN TASK {a['task']} to run it afresh")
     return None
+
+
+def _entry_hash(client: SNClient, index: int) -> str | None:
+    """The hash of ledger entry `index` as the SN serves it (one entry read with Watch)."""
+    stop = threading.Event()
+    timer = threading.Timer(PIN_READ_TIMEOUT, stop.set)
+    timer.start()
+    entries = client.watch(index, stop)
+    try:
+        entry = next(entries, None)
+    finally:
+        entries.close()
+        timer.cancel()
+    return entry.hash if entry is not None else None
 
 
 def _number(text: str, what: str) -> float:

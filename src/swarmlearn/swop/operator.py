@@ -23,7 +23,8 @@ from pathlib import Path
 from swarmlearn import pki
 from swarmlearn.errors import ConfigError, Rejected, SwarmError
 from swarmlearn.ledger.state import Assignment, LedgerState
-from swarmlearn.sl.follower import LedgerFollower
+from swarmlearn.ledger.pin import PIN_FILE
+from swarmlearn.sl.follower import LedgerFollower, exit_when_refused
 from swarmlearn.sn.client import SNClient
 from swarmlearn.swop.runtime import Handle, ProcessRuntime, Runtime, Spec, record_self
 
@@ -74,7 +75,8 @@ class Operator:
         self.workspace = Path(config.workspace)
         self.runtime = runtime or ProcessRuntime(self.workspace)
         self.sn = SNClient(config.sn_address, config.identity, self.node_id)
-        self.follower = LedgerFollower(self.sn)
+        # The swarm this operator verified is pinned in its workspace; a refused ledger ends the SWOP, exit 1.
+        self.follower = LedgerFollower(self.sn, self.workspace / PIN_FILE, on_refused=exit_when_refused(self.stop))
         self.runner = self.profile.taskrunner
         self.handled: set[tuple[str, int]] = set()
         self.handles: list[Handle] = []
@@ -197,8 +199,11 @@ class Operator:
                 run = NodeRun(node.node_id)
                 runs.append(run)
                 run.sl = self._start_sl(task.name, node)
-                address = run.sl.wait_for_line("ready: SWARM_SL_ADDR=", SL_READY_TIMEOUT).split("=", 1)[1]
-                run.ml = self._start_ml(task.name, node, body, mapping, address)
+                # "SL node1 ready: SWARM_SL_ADDR=... [SWARM_SL_TOKEN=...]": what its ML's environment needs.
+                ready = run.sl.wait_for_line("ready: SWARM_SL_ADDR=", SL_READY_TIMEOUT).split("=", 1)[1]
+                address, _, token = ready.partition(" SWARM_SL_TOKEN=")  # a socket path may hold spaces
+                sl_env = {"SWARM_SL_ADDR": address, **({"SWARM_SL_TOKEN": token} if token else {})}
+                run.ml = self._start_ml(task.name, node, body, mapping, sl_env)
                 self._report(generation, run.peer, "RUNNING", None)
                 run.reported = "RUNNING"
             self._watch(task.name, runs, generation)
@@ -244,7 +249,7 @@ class Operator:
         same = [n for n in self.nodes if n.slport == node.slport]
         return node.slport if node.slport == 0 or len(same) == 1 else node.slport + same.index(node)
 
-    def _start_ml(self, task: str, node, body: dict, mapping: dict[str, str], sl_address: str) -> Handle:
+    def _start_ml(self, task: str, node, body: dict, mapping: dict[str, str], sl_env: dict[str, str]) -> Handle:
         workdir = Path(_mapped(str(body.get("WorkingDir") or self.config.usr_dir), mapping))
         entry = str(body.get("Entrypoint") or "python3")
         command = _mapped(str(body.get("Command") or ""), mapping)
@@ -253,7 +258,8 @@ class Operator:
         env = {**os.environ, **self.profile.envvars}
         env.update({k: _mapped(v, mapping) for k, v in (body.get("Envvars") or {}).items()})
         env.update(node.usrenvvars)
-        env.update({"NODE_ID": node.node_id, "SWARM_SL_ADDR": sl_address, "PYTHONUNBUFFERED": "1"})
+        env.pop("SWARM_SL_TOKEN", None)  # only the token its own SL asks for, if any
+        env.update({"NODE_ID": node.node_id, **sl_env, "PYTHONUNBUFFERED": "1"})
         env.setdefault("DATA_DIR", _mapped(str(private), mapping) if private else str(workdir / "data"))
         env.setdefault("MODEL_DIR", str(self.workspace / task / "models"))
         gpus = node.gpu_devices()
@@ -293,8 +299,10 @@ class Operator:
 
     def _sl_identity(self, node) -> tuple[Path, Path, Path]:
         ident = self.config.identity
-        key = node.identity_file("KEY") or self.config.sl_key or _sibling(ident.key_path, "swop-", "sl-")
-        cert = node.identity_file("CERT") or self.config.sl_cert or _sibling(ident.cert_path, "swop-", "sl-")
+        # Each node has its own certificate (its name is the node id): the profile's identity
+        # attributes, else gen-cert's sl-<node>-{key,cert}.pem beside this SWOP's own.
+        key = node.identity_file("KEY") or self.config.sl_key or _node_file(ident.key_path, node.node_id, "key")
+        cert = node.identity_file("CERT") or self.config.sl_cert or _node_file(ident.cert_path, node.node_id, "cert")
         capath = node.identity_file("CAPATH") or ident.capath
         return key, cert, capath
 
@@ -340,6 +348,5 @@ def _mapped(value: str, mapping: dict[str, str]) -> str:
     return value
 
 
-def _sibling(path: Path, old: str, new: str) -> Path:
-    candidate = Path(path).with_name(Path(path).name.replace(old, new))
-    return candidate if candidate.exists() else Path(path)
+def _node_file(swop_file: Path, node: str, kind: str) -> Path:
+    return Path(swop_file).with_name(f"sl-{node}-{kind}.pem")

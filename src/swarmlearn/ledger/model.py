@@ -1,0 +1,252 @@
+"""What the ledger's state is made of: nodes, trusted CAs, contracts and their rounds, tasks and task
+runners. Plain data; the reducers in identities.py, contracts.py and tasks.py change it, and
+policy.py says which transaction kind may change what, and who may submit it."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Kind(StrEnum):
+    GENESIS = "genesis"
+    REGISTER_NODE = "register_node"
+    TRUST_CA = "trust_ca"
+    MAP_CERT = "map_cert"
+    REVOKE_CERT = "revoke_cert"
+    CONTRACT_CREATE = "contract_create"
+    CONTRACT_UPDATE = "contract_update"
+    CONTRACT_RESET = "contract_reset"
+    TASK_CREATE = "task_create"
+    TASK_APPEND = "task_append"
+    TASK_FINALIZE = "task_finalize"
+    TASK_DELETE = "task_delete"
+    TASKRUNNER_CREATE = "taskrunner_create"
+    TASKRUNNER_JOIN = "taskrunner_join"
+    TASKRUNNER_ASSIGN = "taskrunner_assign"
+    TASKRUNNER_CLAIM = "taskrunner_claim"
+    TASKRUNNER_PEER_STATUS = "taskrunner_peer_status"
+    TASKRUNNER_RESET = "taskrunner_reset"
+    SESSION_JOIN = "session_join"
+    SESSION_LEAVE = "session_leave"
+    SESSION_EVICT = "session_evict"
+    CHECKIN = "checkin"
+    CLOSE_ROUND = "close_round"
+    REELECT = "reelect"
+    MERGED = "merged"
+    ROUND_ABORT = "round_abort"
+    METRICS = "metrics"
+
+
+class Role(StrEnum):
+    """A node's role on the ledger: its certificate's role (pki.ROLES), upper-cased."""
+
+    SN = "SN"
+    SL = "SL"
+    SWOP = "SWOP"
+    SWCI = "SWCI"
+    UI = "UI"
+    ADMIN = "ADMIN"
+
+
+class RoundStatus(StrEnum):
+    OPEN = "open"
+    CLOSED = "closed"
+    MERGED = "merged"
+    ABORTED = "aborted"
+
+
+class PeerState(StrEnum):
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    COMPLETE = "COMPLETE"
+    FAILED = "FAILED"
+
+
+class AssignmentStatus(StrEnum):
+    RUNNING = "RUNNING"
+    COMPLETE = "COMPLETE"
+    FAILED = "FAILED"
+    RESET = "RESET"
+
+
+TASK_TYPES = ("MAKE_USER_CONTAINER", "RUN_SWARM", "PULL_IMAGE", "MAKE_SWARM_USER_CONTENT")
+DEFAULT_ALIAS = "default"
+
+
+def leader_order(contract: str, generation: int, round_no: int, participants: Iterable[str]) -> list[str]:
+    """The deterministic order in which participants lead a round: the first leads, and each
+    re-election passes to the next. Seeded by contract and round, so leadership rotates."""
+    def rank(node: str) -> str:
+        return hashlib.sha256(f"{contract}|{generation}|{round_no}|{node}".encode()).hexdigest()
+
+    return sorted(set(participants), key=lambda n: (rank(n), n))
+
+
+@dataclass
+class TrustedCA:
+    """A CA the swarm trusts, bound to the one organization it issues for and the roles it may issue."""
+
+    fingerprint: str
+    org: str
+    roles: list[str]
+    cert: str  # PEM
+    added_at: int  # entry index
+
+
+@dataclass
+class Node:
+    node_id: str
+    role: str
+    address: str
+    cert_fp: str
+    subject: str
+    registered_at: int  # entry index
+    info: dict = field(default_factory=dict)
+    # The organization that issued its certificate (the `<org>` of spiffe://<org>/<role>/<name>).
+    org: str = ""
+
+    @property
+    def spiffe_id(self) -> str:
+        return f"spiffe://{self.org}/{self.role.lower()}/{self.node_id}"
+
+
+@dataclass
+class ContractLimits:
+    """Bounds on what a member of a contract may declare, set by the contract's creator (for the
+    default contract: at genesis, changed only by an admin)."""
+
+    max_min_peers: int = 16
+    max_blob_bytes: int = 4 << 30
+    max_metrics_bytes: int = 16 << 10
+
+
+@dataclass
+class Member:
+    min_peers: int
+    weightage: float
+    active: bool = True
+    joined_at: int = 0
+    merge_method: str = "mean"
+    finished: bool = False  # its training ended; it still contributes its final weights (snapshot)
+
+
+@dataclass
+class Checkin:
+    hash: str
+    weight: float
+    size: int
+    final: bool = False
+
+
+@dataclass
+class Round:
+    number: int
+    checkins: dict[str, Checkin] = field(default_factory=dict)
+    status: str = RoundStatus.OPEN  # open -> closed -> merged | aborted
+    participants: list[str] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)  # leader order over the original participants
+    leader: str | None = None
+    reelections: int = 0
+    merged_hash: str | None = None
+    merged_size: int = 0
+    # Decided when merged: every active member took part with its final weights, so this is the
+    # swarm's last round. Fixed by the ledger's order, so every node reads the same answer.
+    final: bool = False
+    closed_at: int | None = None
+    merged_at: int | None = None
+    # min_peers when the round closed: later joins cannot change a closed round's rules.
+    need: int = 0
+    # The signers' clocks at close and merge, kept as data for people (round durations).
+    closed_time: float = 0.0
+    merged_time: float = 0.0
+
+
+@dataclass
+class Contract:
+    name: str
+    created_by: str
+    generation: int = 0
+    members: dict[str, Member] = field(default_factory=dict)
+    rounds: dict[int, Round] = field(default_factory=dict)
+    current_round: int = 1
+    latest_merged_round: int | None = None
+    metrics: list[dict] = field(default_factory=list)
+    # The node ids admitted to this contract's training; None admits every registered SL (the
+    # default contract, and contracts created without a list).
+    peers: list[str] | None = None
+    limits: ContractLimits = field(default_factory=ContractLimits)
+
+    @property
+    def min_peers(self) -> int:
+        declared = [m.min_peers for m in self.members.values() if m.active]
+        return max(declared, default=1)
+
+    @property
+    def latest_merged(self) -> Round | None:
+        return self.rounds.get(self.latest_merged_round) if self.latest_merged_round else None
+
+    @property
+    def active_members(self) -> list[str]:
+        return sorted(n for n, m in self.members.items() if m.active)
+
+    @property
+    def merge_method(self) -> str:
+        methods = {m.merge_method for m in self.members.values() if m.active}
+        return methods.pop() if len(methods) == 1 else "mean"
+
+    def is_final(self, r: Round) -> bool:
+        active = self.active_members
+        return (bool(active) and set(active) <= set(r.participants)
+                and all(r.checkins[n].final for n in r.participants))
+
+    def absent_from_last_rounds(self, node: str, rounds: int = 2) -> bool:
+        """Whether `node` took part in none of the last `rounds` closed rounds (and there were that many)."""
+        closed = [self.rounds.get(n) for n in range(self.current_round - rounds, self.current_round)]
+        return all(r is not None and r.status != RoundStatus.OPEN and node not in r.participants for r in closed)
+
+
+@dataclass
+class Task:
+    name: str
+    type: str
+    author: str  # the taskdef's free text; who really wrote it is `created_by`
+    prereq: str
+    outcome: str
+    body: dict
+    created_by: str
+    finalized: bool = False
+
+
+@dataclass
+class PeerStatus:
+    swop: str
+    status: str = PeerState.STARTING
+    exit_code: int | None = None
+    detail: str = ""
+
+
+@dataclass
+class Assignment:
+    task: str
+    peers: int
+    generation: int
+    status: str = AssignmentStatus.RUNNING  # RUNNING -> COMPLETE | FAILED | RESET
+    peer_status: dict[str, PeerStatus] = field(default_factory=dict)
+    assigned_by: str = ""
+
+
+@dataclass
+class TaskRunner:
+    name: str
+    created_by: str
+    swops: dict[str, int] = field(default_factory=dict)  # SWOP node id -> how many peers it can start
+    assignment: Assignment | None = None
+    assignments_made: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def capacity(self) -> int:
+        return sum(self.swops.values())

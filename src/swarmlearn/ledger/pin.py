@@ -1,0 +1,182 @@
+"""What a node remembers of the swarm's history, so that nobody can silently roll it back or replace it.
+
+A *pin* is a small JSON file: the swarm's genesis hash and the highest entry (index, hash) the node has
+verified (a follower: SL, SWOP, SWCI) or acknowledged (an SN: its `swarm.json` beside ledger.db).
+A ledger that begins with another genesis, ends before the pinned entry, or holds another entry at
+the pinned index is not the history the node saw, and is refused.
+
+The file is replaced atomically (temp file + os.replace). Writes are off the append path: `advance`
+only records the new head; a timer thread writes the file at most once per `every` seconds (default
+1 s) and `flush` writes it at once (at stop). So a crash loses at most the last second of pinned
+head, never the pin itself; a rollback within that second is not detected by this node.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from swarmlearn.errors import LedgerError
+
+log = logging.getLogger("swarmlearn.ledger")
+
+# The pin file of a follower (SL: in its --data-dir; SWOP: in its workspace; SWCI: USR_DIR/.swarm/).
+PIN_FILE = "ledger-pin.json"
+
+
+class HistoryRefused(LedgerError):
+    """A ledger holds less or other history than this node verified or acknowledged before."""
+
+
+@dataclass(frozen=True)
+class Pin:
+    genesis_hash: str
+    head_index: int
+    head_hash: str
+    swarm_id: str = ""
+
+    def divergence(self, head_index: int, hash_at) -> str | None:
+        """How a ledger whose last index is `head_index` and whose entry hashes `hash_at(index)` gives
+        departs from this pin: "genesis", "shorter", "differs", or None when it holds the pinned
+        history."""
+        if head_index < 0:
+            return "shorter"
+        if hash_at(0) != self.genesis_hash:
+            return "genesis"
+        if head_index < self.head_index:
+            return "shorter"
+        if hash_at(self.head_index) != self.head_hash:
+            return "differs"
+        return None
+
+
+class PinFile:
+    """One pin on disk, advanced cheaply and written atomically (see the module's notes)."""
+
+    def __init__(self, path: Path, every: float = 1.0):
+        self.path = Path(path)
+        self.every = every
+        self._lock = threading.Lock()
+        self._writing = threading.Lock()
+        self._pin: Pin | None = None
+        self._written: Pin | None = None
+        self._timer: threading.Timer | None = None
+
+    @property
+    def pin(self) -> Pin | None:
+        return self._pin
+
+    def load(self) -> Pin | None:
+        """Reads the pin; None when there is none yet. Raises LedgerError naming the file if unreadable."""
+        try:
+            obj = json.loads(self.path.read_text())
+            pin = Pin(genesis_hash=str(obj["genesis_hash"]), head_index=int(obj["head_index"]),
+                      head_hash=str(obj["head_hash"]), swarm_id=str(obj.get("swarm_id", "")))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LedgerError(f"{self.path}: unreadable record of the swarm's history ({exc}); restore it, or "
+                              f"delete it to trust the ledger the SN serves now") from None
+        with self._lock:
+            self._pin = self._written = pin
+        return pin
+
+    def advance(self, pin: Pin) -> None:
+        """Records a new verified head (never lowers it); the file follows within `every` seconds."""
+        with self._lock:
+            if self._pin is not None and pin.head_index <= self._pin.head_index:
+                return
+            self._pin = pin
+            if self._timer is None:
+                # Not a daemon: a process that exits right after an append still writes its pin.
+                self._timer = threading.Timer(self.every, self._write_pending)
+                self._timer.name = "ledger-pin"
+                self._timer.daemon = False  # set, not inherited: appends run in daemon threads (gRPC's)
+                self._timer.start()
+
+    def replace(self, pin: Pin) -> None:
+        """Writes `pin` at once, even if lower (a new swarm was founded here)."""
+        with self._lock:
+            self._pin = pin
+        self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        self._write_pending()
+
+    def _write_pending(self) -> None:
+        # Two locks: `advance` (called on the append path) never waits for this file's fsync.
+        with self._writing:
+            with self._lock:
+                self._timer = None
+                pin = self._pin
+                if pin is None or pin == self._written:
+                    return
+            try:
+                write_atomically(self.path, json.dumps(asdict(pin), indent=1, sort_keys=True) + "\n")
+            except OSError as exc:
+                log.warning("%s: cannot record the verified ledger head (%s)", self.path, exc.strerror or exc)
+                return
+            with self._lock:
+                self._written = pin
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replaces `path` with `text` so that a reader or a crash sees the old file or the new one, never
+    a torn one. One fsync of a small file: callers write at most about once a second."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_marker(marker: Pin, head_index: int, hash_at, ledger_path: Path, marker_path: Path) -> None:
+    """Raises HistoryRefused, naming both files, unless the ledger (last index `head_index`, entry
+    hashes from `hash_at`) holds the history an SN recorded in its marker."""
+    problem = marker.divergence(head_index, hash_at)
+    swarm = f"swarm {marker.swarm_id or '?'} (genesis {marker.genesis_hash[:12]})"
+    if problem is None:
+        return
+    if head_index < 0:
+        raise HistoryRefused(f"{ledger_path} holds no entries but {marker_path} records {swarm} acknowledged up to "
+                             f"entry {marker.head_index}: its history was erased; restore ledger.db from a backup, "
+                             f"or found a new swarm here with `swarm sn --new-swarm`")
+    if problem == "genesis":
+        raise HistoryRefused(f"{ledger_path} begins with genesis {hash_at(0)[:12]} but {marker_path} records {swarm}: "
+                             f"the ledger was replaced; restore that swarm's ledger.db, or move both files away to "
+                             f"found a new swarm")
+    if problem == "shorter":
+        raise HistoryRefused(f"{ledger_path} ends at entry {head_index} but this SN had acknowledged entry "
+                             f"{marker.head_index} (per {marker_path}): history was rolled back or lost; restore "
+                             f"ledger.db from a backup")
+    raise HistoryRefused(f"{ledger_path} holds another entry {marker.head_index} ({hash_at(marker.head_index)[:12]}) "
+                         f"than the one this SN acknowledged ({marker.head_hash[:12]}, per {marker_path}): history "
+                         f"was replaced; restore ledger.db from a backup")
+
+
+def sn_refused(problem: str, address: str, pin: Pin, pin_path: Path | None, sn_head: int = -1,
+               served: str = "") -> HistoryRefused:
+    """The one-line refusal of an SN by a node that pinned `pin` (SL, SWOP, SWCI). `problem` is what
+    Pin.divergence says; `sn_head` the SN's last index; `served` the hash it serves at the index compared."""
+    unpin = f" (delete {pin_path} only if this node is meant to join the swarm that SN serves now)" if pin_path else ""
+    if problem == "shorter":
+        return HistoryRefused(f"SN {address} serves a ledger shorter than the entry {pin.head_index} this node "
+                              f"verified: history was rolled back (it ends at entry {sn_head}); restore the SN's "
+                              f"ledger.db, or use another SN of this swarm{unpin}")
+    if problem == "genesis":
+        return HistoryRefused(f"SN {address} serves a ledger with another genesis ({served[:12]}) than the swarm this "
+                              f"node joined (swarm {pin.swarm_id or '?'}, genesis {pin.genesis_hash[:12]}): the "
+                              f"swarm was replaced; point this node at an SN of its swarm{unpin}")
+    return HistoryRefused(f"SN {address} serves another entry {pin.head_index} ({served[:12]}) than the one this "
+                          f"node verified ({pin.head_hash[:12]}): history was replaced; restore the SN's ledger.db, "
+                          f"or use another SN of this swarm{unpin}")

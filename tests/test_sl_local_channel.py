@@ -1,0 +1,174 @@
+"""The channel between an SL and its ML is the SL's own: on TCP it serves only callers with the SL's
+secret, and its Unix socket sits in a folder only its user may enter, whatever the umask. An SL
+that loses its SN for good says so and exits; a YAML file far too big is refused naming the file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import identity_args, run_swarm, start_sn
+from swarm_harness import ML_DIR, Node, Swarm, start_sl, wait_ml
+from swarmlearn.callback.core import SLChannel
+from swarmlearn.errors import ConfigError, SwarmError
+from swarmlearn.proto import sl_pb2, sl_pb2_grpc
+from swarmlearn.sl.wire import TOKEN_METADATA
+from swarmlearn.swci.taskdef import load_taskdef
+from swarmlearn.swop.profile import load_profile
+from swarmlearn.tensors import Tensor, encode
+from swarmlearn.yamlfile import MAX_YAML_BYTES
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_tcp_sl(procs, certs, sn, node_id: str, work: Path) -> tuple[Node, str]:
+    """An SL whose ML channel is a TCP port; returns it and the secret its ready line gives."""
+    host, port = sn.address.rsplit(":", 1)
+    sl = procs.swarm("sl", "--sn-ip", host, "--sn-api-port", port, "--sl-fs-port", "0",
+                     *identity_args(certs, "sl", node_id), "--node-id", node_id, "--data-dir", str(work / node_id),
+                     "--checkin-wait", "1", "--ml-addr", f"127.0.0.1:{free_port()}")
+    ready = sl.wait_for_line(f"SL {node_id} ready: SWARM_SL_ADDR=").split("SWARM_SL_ADDR=")[1]
+    address, _, token = ready.partition(" SWARM_SL_TOKEN=")
+    return Node(node_id, sl, address.strip()), token.strip()
+
+
+def test_ml_channel_over_tcp_needs_the_node_secret(procs, certs, sn, tmp_path, monkeypatch):
+    monkeypatch.delenv("SWARM_SL_TOKEN", raising=False)
+    node1, token = start_tcp_sl(procs, certs, sn, "node1", tmp_path)
+    node2 = start_sl(procs, certs, sn, "node2", tmp_path, "--checkin-wait", "1")
+    assert len(token) >= 32
+
+    # Anyone else who reaches the port is refused on every call, streaming ones included.
+    for wrong in ("", "x" * len(token), token[:-1]):
+        channel = SLChannel(node1.ml_addr, ready_timeout=5, token=wrong)
+        with pytest.raises(SwarmError, match="SWARM_SL_TOKEN"):
+            channel.join("default", 2, 1.0, "mean")
+        with pytest.raises(SwarmError, match="SWARM_SL_TOKEN"):
+            channel.sync(encode({"w": Tensor("F32", np.ones(4, dtype=np.float32))}), 1.0)
+        channel.close()
+    with grpc.insecure_channel(node1.ml_addr) as raw:
+        with pytest.raises(grpc.RpcError) as refused:
+            sl_pb2_grpc.SwarmLocalStub(raw).Report(sl_pb2.MetricsRequest(round=1), timeout=5,
+                                                   metadata=((TOKEN_METADATA, "guess"),))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    # Its own ML, given the secret through the environment as the SWOP does, trains with its peer.
+    out = tmp_path / "out"
+    env = {"STEPS": "8", "SYNC_FREQUENCY": "4", "MIN_PEERS": "2", "OUT_DIR": str(out)}
+    for node, extra in ((node1, {"SWARM_SL_TOKEN": token}), (node2, {})):
+        node.ml = procs.start([sys.executable, str(ML_DIR / "tiny_torch_model.py")],
+                              env={"NODE_ID": node.node_id, "SWARM_SL_ADDR": node.ml_addr, **env, **extra})
+    swarm = Swarm(sn, {"node1": node1, "node2": node2}, out)
+    wait_ml(swarm, timeout=60)
+    a, b = (load_file(out / n / "final.safetensors") for n in ("node1", "node2"))
+    assert all(a[name].tobytes() == b[name].tobytes() for name in a)
+    # The secret is not given to a Unix-socket SL's ML: that channel's folder keeps others out.
+    assert "SWARM_SL_TOKEN" not in node2.sl.output
+
+
+def test_ml_socket_dir_is_private_whatever_the_umask(procs, certs, sn, tmp_path):
+    open_dir = tmp_path / "shared"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    deep = tmp_path / ("d" * 90)  # too long a path for a socket address: the socket goes to a temp folder
+    host, port = sn.address.rsplit(":", 1)
+    addresses = []
+    for node_id, data_dir in (("node1", open_dir / "sl"), ("node2", deep)):
+        sl = procs.swarm("sl", "--sn-ip", host, "--sn-api-port", port, "--sl-fs-port", "0",
+                         *identity_args(certs, "sl", node_id), "--node-id", node_id, "--data-dir", str(data_dir),
+                         umask=0)
+        line = sl.wait_for_line(f"SL {node_id} ready: SWARM_SL_ADDR=")
+        assert "SWARM_SL_TOKEN" not in line
+        addresses.append(line.split("SWARM_SL_ADDR=")[1].strip())
+    assert stat.S_IMODE((open_dir / "sl").stat().st_mode) == 0o777  # the SL did run under umask 0
+    for address in addresses:
+        assert address.startswith("unix:")
+        folder = Path(address[5:]).parent
+        info = folder.lstat()
+        assert stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700, (folder, oct(info.st_mode))
+        assert info.st_uid == os.getuid()
+        # and its own ML still reaches it
+        channel = SLChannel(address, ready_timeout=5)
+        assert channel.join("default", 1, 1.0, "mean").node_id in ("node1", "node2")
+        channel.close()
+
+
+def test_sl_exits_when_sn_stays_away_past_patience(procs, certs, tmp_path):
+    sn = start_sn(procs, certs, tmp_path / "sn")
+    host, port = sn.address.rsplit(":", 1)
+    sl = procs.swarm("sl", "--sn-ip", host, "--sn-api-port", port, "--sl-fs-port", "0",
+                     *identity_args(certs, "sl", "node1"), "--node-id", "node1", "--data-dir", str(tmp_path / "sl"),
+                     env={"SWARM_SN_PATIENCE": "2"})
+    address = sl.wait_for_line("SL node1 ready: SWARM_SL_ADDR=").split("SWARM_SL_ADDR=")[1].strip()
+    channel = SLChannel(address, ready_timeout=5)
+    channel.join("default", 2, 1.0, "mean")  # waits for a second peer that never comes
+    outcome: list[BaseException | None] = []
+
+    def sync():
+        try:
+            channel.sync(encode({"w": Tensor("F32", np.ones(4, dtype=np.float32))}), 1.0)
+            outcome.append(None)
+        except SwarmError as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=sync, daemon=True)
+    waiter.start()
+    sl.wait_for_line("checked in")
+    sn.proc.kill(signal.SIGKILL)
+    gone = time.monotonic()
+    assert sl.popen.wait(timeout=20) == 1, sl.output
+    sl._thread.join(timeout=5)
+    # Patience (2 s) plus leaving its contract and stopping: seconds, not the lingering of before.
+    assert time.monotonic() - gone < 15
+    last = sl.lines[-1]
+    assert last.startswith("error: SL node1 stopped: it lost the ledger") and "SN" in last, sl.output
+    waiter.join(10)
+    assert outcome and isinstance(outcome[0], SwarmError)  # its ML is told, not left waiting
+    channel.close()
+
+
+def test_oversized_yaml_is_refused_naming_the_file(sn, certs, tmp_path):
+    taskdefs = tmp_path / "taskdefs"
+    taskdefs.mkdir()
+    good = ("Name: t1\nTaskType: RUN_SWARM\nAuthor: me\nPrereq: ROOTTASK\nOutcome: t1-out\nBody:\n"
+            "  Command: model.py\n  Entrypoint: python3\n  WorkingDir: ~\n  Envvars:\n    - STEPS: 8\n"
+            "  PrivateContent: ~\n  SharedContent: ~\n")
+    (taskdefs / "small.yaml").write_text(good)
+    # Valid YAML all through: a 10 MB value, which the SN would refuse later, and less clearly.
+    (taskdefs / "huge.yaml").write_text(good.replace("Name: t1", "Name: t2").replace("t1-out", "t2-out")
+                                        .replace("- STEPS: 8", "- BLOB: " + "x" * (10 << 20)))
+    with pytest.raises(ConfigError) as refused:
+        load_taskdef(taskdefs / "huge.yaml")
+    message = str(refused.value)
+    assert message.startswith(f"{taskdefs / 'huge.yaml'}: ") and "1 MiB" in message
+    huge_profile = tmp_path / "profile.yaml"
+    huge_profile.write_text("# " + "x" * (MAX_YAML_BYTES + 1) + "\n")
+    with pytest.raises(ConfigError, match=f"^{huge_profile}: .*1 MiB"):
+        load_profile(huge_profile)
+
+    # Through the SWCI, against a live SN: the refusal names the file; the next task is created.
+    script = tmp_path / "init"
+    script.write_text("CREATE CONTEXT c WITH IP 127.0.0.1\nSWITCH CONTEXT c\nCREATE TASK FROM taskdefs/huge.yaml\n"
+                      "CREATE TASK FROM taskdefs/small.yaml\nLIST TASKS\n")
+    port = sn.address.rsplit(":", 1)[1]
+    result = run_swarm("swci", "--usr-dir", str(tmp_path), "--init-script-name", str(script),
+                       *identity_args(certs, "swci"), "--sn-api-port", port)
+    output = result.stdout + result.stderr
+    assert "huge.yaml" in output and "1 MiB" in output, output
+    listed = [line.split()[0] for line in result.stdout.splitlines() if "RUN_SWARM" in line]
+    assert listed == ["t1"], output
