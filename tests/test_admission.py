@@ -81,11 +81,13 @@ def test_an_sl_peer_port_refuses_a_foreign_ca_and_an_sl_refuses_a_foreign_peer(p
         peer_address = c.query("nodes")["nodes"]["node1"]["address"]
     fetch = sl_pb2.FetchRequest(hash="0" * 64)
 
-    # Our own certificate gets through the handshake: an unknown blob is a plain NOT_FOUND.
-    ours = grpc.secure_channel(peer_address, identity(certs, "sl").channel_credentials())
+    # Our own certificate gets through the handshake, but a blob of no round it took part in is not
+    # its to have (nor to learn whether it exists).
+    ours = grpc.secure_channel(peer_address, identity(certs, "sl", "node2").channel_credentials())
     with pytest.raises(grpc.RpcError) as answered:
         list(sl_pb2_grpc.SwarmPeerStub(ours).Fetch(fetch, timeout=5))
-    assert answered.value.code() == grpc.StatusCode.NOT_FOUND
+    assert answered.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "served only to the SLs that checked in to its round" in answered.value.details()
     ours.close()
 
     # A foreign CA's certificate never gets a connection: no RPC reaches the service.

@@ -478,7 +478,8 @@ def test_an_sl_answers_hostile_requests_from_peers_and_from_its_ml_and_stays_up(
         peer.close()
         local.close()
     assert node.sl.popen.poll() is None, node.sl.output
-    # Still serving: the ML channel joins, and a peer's fetch of an unknown blob is a clean NOT_FOUND.
+    # Still serving: the ML channel joins, and a fetch of a blob of no round the caller took part in is
+    # a clean PERMISSION_DENIED (whether the blob exists is not the caller's to learn).
     ml = SLChannel(node.ml_addr, ready_timeout=5)
     try:
         assert ml.join("default", 1, 1.0, "mean").node_id == "node1"
@@ -486,7 +487,7 @@ def test_an_sl_answers_hostile_requests_from_peers_and_from_its_ml_and_stays_up(
         ml.close()
     exc = raw_call(grpc.secure_channel(_sl_peer_address(sn, ident), ident.channel_credentials()),
                    "swarmlearn.sl.SwarmPeer", "Fetch", sl_pb2.FetchRequest(hash="0" * 64).SerializeToString())
-    assert exc is not None and exc.code() == grpc.StatusCode.NOT_FOUND
+    assert exc is not None and exc.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 # ------------------------------------------------------------------- bad contributions in a swarm

@@ -46,14 +46,14 @@ NODE = """\
                 aType : KEY
                 mType : BIND
                 src : "{certdir}"
-                tgt : "/swarm-cert/sl-1-key.pem"
-                subPath : "sl-1-key.pem"
+                tgt : "/swarm-cert/sl-node{idx}-key.pem"
+                subPath : "sl-node{idx}-key.pem"
             - attribute :
                 aType : CERT
                 mType : BIND
                 src : "{certdir}"
-                tgt : "/swarm-cert/sl-1-cert.pem"
-                subPath : "sl-1-cert.pem"
+                tgt : "/swarm-cert/sl-node{idx}-cert.pem"
+                subPath : "sl-node{idx}-cert.pem"
             - attribute :
                 aType : CAPATH
                 mType : BIND

@@ -39,3 +39,8 @@ class HeadMoved(SwarmError):
 
 class SNUnavailable(SwarmError):
     """No Swarm Network node answered in time."""
+
+
+class SNLimitReached(SwarmError):
+    """The SN refused a call past one of its bounds (submit rate, watch streams, reply size); the
+    message names the bound and what to do."""

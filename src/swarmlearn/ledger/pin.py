@@ -133,7 +133,9 @@ def write_atomically(path: Path, text: str) -> None:
     a torn one. One fsync of a small file: callers write at most about once a second."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
+    # Owner-only whatever the umask: a pin anyone could rewrite would protect nothing.
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        os.fchmod(f.fileno(), 0o600)
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

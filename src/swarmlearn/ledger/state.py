@@ -9,7 +9,7 @@ Signatures are checked by whoever accepts bytes from the network (ledger/chain.p
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable
 
 from swarmlearn import pki
@@ -146,7 +146,10 @@ class LedgerState:
 
 
 def _contract_obj(c: Contract) -> dict:
-    obj = asdict(c)
+    # Metrics grow with every round: they are read page by page with the SN's metrics query.
+    obj = asdict(replace(c, metrics=[]))
+    del obj["metrics"]
+    obj["metrics_count"] = len(c.metrics)
     obj["rounds"] = {str(k): v for k, v in obj["rounds"].items()}
     obj["min_peers"] = c.min_peers
     return obj

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from swarmlearn import pki
-from swarmlearn.errors import AlreadyRecorded, ConfigError, LedgerError, Rejected, SNUnavailable, SwarmError
+from swarmlearn.errors import (AlreadyRecorded, ConfigError, LedgerError, Rejected, SNLimitReached, SNUnavailable,
+                               SwarmError)
 from swarmlearn.ledger.entry import Entry, SignedTx
 from swarmlearn.ledger.signatures import registration, sign_tx
 from swarmlearn.ledger.store import StoredEntry
@@ -40,10 +41,6 @@ CALL_TIMEOUT = 10.0
 LIMIT_PATIENCE = 10.0
 WATCH_LIMIT_PATIENCE = 5.0
 
-
-class SNLimitReached(SwarmError):
-    """The SN refused a call past one of its bounds (submit rate, watch streams, reply size); the
-    message names the bound and what to do."""
 
 
 class SNClient:

@@ -235,10 +235,6 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc.args[0]))
             except Rejected as exc:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            for name, c in obj.get("contracts", {}).items():
-                # Metrics grow with every round: they are read page by page with the metrics query.
-                c.pop("metrics", None)
-                c["metrics_count"] = len(state.contracts[name].metrics)
             head = state.head_index
             now = time.monotonic()
             obj["last_seen"] = {n: round(now - t, 3) for n, t in self.last_seen.items()}

@@ -1,7 +1,8 @@
 """SWOP: the per-host operator. Joins its task runner on the ledger, waits for tasks assigned to
 it, claims as many peers as its profile has nodes, and runs the task: for RUN_SWARM one SL and one
 ML process per node, reporting each peer RUNNING, then COMPLETE or FAILED with its exit code and
-last log lines. One task at a time.
+last log lines. One task at a time. A task its profile does not allow (swop/policy.py: signers,
+entrypoints, paths, builds) is refused before anything starts: its peers end FAILED with the reason.
 
 A SWOP that dies takes its nodes with it (the kernel sends them SIGTERM) and does not re-adopt a task
 when it starts again: it reports the peers it had started as FAILED ("swop-1 stopped while its nodes
@@ -26,6 +27,8 @@ from swarmlearn.ledger.state import Assignment, LedgerState
 from swarmlearn.ledger.pin import PIN_FILE
 from swarmlearn.sl.follower import LedgerFollower, exit_when_refused
 from swarmlearn.sn.client import SNClient
+from swarmlearn.swop.policy import PYTHON_NAMES, TaskPolicy
+from swarmlearn.swop.policy import mapped as _mapped, shared_content as _shared_content
 from swarmlearn.swop.runtime import Handle, ProcessRuntime, Runtime, Spec, record_self
 
 log = logging.getLogger("swarmlearn.swop")
@@ -36,7 +39,6 @@ SL_READY_TIMEOUT = 60.0
 LINGER = 5.0
 POLL = 0.5
 HEARTBEAT_EVERY = 1.0
-PYTHON_NAMES = {"python", "python3", f"python3.{sys.version_info.minor}"}
 
 
 @dataclass
@@ -73,6 +75,8 @@ class Operator:
             raise ConfigError(f"{config.profile_path}: the profile lists no nodes; add `- slnodedef:` entries")
         self.node_id = config.node_id or config.identity.common_name
         self.workspace = Path(config.workspace)
+        # What its operator lets it run: checked before any process of a task starts (swop/policy.py).
+        self.policy = TaskPolicy.for_swop(self.profile, config.identity.swarm_id, config.usr_dir, self.workspace)
         self.runtime = runtime or ProcessRuntime(self.workspace)
         self.sn = SNClient(config.sn_address, config.identity, self.node_id)
         # The swarm this operator verified is pinned in its workspace; a refused ledger ends the SWOP, exit 1.
@@ -88,6 +92,7 @@ class Operator:
     def start(self) -> None:
         for note in self.profile.notes():
             log.info("profile: %s", note)
+        log.info("policy: %s", self.policy.describe())
         self.sn.wait_ready()
         index = self.sn.register("SWOP", "", capacity=len(self.nodes))
         self.follower.start()
@@ -153,7 +158,15 @@ class Operator:
             time.sleep(POLL)  # another SWOP claimed first; look again at what is left
             return
         self.handled.add(key)
-        task = self.follower.read(lambda s: s.tasks[a.task])
+        task, created_by, assigned_by = self.follower.read(lambda s: (
+            s.tasks[a.task], _spiffe_id(s, s.tasks[a.task].created_by), _spiffe_id(s, a.assigned_by)))
+        refused = self.policy.refusal(task.type, task.body, created_by, assigned_by)
+        if refused is not None:  # nothing has started; the peers it claimed end FAILED with the reason
+            reason = f"{self.node_id} refuses task {task.name}: {refused}"
+            log.warning("%s", reason)
+            for peer in peers:
+                self._report(a.generation, peer, "FAILED", None, reason, quiet=True)
+            return
         log.info("task %s (%s): running %d peers: %s", task.name, task.type, len(peers), ", ".join(peers))
         try:
             if task.type == "RUN_SWARM":
@@ -335,17 +348,10 @@ class Operator:
             self._report(generation, peer, "COMPLETE", 0, detail)
 
 
-def _shared_content(items) -> dict[str, str]:
-    """SharedContent maps a container path (Tgt) to a host path (Src); processes see the host, so
-    every Tgt prefix in the task's paths is rewritten to its Src."""
-    return {str(i["Tgt"]): str(i["Src"]) for i in items or [] if i.get("Src") and i.get("Tgt")}
-
-
-def _mapped(value: str, mapping: dict[str, str]) -> str:
-    for target, source in sorted(mapping.items(), key=lambda kv: -len(kv[0])):
-        if value == target or value.startswith(target.rstrip("/") + "/"):
-            return source + value[len(target):]
-    return value
+def _spiffe_id(state: LedgerState, node_id: str) -> str | None:
+    """The certificate identity of a registered node (who signed a task or its assignment)."""
+    node = state.nodes.get(node_id)
+    return node.spiffe_id if node is not None else None
 
 
 def _node_file(swop_file: Path, node: str, kind: str) -> Path:

@@ -17,6 +17,22 @@ Learning's shape.
 
 Keys that only make sense for containers are accepted; `notes()` says in one line each what we do
 with them. Placeholders such as `<PROJECT>` are left in the strings: `swarm run` fills them in.
+
+Ours, optional: what this SWOP agrees to run (swop/policy.py decides; a refused task ends FAILED with
+the reason before any process starts).
+
+    taskauthors  : [spiffe://acme/swci/*]  # who may create AND assign its tasks, by certificate identity
+                                           # (never the taskdef's Author); `*` = any name. Default: the
+                                           # swci and admin identities of the SWOP's own organization
+    entrypoints  : [python3, /usr/bin/Rscript]  # programs a RUN_SWARM task may run; a python name means
+                                           # the SWOP's own Python. Default: only that Python
+    allowedpaths : [/data/shared]          # folders besides --usr-dir and the workspace (and each node's
+                                           # privatedata) that task paths may lie in; relative: to --usr-dir
+    allowbuild   : true                    # MAKE_USER_CONTAINER may pip-install (default true)
+    pipoptions   : [--index-url]           # pip options a build may use; default none: only plain
+                                           # requirements such as `torch==2.3` or `peft>=0.12`
+
+`taskauthors` and `entrypoints` replace their defaults; `allowedpaths` adds to them.
 """
 
 from __future__ import annotations
@@ -28,6 +44,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from swarmlearn import pki
 from swarmlearn.yamlfile import EnvVars, KeyValues, YamlModel, line_of, located_error, validate
 
 DEFAULT_TASKRUNNER = "defaulttaskbb.taskdb.sml.hpe"
@@ -35,6 +52,11 @@ DEFAULT_SLPORT = 30305
 
 MountType = Literal["BIND", "VOLUME"]
 AttributeType = Literal["KEY", "CERT", "CAPATH", "CACERT", "SPIFFE_SOCKETPATH"]
+
+# `taskauthors` entries: a SPIFFE id of a task-writing role, `*` standing for a whole name.
+AUTHOR_PATTERN = re.compile(rf"spiffe://{pki.ORG_PATTERN.pattern}/(swci|admin)/(\*|(?i:{pki.NAME_PATTERN.pattern}))")
+# `entrypoints` entries that mean "the SWOP's own Python".
+PYTHON_NAME = re.compile(r"python(3(\.\d+)?)?")
 
 # Node keys that configure a container (labels, networks, the SL file service's container); we run
 # local processes, so they are accepted and reported by notes().
@@ -189,11 +211,55 @@ class SwopProfile(YamlModel):
     envvars: EnvVars = {}
     nodes: list[NodeEntry]
     dns: Any = None
+    # Ours: what this SWOP agrees to run (see the module docstring and swop/policy.py).
+    taskauthors: list[str] | None = None  # None: own organization's swci/* and admin/*
+    entrypoints: list[str] | None = None  # None: the SWOP's own Python only
+    allowedpaths: list[str] = []
+    allowbuild: bool = True
+    pipoptions: list[str] = []
 
-    @field_validator("taskrunner", "resourcemgr", mode="before")
+    @field_validator("taskrunner", "resourcemgr", "allowedpaths", "allowbuild", "pipoptions", mode="before")
     @classmethod
     def _tilde_defaults(cls, value: Any, info: ValidationInfo) -> Any:
         return _tilde_means_default(cls, value, info)
+
+    @field_validator("taskauthors")
+    @classmethod
+    def _spiffe_patterns(cls, authors: list[str] | None) -> list[str] | None:
+        problems = [((i,), f"{a!r} is not a task author; write spiffe://<organization>/swci/<name> (or admin "
+                           f"for the role; * for any name): the identity in the signer's certificate", a)
+                    for i, a in enumerate(authors or []) if not AUTHOR_PATTERN.fullmatch(a)]
+        if problems:
+            raise located_error(problems)
+        return authors
+
+    @field_validator("entrypoints")
+    @classmethod
+    def _programs(cls, programs: list[str] | None) -> list[str] | None:
+        problems = [((i,), f"{p!r}: name a program by its absolute path (e.g. /usr/bin/Rscript), or python3 "
+                           f"for the SWOP's own Python", p)
+                    for i, p in enumerate(programs or []) if not (PYTHON_NAME.fullmatch(p) or Path(p).is_absolute())]
+        if problems:
+            raise located_error(problems)
+        return programs
+
+    @field_validator("allowedpaths")
+    @classmethod
+    def _folders(cls, folders: list[str]) -> list[str]:
+        problems = [((i,), "name a folder (an empty path would allow nothing useful)", f)
+                    for i, f in enumerate(folders) if not f.strip()]
+        if problems:
+            raise located_error(problems)
+        return folders
+
+    @field_validator("pipoptions")
+    @classmethod
+    def _options(cls, options: list[str]) -> list[str]:
+        problems = [((i,), f"{o!r} is not a pip option; write it as pip spells it, e.g. --index-url", o)
+                    for i, o in enumerate(options) if not re.fullmatch(r"--?[A-Za-z][A-Za-z0-9-]*", o)]
+        if problems:
+            raise located_error(problems)
+        return options
 
     @field_validator("nodes")
     @classmethod
