@@ -55,6 +55,7 @@ METRICS_PAGE_BYTES = 1024 * 1024
 # its watch stream within KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS.
 KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 10_000
+CLIENT_PING_MIN_MS = 5_000
 # On stop, how long the SN waits for its watch streams to end (each notices within the store's
 # half-second poll) before it closes the ledger under them.
 STOP_STREAMS_TIMEOUT = 2.0
@@ -418,7 +419,12 @@ def start_sn(*, host: str, port: int, identity: pki.Identity, data_dir: Path, se
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_WORKERS),
                          options=[("grpc.so_reuseport", 0),
                                   ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-                                  ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS)])
+                                  ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+                                  # Clients ping every 10 s to notice a dead SN: accept that, or gRPC's
+                                  # default (one ping per 5 min) answers GOAWAY too_many_pings and
+                                  # every follower's stream breaks.
+                                  ("grpc.http2.min_recv_ping_interval_without_data_ms", CLIENT_PING_MIN_MS),
+                                  ("grpc.http2.max_ping_strikes", 0)])
     try:
         bound = server.add_secure_port(f"{host}:{port}", identity.server_credentials())
     except RuntimeError:

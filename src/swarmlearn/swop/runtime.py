@@ -29,6 +29,7 @@ class Spec:
 
 class Handle(ABC):
     spec: Spec
+    log_start: int = 0  # where this run's output begins in spec.log
 
     @abstractmethod
     def poll(self) -> int | None:
@@ -46,9 +47,13 @@ class Handle(ABC):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                for line in self.spec.log.read_text(errors="replace").splitlines():
-                    if needle in line:
-                        return line.strip()
+                with open(self.spec.log, "rb") as fh:
+                    # Only this run's lines: a restarted node appends to the log of its earlier run,
+                    # whose readiness line names an address that is gone.
+                    fh.seek(self.log_start)
+                    for line in fh.read().decode(errors="replace").splitlines():
+                        if needle in line:
+                            return line.strip()
             except OSError:
                 pass
             if self.poll() is not None:
@@ -109,12 +114,15 @@ class ProcessRuntime(Runtime):
         spec.log.parent.mkdir(parents=True, exist_ok=True)
         self.pids.mkdir(parents=True, exist_ok=True)
         with open(spec.log, "ab") as log:
+            log_start = log.tell()
             popen = subprocess.Popen(spec.argv, cwd=spec.cwd, env=spec.env, stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True,
                                      preexec_fn=_die_with_parent)
         pid_file = self.pids / f"{spec.name}.pid"
         pid_file.write_text(f"{popen.pid}\n")
-        return ProcessHandle(spec, popen, pid_file)
+        handle = ProcessHandle(spec, popen, pid_file)
+        handle.log_start = log_start
+        return handle
 
 
 def stop_recorded(workspace: Path, grace: float = 10.0) -> list[tuple[str, int]]:
