@@ -15,7 +15,8 @@ from pathlib import Path
 
 from swarmlearn.ledger.sqlite_store import SQLiteStore
 from swarmlearn.callback.core import SLChannel
-from swarmlearn.ledger.state import LedgerState, Round, fold
+from swarmlearn.ledger.model import Round
+from swarmlearn.ledger.state import LedgerState, fold
 from swarmlearn.pki import CertLayout, Identity, generate_host_certs
 from swarmlearn.sn.server import DEFAULT_CONTRACT
 

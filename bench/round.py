@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._swarm import LocalSwarm  # noqa: E402
 from swarmlearn.callback.core import SLChannel  # noqa: E402
 from swarmlearn.ledger.sqlite_store import SQLiteStore  # noqa: E402
-from swarmlearn.ledger.state import leader_order  # noqa: E402
+from swarmlearn.ledger.model import leader_order  # noqa: E402
 from swarmlearn.sl.transport import PeerFetcher  # noqa: E402
 from swarmlearn.sn.server import DEFAULT_CONTRACT  # noqa: E402
 from swarmlearn.tensors import Tensor, encode  # noqa: E402

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from conftest import Proc, Procs, RunningSN, identity_args, start_sn
 from swarmlearn.pki import CertLayout
@@ -29,10 +32,12 @@ class Swarm:
     out_dir: Path | None = None
 
 
-def start_sl(procs: Procs, certs: CertLayout, sn: RunningSN, node_id: str, work: Path, *extra: str) -> Node:
+def start_sl(procs: Procs, certs: CertLayout, sn: RunningSN, node_id: str, work: Path, *extra: str,
+             env: dict[str, str] | None = None) -> Node:
     host, port = sn.address.rsplit(":", 1)
     sl = procs.swarm("sl", "--sn-ip", host, "--sn-api-port", port, "--sl-fs-port", "0", *identity_args(certs, "sl", node_id),
-                     "--node-id", node_id, "--data-dir", str(work / f"sl-{node_id}"), *extra)
+                     "--node-id", node_id, "--data-dir", str(work / f"sl-{node_id}"), *extra,
+                     env=env or {})
     line = sl.wait_for_line(f"SL {node_id} ready: SWARM_SL_ADDR=")
     return Node(node_id, sl, line.split("SWARM_SL_ADDR=")[1].strip())
 
@@ -74,3 +79,30 @@ def wait_ml(swarm: Swarm, nodes: list[str] | None = None, timeout: float = 90) -
             raise AssertionError(f"{node_id} ML still running after {timeout} s\n{everything(swarm)}") from None
         ml._thread.join(timeout=5)
         assert code == 0, f"{node_id} ML exited {code}:\n{ml.output}\n--- its SL:\n{swarm.nodes[node_id].sl.output}"
+
+
+def stuck_sync(node: Node) -> tuple[threading.Thread, list]:
+    """An ML that joins needing a second peer that never comes and syncs in a thread: it waits in
+    round 1 until its SL goes away. Returns the thread and the list its outcome (None or the
+    SwarmError it got) lands in, once the SL has logged its check-in."""
+    from swarmlearn.callback.core import SLChannel
+    from swarmlearn.errors import SwarmError
+    from swarmlearn.tensors import Tensor, encode
+
+    channel = SLChannel(node.ml_addr, ready_timeout=5)
+    channel.join("default", 2, 1.0, "mean")
+    outcome: list = []
+
+    def sync() -> None:
+        try:
+            channel.sync(encode({"w": Tensor("F32", np.ones(4, dtype=np.float32))}), 1.0)
+            outcome.append(None)
+        except SwarmError as exc:
+            outcome.append(exc)
+        finally:
+            channel.close()
+
+    waiter = threading.Thread(target=sync, daemon=True)
+    waiter.start()
+    node.sl.wait_for_line("checked in")
+    return waiter, outcome

@@ -20,7 +20,6 @@ import copy
 import json
 import re
 import signal
-import string
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +33,7 @@ from hypothesis import strategies as st
 
 from swarmlearn.errors import ConfigError, Rejected
 from swarmlearn.ledger import LedgerState, Signer, Tx
-from swarmlearn.ledger.state import Kind, leader_order
+from swarmlearn.ledger.model import leader_order
 from swarmlearn.swci.script import parse_script
 from swarmlearn.swci.taskdef import load_taskdef
 from swarmlearn.swop.profile import load_profile

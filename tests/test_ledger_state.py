@@ -9,7 +9,7 @@ import pytest
 
 from swarmlearn.errors import AlreadyRecorded, Rejected
 from swarmlearn.ledger import GENESIS_PREV_HASH, Entry, LedgerState, Signer, Tx, fold
-from swarmlearn.ledger.state import leader_order
+from swarmlearn.ledger.model import leader_order
 
 from ledger_ids import CONTRACT, RUNNER, fingerprints, genesis_payload, reg
 

@@ -10,7 +10,7 @@ import signal
 from conftest import identity
 from swarm_harness import everything, start_swarm, wait_ml
 from swarmlearn.errors import Rejected
-from swarmlearn.ledger.state import leader_order
+from swarmlearn.ledger.model import leader_order
 from swarmlearn.sn.client import SNClient
 from swarmlearn.sn.server import DEFAULT_CONTRACT
 from swarmlearn.tensors import blob_hash

@@ -9,7 +9,6 @@ import signal
 import socket
 import stat
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import identity_args, run_swarm, start_sn
-from swarm_harness import ML_DIR, Node, Swarm, start_sl, wait_ml
+from swarm_harness import ML_DIR, Node, Swarm, start_sl, stuck_sync, wait_ml
 from swarmlearn.callback.core import SLChannel
 from swarmlearn.errors import ConfigError, SwarmError
 from swarmlearn.proto import sl_pb2, sl_pb2_grpc
@@ -110,25 +109,9 @@ def test_ml_socket_dir_is_private_whatever_the_umask(procs, certs, sn, tmp_path)
 
 def test_sl_exits_when_sn_stays_away_past_patience(procs, certs, tmp_path):
     sn = start_sn(procs, certs, tmp_path / "sn")
-    host, port = sn.address.rsplit(":", 1)
-    sl = procs.swarm("sl", "--sn-ip", host, "--sn-api-port", port, "--sl-fs-port", "0",
-                     *identity_args(certs, "sl", "node1"), "--node-id", "node1", "--data-dir", str(tmp_path / "sl"),
-                     env={"SWARM_SN_PATIENCE": "2"})
-    address = sl.wait_for_line("SL node1 ready: SWARM_SL_ADDR=").split("SWARM_SL_ADDR=")[1].strip()
-    channel = SLChannel(address, ready_timeout=5)
-    channel.join("default", 2, 1.0, "mean")  # waits for a second peer that never comes
-    outcome: list[BaseException | None] = []
-
-    def sync():
-        try:
-            channel.sync(encode({"w": Tensor("F32", np.ones(4, dtype=np.float32))}), 1.0)
-            outcome.append(None)
-        except SwarmError as exc:
-            outcome.append(exc)
-
-    waiter = threading.Thread(target=sync, daemon=True)
-    waiter.start()
-    sl.wait_for_line("checked in")
+    node = start_sl(procs, certs, sn, "node1", tmp_path, env={"SWARM_SN_PATIENCE": "2"})
+    waiter, outcome = stuck_sync(node)
+    sl = node.sl
     sn.proc.kill(signal.SIGKILL)
     gone = time.monotonic()
     assert sl.popen.wait(timeout=20) == 1, sl.output
@@ -139,7 +122,6 @@ def test_sl_exits_when_sn_stays_away_past_patience(procs, certs, tmp_path):
     assert last.startswith("error: SL node1 stopped: it lost the ledger") and "SN" in last, sl.output
     waiter.join(10)
     assert outcome and isinstance(outcome[0], SwarmError)  # its ML is told, not left waiting
-    channel.close()
 
 
 def test_oversized_yaml_is_refused_naming_the_file(sn, certs, tmp_path):

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 
 from conftest import identity
 from swarm_harness import start_ml, start_sl, start_swarm, wait_ml
-from swarmlearn.ledger.state import leader_order
+from swarmlearn.ledger.model import leader_order
 from swarmlearn.proto import sl_pb2_grpc
 from swarmlearn.sl.transport import BlobStore, PeerService
 from swarmlearn.sn.client import SNClient

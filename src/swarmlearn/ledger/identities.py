@@ -69,6 +69,13 @@ def identify(state: LedgerState, pem: str, tx: Tx) -> pki.SwarmId:
     return ident
 
 
+def verified_identity(state: LedgerState, pem: str) -> pki.SwarmId:
+    """The identity of a certificate that `identify` already accepted for this very transaction (the
+    state machine checks every transaction before it applies it): read, not verified again."""
+    cert = _cert(pem)
+    return pki.swarm_id(cert) or state.cert_map[pki.cert_fingerprint(cert)]
+
+
 def registrant(state: LedgerState, tx: Tx, reg: P.Registration) -> pki.SwarmId:
     """The identity a registration proves; its node id and signer must be its certificate's name."""
     ident = identify(state, reg.cert, tx)
@@ -116,7 +123,7 @@ def apply_genesis(state: LedgerState, tx: Tx, p: P.Genesis, index: int) -> None:
     for grant in p.cas:
         fp = pki.cert_fingerprint(_cert(grant.cert))
         state.cas[fp] = TrustedCA(fp, grant.org, list(grant.roles), grant.cert, index)
-    ident = registrant(state, tx, p.sn)
+    ident = verified_identity(state, p.sn.cert)
     state.genesis = p.model_dump(exclude={"cas", "sn"})
     state.genesis["org"] = ident.org
     _put_node(state, ident, p.sn, tx, index)
@@ -133,17 +140,15 @@ DECLARED_IDENTITY = ("role", "org", "cert_fp", "subject", "spiffe_id")
 
 
 def validate_register_node(state: LedgerState, tx: Tx, p: P.Registration) -> None:
+    # The certificate itself was checked when the signer's role was read from it (signer_role).
     declared = [k for k in DECLARED_IDENTITY if k in (p.model_extra or {})]
     if declared:
         raise Rejected(f"registration of {p.node_id} declares {', '.join(declared)}: a node's role and "
                        f"organization are read from its certificate, never from a payload")
-    ident = registrant(state, tx, p)
-    if ident.role == "ui":
-        raise Rejected(f"{ident} is a read-only identity: it follows the ledger without registering")
 
 
 def apply_register_node(state: LedgerState, tx: Tx, p: P.Registration, index: int) -> None:
-    _put_node(state, registrant(state, tx, p), p, tx, index)
+    _put_node(state, verified_identity(state, p.cert), p, tx, index)
 
 
 # ------------------------------------------------------------------------------ CAs and certificates

@@ -18,12 +18,7 @@ from swarmlearn.ledger import payloads
 from swarmlearn.ledger.entry import Entry, Tx
 from swarmlearn.ledger.identities import signer_role
 from swarmlearn.ledger.policy import POLICY
-from swarmlearn.ledger.model import (  # noqa: F401  (re-exported: the state's vocabulary)
-    DEFAULT_ALIAS, TASK_TYPES, Assignment, AssignmentStatus, Checkin, Contract, ContractLimits, Kind, Member, Node,
-    PeerState, PeerStatus, Role, Round, RoundStatus, Task, TaskRunner, TrustedCA, leader_order)
-
-ROLES = tuple(Role)
-PEER_STATUSES = tuple(PeerState)
+from swarmlearn.ledger.model import DEFAULT_ALIAS, Contract, Kind, Node, Task, TaskRunner, TrustedCA
 
 # Deeper payloads are refused: every entry is kept in the state, and the state is served as JSON
 # through recursive encoders that a payload nested hundreds of levels deep would break for good.

@@ -25,7 +25,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 from swarmlearn.errors import Rejected, SwarmError
-from swarmlearn.ledger.state import Checkin, Contract, LedgerState, Round, leader_order
+from swarmlearn.ledger.model import Checkin, Contract, Round, leader_order
+from swarmlearn.ledger.state import LedgerState
 from swarmlearn.merge import (BadContribution, Contribution, check_contribution, contribution_norm, get_merger,
                               norm_outliers)
 from swarmlearn.sl.follower import LedgerFollower

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from swarmlearn import pki
 from swarmlearn.errors import ConfigError, Rejected, SwarmError
-from swarmlearn.ledger.state import Assignment, LedgerState
+from swarmlearn.ledger.model import Assignment
+from swarmlearn.ledger.state import LedgerState
 from swarmlearn.ledger.pin import PIN_FILE
 from swarmlearn.sl.follower import LedgerFollower, exit_when_refused
 from swarmlearn.sn.client import SNClient
