@@ -138,6 +138,10 @@ def test_a_non_participant_cannot_fetch_a_nodes_unmerged_contribution(swarm, cer
 
 def test_a_revoked_certificate_is_refused_by_the_sn(swarm, certs, attacker):
     running, _ = swarm
+    # The attacker follows the ledger when its certificate is revoked.
+    channel = grpc.secure_channel(running.sn.address, identity(certs, "sl", "attacker").channel_credentials())
+    following = sn_pb2_grpc.SwarmNetworkStub(channel).Watch(sn_pb2.WatchRequest(from_index=0), timeout=60)
+    assert next(following).index == 0
     admin = SNClient(running.sn.address, identity(certs, "admin"))
     try:
         admin.wait_ready(10)
@@ -149,6 +153,14 @@ def test_a_revoked_certificate_is_refused_by_the_sn(swarm, certs, attacker):
         attacker.heartbeat()
     with pytest.raises(Rejected, match="was revoked"):
         attacker.query("info")
+    # Its open watch ends too, at the latest within the SN's poll of the ledger.
+    try:
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in following:
+                pass
+    finally:
+        channel.close()
+    refused(ended.value, "watch ended", "was revoked at ledger entry", code=grpc.StatusCode.PERMISSION_DENIED)
 
 
 def test_after_every_attack_the_honest_nodes_end_with_identical_models(swarm):

@@ -32,7 +32,7 @@ def test_gen_cert_writes_the_original_layout_with_private_keys(tmp_path):
 def test_every_certificate_says_organization_role_and_name(tmp_path):
     layout = CertLayout(tmp_path, 2)
     generate_host_certs(tmp_path, 2, org="hospital-a", nodes=["ward1"])
-    ids = {str(pki.swarm_id(pki._load_cert(path))) for path in
+    ids = {str(pki.swarm_id(pki.load_cert(path))) for path in
            [layout.cert(c) for c in pki.COMPONENTS] + [layout.node_cert("ward1")]}
     assert ids == {"spiffe://hospital-a/sn/sn-2", "spiffe://hospital-a/swop/swop-2", "spiffe://hospital-a/swci/swci-2",
                    "spiffe://hospital-a/ui/ui-2", "spiffe://hospital-a/admin/admin-2", "spiffe://hospital-a/sl/ward1"}

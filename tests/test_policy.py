@@ -276,3 +276,62 @@ def _issue(ca_key, ca_cert, org: str, spiffe: str | None, common_name: str):
     names = [x509.DNSName("localhost")] + ([x509.UniformResourceIdentifier(spiffe)] if spiffe else [])
     builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     return key, builder.sign(ca_key, hashes.SHA256())
+
+
+# --------------------------------------------------------------------------- review findings, each an attack
+
+def test_two_cas_of_one_organization_are_not_both_trusted(tmp_path):
+    """Else a second host holding its own CA key could issue spiffe://test/sl/node1 and take node1 over."""
+    pki.generate_host_certs(tmp_path, 3, org="test")
+    second = pki.cert_to_pem(pki.load_ca_certs(pki.CertLayout(tmp_path, 3).capath)[0][1]).decode()
+    genesis = genesis_payload()
+    genesis["cas"] = [*genesis["cas"], {"cert": second, "org": "test", "roles": ["sl"]}]
+    with pytest.raises(Rejected, match="two CAs of one organization"):
+        LedgerState().check_tx(tx("sn-1", "genesis", genesis))
+    with pytest.raises(Rejected, match="organization test already has a trusted CA"):
+        BASE.check_tx(tx("admin-1", "trust_ca", {"cert": second, "org": "test", "roles": ["sl"]}))
+
+
+def test_a_declared_identity_inside_genesis_is_refused_too():
+    genesis = genesis_payload()
+    genesis["sn"] = {**genesis["sn"], "role": "admin"}
+    with pytest.raises(Rejected, match="read from its certificate"):
+        LedgerState().check_tx(tx("sn-1", "genesis", genesis))
+
+
+def test_a_check_in_weight_cannot_swamp_the_mean():
+    state = copy.deepcopy(BASE)
+    add(state, "node1", "session_join", {"contract": CONTRACT, "node": "node1"})
+    with pytest.raises(Rejected, match="weight"):
+        state.check_tx(tx("node1", "checkin", {"contract": CONTRACT, "round": 1, "node": "node1", "hash": "h",
+                                               "weight": 1e308}))
+
+
+def test_another_swci_cannot_reset_a_running_assignment():
+    state = copy.deepcopy(BASE)
+    add(state, "admin-1", "trust_ca", {"cert": ca_pem("other-sl"), "org": "other", "roles": ["swci"]})
+    add(state, "swci-2", "register_node", reg("swci-2"))
+    add(state, "swop-1", "taskrunner_join", {"runner": RUNNER, "capacity": 1})
+    add(state, "swci-1", "task_create", {"name": "t1", "type": "RUN_SWARM", "prereq": "ROOTTASK", "body": {}})
+    add(state, "swci-1", "task_finalize", {"name": "t1"})
+    add(state, "swci-1", "taskrunner_assign", {"runner": RUNNER, "task": "t1", "peers": 1})
+    with pytest.raises(Rejected, match="only they, sn-1 .* or an admin may reset it"):
+        state.check_tx(tx("swci-2", "taskrunner_reset", {"runner": RUNNER}))
+    add(state, "admin-1", "taskrunner_reset", {"runner": RUNNER})
+
+
+def test_changing_one_contract_limit_keeps_the_others():
+    state = copy.deepcopy(BASE)
+    add(state, "admin-1", "contract_update", {"name": CONTRACT, "limits": {"max_blob_bytes": 1 << 20}})
+    add(state, "admin-1", "contract_update", {"name": CONTRACT, "limits": {"max_min_peers": 4}})
+    limits = state.contracts[CONTRACT].limits
+    assert (limits.max_min_peers, limits.max_blob_bytes, limits.max_metrics_bytes) == (4, 1 << 20, 16 << 10)
+
+
+def test_a_member_that_left_reports_no_metrics():
+    state = copy.deepcopy(BASE)
+    add(state, "node1", "session_join", {"contract": CONTRACT, "node": "node1"})
+    add(state, "node1", "metrics", {"contract": CONTRACT, "node": "node1", "loss": 0.5})
+    add(state, "node1", "session_leave", {"contract": CONTRACT, "node": "node1"})
+    with pytest.raises(Rejected, match="has not joined"):
+        state.check_tx(tx("node1", "metrics", {"contract": CONTRACT, "node": "node1", "loss": 0.4}))

@@ -159,9 +159,12 @@ def test_follower_refuses_an_sn_whose_chain_is_shorter_than_it_verified(procs, c
         live.stop()
     assert json.loads(pin.read_text())["head_index"] == last
 
-    # A SWOP process (SL likewise) says so in one line and exits non-zero.
+    # A SWOP process (SL likewise) stops, exits non-zero and says why in its last line.
     assert swop.popen.wait(timeout=30) == 1, swop.output
     swop.wait_for_line(f"serves a ledger shorter than the entry {last} this node verified")
+    swop._thread.join(timeout=5)
+    assert swop.lines[-1].startswith("error: SWOP swop-1 stopped: it lost the ledger: ") \
+        and f"shorter than the entry {last} this node verified" in swop.lines[-1], swop.output
 
     # Started again (an SL or SWOP restarted), or a SWCI run again: refused from its pin.
     again = follower(sn, certs, pin)
@@ -227,12 +230,12 @@ def test_follower_refuses_entry_with_bad_signature(certs):
     with pytest.raises(ChainBroken, match="signature of genesis .* does not verify"):
         ChainVerifier().verify_next(as_row(forged))
 
-    refused = []
-    f = LedgerFollower(EntriesSN([as_row(forged)]), on_refused=refused.append)
+    f = LedgerFollower(EntriesSN([as_row(forged)]))
     f.start()
     try:
         error = refusal(f, timeout=5)
+        assert f.failure(0) is error  # what `swarm sl` and `swarm swop` watch to stop and exit non-zero
     finally:
         f.stop()
-    assert isinstance(error, ChainBroken) and error.index == 0 and refused == [error]
+    assert isinstance(error, ChainBroken) and error.index == 0
     assert f.state.head_index == -1

@@ -47,6 +47,19 @@ def test_register_submit_query_and_watch(sn, certs):
                                              "session_join"]
         assert [e.index for e in seen] == list(range(5))
         assert seen[1].prev_hash == seen[0].hash
+        assert state["info"]["genesis_hash"] == seen[0].hash
+
+
+def test_registering_again_as_the_same_node_adds_no_entry(sn, certs):
+    """Every SWCI connection registers: the ledger grows only when the certificate, address or info changed."""
+    with client(sn, certs, "swci") as swci, client(sn, certs, "sl", "node1") as sl:
+        first = swci.register("SWCI")
+        head = swci.heartbeat()
+        assert swci.register("SWCI") == first
+        assert swci.heartbeat() == head
+        sl.register("SL", "127.0.0.1:5000")
+        moved = sl.register("SL", "127.0.0.1:5001")
+        assert moved > head and sl.query("nodes")["nodes"]["node1"]["address"] == "127.0.0.1:5001"
 
 
 def test_watch_delivers_entries_appended_after_it_started(sn, certs):

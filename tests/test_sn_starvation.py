@@ -5,6 +5,7 @@ gRPC's message limit. A real `swarm sn` process over mutual TLS on 127.0.0.1, sh
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import grpc
@@ -16,8 +17,9 @@ from swarmlearn.ledger.signatures import sign_tx
 from swarmlearn.pki import CertLayout, Identity, generate_host_certs
 from swarmlearn.proto import sn_pb2, sn_pb2_grpc
 from swarmlearn.sn.client import WATCH_LIMIT_PATIENCE, SNClient, SNLimitReached
-from swarmlearn.sn.server import (MAX_REPLY_BYTES, MAX_WORKERS, METRICS_PAGE_BYTES, SUBMIT_BURST, SUBMIT_RATE,
-                                  WATCH_STREAMS_PER_IDENTITY, WATCH_STREAMS_TOTAL, StreamSlots)
+from swarmlearn.sn.server import (MAX_REPLY_BYTES, MAX_WORKERS, METRICS_PAGE_BYTES, READ_BURST, READ_RATE,
+                                  SUBMIT_BURST, SUBMIT_RATE, WATCH_STREAMS_PER_IDENTITY, WATCH_STREAMS_TOTAL,
+                                  StreamSlots)
 from swarmlearn.swci.script import parse_line
 from swarmlearn.swci.session import SwciSession
 
@@ -190,6 +192,50 @@ def test_submit_flood_is_rate_limited(sn, certs):
         assert time.monotonic() - started < QUICK
     with client(sn, certs, "sl", "attacker") as attacker:
         attacker.register("SL", "127.0.0.1:1")
+
+
+def test_query_flood_is_rate_limited(sn, certs):
+    """One certificate looping Query("all") on as many calls as the SN has threads is cut to its read
+    rate, and the ledger stays free for everyone else's submits meanwhile."""
+    channel, stub = raw_stub(sn, certs, "sl", "mallory")
+    codes: list[grpc.StatusCode] = []
+    limited: list[grpc.RpcError] = []
+    flooding = threading.Event()
+    flooding.set()
+
+    def flood() -> None:
+        while flooding.is_set():
+            for call in [stub.Query.future(sn_pb2.QueryRequest(section="all"), timeout=30) for _ in range(MAX_WORKERS)]:
+                try:
+                    call.result()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        limited.append(exc)
+
+    started = time.monotonic()
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    try:
+        time.sleep(0.5)
+        with client(sn, certs, "swci") as swci:
+            submitted = time.monotonic()
+            swci.register("SWCI")
+            swci.submit("contract_create", {"name": "during-the-query-flood"})
+            assert time.monotonic() - submitted < QUICK
+        time.sleep(0.5)
+    finally:
+        flooding.clear()
+        flooder.join(timeout=30)
+        channel.close()
+    elapsed = time.monotonic() - started
+
+    answered = codes.count(grpc.StatusCode.OK)
+    assert limited, f"{len(codes)} queries in {elapsed:.1f} s and none was rate limited"
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert answered <= READ_BURST + READ_RATE * elapsed + 10
+    assert f"rate limit of {READ_RATE:g} queries and heartbeats/s" in limited[0].details()
 
 
 def test_large_metrics_cannot_break_state_queries(sn, certs, tmp_path):

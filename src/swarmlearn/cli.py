@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -24,6 +25,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 
 from swarmlearn.errors import SwarmError  # noqa: E402  (light: no third-party imports)
+from swarmlearn.roles import ROLES  # noqa: E402  (light too: pki, which holds the rules, loads cryptography)
 
 
 class SwarmGroup(click.Group):
@@ -40,23 +42,6 @@ class SwarmGroup(click.Group):
 def _logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stdout,
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-
-
-def own_name(identity, role: str, given: str | None) -> str:
-    """The node id a component runs as: the name in its certificate, which must be of `role`. A
-    role-less (older) certificate runs under `given` only if an admin mapped it on the ledger."""
-    from swarmlearn.errors import CertificateError
-
-    ident = identity.require_role(role)
-    if ident is None:
-        if not given:
-            raise CertificateError(f"{identity.cert_path}: carries no swarm role and name; pass --node-id with the "
-                                   f"name an admin mapped it to, or re-issue it with `swarm gen-cert`")
-        return given
-    if given and given != ident.name:
-        raise CertificateError(f"--node-id {given} is not the name in {identity.cert_path} ({ident}); a node's id "
-                               f"is its certificate's name: leave --node-id out or use the certificate of {given}")
-    return ident.name
 
 
 def identity_options(fn):
@@ -101,10 +86,10 @@ def gen_cert(example, host_index, org, nodes, workspace, out, san, ca_cert, ca_k
     """Make a CA and a key + certificate for each of sn, swop, swci, ui, admin, and one sl per node.
 
     Each certificate says who it is: spiffe://<org>/<role>/<name>."""
-    from swarmlearn.pki import generate_host_certs
+    from swarmlearn.pki import generate_host_certs, org_name
 
     target = out or workspace / example / "cert"
-    written = generate_host_certs(target, host_index, org=org or example.lower(),
+    written = generate_host_certs(target, host_index, org=org or org_name(example),
                                   nodes=[n for n in (nodes or "").split(",") if n] or None, sans=list(san),
                                   ca_cert_path=ca_cert, ca_key_path=ca_key, trust=list(trust), force=force)
     click.echo(f"wrote {len(written)} files to {target}:")
@@ -118,7 +103,8 @@ def gen_cert(example, host_index, org, nodes, workspace, out, san, ca_cert, ca_k
 @click.option("--sn-api-port", type=int, default=30304, show_default=True, help="0 lets the OS choose.")
 @identity_options
 @click.option("--data-dir", type=click.Path(path_type=Path), required=True, help="Where the ledger is kept.")
-@click.option("--node-id", help="Name of this SN on the ledger: must be its certificate's name (the default).")
+@click.option("--node-id", help="Name of this SN on the ledger: must be its certificate's name (the default); "
+                                "for a role-less certificate, the name an admin mapped it to.")
 @click.option("--new-swarm", is_flag=True,
               help="With --sentinel: found a new swarm even though --data-dir shows traces of an earlier ledger "
                    "(its history is then abandoned; nodes that followed it will refuse this SN).")
@@ -148,7 +134,8 @@ def sn(sentinel, host_ip, sn_api_port, key, cert, capath, data_dir, node_id, new
 @click.option("--sl-fs-port", type=int, default=30305, show_default=True,
               help="Port for peer-to-peer tensor transfer; 0 lets the OS choose.")
 @identity_options
-@click.option("--node-id", help="This peer's name in the swarm: must be the name in its certificate (the default).")
+@click.option("--node-id", help="This peer's name in the swarm: must be the name in its certificate (the default); "
+                                "for a role-less certificate, the name an admin mapped it to.")
 @click.option("--ml-addr", help="Local channel for this node's ML process: unix:PATH or HOST:PORT "
                                 "(default: a Unix socket in the data dir).")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Working folder (default: a new temp folder).")
@@ -174,7 +161,7 @@ def sl(sn_ip, sn_api_port, host_ip, sl_fs_port, key, cert, capath, node_id, ml_a
     from swarmlearn.sl.wire import TOKEN_ENV
 
     identity = Identity.load(key, cert, capath)
-    node_id = own_name(identity, "sl", node_id)
+    node_id = identity.node_name("sl", node_id)
     node = SLNode(SLConfig(node_id=node_id, identity=identity, sn_address=f"{sn_ip}:{sn_api_port}", host=host_ip,
                            fs_port=sl_fs_port, ml_addr=ml_addr, data_dir=data_dir,
                            timeouts=Timeouts(checkin_wait=checkin_wait, leader_base=leader_timeout,
@@ -187,16 +174,8 @@ def sl(sn_ip, sn_api_port, host_ip, sl_fs_port, key, cert, capath, node_id, ml_a
     ready = f"SL {node_id} ready: SWARM_SL_ADDR={node.ml_addr}"
     click.echo(f"{ready} {TOKEN_ENV}={node.token}" if node.token else ready)
     sys.stdout.flush()
-    # Until signalled, or until the SL loses its ledger (the SN stayed away past SWARM_SN_PATIENCE, or
-    # sent what the follower refuses): an SL that cannot follow the ledger is of no use to its ML, so
-    # it stops and exits non-zero with the reason as its last line, rather than linger.
-    signalled = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: signalled.set())
-    failure = None
-    while failure is None and not signalled.is_set():
-        failure = node.failure(0.5)
-    node.stop()
+    # An SL that cannot follow the ledger is of no use to its ML: it stops and exits non-zero.
+    failure = _serve_until_signalled(node.stop, node.failure)
     if failure is not None:
         raise SwarmError(f"SL {node_id} stopped: it lost the ledger: {failure}")
 
@@ -222,8 +201,10 @@ def _resolve(usr_dir: Path, name: Path, subdir: str) -> Path:
 @click.option("--keep-nodes", is_flag=True, envvar="SWOP_KEEP_CONTAINERS",
               help="Keep SL processes and their data after a task (also SWOP_KEEP_CONTAINERS=True).")
 @click.option("--sl-arg", "sl_args", multiple=True, help="Extra option passed to every `swarm sl` (repeatable).")
+@click.option("--node-id", help="Name of this SWOP on the ledger: must be its certificate's name (the default); "
+                                "for a role-less certificate, the name an admin mapped it to.")
 @click.option("-v", "--verbose", is_flag=True)
-def swop(sn_ip, sn_api_port, usr_dir, profile_file_name, key, cert, capath, workspace, keep_nodes, sl_args,
+def swop(sn_ip, sn_api_port, usr_dir, profile_file_name, key, cert, capath, workspace, keep_nodes, sl_args, node_id,
          verbose) -> None:
     """Run a Swarm Operator: start SL+ML pairs for the tasks assigned to this host's task runner."""
     _logging(verbose)
@@ -231,20 +212,23 @@ def swop(sn_ip, sn_api_port, usr_dir, profile_file_name, key, cert, capath, work
     from swarmlearn.swop.operator import Operator, OperatorConfig
 
     identity = Identity.load(key, cert, capath)
-    own_name(identity, "swop", None)
     usr_dir = usr_dir.resolve()
     operator = Operator(OperatorConfig(identity=identity, sn_address=f"{sn_ip}:{sn_api_port}", usr_dir=usr_dir,
                                        profile_path=_resolve(usr_dir, profile_file_name, "swop"),
                                        workspace=(workspace or usr_dir / "runs").resolve(), keep_nodes=keep_nodes,
-                                       extra_sl_args=list(sl_args)))
+                                       node_id=node_id, extra_sl_args=list(sl_args)))
     operator.start()
     click.echo(f"SWOP {operator.node_id} ready: task runner {operator.runner}, {len(operator.nodes)} nodes "
                f"({', '.join(n.node_id for n in operator.nodes)})")
     sys.stdout.flush()
     worker = threading.Thread(target=operator.run, daemon=True)
     worker.start()
-    _serve_until_signalled(operator.stop)
+    # A SWOP that cannot follow the ledger (refused, or its SN gone past SWARM_SN_PATIENCE) cannot
+    # serve tasks: it stops its nodes and exits non-zero.
+    failure = _serve_until_signalled(operator.stop, operator.failure)
     worker.join(timeout=30)
+    if failure is not None:
+        raise SwarmError(f"SWOP {operator.node_id} stopped: it lost the ledger: {failure}")
 
 
 @cli.command("swci")
@@ -262,8 +246,8 @@ def swci(usr_dir, init_script_name, key, cert, capath, sn_api_port) -> None:
     from swarmlearn.swci.session import SwciSession
 
     identity = Identity.load(key, cert, capath)
-    if identity.swarm_id is None or identity.swarm_id.role != "admin":
-        own_name(identity, "swci", None)  # an admin may run SWCI commands too
+    ident = identity.swarm_id
+    identity.node_name("admin" if ident is not None and ident.role == "admin" else "swci")  # an admin may too
     session = SwciSession(identity, usr_dir, out=lambda line: click.echo(line), default_sn_port=sn_api_port)
     try:
         if init_script_name is not None:
@@ -307,8 +291,7 @@ def _admin_submit(ctx, kind: str, payload: dict) -> int:
 
     address, key, cert, capath = ctx.obj
     identity = Identity.load(key, cert, capath)
-    own_name(identity, "admin", None)
-    with SNClient(address, identity) as sn:
+    with SNClient(address, identity, identity.node_name("admin")) as sn:
         sn.wait_ready()
         sn.register("admin")
         return sn.submit(kind, payload)
@@ -316,14 +299,14 @@ def _admin_submit(ctx, kind: str, payload: dict) -> int:
 
 @admin.command("trust-ca")
 @click.argument("ca_cert", type=click.Path(path_type=Path))
-@click.option("--roles", default="sn,sl,swop,swci,ui", show_default=True,
+@click.option("--roles", default=",".join(r for r in ROLES if r != "admin"), show_default=True,
               help="Roles the CA may issue certificates for (never admin).")
 @click.pass_context
 def admin_trust_ca(ctx, ca_cert, roles) -> None:
     """Trust CA_CERT (another organization's CA) for its own organization and the given roles."""
-    from swarmlearn.pki import _load_cert, ca_organization, cert_to_pem
+    from swarmlearn.pki import ca_organization, cert_to_pem, load_cert
 
-    ca = _load_cert(ca_cert, "CA_CERT")
+    ca = load_cert(ca_cert, "CA_CERT")
     org = ca_organization(ca)
     index = _admin_submit(ctx, "trust_ca", {"cert": cert_to_pem(ca).decode(), "org": org,
                                             "roles": [r for r in roles.split(",") if r]})
@@ -336,36 +319,40 @@ def admin_trust_ca(ctx, ca_cert, roles) -> None:
 @click.pass_context
 def admin_revoke(ctx, cert_file, reason) -> None:
     """Revoke the certificate in CERT_FILE: every SN and SL refuses it from now on."""
-    from swarmlearn.pki import _load_cert, cert_fingerprint
+    from swarmlearn.pki import cert_fingerprint, load_cert
 
-    fp = cert_fingerprint(_load_cert(cert_file, "CERT_FILE"))
+    fp = cert_fingerprint(load_cert(cert_file, "CERT_FILE"))
     index = _admin_submit(ctx, "revoke_cert", {"cert_fp": fp, "reason": reason})
     click.echo(f"certificate {fp[:12]} revoked at ledger entry {index}")
 
 
 @admin.command("map-cert")
 @click.argument("cert_file", type=click.Path(path_type=Path))
-@click.option("--role", type=click.Choice(["sn", "sl", "swop", "swci", "ui"]), required=True)
+@click.option("--role", type=click.Choice([r for r in ROLES if r != "admin"]), required=True)
 @click.option("--name", required=True, help="The node id it acts as.")
 @click.pass_context
 def admin_map_cert(ctx, cert_file, role, name) -> None:
     """Give a role-less certificate (an older one, or the original product's) a role and a name."""
-    from swarmlearn.pki import _load_cert, cert_to_pem
+    from swarmlearn.pki import cert_to_pem, load_cert
 
-    pem = cert_to_pem(_load_cert(cert_file, "CERT_FILE")).decode()
+    pem = cert_to_pem(load_cert(cert_file, "CERT_FILE")).decode()
     index = _admin_submit(ctx, "map_cert", {"cert": pem, "role": role, "name": name})
     click.echo(f"{cert_file} acts as {role} {name} from ledger entry {index}")
 
 
 @admin.command("contract-limits")
 @click.argument("contract", default="default")
-@click.option("--max-min-peers", type=int, default=16, show_default=True)
-@click.option("--max-blob-bytes", type=int, default=4 << 30, show_default=True)
-@click.option("--max-metrics-bytes", type=int, default=16 << 10, show_default=True)
+@click.option("--max-min-peers", type=int, help="The most min_peers a member may ask for.")
+@click.option("--max-blob-bytes", type=int, help="The most bytes a member's blob (or a merged model) may have.")
+@click.option("--max-metrics-bytes", type=int, help="The most bytes a member's metrics entry may have.")
 @click.pass_context
 def admin_contract_limits(ctx, contract, max_min_peers, max_blob_bytes, max_metrics_bytes) -> None:
-    """Set what members of CONTRACT may declare (the default contract's limits only an admin sets)."""
-    limits = {"max_min_peers": max_min_peers, "max_blob_bytes": max_blob_bytes, "max_metrics_bytes": max_metrics_bytes}
+    """Change what members of CONTRACT may declare (the default contract's limits only an admin sets).
+    Only the limits given change; the others keep their current values."""
+    given = {"max_min_peers": max_min_peers, "max_blob_bytes": max_blob_bytes, "max_metrics_bytes": max_metrics_bytes}
+    limits = {k: v for k, v in given.items() if v is not None}
+    if not limits:
+        raise click.UsageError("give at least one of --max-min-peers, --max-blob-bytes, --max-metrics-bytes")
     index = _admin_submit(ctx, "contract_update", {"name": contract, "limits": limits})
     click.echo(f"limits of {contract} set at ledger entry {index}: {limits}")
 
@@ -442,15 +429,25 @@ def example_data(out, nodes, train_per_node, test_size, seed, label_skew) -> Non
         click.echo(str(path))
 
 
-def _serve_until_signalled(stop) -> None:
+def _serve_until_signalled(stop: Callable[[], None],
+                           failure: Callable[[float], BaseException | None] | None = None) -> BaseException | None:
+    """Serves until SIGINT/SIGTERM or, with `failure` (which waits up to the seconds it is given and
+    returns what ended the component, else None), until the component fails; then calls `stop`.
+    Returns that failure, None when signalled: the command raises it, so that it exits non-zero with
+    the reason as its last line."""
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    # A timed wait: Python runs signal handlers in the main thread only, and a main thread blocked
+    # Timed waits: Python runs signal handlers in the main thread only, and a main thread blocked
     # for good in a lock would not notice a signal the kernel handed to one of gRPC's threads.
-    while not done.wait(0.5):
-        pass
+    error = None
+    while error is None and not done.is_set():
+        if failure is None:
+            done.wait(0.5)
+        else:
+            error = failure(0.5)
     stop()
+    return error
 
 
 @cli.group("ledger")

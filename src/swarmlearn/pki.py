@@ -28,10 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from swarmlearn.errors import CertificateError, ConfigError
+from swarmlearn.roles import MAPPABLE_ROLES, ROLES
 
-# What a certificate may be: each role runs one component; `ui` only reads, `admin` is the operator who
-# trusts other organizations' CAs, revokes certificates and changes the default contract's limits.
-ROLES = ("sn", "sl", "swop", "swci", "ui", "admin")
 # The per-host certificates gen-cert writes (named <role>-<index>); training nodes get one each (--nodes).
 COMPONENTS = ("sn", "swop", "swci", "ui", "admin")
 # Organization and node names: what fits a SPIFFE trust domain / path segment and a file name.
@@ -76,6 +74,12 @@ class CertLayout:
 
     def node_key(self, name: str) -> Path:
         return self.root / f"sl-{name}-key.pem"
+
+
+def org_name(text: str) -> str:
+    """An organization name made from free text (an example's name, "My Demo"): lower-cased, every
+    character a SPIFFE trust domain may not hold turned into '-', "swarm" if nothing is left."""
+    return re.sub(r"[^a-z0-9._-]", "-", text.lower()).strip("-._")[:63] or "swarm"
 
 
 def _now() -> dt.datetime:
@@ -290,7 +294,7 @@ def _write_all(files: dict[Path, tuple[bytes, int]]) -> None:
 
 
 def _load_ca(cert_path: Path, key_path: Path):
-    cert = _load_cert(cert_path)
+    cert = load_cert(cert_path)
     key = _load_key(key_path)
     if key.public_key().public_numbers() != cert.public_key().public_numbers():
         raise CertificateError(f"{key_path} is not the key of {cert_path}; give the matching CA key")
@@ -298,7 +302,7 @@ def _load_ca(cert_path: Path, key_path: Path):
 
 
 def _read_ca_cert_bytes(path: Path) -> bytes:
-    return cert_to_pem(_load_cert(path))
+    return cert_to_pem(load_cert(path))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -316,7 +320,7 @@ def _read(path: Path, what: str, flag: str) -> bytes:
         raise CertificateError(f"{path}: {what} is not readable by this user; fix its permissions") from None
 
 
-def _load_cert(path: Path, flag: str = "--cert") -> x509.Certificate:
+def load_cert(path: Path, flag: str = "--cert") -> x509.Certificate:
     data = _read(path, "certificate", flag)
     try:
         return x509.load_pem_x509_certificate(data)
@@ -365,23 +369,20 @@ def cert_fingerprint(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
-def cert_from_pem(pem: str | bytes) -> x509.Certificate:
+@functools.lru_cache(maxsize=4096)
+def cached_cert(pem: str | bytes) -> x509.Certificate:
+    """A PEM certificate, parsed once per distinct PEM (the ledger and the SN's callers present the
+    same few certificates over and over); raises ValueError if it is not one."""
     return x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem)
 
 
-@functools.lru_cache(maxsize=1024)
-def _parse_peer_pem(pem: bytes) -> tuple[x509.Certificate, str]:
-    cert = x509.load_pem_x509_certificate(pem)
-    return cert, cert_fingerprint(cert)
-
-
 def peer_certificate(context) -> tuple[x509.Certificate, str] | None:
-    """The certificate a gRPC caller presented at the (verified) TLS handshake and its fingerprint;
-    parsed once per distinct certificate, not once per call."""
+    """The certificate a gRPC caller presented at the (verified) TLS handshake and its fingerprint."""
     pems = context.auth_context().get("x509_pem_cert")
     if not pems:
         return None
-    return _parse_peer_pem(bytes(pems[0]))
+    cert = cached_cert(bytes(pems[0]))
+    return cert, cert_fingerprint(cert)
 
 
 def pki_subject(cert: x509.Certificate) -> str:
@@ -434,9 +435,8 @@ def swarm_id(cert: x509.Certificate) -> SwarmId | None:
     return SwarmId(org, role, name)
 
 
-REISSUE_HINT = ("re-issue it with `swarm gen-cert --force` (certificates now carry "
-                "spiffe://<organization>/<role>/<name>), or have an admin map its fingerprint with "
-                "`swarm admin map-cert`")
+REISSUE = "re-issue it with `swarm gen-cert --force` (certificates now carry spiffe://<organization>/<role>/<name>)"
+REISSUE_HINT = f"{REISSUE}, or have an admin map its fingerprint with `swarm admin map-cert`"
 
 
 def common_name(cert: x509.Certificate) -> str:
@@ -480,7 +480,7 @@ class Identity:
     @classmethod
     def load(cls, key: Path, cert: Path, capath: Path, now: dt.datetime | None = None) -> Identity:
         key_path, cert_path, capath = Path(key), Path(cert), Path(capath)
-        certificate = _load_cert(cert_path)
+        certificate = load_cert(cert_path)
         private_key = _load_key(key_path)
         if private_key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -517,6 +517,27 @@ class Identity:
             raise CertificateError(f"{self.cert_path}: is the certificate of {ident} (role {ident.role}); "
                                    f"a {role} needs a certificate of role {role} (see `swarm gen-cert`)")
         return ident
+
+    def node_name(self, role: str | None, given: str | None = None) -> str:
+        """The node id a component runs as: the name in its certificate, which must be of `role` (None:
+        whichever role it has). `given` (its --node-id) may only repeat that name, except for a role-less
+        (older) certificate, which runs under `given` alone: the name an admin mapped it to with `swarm
+        admin map-cert` (the ledger refuses it under any other). Raises CertificateError saying what to do."""
+        ident = self.swarm_id if role is None else self.require_role(role)
+        if ident is not None:
+            if given and given != ident.name:
+                raise CertificateError(f"--node-id {given} is not the name in {self.cert_path} ({ident}); a node's "
+                                       f"id is its certificate's name: leave --node-id out or use the certificate "
+                                       f"of {given}")
+            return ident.name
+        if given:
+            return given
+        if role is None or role in MAPPABLE_ROLES:
+            raise CertificateError(f"{self.cert_path}: carries no swarm role and name; "
+                                   f"{'pass --node-id with' if role else 'give as its node id'} the name an admin "
+                                   f"mapped it to (`swarm admin map-cert`), or {REISSUE}")
+        raise CertificateError(f"{self.cert_path}: carries no swarm role and name, and `swarm {role}` runs only "
+                               f"under the name in its certificate; {REISSUE}")
 
     @property
     def name(self) -> str:

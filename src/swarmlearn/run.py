@@ -19,15 +19,10 @@ from pathlib import Path
 import yaml
 
 from swarmlearn.errors import ConfigError, SwarmError
-from swarmlearn.pki import CertLayout, Identity, generate_host_certs
+from swarmlearn.pki import CertLayout, Identity, generate_host_certs, load_cert, org_name, swarm_id
 from swarmlearn.swop.runtime import Handle, ProcessRuntime, Spec
 
 READY_TIMEOUT = 60.0
-
-
-def _org_name(example: str) -> str:
-    """The organization of a run's certificates: the example's folder name as a SPIFFE trust domain."""
-    return re.sub(r"[^a-z0-9._-]", "-", example.lower()).strip("-._") or "swarm"
 
 
 @dataclass
@@ -117,8 +112,8 @@ class SwarmRun:
         self._set_sizes()
         nodes = [f"node{i}" for i in range(1, self.o.nodes + 1)]
         if not self._certs_ready(nodes):
-            generate_host_certs(self.certs.root, 1, org=_org_name(self.example.name), nodes=nodes, force=True)
-            self.out(f"certificates: {self.certs.root} (organization {_org_name(self.example.name)}, "
+            generate_host_certs(self.certs.root, 1, org=org_name(self.example.name), nodes=nodes, force=True)
+            self.out(f"certificates: {self.certs.root} (organization {org_name(self.example.name)}, "
                      f"one per component and per node)")
         files = prepare(self.project / "data", self.o.nodes, self.o.train_per_node, self.o.test_size, self.o.seed,
                         self.o.label_skew)
@@ -157,12 +152,10 @@ class SwarmRun:
     def _certs_ready(self, nodes: list[str]) -> bool:
         """Whether the workspace holds role-bound certificates for every component and node (older
         workspaces hold certificates without roles: those are made anew)."""
-        from swarmlearn.pki import _load_cert, swarm_id
-
         needed = [self.certs.cert("sn"), self.certs.cert("swop"), self.certs.cert("swci"),
                   *(self.certs.node_cert(n) for n in nodes)]
         try:
-            return all(swarm_id(_load_cert(path)) is not None for path in needed)
+            return all(swarm_id(load_cert(path)) is not None for path in needed)
         except SwarmError:
             return False
 

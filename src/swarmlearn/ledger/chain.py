@@ -45,6 +45,7 @@ class ChainVerifier:
     def __init__(self) -> None:
         self.state = LedgerState()
         self.signatures = SignatureChecker()
+        self._checked = None  # what check_new found of the transaction it was given last
 
     def verify_next(self, row: StoredEntry) -> Entry:
         """Checks `row` as the next entry and folds it; raises ChainBroken (changing nothing) if it is not."""
@@ -75,13 +76,13 @@ class ChainVerifier:
     def check_new(self, signed: SignedTx) -> Entry:
         """The entry `signed` would become next; raises Rejected if it would not be accepted."""
         self.signatures.check(signed.tx, signed.signature)
-        self.state.check_tx(signed.tx)
+        self._checked = self.state.check_tx(signed.tx)
         return Entry(self.state.head_index + 1, self.state.head_hash or GENESIS_PREV_HASH, signed.tx,
                      signed.signature)
 
     def accept(self, entry: Entry) -> None:
-        """Folds an entry made by check_new and stored by this writer."""
-        self.state.apply(entry)
+        """Folds an entry made by check_new and stored by this writer (checked once, not twice)."""
+        self.state.apply(entry, self._checked)
         self.signatures.learn(entry.tx)
 
 

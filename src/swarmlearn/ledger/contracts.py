@@ -6,6 +6,7 @@ Every member speaks only for itself; only a contract's creator or an admin chang
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from swarmlearn.errors import Rejected
@@ -49,45 +50,44 @@ def _owner_or_admin(state: LedgerState, contract: Contract, tx: Tx, what: str) -
         raise Rejected(f"only {contract.created_by}, who created it, or an admin may {what} contract {contract.name}")
 
 
-def _limits(p: P.Limits | None, peers: list[str] | None) -> ContractLimits:
-    if p is not None:
-        return ContractLimits(**p.model_dump())
+def _limits(p: P.LimitsChange | None, peers: list[str] | None) -> ContractLimits:
     # A contract for named peers needs no more than all of them to merge.
-    return ContractLimits(max_min_peers=len(set(peers))) if peers else ContractLimits()
+    base = ContractLimits(max_min_peers=len(set(peers))) if peers else ContractLimits()
+    return replace(base, **p.given()) if p is not None else base
 
 
 # ------------------------------------------------------------------------------ contracts
 
-def validate_contract_create(state: LedgerState, tx: Tx, p: P.ContractCreate) -> None:
+def validate_contract_create(state: LedgerState, tx: Tx, p: P.ContractChange) -> None:
     if p.name in state.contracts or p.name == DEFAULT_ALIAS:
         raise Rejected(f"contract {p.name!r} already exists")
 
 
-def apply_contract_create(state: LedgerState, tx: Tx, p: P.ContractCreate, index: int) -> None:
+def apply_contract_create(state: LedgerState, tx: Tx, p: P.ContractChange, index: int) -> None:
     peers = sorted(set(p.peers)) if p.peers is not None else None
     state.contracts[p.name] = Contract(p.name, created_by=tx.signer.node, peers=peers, limits=_limits(p.limits, peers))
 
 
-def validate_contract_update(state: LedgerState, tx: Tx, p: P.ContractUpdate) -> None:
+def validate_contract_update(state: LedgerState, tx: Tx, p: P.ContractChange) -> None:
     contract = state.contract(p.name)
     _owner_or_admin(state, contract, tx, "change")
     if p.peers is None and p.limits is None:
         raise Rejected(f"contract_update of {contract.name} changes nothing; give peers or limits")
 
 
-def apply_contract_update(state: LedgerState, tx: Tx, p: P.ContractUpdate, index: int) -> None:
+def apply_contract_update(state: LedgerState, tx: Tx, p: P.ContractChange, index: int) -> None:
     contract = state.contract(p.name)
     if p.peers is not None:
         contract.peers = sorted(set(p.peers))
     if p.limits is not None:
-        contract.limits = ContractLimits(**p.limits.model_dump())
+        contract.limits = replace(contract.limits, **p.limits.given())
 
 
-def validate_contract_reset(state: LedgerState, tx: Tx, p: P.ContractName) -> None:
+def validate_contract_reset(state: LedgerState, tx: Tx, p: P.Named) -> None:
     _owner_or_admin(state, state.contract(p.name), tx, "reset")
 
 
-def apply_contract_reset(state: LedgerState, tx: Tx, p: P.ContractName, index: int) -> None:
+def apply_contract_reset(state: LedgerState, tx: Tx, p: P.Named, index: int) -> None:
     contract = state.contract(p.name)
     contract.generation += 1
     contract.members.clear()
@@ -280,8 +280,7 @@ def validate_metrics(state: LedgerState, tx: Tx, p: P.Metrics) -> None:
     contract = state.contract(p.contract)
     speaks_for_itself(tx, p.node)
     _admitted(contract, p.node)
-    if p.node not in contract.members:
-        raise Rejected(f"{p.node} has not joined contract {contract.name}; only members report metrics")
+    _member(contract, p.node)
     values = p.model_extra or {}
     if not all(isinstance(v, (int, float, str)) or v is None for v in values.values()):
         raise Rejected("metric values must be numbers or strings")

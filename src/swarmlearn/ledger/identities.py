@@ -8,7 +8,7 @@ or clock (expiry is the TLS handshake's business).
 
 from __future__ import annotations
 
-import functools
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from cryptography import x509
@@ -23,9 +23,8 @@ if TYPE_CHECKING:
     from swarmlearn.ledger.state import LedgerState
 
 
-@functools.lru_cache(maxsize=4096)
 def _cert(pem: str) -> x509.Certificate:
-    return pki.cert_from_pem(pem)
+    return pki.cached_cert(pem)
 
 
 def parse_cert(pem: str, what: str) -> x509.Certificate:
@@ -58,7 +57,7 @@ def identify(state: LedgerState, pem: str, tx: Tx) -> pki.SwarmId:
     if ident is None:
         raise Rejected(f"certificate {fp[:12]} ({pki.pki_subject(cert)}) carries no swarm role and name; "
                        f"{pki.REISSUE_HINT}")
-    ca = next((c for c in state.cas.values() if pki.issued_by(cert, _cert(c.cert))), None)
+    ca = issuer(state, cert)
     if ca is None:
         raise Rejected(f"certificate of {ident} is not issued by a CA this swarm trusts")
     if ident.org != ca.org:
@@ -67,6 +66,11 @@ def identify(state: LedgerState, pem: str, tx: Tx) -> pki.SwarmId:
         raise Rejected(f"the CA of {ca.org} may not issue {ident.role} certificates (granted: "
                        f"{', '.join(ca.roles)}); {ident} is refused")
     return ident
+
+
+def issuer(state: LedgerState, cert: x509.Certificate) -> TrustedCA | None:
+    """The trusted CA that issued `cert`, if any."""
+    return next((c for c in state.cas.values() if pki.issued_by(cert, _cert(c.cert))), None)
 
 
 def verified_identity(state: LedgerState, pem: str) -> pki.SwarmId:
@@ -83,15 +87,20 @@ def registrant(state: LedgerState, tx: Tx, reg: P.Registration) -> pki.SwarmId:
         raise Rejected(f"{ident} registers as {reg.node_id!r} signing as {tx.signer.node!r}: a node's id is "
                        f"the name in its certificate ({ident.name})")
     known = state.nodes.get(ident.name)
-    if known is not None and (known.org, known.role) != (ident.org, ident.role.upper()):
-        raise Rejected(f"node id {ident.name} belongs to {known.spiffe_id}; {ident} cannot take it")
+    # A node moves to a new certificate only from the CA that issued its first one: another CA, even
+    # one of the same organization (another host's), cannot take a name over.
+    if known is not None and ((known.org, known.role) != (ident.org, ident.role.upper())
+                              or known.issuer != issuer(state, _cert(reg.cert)).fingerprint):
+        raise Rejected(f"node id {ident.name} belongs to {known.spiffe_id} (certificates of CA {known.issuer[:12]}); "
+                       f"this certificate cannot take it")
     return ident
 
 
-def _put_node(state: LedgerState, ident: pki.SwarmId, reg: P.Registration, tx: Tx, index: int) -> None:
-    info = dict(reg.model_extra or {})
+def _put_node(state: LedgerState, reg: P.Registration, tx: Tx, index: int) -> None:
+    ident = verified_identity(state, reg.cert)
+    ca = issuer(state, _cert(reg.cert))
     state.nodes[ident.name] = Node(ident.name, ident.role.upper(), reg.address, tx.signer.cert_fp, ident.spiffe_id,
-                                   index, info, ident.org)
+                                   index, dict(reg.model_extra or {}), ident.org, ca.fingerprint)
 
 
 # ------------------------------------------------------------------------------ genesis
@@ -102,53 +111,45 @@ def validate_genesis(state: LedgerState, tx: Tx, p: P.Genesis) -> None:
     cas = [_parse_ca(grant, f"genesis CA {i}") for i, grant in enumerate(p.cas)]
     if len({fp for fp, _ in cas}) != len(cas):
         raise Rejected("genesis lists a CA twice")
+    if len({grant.org for grant in p.cas}) != len(p.cas):
+        raise Rejected("genesis lists two CAs of one organization; each organization has one CA (make the other "
+                       "hosts' certificates with `swarm gen-cert --ca-cert/--ca-key`, or give them another --org)")
     # The sentinel's own registration is checked against the CAs this very entry founds.
-    founding = _with_cas(state, p.cas)
+    from swarmlearn.ledger.state import LedgerState
+
+    founding = LedgerState()
+    _trust(founding, p.cas, 0)
     ident = registrant(founding, tx, p.sn)
     if ident.role != "sn":
         raise Rejected(f"genesis is signed by {ident}; only an SN (the sentinel) founds a swarm")
 
 
-def _with_cas(state: LedgerState, grants: list[P.CAGrant]) -> LedgerState:
-    from swarmlearn.ledger.state import LedgerState
-
-    founding = LedgerState()
+def _trust(state: LedgerState, grants: list[P.CAGrant], index: int) -> None:
     for grant in grants:
         fp = pki.cert_fingerprint(_cert(grant.cert))
-        founding.cas[fp] = TrustedCA(fp, grant.org, list(grant.roles), grant.cert, 0)
-    return founding
+        state.cas[fp] = TrustedCA(fp, grant.org, list(grant.roles), grant.cert, index)
 
 
 def apply_genesis(state: LedgerState, tx: Tx, p: P.Genesis, index: int) -> None:
-    for grant in p.cas:
-        fp = pki.cert_fingerprint(_cert(grant.cert))
-        state.cas[fp] = TrustedCA(fp, grant.org, list(grant.roles), grant.cert, index)
+    _trust(state, p.cas, index)
     ident = verified_identity(state, p.sn.cert)
     state.genesis = p.model_dump(exclude={"cas", "sn"})
     state.genesis["org"] = ident.org
-    _put_node(state, ident, p.sn, tx, index)
+    _put_node(state, p.sn, tx, index)
     state.contracts[p.default_contract] = Contract(p.default_contract, created_by=ident.name,
-                                                   limits=ContractLimits(**p.default_limits.model_dump()))
+                                                   limits=replace(ContractLimits(), **p.default_limits.given()))
     state.taskrunners[p.default_taskrunner] = TaskRunner(p.default_taskrunner, created_by=ident.name)
 
 
 # ------------------------------------------------------------------------------ nodes
 
-# Identity is read from the certificate: a registration that declares any of it is refused rather
-# than stored beside the real one, where a reader could take it for the truth.
-DECLARED_IDENTITY = ("role", "org", "cert_fp", "subject", "spiffe_id")
-
-
 def validate_register_node(state: LedgerState, tx: Tx, p: P.Registration) -> None:
-    # The certificate itself was checked when the signer's role was read from it (signer_role).
-    declared = [k for k in DECLARED_IDENTITY if k in (p.model_extra or {})]
-    if declared:
-        raise Rejected(f"registration of {p.node_id} declares {', '.join(declared)}: a node's role and "
-                       f"organization are read from its certificate, never from a payload")
+    """Nothing left to check: the payload's shape refused declared identity fields, and the
+    certificate was checked when the signer's role was read from it (signer_role)."""
 
 
 def apply_register_node(state: LedgerState, tx: Tx, p: P.Registration, index: int) -> None:
-    _put_node(state, verified_identity(state, p.cert), p, tx, index)
+    _put_node(state, p, tx, index)
 
 
 # ------------------------------------------------------------------------------ CAs and certificates
@@ -175,7 +176,7 @@ def validate_map_cert(state: LedgerState, tx: Tx, p: P.MapCert) -> None:
     if pki.swarm_id(cert) is not None:
         raise Rejected(f"map_cert: the certificate already names {pki.swarm_id(cert)}; only role-less certificates "
                        f"are mapped")
-    ca = next((c for c in state.cas.values() if pki.issued_by(cert, _cert(c.cert))), None)
+    ca = issuer(state, cert)
     if ca is None:
         raise Rejected("map_cert: the certificate is not issued by a CA this swarm trusts")
     if p.role not in ca.roles:
@@ -184,8 +185,7 @@ def validate_map_cert(state: LedgerState, tx: Tx, p: P.MapCert) -> None:
 
 def apply_map_cert(state: LedgerState, tx: Tx, p: P.MapCert, index: int) -> None:
     cert = _cert(p.cert)
-    ca = next(c for c in state.cas.values() if pki.issued_by(cert, _cert(c.cert)))
-    state.cert_map[pki.cert_fingerprint(cert)] = pki.SwarmId(ca.org, p.role, p.name)
+    state.cert_map[pki.cert_fingerprint(cert)] = pki.SwarmId(issuer(state, cert).org, p.role, p.name)
 
 
 def validate_revoke_cert(state: LedgerState, tx: Tx, p: P.RevokeCert) -> None:

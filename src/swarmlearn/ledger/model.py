@@ -9,6 +9,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from swarmlearn import pki
+
 
 class Kind(StrEnum):
     GENESIS = "genesis"
@@ -107,10 +109,12 @@ class Node:
     info: dict = field(default_factory=dict)
     # The organization that issued its certificate (the `<org>` of spiffe://<org>/<role>/<name>).
     org: str = ""
+    # The fingerprint of the CA that issued it: only that CA's certificates may take the name over.
+    issuer: str = ""
 
     @property
     def spiffe_id(self) -> str:
-        return f"spiffe://{self.org}/{self.role.lower()}/{self.node_id}"
+        return pki.spiffe_id(self.org, self.role.lower(), self.node_id)
 
 
 @dataclass

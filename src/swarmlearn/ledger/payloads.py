@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
+from swarmlearn import pki
 from swarmlearn.errors import Rejected
 
 # Bounds on what one payload may carry (the SN's message limit bounds the whole transaction too).
@@ -30,17 +31,30 @@ Pem = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PEM)]
 Digest = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME)]
 Names = Annotated[list[Name], Field(min_length=1, max_length=MAX_LIST)]
 Count = Annotated[int, Field(ge=0, le=2**63 - 1)]
-RoleName = Literal["sn", "sl", "swop", "swci", "ui", "admin"]
+RoleName = Literal[pki.ROLES]
+# A check-in's weight is node weightage (at most 100) x samples since the last sync: far below this.
+MAX_WEIGHT = float(1 << 40)
 
 
 class Payload(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
-class Limits(Payload):
-    max_min_peers: Annotated[int, Field(ge=1, le=MAX_MIN_PEERS_CEILING)] = 16
-    max_blob_bytes: Annotated[int, Field(ge=1, le=MAX_BLOB_BYTES_CEILING)] = 4 << 30
-    max_metrics_bytes: Annotated[int, Field(ge=64, le=MAX_METRICS_BYTES_CEILING)] = 16 << 10
+MinPeersLimit = Annotated[int, Field(ge=1, le=MAX_MIN_PEERS_CEILING)]
+BlobBytesLimit = Annotated[int, Field(ge=1, le=MAX_BLOB_BYTES_CEILING)]
+MetricsBytesLimit = Annotated[int, Field(ge=64, le=MAX_METRICS_BYTES_CEILING)]
+
+
+class LimitsChange(Payload):
+    """Contract limits as a creator gives them: what is left out keeps its value (for a new
+    contract: the default of model.ContractLimits)."""
+
+    max_min_peers: MinPeersLimit | None = None
+    max_blob_bytes: BlobBytesLimit | None = None
+    max_metrics_bytes: MetricsBytesLimit | None = None
+
+    def given(self) -> dict:
+        return self.model_dump(exclude_none=True)
 
 
 # ------------------------------------------------------------------------------ identities and CAs
@@ -54,6 +68,19 @@ class Registration(Payload):
     address: Annotated[str, StringConstraints(max_length=MAX_NAME)] = ""
     cert: Pem
 
+    @model_validator(mode="after")
+    def _declares_no_identity(self) -> Registration:
+        # Identity is read from the certificate: a registration that declares any of it is refused
+        # rather than stored beside the real one, where a reader could take it for the truth.
+        declared = [k for k in DECLARED_IDENTITY if k in (self.model_extra or {})]
+        if declared:
+            raise ValueError(f"declares {', '.join(declared)}: a node's role and organization are read from its "
+                             f"certificate, never from a payload")
+        return self
+
+
+DECLARED_IDENTITY = ("role", "org", "cert_fp", "subject", "spiffe_id")
+
 
 class CAGrant(Payload):
     cert: Pem
@@ -66,7 +93,7 @@ class Genesis(Payload):
     cas: Annotated[list[CAGrant], Field(min_length=1, max_length=64)]
     default_contract: Name
     default_taskrunner: Name
-    default_limits: Limits = Limits()
+    default_limits: LimitsChange = LimitsChange()
     created: float = 0.0
     sn: Registration
 
@@ -88,19 +115,17 @@ class RevokeCert(Payload):
 
 # ------------------------------------------------------------------------------ contracts and rounds
 
-class ContractCreate(Payload):
+class ContractChange(Payload):
+    """contract_create and contract_update: a name, and optionally its peers and limits."""
+
     name: Name
     peers: Names | None = None
-    limits: Limits | None = None
+    limits: LimitsChange | None = None
 
 
-class ContractUpdate(Payload):
-    name: Name
-    peers: Names | None = None
-    limits: Limits | None = None
+class Named(Payload):
+    """Kinds that name one contract, task or task runner."""
 
-
-class ContractName(Payload):
     name: Name
 
 
@@ -128,7 +153,7 @@ class Checkin(Payload):
     round: Count
     node: Name
     hash: Digest
-    weight: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    weight: Annotated[float, Field(ge=0, le=MAX_WEIGHT, allow_inf_nan=False)]
     size: Count = 0
     final: bool = False
 
@@ -186,14 +211,6 @@ class TaskCreate(Payload):
 class TaskAppend(Payload):
     name: Name
     body: dict[str, Any]
-
-
-class TaskName(Payload):
-    name: Name
-
-
-class RunnerName(Payload):
-    name: Name
 
 
 class RunnerJoin(Payload):

@@ -46,13 +46,13 @@ class SignatureChecker:
         """Records the certificate an accepted transaction carried."""
         pem = _cert_in_payload(tx)
         if pem is not None:
-            cert = pki.cert_from_pem(pem)
+            cert = pki.cached_cert(pem)
             self.certs[pki.cert_fingerprint(cert)] = cert
 
     @staticmethod
     def _parse(pem, tx: Tx) -> x509.Certificate:
         try:
-            cert = pki.cert_from_pem(pem)
+            cert = pki.cached_cert(pem)
         except (ValueError, TypeError, AttributeError):
             raise Rejected(f"{tx.kind} of {tx.signer.node} carries no valid PEM certificate") from None
         if pki.cert_fingerprint(cert) != tx.signer.cert_fp:
@@ -67,6 +67,16 @@ def sign_tx(identity: pki.Identity, node_id: str, kind: str, payload: dict, now:
     return SignedTx(tx, identity.sign(tx.signing_bytes()))
 
 
-def registration(identity: pki.Identity, address: str, **info) -> dict:
-    """The payload by which a node enters the ledger: its certificate, which says its role and name."""
-    return {"node_id": identity.name, "address": address, "cert": identity.cert_pem.decode(), **info}
+def registration(identity: pki.Identity, address: str, node_id: str | None = None, **info) -> dict:
+    """The payload by which a node enters the ledger: its certificate, which says its role and name, and
+    `node_id` (default: the identity's name), which must repeat that name, or for a role-less certificate
+    the name an admin mapped it to."""
+    return {"node_id": node_id or identity.name, "address": address, "cert": identity.cert_pem.decode(), **info}
+
+
+def is_registered(node: dict | None, identity: pki.Identity, address: str, **info) -> bool:
+    """Whether the ledger's record of a node (its entry in the "nodes" section of the state) already
+    holds this certificate, address and info, so that registering again would add an entry and
+    change nothing."""
+    return (node is not None and node.get("cert_fp") == identity.fingerprint and node.get("address") == address
+            and node.get("info", {}) == info)

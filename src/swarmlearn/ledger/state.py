@@ -17,7 +17,7 @@ from swarmlearn.errors import AlreadyRecorded, Rejected
 from swarmlearn.ledger import payloads
 from swarmlearn.ledger.entry import Entry, Tx
 from swarmlearn.ledger.identities import signer_role
-from swarmlearn.ledger.policy import POLICY
+from swarmlearn.ledger.policy import POLICY, Rule
 from swarmlearn.ledger.model import DEFAULT_ALIAS, Contract, Kind, Node, Task, TaskRunner, TrustedCA
 
 # Deeper payloads are refused: every entry is kept in the state, and the state is served as JSON
@@ -33,10 +33,21 @@ def _depth(value, limit: int = MAX_PAYLOAD_DEPTH + 1) -> int:
     return 1 + max((_depth(c, limit - 1) for c in children), default=0)
 
 
+@dataclass(frozen=True)
+class Checked:
+    """A transaction the state accepted as its next step, with its parsed payload and rule."""
+
+    tx: Tx
+    head_index: int
+    rule: Rule
+    payload: payloads.Payload
+
+
 @dataclass
 class LedgerState:
     head_index: int = -1
     head_hash: str | None = None
+    genesis_hash: str | None = None  # the hash of entry 0: which swarm's ledger this is
     genesis: dict | None = None
     cas: dict[str, TrustedCA] = field(default_factory=dict)  # CA fingerprint -> what it may issue
     revoked: dict[str, int] = field(default_factory=dict)  # certificate fingerprint -> entry index
@@ -49,26 +60,33 @@ class LedgerState:
 
     # ---------------------------------------------------------------------------------- entry point
 
-    def apply(self, entry: Entry) -> LedgerState:
+    def apply(self, entry: Entry, checked: Checked | None = None) -> LedgerState:
         """Applies one entry in place and returns self; raises Rejected and changes nothing if the
-        entry is not a legal next step."""
+        entry is not a legal next step. `checked` is what check_tx said of its transaction on this very
+        state (the SN checks before it appends): then the checks are not run twice."""
         expected = self.head_index + 1
         if entry.index != expected:
             raise Rejected(f"entry index {entry.index} is not the next index {expected}")
         if self.head_hash is not None and entry.prev_hash != self.head_hash:
             raise Rejected(f"entry {entry.index} does not follow the head {self.head_hash[:12]}")
-        self.apply_tx(entry.tx, entry.index)
+        if checked is None or checked.tx is not entry.tx or checked.head_index != self.head_index:
+            checked = self.check_tx(entry.tx)
+        checked.rule.apply(self, entry.tx, checked.payload, entry.index)
+        self.seen_tx[entry.tx.id] = entry.index
+        if entry.index == 0:
+            self.genesis_hash = entry.hash
         self.head_index = entry.index
         self.head_hash = entry.hash
         return self
 
-    def check_tx(self, tx: Tx) -> None:
+    def check_tx(self, tx: Tx) -> Checked:
         """Raises Rejected if `tx` would not be accepted as the next entry; changes nothing."""
-        self._validate(tx)
+        rule, payload = self._validate(tx)
+        return Checked(tx, self.head_index, rule, payload)
 
     def apply_tx(self, tx: Tx, index: int) -> None:
-        rule, payload = self._validate(tx)
-        rule.apply(self, tx, payload, index)
+        checked = self.check_tx(tx)
+        checked.rule.apply(self, tx, checked.payload, index)
         self.seen_tx[tx.id] = index
 
     def _validate(self, tx: Tx):
@@ -124,6 +142,7 @@ class LedgerState:
     def to_obj(self, section: str = "all") -> dict[str, Any]:
         sections = {
             "info": lambda: {"head_index": self.head_index, "head_hash": self.head_hash, "genesis": self.genesis,
+                             "genesis_hash": self.genesis_hash,
                              "ca_fingerprints": self.ca_fingerprints,
                              "cas": {fp: {"org": c.org, "roles": c.roles, "added_at": c.added_at}
                                      for fp, c in self.cas.items()},

@@ -52,18 +52,18 @@ def apply_task_append(state: LedgerState, tx: Tx, p: P.TaskAppend, index: int) -
         task.body[key] = old + value if isinstance(old, list) and isinstance(value, list) else value
 
 
-def validate_task_finalize(state: LedgerState, tx: Tx, p: P.TaskName) -> None:
+def validate_task_finalize(state: LedgerState, tx: Tx, p: P.Named) -> None:
     task = state.task(p.name)
     _creator_or_admin(state, task, tx, "finalize")
     if task.finalized:
         raise Rejected(f"task {task.name} is already finalized")
 
 
-def apply_task_finalize(state: LedgerState, tx: Tx, p: P.TaskName, index: int) -> None:
+def apply_task_finalize(state: LedgerState, tx: Tx, p: P.Named, index: int) -> None:
     state.task(p.name).finalized = True
 
 
-def validate_task_delete(state: LedgerState, tx: Tx, p: P.TaskName) -> None:
+def validate_task_delete(state: LedgerState, tx: Tx, p: P.Named) -> None:
     task = state.task(p.name)
     _creator_or_admin(state, task, tx, "delete")
     for runner in state.taskrunners.values():
@@ -74,18 +74,18 @@ def validate_task_delete(state: LedgerState, tx: Tx, p: P.TaskName) -> None:
         raise Rejected(f"task {task.name} is the Prereq of another task; delete that one first")
 
 
-def apply_task_delete(state: LedgerState, tx: Tx, p: P.TaskName, index: int) -> None:
+def apply_task_delete(state: LedgerState, tx: Tx, p: P.Named, index: int) -> None:
     del state.tasks[p.name]
 
 
 # ------------------------------------------------------------------------------ task runners
 
-def validate_taskrunner_create(state: LedgerState, tx: Tx, p: P.RunnerName) -> None:
+def validate_taskrunner_create(state: LedgerState, tx: Tx, p: P.Named) -> None:
     if p.name in state.taskrunners or p.name == DEFAULT_ALIAS:
         raise Rejected(f"task runner {p.name!r} already exists")
 
 
-def apply_taskrunner_create(state: LedgerState, tx: Tx, p: P.RunnerName, index: int) -> None:
+def apply_taskrunner_create(state: LedgerState, tx: Tx, p: P.Named, index: int) -> None:
     state.taskrunners[p.name] = TaskRunner(p.name, created_by=tx.signer.node)
 
 
@@ -172,7 +172,14 @@ def apply_taskrunner_peer_status(state: LedgerState, tx: Tx, p: P.RunnerPeerStat
 
 
 def validate_taskrunner_reset(state: LedgerState, tx: Tx, p: P.RunnerOnly) -> None:
-    state.taskrunner(p.runner)
+    runner = state.taskrunner(p.runner)
+    a = runner.assignment
+    # Ending a running task is for whoever started it, the runner's creator, or an admin: another
+    # SWCI (of another organization, say) cannot stop others' training.
+    if a is not None and a.status == AssignmentStatus.RUNNING and not is_admin(state, tx.signer.node) \
+            and tx.signer.node not in (a.assigned_by, runner.created_by):
+        raise Rejected(f"task {a.task} on {runner.name} runs as assigned by {a.assigned_by}; only they, "
+                       f"{runner.created_by} (who created the runner) or an admin may reset it")
 
 
 def apply_taskrunner_reset(state: LedgerState, tx: Tx, p: P.RunnerOnly, index: int) -> None:

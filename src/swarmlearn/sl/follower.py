@@ -12,8 +12,6 @@ shorter than that entry, or holds another entry there is refused, and so is the 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -35,19 +33,17 @@ T = TypeVar("T")
 class LedgerFollower:
     """pin_file: where the swarm's genesis and the highest verified entry are kept across restarts
     (SL: DATA_DIR/ledger-pin.json, SWOP: WORKSPACE/ledger-pin.json); without one the pin lives only
-    as long as this object. A refused ledger (any LedgerError: a broken chain, a bad signature, a
-    rollback) is kept in `error`, raised to every waiter, and passed to `on_refused` (called in the
-    follower's thread), e.g. exit_when_refused."""
+    as long as this object. A lost ledger (the SN stayed away past its patience) or a refused one
+    (any LedgerError: a broken chain, a bad signature, a rollback) is kept in `error`, raised to every
+    waiter and returned by failure(), which the component's command watches to stop and exit non-zero."""
 
-    def __init__(self, sn: SNClient, pin_file: Path | None = None,
-                 on_refused: Callable[[LedgerError], None] | None = None):
+    def __init__(self, sn: SNClient, pin_file: Path | None = None):
         self.sn = sn
         self.verifier = ChainVerifier()
         self.changed = threading.Condition()
         self.error: Exception | None = None
         self.pin = PinFile(pin_file) if pin_file is not None else None
         self._pinned: Pin | None = None
-        self._on_refused = on_refused
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="ledger-follower", daemon=True)
 
@@ -78,16 +74,21 @@ class LedgerFollower:
                     self.changed.notify_all()
                 self._advance_pin(row)
         except SwarmError as exc:
-            refused = isinstance(exc, LedgerError)
-            if refused:
+            if isinstance(exc, LedgerError):
                 log.error("refusing the ledger of SN %s: %s", self.sn.address, exc)
             else:
                 log.error("lost the ledger: %s", exc)
             with self.changed:
                 self.error = exc
                 self.changed.notify_all()
-            if refused and self._on_refused is not None:
-                self._on_refused(exc)
+
+    def failure(self, timeout: float) -> Exception | None:
+        """Waits up to `timeout` seconds for the ledger to be lost or refused; returns why, or None while
+        all is well (at once once stopped)."""
+        with self.changed:
+            if self.error is None and not self._stop.is_set():
+                self.changed.wait(timeout)
+            return self.error
 
     # ------------------------------------------------------------------------------ the pin
     # The pin is advanced on every entry but written at most once a second (PinFile) and at stop():
@@ -148,24 +149,3 @@ class LedgerFollower:
         with self.changed:
             return fn(self.state)
 
-
-def exit_when_refused(stop: Callable[[], None]) -> Callable[[LedgerError], None]:
-    """An on_refused for a component process whose command waits only for a signal (SWOP): a refused
-    ledger cannot be worked with, so the component stops as on SIGTERM (`stop`, which stops its node
-    processes) and the process exits with status 1, the refusal already in its log. (`swarm sl`
-    watches SLNode.failure() itself and exits non-zero with the reason.)"""
-    def refused(exc: LedgerError) -> None:
-        def end() -> None:
-            try:
-                stop()
-            except Exception as stop_exc:  # the exit below matters more than a clean stop
-                log.warning("while stopping after the refusal: %s", stop_exc)
-            finally:
-                logging.shutdown()
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(1)
-
-        threading.Thread(target=end, name="ledger-refused", daemon=True).start()
-
-    return refused

@@ -107,11 +107,7 @@ class SLNode:
     def failure(self, timeout: float) -> Exception | None:
         """Waits up to `timeout` seconds for this SL to lose its ledger (its SN stayed away past the
         patience, or sent what the follower refuses); returns that error, or None while all is well."""
-        follower = self.follower
-        with follower.changed:
-            if follower.error is None and not self._stopping.is_set():
-                follower.changed.wait(timeout)
-            return follower.error
+        return self.follower.failure(timeout)
 
     def stop(self) -> None:
         """Leaves every joined session (so peers need not wait for us), then stops serving."""
@@ -133,28 +129,32 @@ class SLNode:
 
     def fetch_refusal(self, caller_fp: str, digest: str) -> str | None:
         """Why the caller may not have blob `digest`, or None: a contribution goes only to the SLs that
-        checked in to its round, a merged model only to its contract's members. Our ledger copy may
+        checked in to its round, a merged model only to its contract's active members. Our ledger copy may
         trail the caller's by an entry or two (it just checked in), so a registered SL gets a moment."""
-        def entitled(state) -> bool:
+        def caller(state):
             node = next((n for n in state.nodes.values() if n.cert_fp == caller_fp), None)
-            if node is None or node.role != "SL" or caller_fp in state.revoked:
+            return node if node is not None and node.role == "SL" and caller_fp not in state.revoked else None
+
+        def entitled(state) -> bool:
+            node = caller(state)
+            if node is None:
                 return False
             for contract in state.contracts.values():
+                member = node.node_id in contract.members and contract.members[node.node_id].active
                 for r in reversed(list(contract.rounds.values())):
-                    if r.merged_hash == digest and node.node_id in contract.members:
+                    if member and r.merged_hash == digest:
                         return True
                     if node.node_id in r.checkins and any(c.hash == digest for c in r.checkins.values()):
                         return True
             return False
 
-        known = self.follower.read(lambda s: any(n.cert_fp == caller_fp and n.role == "SL" for n in s.nodes.values()))
         try:
-            if self.follower.wait_until(entitled, LEDGER_LAG_GRACE if known else 0.0):
+            if self.follower.wait_until(entitled, LEDGER_LAG_GRACE if self.follower.read(caller) else 0.0):
                 return None
         except SwarmError:
             return "this SL is stopping"
         return (f"blob {digest[:12]} is served only to the SLs that checked in to its round (a merged model: to its "
-                f"contract's members); the caller is not one of them")
+                f"contract's active members); the caller is not one of them")
 
     def liveness(self) -> dict[str, float]:
         """Seconds since the SN last heard from each node (asked at most once a second)."""

@@ -30,7 +30,7 @@ from swarmlearn.ledger.state import LedgerState
 from swarmlearn.merge import (BadContribution, Contribution, check_contribution, contribution_norm, get_merger,
                               norm_outliers)
 from swarmlearn.sl.follower import LedgerFollower
-from swarmlearn.sl.transport import MAX_BLOB_BYTES, BlobStore, FetchError, PeerFetcher
+from swarmlearn.sl.transport import BlobStore, FetchError, PeerFetcher
 from swarmlearn.sn.client import SNClient
 from swarmlearn.tensors import BlobError, decode, encode
 
@@ -44,24 +44,26 @@ PREFETCH_BYTES = 256 << 20
 # blob, are the swarm's defence against one peer holding everyone up, so nothing a peer declares
 # stretches them beyond bounds:
 # - Every participant (leader included) counts, for the time a leader may take, the bytes each peer
-#   declares, but never more than `blob_limit` of its own blob: contributions must hold the same
-#   tensors as ours (the merge refuses other names, shapes or dtypes), so only their safetensors
-#   header can differ in size. A peer declaring more (10^12 bytes, say) is not waited for at all: the
-#   leader drops it unfetched, by name, and one line says so on every node.
+#   declares, but never more than `blob_limit` of its own blob (nor the contract's max_blob_bytes):
+#   contributions must hold the same tensors as ours (the merge refuses other names, shapes or
+#   dtypes), so only their safetensors header can differ in size. A peer declaring more (10^12
+#   bytes, say) is not waited for at all: the leader drops it unfetched, by name, and one line says
+#   so on every node.
 # - The leader waits for each contribution once per round, until FETCH_SHARE of that leader timeout
 #   has passed since the round closed (a prefetch under way is awaited, not repeated), so it posts
 #   `merged`, without the peers it had to drop, before the others' patience runs out and they
 #   re-elect it away. The rest of the timeout is left for the merge (about a tenth of the transfer
 #   time at the rates assumed) and for posting it.
 # - Within that, a transfer that sends nothing for `Timeouts.stall` seconds, or then runs below
-#   MIN_TRANSFER_RATE, is cut off at once: a frozen peer costs the round seconds, not its whole budget.
+#   `Timeouts.min_rate`, is cut off at once: a frozen peer costs the round seconds, not its whole budget.
 FETCH_SHARE = 0.75
 
 
-def blob_limit(own: int) -> int:
+def blob_limit(own: int, cap: int) -> int:
     """The most bytes a blob of a round may have when ours has `own`: twice ours plus 1 MiB for a
-    header written differently, and never beyond MAX_BLOB_BYTES (without a blob of our own)."""
-    return min(MAX_BLOB_BYTES, 2 * own + (1 << 20)) if own else MAX_BLOB_BYTES
+    header written differently, and never beyond `cap`, the contract's max_blob_bytes (all of it
+    without a blob of our own)."""
+    return min(cap, 2 * own + (1 << 20)) if own else cap
 
 
 @dataclass
@@ -85,6 +87,13 @@ class Timeouts:
 
     def transfer_budget(self, size: int) -> float:
         return self.leader_base + size / self.leader_bytes_per_second
+
+    @property
+    def min_rate(self) -> float:
+        """A transfer that, after its first `stall` seconds, averages less than this many bytes per
+        second is cut off (a peer trickling bytes must not hold a leader for its whole budget): a
+        twentieth of the rate the budgets assume, 1 MB/s at the default, less on a slower swarm's."""
+        return self.leader_bytes_per_second / 20
 
     @property
     def stall(self) -> float:
@@ -230,7 +239,7 @@ class RoundEngine:
                     budget -= checkin.size
                     futures[checkin.hash] = self._early_pool.submit(
                         self.fetcher.fetch, addresses.get(node, ""), checkin.hash,
-                        self.t.transfer_budget(sizes[node]), sizes[node], self.t.stall)
+                        self.t.transfer_budget(sizes[node]), sizes[node], self.t.stall, self.t.min_rate)
                 if status != "open":
                     return
                 self.follower.wait_until(lambda s: s.head_index > head, 1.0)
@@ -318,10 +327,11 @@ class RoundEngine:
     # ---------------------------------------------------------------------------- 3. lead or wait
 
     def _declared(self, number: int, checkins: dict[str, Checkin]) -> dict[str, int | None]:
-        """The bytes to expect from each check-in: as declared (up to blob_limit of our own; MAX_BLOB_BYTES
-        for one that declares none), or None for a declaration beyond that, which nobody waits for."""
+        """The bytes to expect from each check-in: as declared (up to blob_limit of our own; the
+        contract's max_blob_bytes for one that declares none), or None for a declaration beyond that,
+        which nobody waits for."""
         own = checkins.get(self.node_id)
-        limit = blob_limit(own.size if own else 0)
+        limit = blob_limit(own.size if own else 0, self._max_blob_bytes())
         sizes: dict[str, int | None] = {}
         for node, c in checkins.items():
             if c.size <= limit:
@@ -493,7 +503,7 @@ class RoundEngine:
         left = deadline - time.monotonic()
         if left <= 0:
             raise FetchError("the leader's fetch deadline passed before its blob was asked for")
-        return self.fetcher.fetch(address, checkin.hash, left, size, self.t.stall)
+        return self.fetcher.fetch(address, checkin.hash, left, size, self.t.stall, self.t.min_rate)
 
     # ---------------------------------------------------------------------------- 4. take merged
 
@@ -530,13 +540,15 @@ class RoundEngine:
         than blob_limit(own) whatever its leader declared."""
         sources = [r.leader, *[n for n in r.participants if n not in (r.leader, self.node_id)]]
         addresses = self.follower.read(lambda s: {n: s.nodes[n].address for n in sources if n in s.nodes})
-        size = min(r.merged_size or blob_limit(own), blob_limit(own))
+        limit = blob_limit(own, self._max_blob_bytes())
+        size = min(r.merged_size or limit, limit)
         budget = self.t.transfer_budget(size)
         deadline = time.monotonic() + budget
         while True:
             for node in sources:
                 try:
-                    blob = self.fetcher.fetch(addresses.get(node, ""), r.merged_hash, budget, size, self.t.stall)
+                    blob = self.fetcher.fetch(addresses.get(node, ""), r.merged_hash, budget, size, self.t.stall,
+                                              self.t.min_rate)
                 except FetchError as exc:
                     log.debug("round %d: merged model not from %s: %s", r.number, node, exc)
                     continue
@@ -553,6 +565,10 @@ class RoundEngine:
 
     def _read(self, fn: Callable[[Contract], object]):
         return self.follower.read(lambda s: fn(self._contract(s)))
+
+    def _max_blob_bytes(self) -> int:
+        """The contract's limit on any blob of its rounds, as our ledger copy has it now."""
+        return self._read(lambda c: c.limits.max_blob_bytes)
 
     def _ended_round(self, state: LedgerState, number: int) -> Round | None:
         r = self._contract(state).rounds.get(number)

@@ -16,16 +16,6 @@ from swarmlearn.proto import sl_pb2, sl_pb2_grpc
 from swarmlearn.sl.wire import CHUNK, MAX_MESSAGE
 from swarmlearn.tensors import blob_hash
 
-__all__ = ["CHUNK", "MAX_MESSAGE", "MAX_BLOB_BYTES", "MIN_TRANSFER_RATE", "BlobStore", "FetchError", "PeerFetcher",
-           "PeerService"]
-
-# The most bytes any blob of a round (a contribution or a merged model) may have, whatever a peer
-# declares: the contracts' default `max_blob_bytes`, until the SL reads each contract's own limit.
-MAX_BLOB_BYTES = 4 << 30
-# A transfer that, after its first `stall` seconds, has averaged less than this is cut off: a peer
-# trickling bytes must not hold a leader for as long as its declared size would allow.
-MIN_TRANSFER_RATE = 1e6
-
 
 class FetchError(SwarmError):
     pass
@@ -98,16 +88,16 @@ class PeerFetcher:
             return sl_pb2_grpc.SwarmPeerStub(channel)
 
     def fetch(self, address: str, digest: str, timeout: float, size: int | None = None,
-              stall: float | None = None) -> bytes:
+              stall: float | None = None, min_rate: float = 0.0) -> bytes:
         """The blob with SHA-256 `digest` from the SL at `address`; raises FetchError if the peer
         does not answer, does not have it, or sends bytes that do not hash to `digest`. A peer
-        announcing or sending more than `size` (as the ledger declares it; MAX_BLOB_BYTES without
-        one) is cut off at once rather than read into memory. With `stall`, so is a peer that sends
-        nothing for `stall` seconds (a frozen or silent peer: its TCP handshake may well succeed) or,
-        after its first `stall` seconds, averages below MIN_TRANSFER_RATE."""
+        announcing or sending more than `size` (as the ledger declares it, within its contract's
+        limit; the round engine always gives one) is cut off at once rather than read into memory.
+        With `stall`, so is a peer that sends nothing for `stall` seconds (a frozen or silent peer: its
+        TCP handshake may well succeed) or, after its first `stall` seconds, averages below `min_rate`
+        bytes per second (a peer trickling bytes must not hold a leader for its whole budget)."""
         if not address:
             raise FetchError("peer has no registered address")
-        limit = size or MAX_BLOB_BYTES
         parts: list[bytes] = []
         expected = None
         received = 0
@@ -117,15 +107,15 @@ class PeerFetcher:
         try:
             stream = self._stub(address).Fetch(sl_pb2.FetchRequest(hash=digest), timeout=timeout)
             if stall:
-                threading.Thread(target=_watchdog, args=(stream, stall, progress, cut, done), daemon=True,
+                threading.Thread(target=_watchdog, args=(stream, stall, min_rate, progress, cut, done), daemon=True,
                                  name="fetch-watchdog").start()
             for chunk in stream:
                 if expected is None:
                     expected = chunk.total_size
                 received += len(chunk.data)
-                if max(expected, received) > limit:
+                if size and max(expected, received) > size:
                     stream.cancel()
-                    raise FetchError(f"peer sends more than the {limit} bytes the ledger declares for "
+                    raise FetchError(f"peer sends more than the {size} bytes the ledger declares for "
                                      f"{digest[:12]}")
                 parts.append(chunk.data)
                 progress[:] = [time.monotonic(), received]
@@ -153,18 +143,18 @@ class PeerFetcher:
             self._channels.clear()
 
 
-def _watchdog(stream, stall: float, progress: list, cut: list[str], done: threading.Event) -> None:
+def _watchdog(stream, stall: float, min_rate: float, progress: list, cut: list[str], done: threading.Event) -> None:
     """Cancels `stream` when it makes no progress for `stall` seconds or, after that long, runs below
-    MIN_TRANSFER_RATE; the reason goes into `cut` for the fetch to report."""
+    `min_rate` bytes per second; the reason goes into `cut` for the fetch to report."""
     started = time.monotonic()
     while not done.wait(min(0.2, stall / 4)):
         now = time.monotonic()
         last, received = progress
         if now - last > stall:
             cut.append(f"sent nothing for {stall:g} s ({received} bytes in all); transfer cut off")
-        elif now - started > stall and received < MIN_TRANSFER_RATE * (now - started):
+        elif now - started > stall and received < min_rate * (now - started):
             cut.append(f"sent {received} bytes in {now - started:.1f} s, below the floor of "
-                       f"{MIN_TRANSFER_RATE / 1e6:g} MB/s; transfer cut off")
+                       f"{min_rate / 1e6:g} MB/s; transfer cut off")
         else:
             continue
         stream.cancel()

@@ -16,7 +16,7 @@ from swarmlearn import pki
 from swarmlearn.errors import (AlreadyRecorded, ConfigError, LedgerError, Rejected, SNLimitReached, SNUnavailable,
                                SwarmError)
 from swarmlearn.ledger.entry import Entry, SignedTx
-from swarmlearn.ledger.signatures import registration, sign_tx
+from swarmlearn.ledger.signatures import is_registered, registration, sign_tx
 from swarmlearn.ledger.store import StoredEntry
 from swarmlearn.proto import sn_pb2, sn_pb2_grpc
 
@@ -48,7 +48,8 @@ class SNClient:
                  unreachable_timeout: float | None = None):
         self.address = address
         self.identity = identity
-        self.node_id = node_id or identity.name
+        # The certificate's name; a role-less certificate needs the name an admin mapped it to.
+        self.node_id = node_id or identity.node_name(None)
         self.unreachable_timeout = default_patience() if unreachable_timeout is None else unreachable_timeout
         self._channel = grpc.secure_channel(address, identity.channel_credentials(), options=[
             ("grpc.keepalive_time_ms", 10_000),
@@ -117,10 +118,15 @@ class SNClient:
             return exc.index
 
     def register(self, role: str, address: str = "", **info) -> int:
-        """Enters the ledger as the node our certificate names. `role` is what the caller runs as: a
-        certificate of another role is refused here, before the SN refuses it."""
+        """Enters the ledger as this client's node (its certificate's name, or the name an admin mapped
+        it to). `role` is what the caller runs as: a certificate of another role is refused here, before
+        the SN refuses it. A node the ledger holds already, with this certificate, address and info,
+        is not entered again: returns the index of its registration, as if it had just been made."""
         self.identity.require_role(role.lower())
-        return self.submit("register_node", registration(self.identity, address, **info))
+        known = self.query("nodes")["nodes"].get(self.node_id)
+        if is_registered(known, self.identity, address, **info):
+            return known["registered_at"]
+        return self.submit("register_node", registration(self.identity, address, self.node_id, **info))
 
     def heartbeat(self) -> int:
         """Tells the SN we are alive; returns the ledger head index."""

@@ -19,7 +19,8 @@ from swarmlearn.errors import AlreadyRecorded, ConfigError, LedgerError, Rejecte
 from swarmlearn.ledger.chain import Chain
 from swarmlearn.ledger.pin import HistoryRefused, Pin, PinFile, check_marker
 from swarmlearn.ledger.entry import SignedTx, Tx
-from swarmlearn.ledger.signatures import registration, sign_tx
+from swarmlearn.ledger.identities import issuer
+from swarmlearn.ledger.signatures import is_registered, registration, sign_tx
 from swarmlearn.ledger.sqlite_store import SQLiteStore
 from swarmlearn.proto import sn_pb2, sn_pb2_grpc
 
@@ -47,6 +48,14 @@ WATCH_STREAMS_PER_IDENTITY = 8
 # so honest swarms stay far inside while a flood from one certificate is cut to this pace.
 SUBMIT_RATE = 50.0
 SUBMIT_BURST = 200
+# Queries and heartbeats per certificate, likewise: an honest SWCI polls a few times a second and an
+# SL or SWOP heartbeats once a second, while one certificate looping `Query("all")` on every worker
+# thread would hold the ledger's lock from everyone's submits. (A section's JSON is made once per
+# ledger head, so polls of an unchanged ledger cost next to nothing within this rate.)
+READ_RATE = 20.0
+READ_BURST = 100
+# Certificates whose issuer this SN has checked against the ledger's CAs (one signature check each).
+TRUST_CACHE_SIZE = 4096
 # A reply must fit gRPC's default 4 MiB message limit with room for its framing. Metrics, the one
 # section that grows with every round, are served in pages of at most METRICS_PAGE_BYTES.
 MAX_REPLY_BYTES = 4 * 1024 * 1024 - 64 * 1024
@@ -61,10 +70,13 @@ CLIENT_PING_MIN_MS = 5_000
 STOP_STREAMS_TIMEOUT = 2.0
 
 
-def caller_fingerprint(context: grpc.ServicerContext) -> str | None:
-    """The SHA-256 of the certificate the caller presented at the TLS handshake."""
-    peer = pki.peer_certificate(context)
-    return peer[1] if peer else None
+def revocation(fingerprint: str, state) -> str | None:
+    """Why the SN answers a certificate nothing, if an admin revoked it (it still passes the TLS
+    handshake: the CA signed it); None if it is not revoked."""
+    index = state.revoked.get(fingerprint)
+    if index is None:
+        return None
+    return f"certificate {fingerprint[:12]} was revoked at ledger entry {index}; use a newly issued certificate"
 
 
 def caller_name(context: grpc.ServicerContext, fingerprint: str | None) -> str:
@@ -118,10 +130,10 @@ class StreamSlots:
             return len(self._live) if who is None else self._open.get(who, 0)
 
 
-class SubmitBudget:
-    """A token bucket per identity: SUBMIT_BURST submits at once, refilled at SUBMIT_RATE per second."""
+class CallBudget:
+    """A token bucket per identity: `burst` calls at once, refilled at `rate` per second."""
 
-    def __init__(self, rate: float = SUBMIT_RATE, burst: int = SUBMIT_BURST):
+    def __init__(self, rate: float, burst: int):
         self.rate = rate
         self.burst = burst
         self._lock = threading.Lock()
@@ -148,10 +160,6 @@ def metrics_page(metrics: list[dict], from_index: int, budget: int = METRICS_PAG
     for i in range(bisect.bisect_left(metrics, from_index, key=lambda m: m["index"]), len(metrics)):
         m = metrics[i]
         size = len(json.dumps(m, sort_keys=True))
-        if size > budget:  # recorded before entries were bounded: name it instead of sending it
-            m = {"node": m.get("node"), "index": m["index"], "time": m.get("time"),
-                 "omitted": f"{size} bytes, over the {budget} a page holds"}
-            size = len(json.dumps(m, sort_keys=True))
         if page and used + size > budget:
             return page, m["index"]
         page.append(m)
@@ -166,37 +174,69 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
         self.stopping = stopping
         self.last_seen: dict[str, float] = {}
         self.streams = StreamSlots()
-        self.submits = SubmitBudget()
+        self.submits = CallBudget(SUBMIT_RATE, SUBMIT_BURST)
+        self.reads = CallBudget(READ_RATE, READ_BURST)
+        # (certificate fingerprint, number of trusted CAs) -> whether a trusted CA issued it. CAs are
+        # only ever added, so their number tells whether the answer may have changed.
+        self._trusted_issuer: dict[tuple[str, int], bool] = {}
+        # section -> (what it was made for: ledger head, and a metrics page's contract and start; its JSON)
+        self._bodies: dict[str, tuple[tuple, bytes]] = {}
 
     def _seen(self, node: str) -> None:
         self.last_seen[node] = time.monotonic()
 
-    def _refuse_revoked(self, context) -> None:
-        """A certificate an admin revoked still passes the TLS handshake (the CA signed it); from the
-        revocation's entry on, this SN answers it nothing."""
-        fp = caller_fingerprint(context)
-        if fp in self.chain.state.revoked:
+    def _caller(self, context) -> str:
+        """The fingerprint of the caller's certificate, once the ledger vouches for it; any other
+        caller is answered PERMISSION_DENIED. The TLS handshake only proved that a CA in this SN's
+        --capath issued it: the swarm also wants that CA trusted on the ledger, the certificate not
+        revoked, and a swarm identity in it (its SPIFFE URI, or an admin's map-cert)."""
+        peer = pki.peer_certificate(context)
+        if peer is None:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"certificate {fp[:12]} was revoked at ledger entry {self.chain.state.revoked[fp]}; "
-                          f"use a newly issued certificate")
+                          "no client certificate was presented; connect with the --cert and --key of a swarm node")
+        cert, fp = peer
+        state = self.chain.state
+        refused = revocation(fp, state)
+        if refused is not None:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, refused)
+        if not self._issued_by_trusted_ca(cert, fp):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"certificate {fp[:12]} ({pki.pki_subject(cert)}) is not issued by a CA this swarm trusts "
+                          f"on its ledger; use a certificate of a trusted CA, or have an admin run `swarm admin "
+                          f"trust-ca` for its CA")
+        if pki.swarm_id(cert) is None and fp not in state.cert_map:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"certificate {fp[:12]} ({pki.pki_subject(cert)}) carries no swarm role and name; "
+                          f"{pki.REISSUE_HINT}")
+        return fp
 
-    def _within_submit_rate(self, context) -> None:
-        fp = caller_fingerprint(context) or ""
-        wait = self.submits.take(fp)
+    def _issued_by_trusted_ca(self, cert, fp: str) -> bool:
+        key = (fp, len(self.chain.state.cas))
+        trusted = self._trusted_issuer.get(key)
+        if trusted is None:
+            with self.chain.lock:  # the CAs do not change while they are read
+                trusted = issuer(self.chain.state, cert) is not None
+            if len(self._trusted_issuer) >= TRUST_CACHE_SIZE:
+                self._trusted_issuer.clear()
+            self._trusted_issuer[key] = trusted
+        return trusted
+
+    def _within_rate(self, context, budget: CallBudget, fp: str, calls: str) -> None:
+        wait = budget.take(fp)
         if wait:
             context.set_trailing_metadata((("swarm-retry-after", f"{wait:.3f}"),))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"rate limit of {self.submits.rate:g} submits/s (bursts of {self.submits.burst}) for "
-                          f"{caller_name(context, fp)} exceeded; retry in {wait:.2f} s and submit less often")
+                          f"rate limit of {budget.rate:g} {calls}/s (bursts of {budget.burst}) for "
+                          f"{caller_name(context, fp)} exceeded; retry in {wait:.2f} s and send fewer {calls}")
 
     def Submit(self, request, context):
-        self._refuse_revoked(context)
-        self._within_submit_rate(context)
+        fp = self._caller(context)
+        self._within_rate(context, self.submits, fp, "submits")
         try:
             tx = Tx.from_bytes(request.tx)
         except LedgerError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if tx.signer.cert_fp != caller_fingerprint(context):
+        if tx.signer.cert_fp != fp:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"{tx.kind} is signed as {tx.signer.node} with a certificate other than the caller's; "
                           f"a node may only submit its own transactions")
@@ -214,9 +254,10 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
         return sn_pb2.SubmitReply(index=entry.index, hash=entry.hash)
 
     def Heartbeat(self, request, context):
-        self._refuse_revoked(context)
+        fp = self._caller(context)
+        self._within_rate(context, self.reads, fp, "queries and heartbeats")
         node = self.chain.state.nodes.get(request.node_id)
-        if node is None or node.cert_fp != caller_fingerprint(context):
+        if node is None or node.cert_fp != fp:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"{request.node_id} is not registered with the caller's certificate; register first")
         self._seen(request.node_id)
@@ -225,26 +266,38 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
                                      sn_node_id=self.node_id)
 
     def Query(self, request, context):
-        self._refuse_revoked(context)
+        fp = self._caller(context)
+        self._within_rate(context, self.reads, fp, "queries and heartbeats")
         section = request.section or "all"
         with self.chain.lock:
             self.chain.catch_up()
-            state = self.chain.state
             try:
-                obj = self._metrics(request, state) if section == "metrics" else state.to_obj(section)
+                head, body = self._section_json(request, section)
             except KeyError as exc:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc.args[0]))
             except Rejected as exc:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            head = state.head_index
-            now = time.monotonic()
-            obj["last_seen"] = {n: round(now - t, 3) for n, t in self.last_seen.items()}
-            body = json.dumps(obj, sort_keys=True).encode()
+        # Liveness changes between polls of one head, so it is added to the section's JSON, not kept in it.
+        now = time.monotonic()
+        seen = {n: round(now - t, 3) for n, t in list(self.last_seen.items())}
+        body = body[:-1] + b', "last_seen": ' + json.dumps(seen, sort_keys=True).encode() + b"}"
         if len(body) > MAX_REPLY_BYTES:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"the {section} state is {len(body)} bytes, more than the {MAX_REPLY_BYTES} a reply may "
                           f"carry; query a narrower section (info, nodes, contracts, tasks, taskrunners)")
         return sn_pb2.QueryReply(head_index=head, state_json=body)
+
+    def _section_json(self, request, section: str) -> tuple[int, bytes]:
+        """The ledger head and the JSON object of `section` at it, made once per head and kept until
+        the head moves (one per section); called holding the chain's lock."""
+        state = self.chain.state
+        made_for = ((state.head_index, request.contract, request.from_index) if section == "metrics"
+                    else (state.head_index,))
+        kept = self._bodies.get(section)
+        if kept is None or kept[0] != made_for:
+            obj = self._metrics(request, state) if section == "metrics" else state.to_obj(section)
+            kept = self._bodies[section] = (made_for, json.dumps(obj, sort_keys=True).encode())
+        return state.head_index, kept[1]
 
     @staticmethod
     def _metrics(request, state) -> dict:
@@ -253,19 +306,29 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
         return {"metrics": {"contract": contract.name, "entries": entries, "next": following}}
 
     def Watch(self, request, context):
-        self._refuse_revoked(context)
-        who = caller_fingerprint(context) or ""
+        who = self._caller(context)
         ticket = self.streams.acquire(who)
         if isinstance(ticket, str):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"watch of {caller_name(context, who)} refused: {ticket}")
         ended = threading.Event()
+
+        def revoked() -> str | None:
+            return revocation(who, self.chain.state)
+
         try:
             # The RPC's end (client cancel, SN stop, broken connection) ends the store's watch within
-            # its poll; the slot is freed when this handler (and so its thread) is done.
+            # its poll; the slot is freed when this handler (and so its thread) is done. A revocation
+            # of the caller's certificate ends it too, within the same poll.
             context.add_callback(ended.set)
-            rows = self.chain.store.watch(request.from_index, lambda: ended.is_set() or self.stopping.is_set())
+            rows = self.chain.store.watch(request.from_index,
+                                          lambda: ended.is_set() or self.stopping.is_set() or revoked() is not None)
             for row in rows:
+                if revoked() is not None:
+                    break
                 yield sn_pb2.LedgerEntry(index=row.index, hash=row.hash, body=row.body)
+            refused = revoked()
+            if refused is not None:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, f"watch ended: {refused}")
         finally:
             self.streams.release(ticket)
 
@@ -361,13 +424,19 @@ def genesis_tx(identity: pki.Identity, address: str) -> SignedTx:
     roles it may issue (the sentinel's own CA: every role; other CAs in its capath: every role but
     admin), the default contract and task runner, and the sentinel itself."""
     own_org = identity.swarm_id.org if identity.swarm_id else ""
-    cas = {pki.cert_fingerprint(ca): ca for ca in identity.cas}
+    # Our own CA first, so that of two CAs naming one organization ours is the one kept.
+    cas = sorted(identity.cas, key=lambda ca: (not pki.issued_by(identity.cert, ca), pki.cert_fingerprint(ca)))
     grants = []
-    for fp in sorted(cas):
-        org = pki.ca_organization(cas[fp])
-        issued_ours = pki.issued_by(identity.cert, cas[fp])
-        roles = list(pki.ROLES) if issued_ours and org == own_org else [r for r in pki.ROLES if r != "admin"]
-        grants.append({"cert": pki.cert_to_pem(cas[fp]).decode(), "org": org, "roles": roles})
+    for ca in cas:
+        org = pki.ca_organization(ca)
+        if any(g["org"] == org for g in grants):
+            log.warning("CA %s in --capath also issues for organization %s; only one CA per organization is "
+                        "trusted, so its certificates are refused (issue them from the first CA with `swarm gen-cert "
+                        "--ca-cert/--ca-key`, or give it another --org)", pki.pki_subject(ca), org)
+            continue
+        ours = pki.issued_by(identity.cert, ca) and org == own_org
+        roles = list(pki.ROLES) if ours else [r for r in pki.ROLES if r != "admin"]
+        grants.append({"cert": pki.cert_to_pem(ca).decode(), "org": org, "roles": roles})
     genesis = {
         "swarm_id": secrets.token_hex(8),
         "cas": grants,
@@ -393,10 +462,9 @@ def _join_chain(chain: Chain, identity: pki.Identity, node_id: str, address: str
         raise ConfigError(f"{data_dir / LEDGER_FILE}: holds the ledger of another swarm (swarm id "
                           f"{state.genesis['swarm_id']}, none of its CAs is in --capath); use an empty --data-dir "
                           f"for a new swarm or the --capath of that swarm")
-    known = state.nodes.get(node_id)
-    if known is None or known.address != address or known.cert_fp != identity.fingerprint:
+    if not is_registered(state.to_obj("nodes")["nodes"].get(node_id), identity, address):
         try:
-            chain.submit(sign_tx(identity, node_id, "register_node", registration(identity, address)))
+            chain.submit(sign_tx(identity, node_id, "register_node", registration(identity, address, node_id)))
         except Rejected as exc:
             raise ConfigError(f"{data_dir / LEDGER_FILE}: this SN cannot join its ledger: {exc}") from None
     for fp in sorted(set(ours) - set(state.ca_fingerprints)):
@@ -409,13 +477,7 @@ def _join_chain(chain: Chain, identity: pki.Identity, node_id: str, address: str
 def start_sn(*, host: str, port: int, identity: pki.Identity, data_dir: Path, sentinel: bool,
              node_id: str | None = None, new_swarm: bool = False) -> SNServer:
     """Starts an SN; returns once it is serving. Raises ConfigError/LedgerError on bad set-up."""
-    ident = identity.require_role("sn")
-    if ident is None:
-        raise ConfigError(f"{identity.cert_path}: carries no swarm role and name; {pki.REISSUE_HINT}")
-    if node_id is not None and node_id != ident.name:
-        raise ConfigError(f"--node-id {node_id} is not the name in this SN's certificate ({ident}); leave it out "
-                          f"or use the certificate of {node_id}")
-    node_id = ident.name
+    node_id = identity.node_name("sn", node_id)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_WORKERS),
                          options=[("grpc.so_reuseport", 0),
                                   ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),

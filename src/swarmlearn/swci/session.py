@@ -29,7 +29,8 @@ PROGRESS_EVERY = 30.0
 # Ten beats, not two: a loaded host can stall a SWOP for seconds, and a false alarm ends a healthy task.
 SWOP_SILENT_AFTER = 10.0
 # The pin (see SwciSession._check_history) lives in USR_DIR/.swarm/ and is checked against the SN on
-# connecting and then at most this often (one Query and one short Watch each), as commands run.
+# connecting and then at most this often, as commands run: one Query, and one entry read with Watch
+# when the ledger grew past the pinned head.
 PIN_DIR = ".swarm"
 PIN_CHECK_EVERY = 10.0
 PIN_READ_TIMEOUT = 10.0
@@ -116,13 +117,13 @@ class SwciSession:
         return client
 
     def _check_history(self, client: SNClient) -> None:
-        """The SWCI folds no ledger, so it pins from what the SN answers: the head index and hash of
-        a Query, the hash of one entry read with Watch. Refuses (HistoryRefused) an SN with another
-        genesis, a ledger shorter than the pinned head, or another entry at it; then pins its head."""
+        """The SWCI folds no ledger, so it pins from what the SN answers: the genesis hash and the head
+        index and hash of a Query, and the hash of the pinned entry read with Watch if the head moved
+        on. Refuses (HistoryRefused) an SN with another genesis, a ledger shorter than the pinned head,
+        or another entry at it; then pins its head."""
         info = client.query("info")["info"]
-        head, head_hash = info["head_index"], info["head_hash"]
+        head, head_hash, genesis = info["head_index"], info["head_hash"], info["genesis_hash"]
         pinned = self.pin.pin if self._pin_checked else self.pin.load()
-        genesis = _entry_hash(client, 0)
 
         def hash_at(index: int) -> str | None:
             return genesis if index == 0 else head_hash if index == head else _entry_hash(client, index)

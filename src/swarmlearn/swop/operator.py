@@ -26,7 +26,7 @@ from swarmlearn.errors import ConfigError, Rejected, SwarmError
 from swarmlearn.ledger.model import Assignment
 from swarmlearn.ledger.state import LedgerState
 from swarmlearn.ledger.pin import PIN_FILE
-from swarmlearn.sl.follower import LedgerFollower, exit_when_refused
+from swarmlearn.sl.follower import LedgerFollower
 from swarmlearn.sn.client import SNClient
 from swarmlearn.swop.policy import PYTHON_NAMES, TaskPolicy
 from swarmlearn.swop.policy import mapped as _mapped, shared_content as _shared_content
@@ -70,18 +70,19 @@ class Operator:
         from swarmlearn.swop.profile import load_profile
 
         self.config = config
+        self.node_id = config.identity.node_name("swop", config.node_id)
         self.profile = load_profile(config.profile_path)
         self.nodes = self.profile.slnodedefs
         if not self.nodes:
             raise ConfigError(f"{config.profile_path}: the profile lists no nodes; add `- slnodedef:` entries")
-        self.node_id = config.node_id or config.identity.common_name
         self.workspace = Path(config.workspace)
         # What its operator lets it run: checked before any process of a task starts (swop/policy.py).
         self.policy = TaskPolicy.for_swop(self.profile, config.identity.swarm_id, config.usr_dir, self.workspace)
         self.runtime = runtime or ProcessRuntime(self.workspace)
         self.sn = SNClient(config.sn_address, config.identity, self.node_id)
-        # The swarm this operator verified is pinned in its workspace; a refused ledger ends the SWOP, exit 1.
-        self.follower = LedgerFollower(self.sn, self.workspace / PIN_FILE, on_refused=exit_when_refused(self.stop))
+        # The swarm this operator verified is pinned in its workspace; a refused or lost ledger ends the
+        # SWOP (failure(); the `swop` command then stops it and exits non-zero with that line).
+        self.follower = LedgerFollower(self.sn, self.workspace / PIN_FILE)
         self.runner = self.profile.taskrunner
         self.handled: set[tuple[str, int]] = set()
         self.handles: list[Handle] = []
@@ -99,17 +100,28 @@ class Operator:
         self.follower.start()
         self.follower.wait_index(index)
         self.runner = self.follower.read(lambda s: s.taskrunner(self.profile.taskrunner).name)
-        self.sn.submit("taskrunner_join", {"runner": self.runner, "capacity": len(self.nodes)})
+        joined = self.sn.submit("taskrunner_join", {"runner": self.runner, "capacity": len(self.nodes)})
+        # Our join is the newest entry: once our copy holds it, it holds every assignment made before
+        # (a registration already on the ledger is not made again, so its index may be old).
+        self.follower.wait_index(joined)
         self.pid_file = record_self(self.workspace, self.node_id)
         self._fail_orphans()
         self.sn.keep_alive(self.stopping, HEARTBEAT_EVERY)
 
     def run(self) -> None:
-        """Serves tasks until stop() is called."""
+        """Serves tasks until stop() is called or the ledger is lost (failure() then says why)."""
         while not self.stopping.is_set():
-            a = self.follower.wait_until(self._claimable, 1.0)
+            try:
+                a = self.follower.wait_until(self._claimable, 1.0)
+            except SwarmError:
+                return  # the ledger is lost, or the follower stopped with us
             if a is not None:
                 self._serve(a)
+
+    def failure(self, timeout: float) -> Exception | None:
+        """Waits up to `timeout` seconds for this operator to lose its ledger (its SN stayed away past
+        the patience, or sent what the follower refuses); returns that error, or None while all is well."""
+        return self.follower.failure(timeout)
 
     def stop(self) -> None:
         """Stops serving and every node process this operator started."""
