@@ -157,16 +157,8 @@ def test_streams_of_many_certificates_leave_threads_for_unary_calls(sn, certs, t
         time.sleep(SLOT_FREED)
 
 
-def test_submit_flood_is_rate_limited(sn, certs):
-    flooder = identity(certs, "sl", "attacker")  # a certificate of the swarm whose node never registered
-    flood = SUBMIT_BURST + 4 * int(SUBMIT_RATE)
-    signed = [sign_tx(flooder, "attacker", "contract_create", {"name": f"flood-{i}"}) for i in range(flood)]
-    channel, stub = raw_stub(sn, certs, "sl", "attacker")
-    started = time.monotonic()
-    calls = [stub.Submit.future(sn_pb2.SignedTx(tx=s.tx.signing_bytes(), signature=s.signature), timeout=30)
-             for s in signed]
-    codes = []
-    limited = None
+def outcomes(calls, codes: list, limited: list) -> None:
+    """Waits for each call; appends its status code to `codes` and each RESOURCE_EXHAUSTED to `limited`."""
     for call in calls:
         try:
             call.result()
@@ -174,7 +166,19 @@ def test_submit_flood_is_rate_limited(sn, certs):
         except grpc.RpcError as exc:
             codes.append(exc.code())
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                limited = exc
+                limited.append(exc)
+
+
+def test_submit_flood_is_rate_limited(sn, certs):
+    flooder = identity(certs, "sl", "attacker")  # a certificate of the swarm whose node never registered
+    flood = SUBMIT_BURST + 4 * int(SUBMIT_RATE)
+    signed = [sign_tx(flooder, "attacker", "contract_create", {"name": f"flood-{i}"}) for i in range(flood)]
+    channel, stub = raw_stub(sn, certs, "sl", "attacker")
+    started = time.monotonic()
+    codes, refusals = [], []
+    outcomes([stub.Submit.future(sn_pb2.SignedTx(tx=s.tx.signing_bytes(), signature=s.signature), timeout=30)
+              for s in signed], codes, refusals)
+    limited = refusals[0] if refusals else None
     elapsed = time.monotonic() - started
     channel.close()
 
@@ -205,14 +209,8 @@ def test_query_flood_is_rate_limited(sn, certs):
 
     def flood() -> None:
         while flooding.is_set():
-            for call in [stub.Query.future(sn_pb2.QueryRequest(section="all"), timeout=30) for _ in range(MAX_WORKERS)]:
-                try:
-                    call.result()
-                    codes.append(grpc.StatusCode.OK)
-                except grpc.RpcError as exc:
-                    codes.append(exc.code())
-                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        limited.append(exc)
+            outcomes([stub.Query.future(sn_pb2.QueryRequest(section="all"), timeout=30) for _ in range(MAX_WORKERS)],
+                     codes, limited)
 
     started = time.monotonic()
     flooder = threading.Thread(target=flood, daemon=True)
