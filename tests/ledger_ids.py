@@ -11,6 +11,7 @@ from pathlib import Path
 
 from swarmlearn import pki
 from swarmlearn.ledger.entry import SignedTx, Tx
+from swarmlearn.ledger.model import PROTOCOL_VERSION
 from swarmlearn.ledger.signatures import registration, sign_tx
 
 CONTRACT = "defaultbb.cqdb.sml.hpe"
@@ -51,7 +52,7 @@ def ca_pem(name: str) -> str:
 
 def genesis_payload() -> dict:
     """What `swarm sn --sentinel` founds: our CA for every role, the default contract and runner."""
-    return {"swarm_id": "s1", "cas": [{"cert": ca_pem("sn-1"), "org": "test", "roles": list(pki.ROLES)}],
+    return {"swarm_id": "s1", "protocol": PROTOCOL_VERSION, "cas": [{"cert": ca_pem("sn-1"), "org": "test", "roles": list(pki.ROLES)}],
             "default_contract": CONTRACT, "default_taskrunner": RUNNER, "sn": reg("sn-1")}
 
 

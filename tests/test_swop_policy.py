@@ -309,3 +309,28 @@ def test_swop_refuses_a_shell_entrypoint_from_its_own_swci_without_starting_any_
     swop.wait_for_line("refuses task run_task")
     assert_nothing_started(usr, swop)
     assert not marker.exists()
+
+
+def test_a_node_keeps_its_private_data_whatever_the_swops_shell_exports():
+    from swarmlearn.swop.operator import ml_environment
+
+    env = ml_environment({"DATA_DIR": "/swop/shell/data", "HOME": "/root", "SWARM_SL_TOKEN": "another-sls"},
+                         defaults={"DATA_DIR": "/node1/private", "MODEL_DIR": "/runs/models"},
+                         layers=[{"A": "profile"}, {"A": "task", "MODEL_DIR": "/task/models"},
+                                 {"A": "node", "SWARM_SL_TOKEN": "forged"}],
+                         fixed={"NODE_ID": "node1", "SWARM_SL_ADDR": "unix:/x"})
+    assert env["DATA_DIR"] == "/node1/private" and env["MODEL_DIR"] == "/task/models" and env["A"] == "node"
+    assert env["HOME"] == "/root" and env["NODE_ID"] == "node1" and "SWARM_SL_TOKEN" not in env
+
+
+def test_a_command_with_quoted_arguments_is_split_as_a_shell_would(tmp_path):
+    from swarmlearn.swop.policy import TaskPolicy
+
+    (tmp_path / "model.py").write_text("")
+    policy = TaskPolicy(("spiffe://test/swci/*",), ("python3",), (tmp_path,), True, (), tmp_path)
+    body = {"Command": 'model.py --note "two words"', "Entrypoint": "python3", "WorkingDir": str(tmp_path),
+            "Envvars": None, "PrivateContent": None, "SharedContent": None}
+    assert policy.refusal("RUN_SWARM", body, "spiffe://test/swci/swci-1", "spiffe://test/swci/swci-1") is None
+    unbalanced = {**body, "Command": 'model.py --note "two words'}
+    assert "cannot be split into arguments" in policy.refusal("RUN_SWARM", unbalanced, "spiffe://test/swci/swci-1",
+                                                              "spiffe://test/swci/swci-1")

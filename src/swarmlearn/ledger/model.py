@@ -74,6 +74,11 @@ class AssignmentStatus(StrEnum):
     RESET = "RESET"
 
 
+# The rules this code folds a ledger by. Recorded in genesis; a node of another protocol refuses the
+# ledger rather than fold the same log into another state. Raise it with any change to what a
+# transaction means, to payload shapes, to leader order or to hashes (tests/test_golden.py pins them).
+PROTOCOL_VERSION = 2
+
 TASK_TYPES = ("MAKE_USER_CONTAINER", "RUN_SWARM", "PULL_IMAGE", "MAKE_SWARM_USER_CONTENT")
 DEFAULT_ALIAS = "default"
 

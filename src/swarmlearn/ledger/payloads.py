@@ -90,6 +90,7 @@ class CAGrant(Payload):
 
 class Genesis(Payload):
     swarm_id: Name
+    protocol: int = 0  # missing: a ledger from before protocols were recorded
     cas: Annotated[list[CAGrant], Field(min_length=1, max_length=64)]
     default_contract: Name
     default_taskrunner: Name

@@ -20,6 +20,7 @@ from swarmlearn.ledger.chain import Chain
 from swarmlearn.ledger.pin import HistoryRefused, Pin, PinFile, check_marker
 from swarmlearn.ledger.entry import SignedTx, Tx
 from swarmlearn.ledger.identities import issuer
+from swarmlearn.ledger.model import PROTOCOL_VERSION
 from swarmlearn.ledger.signatures import is_registered, registration, sign_tx
 from swarmlearn.ledger.sqlite_store import SQLiteStore
 from swarmlearn.proto import sn_pb2, sn_pb2_grpc
@@ -439,6 +440,7 @@ def genesis_tx(identity: pki.Identity, address: str) -> SignedTx:
         grants.append({"cert": pki.cert_to_pem(ca).decode(), "org": org, "roles": roles})
     genesis = {
         "swarm_id": secrets.token_hex(8),
+        "protocol": PROTOCOL_VERSION,
         "cas": grants,
         "default_contract": DEFAULT_CONTRACT,
         "default_taskrunner": DEFAULT_TASKRUNNER,

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from swarmlearn.ledger.model import Assignment
 from swarmlearn.ledger.state import LedgerState
 from swarmlearn.ledger.pin import PIN_FILE
 from swarmlearn.sl.follower import LedgerFollower
+from swarmlearn.sl.wire import TOKEN_ENV
 from swarmlearn.sn.client import SNClient
 from swarmlearn.swop.policy import PYTHON_NAMES, TaskPolicy
 from swarmlearn.swop.policy import mapped as _mapped, shared_content as _shared_content
@@ -227,8 +230,8 @@ class Operator:
                 run.sl = self._start_sl(task.name, node)
                 # "SL node1 ready: SWARM_SL_ADDR=... [SWARM_SL_TOKEN=...]": what its ML's environment needs.
                 ready = run.sl.wait_for_line("ready: SWARM_SL_ADDR=", SL_READY_TIMEOUT).split("=", 1)[1]
-                address, _, token = ready.partition(" SWARM_SL_TOKEN=")  # a socket path may hold spaces
-                sl_env = {"SWARM_SL_ADDR": address, **({"SWARM_SL_TOKEN": token} if token else {})}
+                address, _, token = ready.partition(f" {TOKEN_ENV}=")  # a socket path may hold spaces
+                sl_env = {"SWARM_SL_ADDR": address, **({TOKEN_ENV: token} if token else {})}
                 run.ml = self._start_ml(task.name, node, body, mapping, sl_env)
                 self._report(generation, run.peer, "RUNNING", None)
                 run.reported = "RUNNING"
@@ -279,15 +282,18 @@ class Operator:
         workdir = Path(_mapped(str(body.get("WorkingDir") or self.config.usr_dir), mapping))
         entry = str(body.get("Entrypoint") or "python3")
         command = _mapped(str(body.get("Command") or ""), mapping)
-        argv = [sys.executable if entry in PYTHON_NAMES else entry, *command.split()]
+        try:
+            argv = [sys.executable if entry in PYTHON_NAMES else entry, *shlex.split(command)]
+        except ValueError as exc:
+            raise SwarmError(f"task {task}: Command {command!r} cannot be split into arguments ({exc})") from None
         private = node.privatedata.src if node.privatedata and node.privatedata.src else body.get("PrivateContent")
-        env = {**os.environ, **self.profile.envvars}
-        env.update({k: _mapped(v, mapping) for k, v in (body.get("Envvars") or {}).items()})
-        env.update(node.usrenvvars)
-        env.pop("SWARM_SL_TOKEN", None)  # only the token its own SL asks for, if any
-        env.update({"NODE_ID": node.node_id, **sl_env, "PYTHONUNBUFFERED": "1"})
-        env.setdefault("DATA_DIR", _mapped(str(private), mapping) if private else str(workdir / "data"))
-        env.setdefault("MODEL_DIR", str(self.workspace / task / "models"))
+        env = ml_environment(
+            os.environ,
+            defaults={"DATA_DIR": _mapped(str(private), mapping) if private else str(workdir / "data"),
+                      "MODEL_DIR": str(self.workspace / task / "models")},
+            layers=[self.profile.envvars, {k: _mapped(v, mapping) for k, v in (body.get("Envvars") or {}).items()},
+                    node.usrenvvars],
+            fixed={"NODE_ID": node.node_id, **sl_env, "PYTHONUNBUFFERED": "1"})
         gpus = node.gpu_devices()
         if gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpus
@@ -365,6 +371,20 @@ def _spiffe_id(state: LedgerState, node_id: str) -> str | None:
     """The certificate identity of a registered node (who signed a task or its assignment)."""
     node = state.nodes.get(node_id)
     return node.spiffe_id if node is not None else None
+
+
+def ml_environment(own: Mapping[str, str], defaults: dict[str, str], layers: list[dict[str, str]],
+                   fixed: dict[str, str]) -> dict[str, str]:
+    """A node's ML environment, later winning over earlier: this SWOP's own environment, the node's
+    defaults (its private DATA_DIR, its MODEL_DIR: a DATA_DIR exported in the SWOP's shell must not
+    replace every node's private data), the profile's, task's and node's variables in that order, then
+    what the SWOP fixes (NODE_ID, the SL's address and token; a token of another SL is never passed)."""
+    env = {k: v for k, v in own.items() if k != TOKEN_ENV}
+    env.update(defaults)
+    for layer in layers:
+        env.update({k: v for k, v in layer.items() if k != TOKEN_ENV})
+    env.update(fixed)
+    return env
 
 
 def _node_file(swop_file: Path, node: str, kind: str) -> Path:

@@ -17,6 +17,7 @@ A task is refused unless
 from __future__ import annotations
 
 import re
+import shlex
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -149,7 +150,10 @@ class TaskPolicy:
         paths += [(f"Envvars {name}", workdir / mapped(body.envvars[name], mapping))
                   for name in _PATH_VARS if body.envvars.get(name)]
         if python:
-            words = mapped(body.command, mapping).split()
+            try:
+                words = shlex.split(mapped(body.command, mapping))  # as the operator will split it
+            except ValueError as exc:
+                return f"Command {body.command!r} cannot be split into arguments ({exc})"
             if not words or words[0].startswith("-"):
                 return ("Command must start with the script Python runs (options such as -c or -m are refused), "
                         f"got {body.command!r}")
