@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -115,9 +116,11 @@ class ProcessRuntime(Runtime):
         self.pids.mkdir(parents=True, exist_ok=True)
         with open(spec.log, "ab") as log:
             log_start = log.tell()
-            popen = subprocess.Popen(spec.argv, cwd=spec.cwd, env=spec.env, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
+            # Through swop/launch.py, so that a killed SWOP leaves no node behind (a restarted SWOP
+            # starts the task's nodes afresh).
+            argv = [sys.executable, "-m", "swarmlearn.swop.launch", str(os.getpid()), *spec.argv]
+            popen = subprocess.Popen(argv, cwd=spec.cwd, env=spec.env, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
         pid_file = self.pids / f"{spec.name}.pid"
         pid_file.write_text(f"{popen.pid}\n")
         handle = ProcessHandle(spec, popen, pid_file)
@@ -157,17 +160,6 @@ def record_self(workspace: Path, name: str) -> Path:
     pid_file = pids / f"{name}.pid"
     pid_file.write_text(f"{os.getpid()}\n")
     return pid_file
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: on Linux, have the kernel send SIGTERM when the operator dies,
-    so that a killed SWOP leaves no node behind (a restarted SWOP starts the task's nodes afresh)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _alive(pid: int) -> bool:
