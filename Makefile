@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 SWARM := $(VENV)/bin/swarm
 ARGS ?= run examples/huggingface-peft
 BENCH ?=
+PYTEST_ARGS ?=
 
-.PHONY: run test venv proto bench clean
+.PHONY: run test test-fast venv proto bench clean
 
 venv: $(VENV)/.installed
 
@@ -17,7 +18,11 @@ run: venv
 	$(SWARM) $(ARGS)
 
 test: venv
-	bash scripts/run-tests.sh $(VENV)
+	bash scripts/run-tests.sh $(VENV) $(PYTEST_ARGS)
+
+# Everything not marked slow: under 3 minutes on 2 cores, for quick feedback while working.
+test-fast: venv
+	bash scripts/run-tests.sh $(VENV) -m "not slow" $(PYTEST_ARGS)
 
 proto: venv
 	bash scripts/gen-proto.sh $(VENV)

@@ -18,7 +18,7 @@ from swarmlearn.callback.core import SLChannel
 from swarmlearn.ledger.model import Round
 from swarmlearn.ledger.state import LedgerState, fold
 from swarmlearn.pki import CertLayout, Identity, generate_host_certs
-from swarmlearn.sn.server import DEFAULT_CONTRACT
+from swarmlearn.defaults import DEFAULT_CONTRACT
 
 SWARM = [sys.executable, "-m", "swarmlearn.cli"]
 

@@ -32,7 +32,7 @@ from swarmlearn.callback.core import SLChannel  # noqa: E402
 from swarmlearn.ledger.sqlite_store import SQLiteStore  # noqa: E402
 from swarmlearn.ledger.model import leader_order  # noqa: E402
 from swarmlearn.sl.transport import PeerFetcher  # noqa: E402
-from swarmlearn.sn.server import DEFAULT_CONTRACT  # noqa: E402
+from swarmlearn.defaults import DEFAULT_CONTRACT  # noqa: E402
 from swarmlearn.tensors import Tensor, encode  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

@@ -1,6 +1,12 @@
 """Soak: many rounds with several peers and a small model, watching for drift. Reports, first
 quarter of the rounds against the last: round latency, RSS and open file descriptors of the SN and
-of every SL process, ledger file growth per round, and how long `verify` of the whole ledger takes.
+of every SL process, ledger file growth per round, and how long `verify` of the whole ledger takes;
+and how far each SL's RSS grew from before the first round, next to what its blob store may keep
+(BlobStore.capacity blobs of this payload's size).
+
+Every peer sends new random tensors (same names and shapes) every round, as a training peer would:
+a payload sent twice has the same hash, and an SL stores it once, so a soak that repeated its payload
+would never show an SL keeping old rounds' blobs.
 
     python -m bench soak [--peers 8] [--rounds 200] [--mb 0.3]
 """
@@ -20,6 +26,7 @@ from bench._swarm import LocalSwarm  # noqa: E402
 from bench.round import checkin_times, payload, run_rounds  # noqa: E402
 from swarmlearn.ledger.chain import verify_store  # noqa: E402
 from swarmlearn.ledger.sqlite_store import SQLiteStore  # noqa: E402
+from swarmlearn.sl.transport import BlobStore  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -45,19 +52,26 @@ def ledger_bytes(path: Path) -> int:
         store.close()
 
 
+def fresh_payloads(nodes: list[str], mb: float, round_index: int) -> dict[str, bytes]:
+    """This round's payload of every peer: new values, the same tensors, so a new hash each round."""
+    return {n: payload(mb, round_index * len(nodes) + i) for i, n in enumerate(nodes)}
+
+
 def soak(peers: int, rounds: int, mb: float = 0.3, sample_every: int = 5, out=print) -> dict:
     nodes = [f"node{i + 1}" for i in range(peers)]
     swarm = LocalSwarm()
     samples: list[dict] = []
     try:
         channels = swarm.start_peers(nodes, max(1, peers - 1))
-        blobs = {n: payload(mb, i) for i, n in enumerate(nodes)}
         pids = {"sn": swarm.processes[0].popen.pid, **{n: swarm.sls[n].popen.pid for n in nodes}}
+        before = {k: rss_mb(pid) for k, pid in pids.items()}
+        blob_mb = len(payload(mb, 0)) / 1e6
         done = 0
         started = time.time()
         while done < rounds:
             batch = min(sample_every, rounds - done)
-            results = run_rounds(channels, blobs, batch)
+            results = [r for i in range(done, done + batch)
+                       for r in run_rounds(channels, fresh_payloads(nodes, mb, i), 1)]
             done += batch
             last = checkin_times(swarm.ledger_path)
             samples.append({
@@ -84,7 +98,20 @@ def soak(peers: int, rounds: int, mb: float = 0.3, sample_every: int = 5, out=pr
         file_bytes = sum(p.stat().st_size for p in swarm.ledger_path.parent.glob("ledger.db*"))
     finally:
         swarm.stop()
-    return summarize(samples, peers, rounds, mb, entries, verify_s, file_bytes)
+    report = summarize(samples, peers, rounds, mb, entries, verify_s, file_bytes)
+    report["blobs"] = blob_retention(samples, before, nodes, blob_mb)
+    return report
+
+
+def blob_retention(samples: list[dict], before: dict[str, float], nodes: list[str], blob_mb: float) -> dict:
+    """How far the SLs' RSS grew over the whole soak and over its second half, next to the blob
+    store's capacity: once the store is full, an SL that drops old blobs stops growing."""
+    middle = next(s for s in samples if s["round"] >= samples[-1]["round"] / 2)
+    last = samples[-1]["rss_mb"]
+    return {"blob_mb": blob_mb, "store_capacity": BlobStore().capacity,
+            "rounds_second_half": samples[-1]["round"] - middle["round"],
+            "sl_rss_growth_mb": max(last[n] - before[n] for n in nodes),
+            "sl_rss_growth_second_half_mb": max(last[n] - middle["rss_mb"][n] for n in nodes)}
 
 
 def summarize(samples: list[dict], peers: int, rounds: int, mb: float, entries: int, verify_s: float,
@@ -134,6 +161,10 @@ def main() -> None:
                        ("sl_rss_mb", "SL RSS (largest), MB"), ("sn_fds", "SN open fds"),
                        ("sl_fds", "SL open fds (most)"), ("ledger_bytes_per_round", "ledger bytes per round")):
         print(f"{label:>26} {report[key]['first_quarter']:>14.1f} {report[key]['last_quarter']:>13.1f}")
+    blobs = report["blobs"]
+    print(f"SL RSS grew by {blobs['sl_rss_growth_mb']:.0f} MB at most from before the first round, "
+          f"{blobs['sl_rss_growth_second_half_mb']:.0f} MB in the last {blobs['rounds_second_half']} rounds; "
+          f"a blob store keeps up to {blobs['store_capacity']} blobs of {blobs['blob_mb']:.2f} MB")
     print(f"ledger: {report['entries']} entries, {report['ledger_bytes'] / 1e6:.2f} MB of entries, "
           f"{report['ledger_file_bytes'] / 1e6:.2f} MB on disk (with the write-ahead log); full verify "
           f"{report['verify_s']:.2f} s ({report['entries'] / report['verify_s']:.0f} entries/s)")

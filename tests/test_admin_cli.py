@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from conftest import identity, identity_args, run_swarm
 from swarmlearn import pki
 from swarmlearn.sn.client import SNClient
-from swarmlearn.sn.server import DEFAULT_CONTRACT
+from swarmlearn.defaults import DEFAULT_CONTRACT
 from test_policy import _issue
 
 

@@ -18,9 +18,11 @@ from swarmlearn.ledger.signatures import registration, sign_tx
 from swarmlearn.proto import sn_pb2, sn_pb2_grpc
 from swarmlearn.sl.transport import FetchError, PeerFetcher
 from swarmlearn.sn.client import SNClient
-from swarmlearn.sn.server import DEFAULT_CONTRACT
+from swarmlearn.defaults import DEFAULT_CONTRACT
 
 from test_swarm_failures import LedgerWatch, assert_same, final_models, is_kind
+
+pytestmark = pytest.mark.slow  # the attacks land on a whole swarm that trains
 
 HONEST = ["node1", "node2"]
 

@@ -22,7 +22,8 @@ from safetensors.numpy import load_file
 from conftest import RunningSN, identity_args, run_swarm, start_sn
 from swarm_harness import everything, start_ml, start_sl, start_swarm, wait_ml
 from swarmlearn.ledger.sqlite_store import SQLiteStore
-from swarmlearn.sn.server import DEFAULT_CONTRACT, LEDGER_FILE
+from swarmlearn.defaults import DEFAULT_CONTRACT
+from swarmlearn.sn.server import LEDGER_FILE
 from test_swarm_failures import LedgerWatch, assert_same, final_models, is_kind, rounds
 from test_swop_swci import make_project, start_swop
 

@@ -15,6 +15,9 @@ from conftest import SWARM
 from swarmlearn.datasets import load_reviews, prepare
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "huggingface-peft"
+# How long the end-to-end run may take. pytest-timeout is set above it, so that on a hang this test's
+# own wait ends first and shows the swarm's output instead of pytest-timeout's stack dump.
+RUN_WAIT_S = 400
 
 
 def rows(path: Path) -> list[tuple[str, int]]:
@@ -80,6 +83,7 @@ def test_model_py_says_how_to_point_model_name_at_a_local_folder(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(RUN_WAIT_S + 80)  # the run's wait, then the swarm's teardown
 def test_swarm_run_trains_the_flagship_end_to_end(procs, tmp_path):
     from peft import PeftModel
     from safetensors.numpy import load_file
@@ -88,7 +92,11 @@ def test_swarm_run_trains_the_flagship_end_to_end(procs, tmp_path):
     procs.workspaces.append(tmp_path / "ws" / "huggingface-peft" / "runs")
     run = procs.start([*SWARM, "run", str(EXAMPLE), "--workspace", str(tmp_path / "ws"), "--train-per-node", "64",
                        "--test-size", "64", "--sync-frequency", "2"])
-    assert run.popen.wait(timeout=400) == 0, run.output
+    try:
+        code = run.popen.wait(timeout=RUN_WAIT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"swarm run still running after {RUN_WAIT_S} s; its output:\n{run.output}")
+    assert code == 0, run.output
     run._thread.join(5)
     assert "run_hf_task COMPLETE: 3 COMPLETE of 3" in run.output
     assert "acc before" in run.output and "swarm result: accuracy" in run.output

@@ -138,3 +138,113 @@ def test_identity_load_names_the_bad_file(tmp_path, certs, foreign_certs):
     later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=3000)
     with pytest.raises(CertificateError, match="expired on"):
         Identity.load(certs.node_key("node1"), certs.node_cert("node1"), certs.capath, now=later)
+
+
+# --------------------------------------------------------------------------------------------------
+# cryptography's verifier: what gen-cert makes passes it, and what a node must not run with is refused
+
+
+def test_every_certificate_passes_the_verifier_as_tls_client_and_as_server(tmp_path):
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.x509.verification import DNSName, IPAddress, PolicyBuilder, Store
+
+    layout = CertLayout(tmp_path, 4)
+    generate_host_certs(tmp_path, 4, org="clinic", nodes=["ward1"], sans=["sn4.example"])
+    ca = pki.load_cert(layout.ca_cert)
+    ca_key_id = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    verifier = PolicyBuilder().store(Store([ca])).time(dt.datetime.now(dt.timezone.utc))
+    for path in [layout.cert(c) for c in pki.COMPONENTS] + [layout.node_cert("ward1")]:
+        cert = pki.load_cert(path)
+        client = verifier.build_client_verifier().verify(cert, [])
+        assert str(pki.swarm_id(cert)) in [getattr(name, "value", None) for name in client.subjects], path
+        for name in (DNSName("localhost"), DNSName("sn4.example"), IPAddress(ipaddress.ip_address("127.0.0.1"))):
+            verifier.build_server_verifier(name).verify(cert, [])
+        # RFC 5280: the leaf names its own key and its issuer's, as the CA states it.
+        assert cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier == ca_key_id
+        assert cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest == \
+            x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest
+        pki.verify_leaf(cert, [ca])  # and our own, stricter policy (both TLS roles)
+
+
+def test_a_certificate_of_another_ca_is_refused_naming_its_subject(certs, foreign_certs):
+    foreign = pki.load_cert(foreign_certs.node_cert("node1"))
+    with pytest.raises(CertificateError) as refused:
+        pki.verify_leaf(foreign, [pki.load_cert(certs.ca_cert)], where="the test capath")
+    assert str(refused.value).startswith("certificate CN=node1,OU=sl,O=foreign is not signed by any CA in the "
+                                         "test capath; pass the --capath of the CA that issued it"), refused.value
+
+
+def test_an_expired_certificate_is_refused_naming_its_subject_and_the_date(certs):
+    import datetime as dt
+
+    cert = pki.load_cert(certs.node_cert("node1"))
+    later = cert.not_valid_after_utc + dt.timedelta(days=1)
+    with pytest.raises(CertificateError) as refused:
+        Identity.load(certs.node_key("node1"), certs.node_cert("node1"), certs.capath, now=later)
+    assert str(refused.value) == (
+        f"{certs.node_cert('node1')}: certificate CN=node1,OU=sl,O=test expired on "
+        f"{cert.not_valid_after_utc:%Y-%m-%d}; make a new one with `swarm gen-cert --force`")
+
+
+def test_a_ca_certificate_is_refused_as_a_nodes_certificate(certs):
+    with pytest.raises(CertificateError, match=r"ca-1-cert.pem: certificate CN=test CA 1,O=test is a CA certificate, "
+                                               r"not a node's; pass the certificate gen-cert wrote"):
+        Identity.load(certs.ca_key, certs.ca_cert, certs.capath)
+
+
+def _leaf_of(ca_key, ca_cert, **extensions):
+    """A leaf certificate as another tool might make it, valid now, with the given extensions."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "odd")]))
+               .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
+               .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False))
+    for extension in extensions.values():
+        builder = builder.add_extension(extension, critical=False)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def test_a_certificate_for_one_tls_role_only_is_refused_with_what_to_do(certs):
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    ca_key, ca = pki._load_ca(certs.ca_cert, certs.ca_key)
+    server_only = _leaf_of(ca_key, ca, eku=x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]))
+    with pytest.raises(CertificateError) as refused:
+        pki.verify_leaf(server_only, [ca])
+    assert str(refused.value) == (
+        "certificate CN=odd does not meet the rules for a TLS certificate (its extended key usage must allow both "
+        f"TLS server and client authentication); {pki.REISSUE}")
+    pki.verify_leaf(_leaf_of(ca_key, ca), [ca])  # another tool's plain certificate (no AKI, no EKU) is fine
+
+
+def test_a_certificate_whose_ca_has_expired_is_refused_naming_the_ca(tmp_path):
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "old"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, "old CA")])
+    now = dt.datetime.now(dt.timezone.utc)
+    ca = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(ca_key.public_key())
+          .serial_number(1).not_valid_before(now - dt.timedelta(days=30)).not_valid_after(now - dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    with pytest.raises(CertificateError, match=r"certificate CN=odd was issued by the CA CN=old CA,O=old, which is "
+                                               r"valid only from .* to .*; make a new CA"):
+        pki.verify_leaf(_leaf_of(ca_key, ca), [ca])

@@ -27,7 +27,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -37,6 +36,7 @@ from swarmlearn.ledger.model import leader_order
 from swarmlearn.swci.script import parse_script
 from swarmlearn.swci.taskdef import load_taskdef
 from swarmlearn.swop.profile import load_profile
+from swarmlearn.yamlfile import dump_yaml
 
 from ledger_ids import CONTRACT, RUNNER, ca_pem, fingerprints, genesis_payload, reg
 
@@ -99,7 +99,7 @@ yaml_documents = st.recursive(yaml_scalars, lambda inner: st.one_of(
 @FUZZ
 @given(kind=st.sampled_from(["taskdef", "profile"]), doc=yaml_documents)
 def test_random_yaml_documents_are_accepted_or_refused_with_file_and_line(tmp_path, kind, doc):
-    text = yaml.safe_dump(doc, allow_unicode=True)
+    text = dump_yaml(doc)
     assert_refused_or_accepted(PARSERS[kind], tmp_path / f"{kind}.yaml", text.encode())
 
 
@@ -504,7 +504,7 @@ BAD_ROUNDS = {  # round -> (what the bad node sends, what the leader's log must 
 def _bad_node_name() -> str:
     """A node id that never leads rounds 2..6 with the honest nodes: the leader's own contribution is
     the reference the others are checked against, so the bad node must not be the one checking."""
-    from swarmlearn.sn.server import DEFAULT_CONTRACT
+    from swarmlearn.defaults import DEFAULT_CONTRACT
 
     candidates = ["mallory", "attacker", "alice", "bob", *(f"node{i}" for i in range(10))]  # conftest's certificates
     return next(name for name in candidates if name not in HONEST
@@ -554,7 +554,7 @@ def test_bad_contributions_are_refused_naming_the_node_and_each_round_completes_
     from conftest import start_sn
     from swarm_harness import start_sl
     from swarmlearn.sn.client import SNClient
-    from swarmlearn.sn.server import DEFAULT_CONTRACT
+    from swarmlearn.defaults import DEFAULT_CONTRACT
 
     from conftest import identity
 

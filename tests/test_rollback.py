@@ -26,7 +26,7 @@ from swarmlearn.ledger.chain import ChainBroken, ChainVerifier
 from swarmlearn.ledger.entry import GENESIS_PREV_HASH, Entry
 from swarmlearn.ledger.pin import PIN_FILE
 from swarmlearn.ledger.store import StoredEntry
-from swarmlearn.sl.follower import LedgerFollower
+from swarmlearn.sn.follower import LedgerFollower
 from swarmlearn.sn.client import SNClient
 from swarmlearn.sn.server import LEDGER_FILE, MARKER_FILE, genesis_tx
 from swarmlearn.swci.script import parse_line
@@ -126,10 +126,10 @@ def test_truncated_ledger_is_refused_by_sn_and_verify(procs, certs, tmp_path):
 
     delete_rows_after(sn.data_dir, last - 3)
     line = sn_refuses(certs, sn.data_dir)
-    assert f"{LEDGER_FILE} ends at entry {last - 3} but this SN had acknowledged entry {last}" in line, line
+    assert f"{LEDGER_FILE} ends at entry {last - 3}, short of entry {last} that this SN (per " in line, line
     done = run_swarm("ledger", "verify", str(sn.data_dir / LEDGER_FILE))
     assert done.returncode == 1, done.stdout + done.stderr
-    assert f"ends at entry {last - 3} but this SN had acknowledged entry {last}" in done.stdout, done.stdout
+    assert f"ends at entry {last - 3}, short of entry {last} that this SN" in done.stdout, done.stdout
 
 
 def test_follower_refuses_an_sn_whose_chain_is_shorter_than_it_verified(procs, certs, tmp_path):
@@ -153,31 +153,31 @@ def test_follower_refuses_an_sn_whose_chain_is_shorter_than_it_verified(procs, c
 
         # Connected across the restart: refused at the reconnection.
         line = str(refusal(live))
-        assert f"SN {sn.address} serves a ledger shorter than the entry {last} this node verified: history was " \
-               f"rolled back" in line, line
+        assert f"the ledger SN {sn.address} serves ends at entry " in line, line
+        assert f"short of entry {last} that this node verified: history was rolled back" in line, line
     finally:
         live.stop()
     assert json.loads(pin.read_text())["head_index"] == last
 
     # A SWOP process (SL likewise) stops, exits non-zero and says why in its last line.
     assert swop.popen.wait(timeout=30) == 1, swop.output
-    swop.wait_for_line(f"serves a ledger shorter than the entry {last} this node verified")
+    swop.wait_for_line(f"short of entry {last} that this node verified")
     swop._thread.join(timeout=5)
     assert swop.lines[-1].startswith("error: SWOP swop-1 stopped: it lost the ledger: ") \
-        and f"shorter than the entry {last} this node verified" in swop.lines[-1], swop.output
+        and f"short of entry {last} that this node verified" in swop.lines[-1], swop.output
 
     # Started again (an SL or SWOP restarted), or a SWCI run again: refused from its pin.
     again = follower(sn, certs, pin)
     try:
         line = str(refusal(again))
-        assert f"shorter than the entry {last} this node verified" in line and str(pin) in line, line
+        assert f"short of entry {last} that this node verified" in line and str(pin) in line, line
     finally:
         again.stop()
     said = []
     swci = SwciSession(identity(certs, "swci"), usr / "swci", out=said.append)
     assert not swci.execute(parse_line(f"CREATE CONTEXT c WITH IP {sn.address.replace(':', ' ')}", 1))
     swci.close()
-    assert swci.exited and "serves a ledger shorter than the entry" in said[-1], said
+    assert swci.exited and "history was rolled back" in said[-1], said
 
 
 def test_follower_refuses_an_sn_with_another_genesis(procs, certs, tmp_path):
@@ -197,7 +197,7 @@ def test_follower_refuses_an_sn_with_another_genesis(procs, certs, tmp_path):
         line = str(refusal(f))
     finally:
         f.stop()
-    assert f"SN {other.address} serves a ledger with another genesis" in line and genesis[:12] in line, line
+    assert f"the ledger SN {other.address} serves begins with another genesis" in line and genesis[:12] in line, line
     assert f.state.head_index == -1  # nothing of the other swarm was taken in
 
 

@@ -7,14 +7,18 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
+
 from conftest import identity
 from swarm_harness import everything, start_swarm, wait_ml
 from swarmlearn.errors import Rejected
 from swarmlearn.ledger.model import leader_order
 from swarmlearn.sn.client import SNClient
-from swarmlearn.sn.server import DEFAULT_CONTRACT
+from swarmlearn.defaults import DEFAULT_CONTRACT
 from swarmlearn.tensors import blob_hash
 from test_swarm_failures import LedgerWatch, assert_same, final_models, is_kind, rounds
+
+pytestmark = pytest.mark.slow  # each test starts a whole swarm that trains
 
 NODES = ["node1", "node2", "node3"]
 LEADER_TIMEOUT = 2.0

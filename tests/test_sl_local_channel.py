@@ -22,7 +22,7 @@ from swarm_harness import ML_DIR, Node, Swarm, start_sl, stuck_sync, wait_ml
 from swarmlearn.callback.core import SLChannel
 from swarmlearn.errors import ConfigError, SwarmError
 from swarmlearn.proto import sl_pb2, sl_pb2_grpc
-from swarmlearn.sl.wire import TOKEN_METADATA
+from swarmlearn.defaults import TOKEN_METADATA
 from swarmlearn.swci.taskdef import load_taskdef
 from swarmlearn.swop.profile import load_profile
 from swarmlearn.tensors import Tensor, encode

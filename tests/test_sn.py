@@ -6,6 +6,7 @@ import shutil
 import socket
 import sqlite3
 import threading
+import time
 
 import pytest
 
@@ -14,6 +15,7 @@ from swarmlearn.errors import Rejected, SNUnavailable
 from swarmlearn.ledger.signatures import sign_tx
 from swarmlearn.pki import Identity
 from swarmlearn.sn.client import SNClient
+from test_sl_lifecycle import ThreadStarts
 
 
 def client(sn, certs, component="sl", node_id=None, **kwargs) -> SNClient:
@@ -200,3 +202,43 @@ def test_ledger_verify_finds_a_rewritten_entry_with_a_fixed_up_hash(procs, certs
     result = run_swarm("ledger", "verify", str(data))
     assert result.returncode == 1 and result.stdout.startswith(f"BAD entry {idx}:")
     assert "signature" in result.stdout
+
+
+def test_a_watch_that_rides_out_sn_restarts_keeps_one_canceller_thread(procs, certs, tmp_path):
+    """Following the ledger across two SN restarts (a dozen reconnection attempts) starts one
+    thread to cancel the stream on stop, not one per attempt, and it ends with the watch."""
+    sn = start_sn(procs, certs, tmp_path / "sn")
+    port = sn.address.rsplit(":", 1)[1]
+    stop = threading.Event()
+    got: list[int] = []
+    with client(sn, certs, "swci") as swci, ThreadStarts() as starts:
+        swci.register("SWCI")
+
+        def follow():
+            for entry in swci.watch(0, stop):
+                got.append(entry.index)
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        for name in ("before", "after-first-restart", "after-second-restart"):
+            index = swci.submit("contract_create", {"name": name})
+            assert _wait_for(lambda: index in got), f"entry {index} not watched; got {got}"
+            if name != "after-second-restart":
+                sn.proc.kill()
+                time.sleep(1.0)  # the watch retries meanwhile, every half second
+                sn = start_sn(procs, certs, sn.data_dir, "--sn-api-port", port)
+        stop.set()
+        follower.join(5)
+    assert got == list(range(len(got)))
+    cancellers = [t for t, module in starts.started if module == "swarmlearn.sn.client"]
+    assert len(cancellers) == 1, [t.name for t in cancellers]
+    assert not follower.is_alive() and not cancellers[0].is_alive()
+
+
+def _wait_for(condition, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

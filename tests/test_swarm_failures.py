@@ -20,7 +20,7 @@ from swarmlearn.ledger.model import leader_order
 from swarmlearn.proto import sl_pb2_grpc
 from swarmlearn.sl.transport import BlobStore, PeerService
 from swarmlearn.sn.client import SNClient
-from swarmlearn.sn.server import DEFAULT_CONTRACT
+from swarmlearn.defaults import DEFAULT_CONTRACT
 from swarmlearn.tensors import blob_hash
 
 NODES = ["node1", "node2", "node3"]
@@ -79,6 +79,7 @@ def rounds(swarm, certs):
         return {int(k): v for k, v in c.query("contracts")["contracts"][DEFAULT_CONTRACT]["rounds"].items()}
 
 
+@pytest.mark.slow
 def test_leader_killed_mid_round_is_replaced_and_the_round_completes(procs, certs, tmp_path):
     k = 2
     leader = leader_order(DEFAULT_CONTRACT, 0, k, NODES)[0]
@@ -105,6 +106,7 @@ def test_leader_killed_mid_round_is_replaced_and_the_round_completes(procs, cert
     print(f"leader failover: round {k} merged {recovery:.2f} s after it closed (leader timeout 2 s)")
 
 
+@pytest.mark.slow
 def test_a_peer_killed_mid_round_is_merged_without(procs, certs, tmp_path):
     k = 2
     order = leader_order(DEFAULT_CONTRACT, 0, k, NODES)
@@ -129,6 +131,7 @@ def test_a_peer_killed_mid_round_is_merged_without(procs, certs, tmp_path):
     assert f"dropped {victim} from the merge" in leader_log
 
 
+@pytest.mark.slow
 def test_a_late_node_catches_up_and_ends_with_the_same_model(procs, certs, tmp_path):
     swarm = start_swarm(procs, certs, tmp_path, ["node1", "node2"], "tiny_torch_model.py",
                         env={"STEPS": "48", "SYNC_FREQUENCY": "4", "MIN_PEERS": "2", "STEP_SLEEP": "0.3"},
@@ -178,6 +181,7 @@ def test_a_peer_sending_more_than_the_ledger_declares_is_cut_off(certs):
         server.stop(0)
 
 
+@pytest.mark.slow
 def test_a_blob_that_does_not_match_its_ledger_hash_is_refused_with_the_senders_name(procs, certs, tmp_path):
     k = 2
     mallory = next(name for name in ("mallory", "attacker", "alice", "bob")  # names with certificates in conftest

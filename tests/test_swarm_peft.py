@@ -22,9 +22,12 @@ NODES = ["node1", "node2", "node3"]
 @functools.cache
 def user_model():
     """The tests' model.py, loaded as a module, so the test builds exactly the nodes' architecture.
-    torch, transformers and peft are imported here, not at collection, which they would slow by seconds."""
-    for name in ("torch", "safetensors", "transformers", "peft"):
-        pytest.importorskip(name)
+    torch, transformers and peft are imported here, not at collection, which they would slow by seconds.
+    They are part of the test environment (extras dev and hf): missing, the tests fail, never skip."""
+    missing = [name for name in ("torch", "safetensors", "transformers", "peft")
+               if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not installed; these tests need the dev and hf extras: run `make venv`")
     spec = importlib.util.spec_from_file_location("tiny_peft_model", ML_DIR / "tiny_peft_model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -136,7 +139,8 @@ def test_a_peft_model_moves_only_its_adapters_and_head_and_loads_them_in_place(m
 
 
 def test_a_plain_torch_module_moves_its_whole_state_dict():
-    torch = pytest.importorskip("torch")
+    import torch
+
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
     sent = model_tensors(model, None)

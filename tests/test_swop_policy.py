@@ -195,14 +195,16 @@ def test_a_profile_can_refuse_every_build(tmp_path):
 
 
 def test_the_flagship_example_is_allowed_with_the_default_policy(tmp_path):
-    import yaml
+    from swarmlearn.yamlfile import load_yaml
 
     example = Path(__file__).parents[1] / "examples" / "huggingface-peft"
     project = tmp_path / "usr"
     policy = policy_for(tmp_path)
     for name in ("build_hf_user_env", "run_hf_task"):
         text = (example / "swci" / "taskdefs" / f"{name}.yaml").read_text().replace("<PROJECT>", str(project))
-        task = yaml.safe_load(text)
+        written = tmp_path / f"{name}.yaml"
+        written.write_text(text)
+        task = load_yaml(written)[0]
         body = dict(task["Body"])
         if "Envvars" in body:
             body["Envvars"] = {k: str(v) for e in body["Envvars"] for k, v in e.items()}

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from swarmlearn.errors import ConfigError
-from swarmlearn.swop.profile import DEFAULT_SLPORT, DEFAULT_TASKRUNNER, load_profile
+from swarmlearn.defaults import DEFAULT_TASKRUNNER, SL_FS_PORT as DEFAULT_SLPORT
+from swarmlearn.swop.profile import load_profile
 
 # In the original's style: a banner, spaces before colons, DOCKER, apls, `slport : ~`, identity
 # attributes, `~` env values, flow-style usrenvvars, and container-only keys.
@@ -164,6 +165,15 @@ def test_a_minimal_profile_takes_the_defaults(tmp_path):
     assert profile.notes() == []
     [node] = profile.slnodedefs
     assert (node.node_id, node.slport, node.usrenvvars) == ("node0", DEFAULT_SLPORT, {})
+
+
+@pytest.mark.parametrize("written, allowed", [("no", False), ("off", False), ("yes", True), ("false", False)])
+def test_yes_no_on_off_are_text_in_yaml_1_2_but_still_answer_a_yes_no_key(tmp_path, written, allowed):
+    text = f"allowbuild: {written}\nenvvars:\n  - VERBOSE: {written}\n" + MINIMAL
+    profile = load_profile(write(tmp_path, text))
+
+    assert profile.allowbuild is allowed
+    assert profile.envvars == {"VERBOSE": "False" if written == "false" else written}  # as written, not "True"
 
 
 @pytest.mark.parametrize("value, devices", [

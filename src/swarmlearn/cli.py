@@ -24,8 +24,11 @@ DEFAULT_WORKSPACE = Path("workspace")
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 
+from swarmlearn import defaults  # noqa: E402  (imports nothing)
 from swarmlearn.errors import SwarmError  # noqa: E402  (light: no third-party imports)
+from swarmlearn.readiness import announce_ready  # noqa: E402  (light too)
 from swarmlearn.roles import ROLES  # noqa: E402  (light too: pki, which holds the rules, loads cryptography)
+from swarmlearn.merge import METHODS as MERGE_METHODS  # noqa: E402  (numpy, about 0.1 s: the one list of methods)
 
 
 class SwarmGroup(click.Group):
@@ -100,7 +103,7 @@ def gen_cert(example, host_index, org, nodes, workspace, out, san, ca_cert, ca_k
 @cli.command("sn")
 @click.option("--sentinel", is_flag=True, help="Found the ledger (the first SN of a swarm).")
 @click.option("--host-ip", default="127.0.0.1", show_default=True, help="Address to serve the SN API on.")
-@click.option("--sn-api-port", type=int, default=30304, show_default=True, help="0 lets the OS choose.")
+@click.option("--sn-api-port", type=int, default=defaults.SN_API_PORT, show_default=True, help="0 lets the OS choose.")
 @identity_options
 @click.option("--data-dir", type=click.Path(path_type=Path), required=True, help="Where the ledger is kept.")
 @click.option("--node-id", help="Name of this SN on the ledger: must be its certificate's name (the default); "
@@ -119,8 +122,8 @@ def sn(sentinel, host_ip, sn_api_port, key, cert, capath, data_dir, node_id, new
     server = start_sn(host=host_ip, port=sn_api_port, identity=identity, data_dir=data_dir, sentinel=sentinel,
                       node_id=node_id, new_swarm=new_swarm)
     head = server.chain.state.head_index
-    click.echo(f"SN ready on {server.address} ({'sentinel' if sentinel else 'member'}) as {server.node_id}, "
-               f"ledger at entry {head}", err=False)
+    announce_ready(f"SN ready on {server.address} ({'sentinel' if sentinel else 'member'}) as {server.node_id}, "
+                   f"ledger at entry {head}")
     sys.stdout.flush()
     _serve_until_signalled(server.stop)
     click.echo(f"SN {server.node_id} stopped")
@@ -128,10 +131,10 @@ def sn(sentinel, host_ip, sn_api_port, key, cert, capath, data_dir, node_id, new
 
 @cli.command("sl")
 @click.option("--sn-ip", default="127.0.0.1", show_default=True, help="Address of an SN.")
-@click.option("--sn-api-port", type=int, default=30304, show_default=True)
+@click.option("--sn-api-port", type=int, default=defaults.SN_API_PORT, show_default=True)
 @click.option("--host-ip", default="127.0.0.1", show_default=True,
               help="Address other SLs reach this one at (and that it listens on).")
-@click.option("--sl-fs-port", type=int, default=30305, show_default=True,
+@click.option("--sl-fs-port", type=int, default=defaults.SL_FS_PORT, show_default=True,
               help="Port for peer-to-peer tensor transfer; 0 lets the OS choose.")
 @identity_options
 @click.option("--node-id", help="This peer's name in the swarm: must be the name in its certificate (the default); "
@@ -139,16 +142,16 @@ def sn(sentinel, host_ip, sn_api_port, key, cert, capath, data_dir, node_id, new
 @click.option("--ml-addr", help="Local channel for this node's ML process: unix:PATH or HOST:PORT "
                                 "(default: a Unix socket in the data dir).")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Working folder (default: a new temp folder).")
-@click.option("--checkin-wait", type=float, default=3.0, show_default=True,
+@click.option("--checkin-wait", type=float, default=defaults.CHECKIN_WAIT, show_default=True,
               help="Seconds to wait for the other active peers once min_peers have checked in.")
-@click.option("--leader-timeout", type=float, default=10.0, show_default=True,
+@click.option("--leader-timeout", type=float, default=defaults.LEADER_BASE, show_default=True,
               help="Seconds (plus a term for the bytes to move) before a silent leader is replaced.")
-@click.option("--connect-timeout", type=float, default=20.0, show_default=True,
+@click.option("--connect-timeout", type=float, default=defaults.SN_CONNECT_TIMEOUT, show_default=True,
               help="Seconds to wait for the SN at start-up before giving up.")
 @click.option("--min-peers-timeout", type=click.FloatRange(min=0, min_open=True), envvar="SWARM_MIN_PEERS_TIMEOUT",
               help="Seconds a round may wait with fewer than min_peers checked in before this node's training "
                    "fails with that reason (also SWARM_MIN_PEERS_TIMEOUT; default: wait as long as it takes).")
-@click.option("--waiting-log-every", type=click.FloatRange(min=0, min_open=True), default=10.0, hidden=True,
+@click.option("--waiting-log-every", type=click.FloatRange(min=0, min_open=True), default=defaults.WAITING_LOG_EVERY, hidden=True,
               envvar="SWARM_WAITING_LOG_EVERY", help="Seconds between 'waiting for peers' log lines.")
 @click.option("-v", "--verbose", is_flag=True)
 def sl(sn_ip, sn_api_port, host_ip, sl_fs_port, key, cert, capath, node_id, ml_addr, data_dir, checkin_wait,
@@ -158,7 +161,6 @@ def sl(sn_ip, sn_api_port, host_ip, sl_fs_port, key, cert, capath, node_id, ml_a
     from swarmlearn.pki import Identity
     from swarmlearn.sl.node import SLConfig, SLNode
     from swarmlearn.sl.round import Timeouts
-    from swarmlearn.sl.wire import TOKEN_ENV
 
     identity = Identity.load(key, cert, capath)
     node_id = identity.node_name("sl", node_id)
@@ -172,7 +174,7 @@ def sl(sn_ip, sn_api_port, host_ip, sl_fs_port, key, cert, capath, node_id, ml_a
     # The ready line is what the SWOP passes on to the ML's environment: the channel's address and,
     # for a TCP channel, the secret it asks of its callers.
     ready = f"SL {node_id} ready: SWARM_SL_ADDR={node.ml_addr}"
-    click.echo(f"{ready} {TOKEN_ENV}={node.token}" if node.token else ready)
+    announce_ready(f"{ready} {defaults.TOKEN_ENV}={node.token}" if node.token else ready)
     sys.stdout.flush()
     # An SL that cannot follow the ledger is of no use to its ML: it stops and exits non-zero.
     failure = _serve_until_signalled(node.stop, node.failure)
@@ -190,7 +192,7 @@ def _resolve(usr_dir: Path, name: Path, subdir: str) -> Path:
 
 @cli.command("swop")
 @click.option("--sn-ip", default="127.0.0.1", show_default=True)
-@click.option("--sn-api-port", type=int, default=30304, show_default=True)
+@click.option("--sn-api-port", type=int, default=defaults.SN_API_PORT, show_default=True)
 @click.option("--usr-dir", type=click.Path(path_type=Path), required=True,
               help="The user's project folder (model, data, swop/ and swci/ files).")
 @click.option("--profile-file-name", type=click.Path(path_type=Path), required=True,
@@ -218,8 +220,8 @@ def swop(sn_ip, sn_api_port, usr_dir, profile_file_name, key, cert, capath, work
                                        workspace=(workspace or usr_dir / "runs").resolve(), keep_nodes=keep_nodes,
                                        node_id=node_id, extra_sl_args=list(sl_args)))
     operator.start()
-    click.echo(f"SWOP {operator.node_id} ready: task runner {operator.runner}, {len(operator.nodes)} nodes "
-               f"({', '.join(n.node_id for n in operator.nodes)})")
+    announce_ready(f"SWOP {operator.node_id} ready: task runner {operator.runner}, {len(operator.nodes)} nodes "
+                   f"({', '.join(n.node_id for n in operator.nodes)})")
     sys.stdout.flush()
     worker = threading.Thread(target=operator.run, daemon=True)
     worker.start()
@@ -237,7 +239,7 @@ def swop(sn_ip, sn_api_port, usr_dir, profile_file_name, key, cert, capath, work
 @click.option("--init-script-name", type=click.Path(path_type=Path),
               help="Script to run, in --usr-dir or its swci/ folder; without it, an interactive prompt.")
 @identity_options
-@click.option("--sn-api-port", type=int, default=30304, show_default=True,
+@click.option("--sn-api-port", type=int, default=defaults.SN_API_PORT, show_default=True,
               help="SN port used by commands that name only an IP (CREATE CONTEXT ... WITH IP <ip>).")
 def swci(usr_dir, init_script_name, key, cert, capath, sn_api_port) -> None:
     """Run the Swarm Command Interface: an init script, or commands typed at a prompt."""
@@ -276,7 +278,7 @@ def swci(usr_dir, init_script_name, key, cert, capath, sn_api_port) -> None:
 
 @cli.group("admin")
 @click.option("--sn-ip", default="127.0.0.1", show_default=True)
-@click.option("--sn-api-port", type=int, default=30304, show_default=True)
+@click.option("--sn-api-port", type=int, default=defaults.SN_API_PORT, show_default=True)
 @identity_options
 @click.pass_context
 def admin(ctx, sn_ip, sn_api_port, key, cert, capath) -> None:
@@ -389,7 +391,7 @@ def stop(workspace) -> None:
 @click.option("--label-skew", type=float, default=0.0, show_default=True,
               help="0: IID shards; up to 1: label-skewed (non-IID) shards.")
 @click.option("--sync-frequency", type=int, help="Optimizer steps between merges (default: the example's).")
-@click.option("--merge-method", type=click.Choice(["mean", "coordmedian", "geomedian"]))
+@click.option("--merge-method", type=click.Choice(list(MERGE_METHODS)))
 @click.option("--compare", is_flag=True, help="Also train each shard alone and all shards pooled, for the table.")
 @click.option("--keep", is_flag=True, help="Leave the SN, SWOP and nodes running after the run.")
 def run(example_dir, workspace, nodes, max_epochs, train_per_node, test_size, label_skew, sync_frequency,

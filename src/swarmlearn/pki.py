@@ -26,6 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 from swarmlearn.errors import CertificateError, ConfigError
 from swarmlearn.roles import MAPPABLE_ROLES, ROLES
@@ -150,10 +151,22 @@ def _issue(ca_key, ca_cert: x509.Certificate, role: str, name: str, sans: list[s
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                        critical=False)
         .add_extension(x509.SubjectAlternativeName(general_names), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(_authority_key_id(ca_cert), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     return key, cert
+
+
+def _authority_key_id(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    """The issuer's key id as the CA states it (RFC 5280 4.2.1.1): a CA made by another tool may
+    compute its Subject Key Identifier otherwise than from a SHA-1 of its key, and verifiers that
+    compare the two would then not find the issuer."""
+    try:
+        ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key())
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
 def generate_host_certs(
@@ -445,11 +458,69 @@ def common_name(cert: x509.Certificate) -> str:
 
 
 def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether `ca` signed `cert` (issuer name and signature only: no dates, no policy). What the ledger
+    asks; a node's own certificate gets the full check of `verify_leaf` at start-up."""
     try:
         cert.verify_directly_issued_by(ca)
         return True
     except (ValueError, TypeError, InvalidSignature):
         return False
+
+
+def _both_tls_roles(policy, cert: x509.Certificate, usage: x509.ExtendedKeyUsage | None) -> None:
+    if usage is not None and not {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= set(usage):
+        raise ValueError("its extended key usage must allow both TLS server and client authentication")
+
+
+# The Web PKI rules for a leaf certificate (not a CA, a Subject Alternative Name, key usages fit for
+# TLS), with two changes: every swarm node both serves and connects, so an extended key usage, when
+# present, must allow both; and an Authority Key Identifier may be missing, as in certificates made by
+# other tools (it only helps find the issuer; the issuer's signature is what is checked).
+_LEAF_POLICY = (ExtensionPolicy.webpki_defaults_ee()
+                .may_be_present(x509.AuthorityKeyIdentifier, Criticality.AGNOSTIC, None)
+                .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _both_tls_roles))
+
+
+def verify_leaf(cert: x509.Certificate, cas: list[x509.Certificate], now: dt.datetime | None = None,
+                where: str = "the trusted CAs") -> None:
+    """Checks with cryptography's verifier that one of `cas` (those of `where`, for messages) issued
+    `cert`, that both are valid at `now` and that `cert` is a leaf fit for TLS client and server use
+    (_LEAF_POLICY). Raises CertificateError naming the certificate's subject, the reason and what to do.
+
+    For a node's own certificate at start-up. The ledger checks only `issued_by`, on purpose: it
+    replays history, so its verdicts may not depend on today's date or on a library's rules."""
+    now = now or _now()
+    if not cas:
+        raise CertificateError(f"certificate {pki_subject(cert)} cannot be checked: no CA is trusted")
+    builder = (PolicyBuilder().store(Store(cas)).time(now)
+               .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=_LEAF_POLICY))
+    try:
+        builder.build_client_verifier().verify(cert, [])
+    except VerificationError as exc:
+        raise CertificateError(f"certificate {pki_subject(cert)} {_refusal(cert, cas, now, where, exc)}") from None
+
+
+def _refusal(cert: x509.Certificate, cas: list[x509.Certificate], now: dt.datetime, where: str,
+             exc: VerificationError) -> str:
+    """Why the verifier refused `cert`, in the user's terms, with what to do."""
+    if is_ca(cert):
+        return ("is a CA certificate, not a node's; pass the certificate gen-cert wrote for this component "
+                "(<role>-<index>-cert.pem) or node (sl-<name>-cert.pem)")
+    if now > cert.not_valid_after_utc:
+        return f"expired on {cert.not_valid_after_utc:%Y-%m-%d}; make a new one with `swarm gen-cert --force`"
+    if now < cert.not_valid_before_utc:
+        return f"is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check this host's clock"
+    issuers = [ca for ca in cas if issued_by(cert, ca)]
+    if not issuers:
+        return (f"is not signed by any CA in {where}; pass the --capath of the CA that issued it, or add "
+                f"that CA to the folder")
+    ca = issuers[0]
+    if not ca.not_valid_before_utc <= now <= ca.not_valid_after_utc:
+        return (f"was issued by the CA {pki_subject(ca)}, which is valid only from {ca.not_valid_before_utc:%Y-%m-%d} "
+                f"to {ca.not_valid_after_utc:%Y-%m-%d}; make a new CA and certificates with `swarm gen-cert --force`")
+    reason = str(exc).removeprefix("validation failed: ").split(" (encountered processing")[0]
+    reason = re.sub(r"^Python extension validator failed: \w+: ", "", reason)
+    return f"does not meet the rules for a TLS certificate ({reason}); {REISSUE}"
 
 
 def verify_signature(cert: x509.Certificate, data: bytes, signature: bytes) -> bool:
@@ -488,17 +559,11 @@ class Identity:
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         ):
             raise CertificateError(f"{key_path} is not the private key of {cert_path}; pass the matching --key")
-        now = now or _now()
-        if now > certificate.not_valid_after_utc:
-            raise CertificateError(f"{cert_path}: certificate expired on {certificate.not_valid_after_utc:%Y-%m-%d}; "
-                                   f"make a new one with `swarm gen-cert --force`")
-        if now < certificate.not_valid_before_utc:
-            raise CertificateError(f"{cert_path}: certificate is not valid before "
-                                   f"{certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check this host's clock")
         cas = [c for _, c in load_ca_certs(capath)]
-        if not any(issued_by(certificate, ca) for ca in cas):
-            raise CertificateError(f"{cert_path}: not signed by any CA in {capath}; "
-                                   f"pass the --capath of the CA that issued it, or add that CA to the folder")
+        try:
+            verify_leaf(certificate, cas, now, where=str(capath))
+        except CertificateError as exc:
+            raise CertificateError(f"{cert_path}: {exc}") from None
         return cls(key_path, cert_path, capath, private_key, certificate, cas)
 
     @property

@@ -16,9 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from swarmlearn.errors import ConfigError, SwarmError
+from swarmlearn.ledger.model import RoundStatus
 from swarmlearn.pki import CertLayout, Identity, generate_host_certs, load_cert, org_name, swarm_id
 from swarmlearn.swop.runtime import Handle, ProcessRuntime, Spec
 
@@ -122,8 +121,10 @@ class SwarmRun:
 
     def _set_sizes(self) -> None:
         """Writes --nodes, --max-epochs (and friends) into the copied profile, taskdef and script."""
+        from swarmlearn.yamlfile import dump_yaml, load_yaml  # pydantic and ruamel: only when a run starts
+
         profile_path = next(self.project.joinpath("swop").glob("*.yaml"))
-        profile = yaml.safe_load(profile_path.read_text())
+        profile = load_yaml(profile_path)[0]
         template = profile["nodes"][0]["slnodedef"]
         nodes = []
         for i in range(1, self.o.nodes + 1):
@@ -132,9 +133,9 @@ class SwarmRun:
             node["idx"] = i
             nodes.append({"slnodedef": node})
         profile["nodes"] = nodes
-        profile_path.write_text(yaml.safe_dump(profile, sort_keys=False))
+        profile_path.write_text(dump_yaml(profile))
         for taskdef_path in self.project.joinpath("swci").rglob("*.yaml"):
-            task = yaml.safe_load(taskdef_path.read_text())
+            task = load_yaml(taskdef_path)[0]
             if task.get("TaskType") != "RUN_SWARM":
                 continue
             envvars = task["Body"].get("Envvars") or []
@@ -143,7 +144,7 @@ class SwarmRun:
             envvars = [e for e in envvars if not (set(e) & {k for k, v in settings.items() if v is not None})]
             envvars += [{k: v} for k, v in settings.items() if v is not None]
             task["Body"]["Envvars"] = envvars
-            taskdef_path.write_text(yaml.safe_dump(task, sort_keys=False))
+            taskdef_path.write_text(dump_yaml(task))
         script = self.project / "swci" / "swci-init"
         script.write_text(re.sub(r"(ASSIGN TASK \S+ TO \S+ WITH )(\d+)( PEERS)",
                                  lambda m: m.group(1) + (m.group(2) if m.group(2) == "1" else str(self.o.nodes))
@@ -172,15 +173,18 @@ class SwarmRun:
     def _start_sn(self) -> int:
         sn = self._spawn("sn", "sn", "--sentinel", "--host-ip", "127.0.0.1", "--sn-api-port", "0",
                          *self._ids("sn"), "--data-dir", str(self.project / "sn"))
-        line = sn.wait_for_line("SN ready on ", READY_TIMEOUT)
+        line = sn.wait_ready(READY_TIMEOUT)  # "SN ready on HOST:PORT (sentinel) as ...", over its readiness pipe
         self.out(line)
-        return int(line.split("SN ready on ")[1].split()[0].rsplit(":", 1)[1])
+        try:
+            return int(line.split("SN ready on ")[1].split()[0].rsplit(":", 1)[1])
+        except (IndexError, ValueError):
+            raise SwarmError(f"the SN announced {line!r}, which names no HOST:PORT") from None
 
     def _start_swop(self, sn_port: int) -> None:
         swop = self._spawn("swop", "swop", "--sn-ip", "127.0.0.1", "--sn-api-port", str(sn_port), "--usr-dir",
                            str(self.project), "--profile-file-name", "swop_profile.yaml", *self._ids("swop"),
                            "--workspace", str(self.runs), *(["--keep-nodes"] if self.o.keep else []))
-        self.out(swop.wait_for_line("SWOP ", READY_TIMEOUT))
+        self.out(swop.wait_ready(READY_TIMEOUT))
 
     def _run_swci(self, sn_port: int) -> bool:
         from swarmlearn.swci.script import parse_script
@@ -211,7 +215,7 @@ class SwarmRun:
                 contracts = sn.query("contracts")["contracts"]
         except SwarmError:
             return result
-        merged = [r for c in contracts.values() for r in c["rounds"].values() if r["status"] == "merged"]
+        merged = [r for c in contracts.values() for r in c["rounds"].values() if r["status"] == RoundStatus.MERGED]
         result.rounds = len(merged)
         sizes = [ch["size"] for r in merged for ch in r["checkins"].values()]
         result.bytes_per_round = max(sizes, default=0)

@@ -4,17 +4,25 @@ the file, the line, the key path and what to do — one line per problem, e.g.
     taskdefs/run.yaml:12: Body.SharedContent[0].MType: must be 'BIND' or 'VOLUME', got the text 'bind'
 
 Models for such files derive from `YamlModel`; lists of environment variables use the `EnvVars` type.
+
+Files are read with ruamel.yaml's round-trip loader, which records where every key and item sits and
+refuses a key written twice, then handed to callers as plain dict/list/str/int/float/bool/None (and
+datetime.date/datetime for timestamps). The YAML is 1.2, ruamel's default: `yes`, `no`, `on` and `off`
+are text, not booleans (the 1.1 rule turned an env value `yes` into "True" and a key `on:` into True),
+`0755` is the number 755 and `1:30` is text. Fields typed bool still accept yes/no/on/off: pydantic
+reads those words as true and false.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
+import io
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -25,6 +33,15 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.composer import Composer, ComposerError
+from ruamel.yaml.constructor import ConstructorError, DuplicateKeyError, RoundTripConstructor
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from ruamel.yaml.reader import ReaderError
+from ruamel.yaml.scanner import RoundTripScanner, ScannerError
+from ruamel.yaml.scalarbool import ScalarBoolean
 
 from swarmlearn.errors import ConfigError
 
@@ -55,73 +72,52 @@ class LineMap:
 
 
 def load_yaml(path: str | os.PathLike) -> tuple[Any, LineMap]:
-    """Parse one YAML document safely; return its data and where each key and item sits.
+    """Parse one YAML document safely; return its data (plain Python values) and where each key and
+    item sits.
 
     Raises ConfigError for a missing or unreadable file, a syntax error (with line:column), a key
-    written twice in one mapping (YAML would silently keep the last), and hostile shapes: nesting too
-    deep to parse, aliases that expand to more than MAX_NODES nodes (an "alias bomb"), and files over
-    MAX_YAML_BYTES.
+    written twice in one mapping (YAML would silently keep the last), tags naming Python objects or
+    other types, and hostile shapes: nesting deeper than MAX_DEPTH, aliases that expand to more than
+    MAX_NODES values (an "alias bomb"), an alias inside itself, and files over MAX_YAML_BYTES.
     """
     raw = _read(path)
-    loader = None
+    reader = _round_trip_reader()
+    root = None
     try:
-        loader = _Loader(raw)
-        root = loader.get_single_node()
-        lines: dict[KeyPath, int] = {(): 1 if root is None else root.start_mark.line + 1}
-        duplicates: list[tuple[KeyPath, int, int]] = []
-        if root is not None:
-            _index(loader, root, (), lines, duplicates, frozenset(), _Budget(path))
-        if duplicates:
-            raise ConfigError("\n".join(
-                f"{path}:{line}: {key_path(where)}: this key is written twice in one mapping (first on line "
-                f"{first}); keep one" for where, line, first in duplicates))
-        data = None if root is None else loader.construct_document(root)
-    except yaml.MarkedYAMLError as exc:
+        root = reader.compose(raw)
+        document = None if root is None else reader.constructor.construct_document(root)
+    except _WrittenTwice as exc:
+        where = _node_path(root, exc.mapping) if root is not None else None
+        key = key_path((*where, exc.key)) if where is not None else str(exc.key)
+        raise ConfigError(f"{path}:{exc.problem_mark.line + 1}: {key}: this key is written twice in one mapping "
+                          f"(first on line {exc.first_line}); keep one") from None
+    except MarkedYAMLError as exc:
         raise ConfigError(_syntax_error(path, exc)) from exc
-    except yaml.reader.ReaderError as exc:  # bytes that are not UTF-8 text, or control characters
+    except ReaderError as exc:  # bytes that are not UTF-8 text, or control characters
         line = raw[:exc.position].count(b"\n") + 1 if isinstance(exc.position, int) else 1
         raise ConfigError(f"{path}:{line}: not a YAML text file: {' '.join(str(exc).split())}") from exc
-    except yaml.YAMLError as exc:
+    except YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
-    except RecursionError:
-        mark = loader.get_mark() if loader is not None else None
-        where = f"{path}:{mark.line + 1}" if mark else f"{path}"
-        raise ConfigError(f"{where}: nested too deeply to read; flatten the brackets or indentation") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-    return data, LineMap(lines)
+    plain = _Plain(path, 1 if root is None else root.start_mark.line + 1)
+    return plain.value(document, (), plain.lines[()], frozenset()), LineMap(plain.lines)
 
 
-# A file whose aliases expand to more nodes than this is refused: `*alias` reuses a node, so a few
-# lines can stand for billions of them, and indexing or validating that would never end.
+def dump_yaml(data: Any) -> str:
+    """Plain data as block-style YAML 1.2 text, keys in their order, that load_yaml reads back equal."""
+    writer = YAML(typ="rt")
+    writer.default_flow_style = False
+    text = io.StringIO()
+    writer.dump(data, text)
+    return text.getvalue()
+
+
+# A file whose aliases expand to more values than this is refused: `*alias` reuses a node, so a few
+# lines can stand for billions of them, and copying or validating that would never end. The loader
+# itself keeps one object per anchor; only the copy into plain values expands them, and it counts.
 MAX_NODES = 100_000
-
-
-class _Budget:
-    def __init__(self, path: str | os.PathLike):
-        self.path = path
-        self.left = MAX_NODES
-
-    def spend(self, node: yaml.Node) -> None:
-        self.left -= 1
-        if self.left < 0:
-            raise ConfigError(f"{self.path}:{node.start_mark.line + 1}: its aliases expand to more than "
-                              f"{MAX_NODES} values; write the repeated parts out or use fewer *aliases")
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader whose constructors report bad scalars (an integer of 5000 digits, 2001-13-45) as
-    YAML errors at their line instead of raising ValueError."""
-
-    def construct_object(self, node, deep=False):
-        try:
-            return super().construct_object(node, deep)
-        except (ValueError, OverflowError, TypeError) as exc:
-            raise yaml.constructor.ConstructorError(None, None, f"cannot read this value: {exc}",
-                                                    node.start_mark) from None
-
-
+# Real files nest a handful of levels; the limit keeps every recursive step (composing, constructing,
+# copying, pydantic) far from Python's recursion limit.
+MAX_DEPTH = 64
 # A taskdef or profile is a few kilobytes; a file far bigger is a mistake (data pasted in, the wrong
 # file) and would only fail later, less clearly (an SN refusing a task too big to send, say).
 MAX_YAML_BYTES = 1 << 20
@@ -130,7 +126,7 @@ MAX_YAML_BYTES = 1 << 20
 def _read(path: str | os.PathLike) -> bytes:
     try:
         with open(path, "rb") as f:
-            raw = f.read(MAX_YAML_BYTES + 1)  # bytes: PyYAML detects UTF-8/UTF-16 and reports bad bytes by position
+            raw = f.read(MAX_YAML_BYTES + 1)  # bytes: the reader detects UTF-8/UTF-16 and reports bad bytes by position
             if len(raw) > MAX_YAML_BYTES:
                 size = os.fstat(f.fileno()).st_size  # 0 for a pipe or a device
                 what = f"{size} bytes" if size > MAX_YAML_BYTES else f"over {MAX_YAML_BYTES} bytes"
@@ -145,64 +141,181 @@ def _read(path: str | os.PathLike) -> bytes:
         raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}; check its permissions") from None
 
 
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-_UNHASHABLE = object()  # a complex key (`? [a, b]`); the constructor reports it, we only skip it
+def _round_trip_reader() -> YAML:
+    """A fresh round-trip loader (one per file: ruamel's YAML objects keep state while loading)."""
+    reader = YAML(typ="rt")
+    reader.Scanner = _DepthLimitedScanner
+    reader.Composer = _DepthLimitedComposer
+    reader.Constructor = _Constructor
+    return reader
 
 
-def _index(loader: yaml.SafeLoader, node: yaml.Node, path: KeyPath, lines: dict, duplicates: list,
-           ancestors: frozenset[int], budget: _Budget) -> None:
-    """Record the line of every key and item under `node` (composed, not yet constructed).
-
-    Runs before construction because constructing `<<: *anchor` merges rewrites the nodes, after which an
-    explicit key overriding a merged one would look like a duplicate.
-    """
-    if id(node) in ancestors:  # an alias of its own ancestor (a recursive structure): indexed already
-        return
-    ancestors = ancestors | {id(node)}
-    budget.spend(node)
-    if isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines[path + (i,)] = item.start_mark.line + 1
-            _index(loader, item, path + (i,), lines, duplicates, ancestors, budget)
-    elif isinstance(node, yaml.MappingNode):
-        seen: dict[Any, int] = {}
-        merged: list[yaml.Node] = []
-        for key_node, value_node in node.value:
-            if key_node.tag == _MERGE_TAG:
-                merged.append(value_node)
-                continue
-            key = _key(loader, key_node)
-            if key is _UNHASHABLE:
-                continue
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                duplicates.append((path + (key,), line, seen[key]))
-                continue
-            seen[key] = lines[path + (key,)] = line
-            _index(loader, value_node, path + (key,), lines, duplicates, ancestors, budget)
-        # Merged keys point at the anchor they come from; keys written here win, as in YAML.
-        for source in merged:
-            for mapping in source.value if isinstance(source, yaml.SequenceNode) else [source]:
-                if not isinstance(mapping, yaml.MappingNode):
-                    continue
-                for key_node, value_node in mapping.value:
-                    key = _key(loader, key_node)
-                    if key is _UNHASHABLE or key_node.tag == _MERGE_TAG or key in seen:
-                        continue
-                    seen[key] = lines[path + (key,)] = key_node.start_mark.line + 1
-                    _index(loader, value_node, path + (key,), lines, duplicates, ancestors, budget)
+_TOO_DEEP = f"nested more than {MAX_DEPTH} levels deep"
 
 
-def _key(loader: yaml.SafeLoader, key_node: yaml.Node) -> Any:
-    if not isinstance(key_node, yaml.ScalarNode):
-        return _UNHASHABLE
-    try:
-        return loader.construct_object(key_node)
-    except yaml.YAMLError:  # construct_document raises it again, with its mark
-        return _UNHASHABLE
+class _DepthLimitedScanner(RoundTripScanner):
+    """Refuses brackets nested deeper than MAX_DEPTH as soon as it reads them: the scanner's work per
+    bracket grows with the brackets still open, so a file of a million `[` would take hours."""
+
+    def fetch_flow_collection_start(self, TokenClass: Any, to_push: str) -> None:
+        if self.flow_level >= MAX_DEPTH:
+            raise ScannerError(None, None, _TOO_DEEP, self.reader.get_mark())
+        super().fetch_flow_collection_start(TokenClass, to_push)
 
 
-# What people usually did when PyYAML says this.
+class _DepthLimitedComposer(Composer):
+    """Refuses nesting deeper than MAX_DEPTH (indentation, and brackets inside it) where it goes too deep."""
+
+    def __init__(self, loader: Any = None):
+        super().__init__(loader)
+        self.warn_double_anchors = False  # an anchor name used twice is valid YAML (the later one counts)
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.depth >= MAX_DEPTH:
+            raise ComposerError(None, None, _TOO_DEEP, self.parser.peek_event().start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+_SELF_ALIAS = "an *alias inside the value it names would repeat forever"
+
+
+class _WrittenTwice(DuplicateKeyError):
+    """ruamel's duplicate-key error, plus the mapping node and the line of the key's first use."""
+
+    def __init__(self, mapping: MappingNode, key: Any, mark: Any, first_line: int):
+        super().__init__("while constructing a mapping", mapping.start_mark, "found a duplicate key", mark)
+        self.mapping, self.key, self.first_line = mapping, key, first_line
+
+
+class _Constructor(RoundTripConstructor):
+    """The round-trip constructor, with two changes. A duplicate key names the line of its first use
+    (ruamel's own error prints both values instead, which for an alias bomb never finishes). A bad
+    scalar (an integer of 5000 digits, 2001-13-45) is a YAML error at its line, not a ValueError. And
+    an alias inside the value it names is an error, not None."""
+
+    def check_mapping_key(self, node: Any, key_node: Any, mapping: Any, key: Any, value: Any) -> bool:
+        try:
+            written = key in mapping
+        except TypeError:  # `? [[a]]`: a key holding a list
+            raise ConstructorError(None, None, "a key must be text or a number, not a list or a mapping",
+                                   key_node.start_mark) from None
+        if written:
+            first_line = mapping.lc.key(key)[0] + 1
+            raise _WrittenTwice(node, key, key_node.start_mark, first_line)
+        return True
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        if node in self.recursive_objects and node not in self.constructed_objects:
+            # ruamel would put None where the value names itself (`&b [*b]`): say so instead
+            raise ConstructorError(None, None, _SELF_ALIAS, node.start_mark)
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError, TypeError, LookupError, AttributeError) as exc:
+            # the last three: ruamel's constructors on shapes they do not expect (`!!int ` with no digits)
+            reason = str(exc).split(";")[0]  # Python's advice to raise its integer size limit is not the user's
+            raise ConstructorError(None, None, f"cannot read this value: {reason}", node.start_mark) from None
+
+
+def _node_path(root: Node, target: Node) -> KeyPath | None:
+    """The key path of `target` in the composed document (for messages; visits each node once)."""
+    todo, seen = [(root, ())], set()
+    while todo:
+        node, where = todo.pop()
+        if node is target:
+            return where
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, SequenceNode):
+            todo += [(item, (*where, i)) for i, item in enumerate(node.value)]
+        elif isinstance(node, MappingNode):
+            todo += [(value, (*where, key.value)) for key, value in node.value if isinstance(key, ScalarNode)]
+    return None
+
+
+class _Plain:
+    """Copies ruamel's round-trip values (CommentedMap, CommentedSeq, ScalarString, ScalarInt...) into
+    plain Python ones, recording the line of every key and item, and spending one unit of the
+    MAX_NODES budget per value copied, so that an alias bomb is refused before it is expanded."""
+
+    def __init__(self, path: str | os.PathLike, root_line: int):
+        self.path = path
+        self.left = MAX_NODES
+        self.lines: dict[KeyPath, int] = {(): root_line}
+
+    def value(self, value: Any, where: KeyPath, line: int, ancestors: frozenset[int]) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise ConfigError(f"{self.path}:{line}: holds more than {MAX_NODES} values once its *aliases are "
+                              f"expanded; write the repeated parts out or use fewer *aliases")
+        if id(value) in ancestors:
+            raise ConfigError(f"{self.path}:{line}: {key_path(where)}: {_SELF_ALIAS}; write the value out")
+        if type(value) is CommentedMap and value.tag.value is None:
+            return self._mapping(value, where, ancestors | {id(value)})
+        if type(value) is CommentedSeq and value.tag.value is None:
+            return self._sequence(value, where, ancestors | {id(value)})
+        return self._scalar(value, where, line)
+
+    def _scalar(self, value: Any, where: KeyPath, line: int) -> Any:
+        if value is None or type(value) in (bool, dt.date):
+            return value
+        if isinstance(value, ScalarBoolean):  # an anchored true/false (bool cannot be subclassed)
+            return bool(value)
+        for kind in (int, float, str):  # ScalarInt, ScalarFloat, the ScalarStrings
+            if isinstance(value, kind):
+                return kind(value)
+        if isinstance(value, dt.datetime):  # ruamel's TimeStamp
+            return dt.datetime(*value.timetuple()[:6], value.microsecond, tzinfo=value.tzinfo)
+        raise ConfigError(f"{self.path}:{line}: {key_path(where) or 'the document'}: {_not_plain(value)}; write "
+                          f"text, a number, true/false, a list or a mapping")
+
+    def _mapping(self, mapping: CommentedMap, where: KeyPath, ancestors: frozenset[int]) -> dict:
+        out = {}
+        for key, item in mapping.items():  # keys written here, then the ones merged in by `<<: *anchor`
+            line = _key_line(mapping, key)
+            if isinstance(key, (tuple, Mapping)):  # `? [a, b]`: ruamel makes a CommentedKeySeq/KeyMap of it
+                raise ConfigError(f"{self.path}:{line}: {key_path(where) or 'the document'}: a key must be text or "
+                                  f"a number, not a list or a mapping; write it as text")
+            key = self._scalar(key, where, line)  # not counted: a key is one scalar, written where it stands
+            self.lines[(*where, key)] = line
+            out[key] = self.value(item, (*where, key), line, ancestors)
+        return out
+
+    def _sequence(self, sequence: CommentedSeq, where: KeyPath, ancestors: frozenset[int]) -> list:
+        out = []
+        for i, item in enumerate(sequence):
+            line = self.lines[(*where, i)] = sequence.lc.item(i)[0] + 1
+            out.append(self.value(item, (*where, i), line, ancestors))
+        return out
+
+
+def _key_line(mapping: CommentedMap, key: Any) -> int:
+    """Where `key` is written: in this mapping, or (merged by `<<: *anchor`) in the anchored one."""
+    if key in (mapping.lc.data or {}):
+        return mapping.lc.key(key)[0] + 1
+    for source in mapping.merge:
+        if key in source:
+            return _key_line(source, key)
+    return mapping.lc.line + 1
+
+
+# Types the round-trip loader makes for tags we do not take, by the tag users wrote.
+_TAG_OF_TYPE = {"CommentedOrderedMap": "!!omap", "CommentedSet": "!!set", "bytes": "!!binary", "list": "!!pairs"}
+
+
+def _not_plain(value: Any) -> str:
+    tag = getattr(getattr(value, "tag", None), "value", None) or _TAG_OF_TYPE.get(type(value).__name__)
+    if tag:
+        return f"the tag {str(tag).replace('tag:yaml.org,2002:', '!!')} is not allowed (swarmlearn reads plain YAML)"
+    return f"a value of Python type {type(value).__name__} is not allowed"
+
+
+# What people usually did when the YAML reader says this.
 _SYNTAX_HINTS = (
     ("'\\t'", "indent with spaces; YAML does not allow tabs"),
     ("cannot start any token", "quote values that start with @ or `"),
@@ -212,10 +325,15 @@ _SYNTAX_HINTS = (
     ("found unexpected end of stream", "a quote or bracket is never closed"),
     ("found undefined alias", "define the &anchor before using *alias"),
     ("expected a single document", "keep one document per file (remove the extra ---)"),
+    ("levels deep", "flatten the brackets or indentation"),
+    ("cannot read this value", "quote it to keep it as text, or write a smaller number or a real date"),
+    ("repeat forever", "write the value out instead of the *alias"),
+    ("a key must be text", "write the key as text"),
+    ("duplicate merge key", "merge several anchors with one `<<: [*a, *b]`"),
 )
 
 
-def _syntax_error(path: str | os.PathLike, exc: yaml.MarkedYAMLError) -> str:
+def _syntax_error(path: str | os.PathLike, exc: MarkedYAMLError) -> str:
     mark = exc.problem_mark or exc.context_mark
     where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else f"{path}"
     what = exc.problem or exc.context or "not valid YAML"
@@ -224,6 +342,8 @@ def _syntax_error(path: str | os.PathLike, exc: yaml.MarkedYAMLError) -> str:
     hint = next((h for needle, h in _SYNTAX_HINTS if needle in what),
                 "check the indentation, quotes and brackets on this line and the one before")
     return f"{where}: invalid YAML: {' '.join(what.split())}; {hint}"
+
+
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from swarmlearn.defaults import CHUNK, MAX_MESSAGE, TOKEN_ENV, TOKEN_METADATA
 from swarmlearn.errors import ConfigError, SwarmError
 from swarmlearn.merge import METHODS
-from swarmlearn.sl.wire import CHUNK, MAX_MESSAGE, TOKEN_ENV, TOKEN_METADATA
 
 FINAL_MESSAGE = "All peers and Swarm training rounds finished. Final Swarm model was loaded."
 

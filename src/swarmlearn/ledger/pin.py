@@ -146,24 +146,19 @@ def check_marker(marker: Pin, head_index: int, hash_at, ledger_path: Path, marke
     """Raises HistoryRefused, naming both files, unless the ledger (last index `head_index`, entry
     hashes from `hash_at`) holds the history an SN recorded in its marker."""
     problem = marker.divergence(head_index, hash_at)
-    swarm = f"swarm {marker.swarm_id or '?'} (genesis {marker.genesis_hash[:12]})"
     if problem is None:
         return
     if head_index < 0:
-        raise HistoryRefused(f"{ledger_path} holds no entries but {marker_path} records {swarm} acknowledged up to "
-                             f"entry {marker.head_index}: its history was erased; restore ledger.db from a backup, "
-                             f"or found a new swarm here with `swarm sn --new-swarm`")
-    if problem == "genesis":
-        raise HistoryRefused(f"{ledger_path} begins with genesis {hash_at(0)[:12]} but {marker_path} records {swarm}: "
-                             f"the ledger was replaced; restore that swarm's ledger.db, or move both files away to "
-                             f"found a new swarm")
-    if problem == "shorter":
-        raise HistoryRefused(f"{ledger_path} ends at entry {head_index} but this SN had acknowledged entry "
-                             f"{marker.head_index} (per {marker_path}): history was rolled back or lost; restore "
-                             f"ledger.db from a backup")
-    raise HistoryRefused(f"{ledger_path} holds another entry {marker.head_index} ({hash_at(marker.head_index)[:12]}) "
-                         f"than the one this SN acknowledged ({marker.head_hash[:12]}, per {marker_path}): history "
-                         f"was replaced; restore ledger.db from a backup")
+        raise HistoryRefused(f"{ledger_path} holds no entries but {marker_path} records swarm "
+                             f"{marker.swarm_id or '?'} acknowledged up to entry {marker.head_index}: its history was "
+                             f"erased; restore ledger.db from a backup, or found a new swarm here with "
+                             f"`swarm sn --new-swarm`")
+    remedy = ("restore that swarm's ledger.db, or move both files away to found a new swarm" if problem == "genesis"
+              else "restore ledger.db from a backup")
+    compared = {"genesis": 0, "differs": marker.head_index}.get(problem)  # a shorter ledger holds no such entry
+    raise history_refusal(problem, marker, holder=str(ledger_path), witness=f"this SN (per {marker_path})",
+                          found_head=head_index, found_hash=hash_at(compared) if compared is not None else "",
+                          remedy=remedy)
 
 
 def sn_refused(problem: str, address: str, pin: Pin, pin_path: Path | None, sn_head: int = -1,
@@ -171,14 +166,24 @@ def sn_refused(problem: str, address: str, pin: Pin, pin_path: Path | None, sn_h
     """The one-line refusal of an SN by a node that pinned `pin` (SL, SWOP, SWCI). `problem` is what
     Pin.divergence says; `sn_head` the SN's last index; `served` the hash it serves at the index compared."""
     unpin = f" (delete {pin_path} only if this node is meant to join the swarm that SN serves now)" if pin_path else ""
+    remedy = ("point this node at an SN of its swarm" if problem == "genesis"
+              else "restore the SN's ledger.db, or use another SN of this swarm")
+    return history_refusal(problem, pin, holder=f"the ledger SN {address} serves", witness="this node",
+                           found_head=sn_head, found_hash=served, remedy=remedy + unpin)
+
+
+def history_refusal(problem: str, pin: Pin, *, holder: str, witness: str, found_head: int, found_hash: str,
+                    remedy: str) -> HistoryRefused:
+    """One line for a ledger (`holder`) that lacks the history `witness` recorded in `pin`: `problem` is
+    what Pin.divergence says, `found_head` the ledger's last index, `found_hash` the hash it holds at
+    the index compared, `remedy` what to do."""
     if problem == "shorter":
-        return HistoryRefused(f"SN {address} serves a ledger shorter than the entry {pin.head_index} this node "
-                              f"verified: history was rolled back (it ends at entry {sn_head}); restore the SN's "
-                              f"ledger.db, or use another SN of this swarm{unpin}")
-    if problem == "genesis":
-        return HistoryRefused(f"SN {address} serves a ledger with another genesis ({served[:12]}) than the swarm this "
-                              f"node joined (swarm {pin.swarm_id or '?'}, genesis {pin.genesis_hash[:12]}): the "
-                              f"swarm was replaced; point this node at an SN of its swarm{unpin}")
-    return HistoryRefused(f"SN {address} serves another entry {pin.head_index} ({served[:12]}) than the one this "
-                          f"node verified ({pin.head_hash[:12]}): history was replaced; restore the SN's ledger.db, "
-                          f"or use another SN of this swarm{unpin}")
+        what = (f"{holder} ends at entry {found_head}, short of entry {pin.head_index} that {witness} verified: "
+                f"history was rolled back")
+    elif problem == "genesis":
+        what = (f"{holder} begins with another genesis ({found_hash[:12]}) than swarm {pin.swarm_id or '?'} "
+                f"(genesis {pin.genesis_hash[:12]}) that {witness} joined: the swarm was replaced")
+    else:
+        what = (f"{holder} holds another entry {pin.head_index} ({found_hash[:12]}) than the one {witness} "
+                f"verified ({pin.head_hash[:12]}): history was replaced")
+    return HistoryRefused(f"{what}; {remedy}")

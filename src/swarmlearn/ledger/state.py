@@ -116,20 +116,19 @@ class LedgerState:
         return sorted(self.cas)
 
     def contract(self, name: str) -> Contract:
-        if name == DEFAULT_ALIAS and self.genesis:
-            name = self.genesis["default_contract"]
-        contract = self.contracts.get(name)
-        if contract is None:
-            raise Rejected(f"no contract named {name!r}; create it first (CREATE CONTRACT {name})")
-        return contract
+        return self._named(self.contracts, name, "default_contract", "contract", "CREATE CONTRACT")
 
     def taskrunner(self, name: str) -> TaskRunner:
+        return self._named(self.taskrunners, name, "default_taskrunner", "task runner", "CREATE TASKRUNNER")
+
+    def _named(self, table: dict, name: str, default_key: str, what: str, create: str):
+        """`table[name]`, where `default` names the one genesis created; refused when there is none."""
         if name == DEFAULT_ALIAS and self.genesis:
-            name = self.genesis["default_taskrunner"]
-        runner = self.taskrunners.get(name)
-        if runner is None:
-            raise Rejected(f"no task runner named {name!r}; create it first (CREATE TASKRUNNER {name})")
-        return runner
+            name = self.genesis[default_key]
+        found = table.get(name)
+        if found is None:
+            raise Rejected(f"no {what} named {name!r}; create it first ({create} {name})")
+        return found
 
     def task(self, name: str) -> Task:
         task = self.tasks.get(name)

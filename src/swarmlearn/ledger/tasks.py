@@ -38,11 +38,17 @@ def apply_task_create(state: LedgerState, tx: Tx, p: P.TaskCreate, index: int) -
     state.tasks[p.name] = Task(p.name, p.type, p.author, p.prereq, p.outcome, dict(p.body), created_by=tx.signer.node)
 
 
-def validate_task_append(state: LedgerState, tx: Tx, p: P.TaskAppend) -> None:
-    task = state.task(p.name)
-    _creator_or_admin(state, task, tx, "change")
+def _unfinalized_task(state: LedgerState, tx: Tx, name: str, what: str, finalized: str) -> Task:
+    """The task `name`, which the signer may `what` (its creator or an admin) and which is not finalized."""
+    task = state.task(name)
+    _creator_or_admin(state, task, tx, what)
     if task.finalized:
-        raise Rejected(f"task {task.name} is finalized; its body can no longer change")
+        raise Rejected(f"task {task.name} is {finalized}")
+    return task
+
+
+def validate_task_append(state: LedgerState, tx: Tx, p: P.TaskAppend) -> None:
+    _unfinalized_task(state, tx, p.name, "change", "finalized; its body can no longer change")
 
 
 def apply_task_append(state: LedgerState, tx: Tx, p: P.TaskAppend, index: int) -> None:
@@ -53,10 +59,7 @@ def apply_task_append(state: LedgerState, tx: Tx, p: P.TaskAppend, index: int) -
 
 
 def validate_task_finalize(state: LedgerState, tx: Tx, p: P.Named) -> None:
-    task = state.task(p.name)
-    _creator_or_admin(state, task, tx, "finalize")
-    if task.finalized:
-        raise Rejected(f"task {task.name} is already finalized")
+    _unfinalized_task(state, tx, p.name, "finalize", "already finalized")
 
 
 def apply_task_finalize(state: LedgerState, tx: Tx, p: P.Named, index: int) -> None:

@@ -1,5 +1,4 @@
-"""Weighted coordinate-wise median: for every coordinate, the smallest value at which the
-cumulative weight of the sorted values reaches half of the total. Robust to a minority of outliers."""
+"""`coordmedian`: the weighted median of every coordinate on its own."""
 
 from __future__ import annotations
 
@@ -7,7 +6,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from swarmlearn.merge import Contribution, Merger, merge_each_tensor
+from swarmlearn.merge.base import Contribution, Merger, merge_each_tensor
 from swarmlearn.tensors import Tensor
 
 
@@ -21,6 +20,16 @@ def weighted_median_columns(values: np.ndarray, weights: np.ndarray) -> np.ndarr
 
 
 class CoordMedian(Merger):
+    """Coordinate-wise median: Yin, Chen, Ramchandran, Bartlett, "Byzantine-Robust Distributed Learning:
+    Towards Optimal Statistical Rates", ICML 2018.
+
+    Every coordinate of every float tensor takes the weighted median of the peers' values: the smallest
+    value at which the cumulative normalized weight of the sorted values reaches 1/2. Peers holding
+    less than half of the weight cannot drag any coordinate outside the range of the others' values.
+    Unlike the paper's (unweighted) median, peers count by weight, and with an even split the lower
+    middle value is taken rather than the average of the two, so each coordinate is one peer's own value.
+    """
+
     name = "coordmedian"
 
     def merge(self, contributions: Iterable[Contribution]) -> dict[str, Tensor]:

@@ -1,5 +1,4 @@
-"""Weighted geometric median of each tensor by Weiszfeld's algorithm, started at the weighted mean:
-the point that minimises the weighted sum of Euclidean distances to the contributions."""
+"""`geomedian`: the weighted geometric median of each tensor, by smoothed Weiszfeld iterations."""
 
 from __future__ import annotations
 
@@ -7,7 +6,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from swarmlearn.merge import Contribution, Merger, merge_each_tensor
+from swarmlearn.merge.base import Contribution, Merger, merge_each_tensor
 from swarmlearn.tensors import Tensor
 
 # Stop when an iteration moves the estimate by less than this, relative to its norm (or absolutely,
@@ -33,6 +32,24 @@ def weiszfeld(points: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 class GeoMedian(Merger):
+    """Geometric median as in RFA: Pillutla, Kakade, Harchaoui, "Robust Aggregation for Federated
+    Learning", IEEE Transactions on Signal Processing 70, 2022.
+
+    The merged tensor is the point z minimising sum(weight_i x ||x_i - z||), found by the smoothed
+    Weiszfeld iteration of RFA (distances floored at EPSILON, RFA's nu), started at the weighted mean
+    and run to TOLERANCE (at most MAX_ITERATIONS) rather than RFA's fixed few iterations, so that the
+    result is the minimiser itself, not an approximation that depends on an iteration count. Peers
+    holding less than half of the weight cannot move the result arbitrarily far.
+
+    Per tensor, not over the whole parameter vector as RFA defines it: each float tensor gets its own
+    geometric median. Tensors of one model differ in scale by orders of magnitude (an embedding matrix
+    next to a LayerNorm bias); over the whole vector the distances are decided by the largest tensors
+    and a small one's merged value follows their weights, while per tensor every block gets its own
+    robust centre, and the half-the-weight breakdown point holds for each tensor and so for the model.
+    It also keeps memory at peers x one tensor in float64, not peers x the whole model, for each of up
+    to MAX_ITERATIONS passes.
+    """
+
     name = "geomedian"
 
     def merge(self, contributions: Iterable[Contribution]) -> dict[str, Tensor]:

@@ -1,5 +1,4 @@
-"""Weighted mean (FedAvg): sum of weight x tensor over the sum of weights, accumulated one
-contribution at a time so that memory stays at about two models."""
+"""`mean`: the weighted average of FedAvg, one contribution at a time."""
 
 from __future__ import annotations
 
@@ -7,11 +6,21 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from swarmlearn.merge import Contribution, Merger, MergeError, heaviness
+from swarmlearn.merge.base import Contribution, Merger, MergeError, heaviness
 from swarmlearn.tensors import Tensor
 
 
 class Mean(Merger):
+    """Federated Averaging (FedAvg): McMahan, Moore, Ramage, Hampson, Agüera y Arcas, "Communication-
+    Efficient Learning of Deep Networks from Decentralized Data", AISTATS 2017.
+
+    The merged tensor is sum(weight x tensor) / sum(weights), where a peer's weight is its weightage
+    x the samples it trained on since the last sync (FedAvg's n_k / n). It is accumulated one
+    contribution at a time, so memory stays at about two models whatever the number of peers. When
+    every weight is 0 (the very first sync), peers count equally. Not robust: one peer can move the
+    result anywhere, which is why contributions are checked first and `coordmedian` and `geomedian` exist.
+    """
+
     name = "mean"
 
     def merge(self, contributions: Iterable[Contribution]) -> dict[str, Tensor]:

@@ -13,28 +13,33 @@ import stat
 import tempfile
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from swarmlearn import pki
+from swarmlearn.background import Background
+from swarmlearn.defaults import (CHUNK, HEARTBEAT_EVERY, MAX_MESSAGE, SL_FS_PORT, SN_CONNECT_TIMEOUT, TOKEN_ENV,
+                                 TOKEN_METADATA)
 from swarmlearn.errors import ConfigError, Rejected, SwarmError
-from swarmlearn.proto import sl_pb2, sl_pb2_grpc
 from swarmlearn.ledger.pin import PIN_FILE
-from swarmlearn.sl.follower import LedgerFollower
+from swarmlearn.proto import sl_pb2, sl_pb2_grpc
 from swarmlearn.sl.round import RoundEngine, RoundResult, Timeouts
 from swarmlearn.sl.transport import BlobStore, PeerFetcher, PeerService
-from swarmlearn.sl.wire import CHUNK, MAX_MESSAGE, TOKEN_ENV, TOKEN_METADATA
 from swarmlearn.sn.client import SNClient
+from swarmlearn.sn.follower import LedgerFollower
 
 log = logging.getLogger("swarmlearn.sl")
 
-DEFAULT_FS_PORT = 30305
-HEARTBEAT_EVERY = 1.0
 # How long a blob request from a registered SL may wait for our ledger copy to show its entitlement.
 LEDGER_LAG_GRACE = 1.0
+# On stop, how long the SL waits for its background threads (each notices the stop at once, or at
+# its next poll) before it names the ones still running in its log and exits anyway.
+STOP_THREADS_TIMEOUT = 5.0
+# Worker threads for calls from peers (blob downloads) and from our own ML (join, sync, report).
+PEER_RPC_WORKERS = 32
+ML_RPC_WORKERS = 8
 
 
 @dataclass
@@ -43,11 +48,11 @@ class SLConfig:
     identity: pki.Identity
     sn_address: str
     host: str = "127.0.0.1"
-    fs_port: int = DEFAULT_FS_PORT
+    fs_port: int = SL_FS_PORT
     ml_addr: str | None = None
     data_dir: Path | None = None
     timeouts: Timeouts | None = None
-    connect_timeout: float = 20.0
+    connect_timeout: float = SN_CONNECT_TIMEOUT
 
 
 class SLNode:
@@ -60,14 +65,18 @@ class SLNode:
         # A TCP (or abstract-socket) ML channel is open to anyone who reaches it, so its callers must
         # present this secret; a socket in a private folder needs none.
         self.token = secrets.token_urlsafe(32) if self.ml_addr and not self.ml_addr.startswith("unix:") else None
+        # Every thread and pool of this SL (ledger follower, heartbeat, fetch watchdog, round and RPC
+        # pools) is started through it and stopped and joined by stop().
+        self.background = Background(f"sl-{config.node_id}")
         self.blobs = BlobStore()
-        self.fetcher = PeerFetcher(config.identity)
+        self.fetcher = PeerFetcher(config.identity, self.background)
         self.sn = SNClient(config.sn_address, config.identity, config.node_id)
         # The swarm this SL verified is pinned in its data dir: an SN that rolled back or replaced that
         # history is refused (follower.error; the `sl` command then exits non-zero with that line).
-        self.follower = LedgerFollower(self.sn, self.data_dir / PIN_FILE)
+        self.follower = LedgerFollower(self.sn, self.data_dir / PIN_FILE, self.background)
+        # By contract name; joined from the ML's RPC threads and read by them and by stop().
         self.engines: dict[str, RoundEngine] = {}
-        self._stopping = threading.Event()
+        self._engines_lock = threading.Lock()
         self._last_seen: tuple[float, dict[str, float]] = (0.0, {})
         self.peer_server: grpc.Server | None = None
         self.local_server: grpc.Server | None = None
@@ -84,14 +93,14 @@ class SLNode:
         self.sn.wait_ready(self.config.connect_timeout)
         options = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_MESSAGE),
                    ("grpc.max_send_message_length", MAX_MESSAGE)]
-        self.peer_server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=options)
+        self.peer_server = grpc.server(self.background.executor("peer-rpc", PEER_RPC_WORKERS), options=options)
         sl_pb2_grpc.add_SwarmPeerServicer_to_server(PeerService(self.blobs, self.fetch_refusal), self.peer_server)
         port = _bind(self.peer_server, f"{self.config.host}:{self.config.fs_port}",
                      self.config.identity.server_credentials(), "--sl-fs-port")
         self.address = f"{self.config.host}:{port}"
         self.sn.register("SL", self.address)
         self.follower.start()
-        self.local_server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=options,
+        self.local_server = grpc.server(self.background.executor("ml-rpc", ML_RPC_WORKERS), options=options,
                                         interceptors=[_RequireToken(self.token)] if self.token else None)
         sl_pb2_grpc.add_SwarmLocalServicer_to_server(LocalService(self), self.local_server)
         if not self.ml_addr:
@@ -101,7 +110,7 @@ class SLNode:
         _bind(self.local_server, self.ml_addr, None, "--ml-addr")
         self.peer_server.start()
         self.local_server.start()
-        self.sn.keep_alive(self._stopping, HEARTBEAT_EVERY)
+        self.sn.keep_alive(self.background, HEARTBEAT_EVERY)
         log.info("SL %s serving peers on %s, its ML on %s", self.node_id, self.address, self.ml_addr)
 
     def failure(self, timeout: float) -> Exception | None:
@@ -110,9 +119,12 @@ class SLNode:
         return self.follower.failure(timeout)
 
     def stop(self) -> None:
-        """Leaves every joined session (so peers need not wait for us), then stops serving."""
-        self._stopping.set()
-        for name in list(self.engines):
+        """Leaves every joined session (so peers need not wait for us), then stops serving and joins
+        every thread this SL started."""
+        self.background.stopping.set()
+        with self._engines_lock:
+            engines = list(self.engines.values())
+        for name in [engine.contract_name for engine in engines]:
             try:
                 self.sn.submit("session_leave", {"contract": name, "node": self.node_id}, patience=2.0)
                 log.info("%s left contract %s", self.node_id, name)
@@ -121,10 +133,11 @@ class SLNode:
         for server in (self.local_server, self.peer_server):
             if server is not None:
                 server.stop(0.5).wait()
-        for engine in self.engines.values():
+        for engine in engines:
             engine.close()
         self.follower.stop()
         self.fetcher.close()
+        self.background.close(STOP_THREADS_TIMEOUT)
         self.sn.close()
 
     def fetch_refusal(self, caller_fp: str, digest: str) -> str | None:
@@ -156,6 +169,11 @@ class SLNode:
         return (f"blob {digest[:12]} is served only to the SLs that checked in to its round (a merged model: to its "
                 f"contract's active members); the caller is not one of them")
 
+    def only_engine(self) -> RoundEngine | None:
+        """The engine of the one contract our ML joined; None before it joined (or if it joined several)."""
+        with self._engines_lock:
+            return next(iter(self.engines.values())) if len(self.engines) == 1 else None
+
     def liveness(self) -> dict[str, float]:
         """Seconds since the SN last heard from each node (asked at most once a second)."""
         asked, seen = self._last_seen
@@ -174,10 +192,12 @@ class SLNode:
         self.sn.submit("session_join", {"contract": name, "node": self.node_id, "min_peers": min_peers,
                                         "weightage": weightage, "merge_method": merge_method})
         engine = RoundEngine(self.node_id, name, self.sn, self.follower, self.blobs, self.fetcher,
-                             self.config.timeouts, self.liveness)
-        if name in self.engines:
-            self.engines[name].close()  # the ML joined again (restarted): the old engine's prefetching ends
-        self.engines[name] = engine
+                             self.config.timeouts, self.liveness, background=self.background)
+        with self._engines_lock:
+            replaced = self.engines.get(name)
+            self.engines[name] = engine
+        if replaced is not None:
+            replaced.close()  # the ML joined again (restarted): the old engine's prefetching ends
         latest = self.follower.read(lambda s: s.contract(name).latest_merged_round) or 0
         log.info("%s joined contract %s (min_peers %d, weightage %g, %s); latest merged round %d", self.node_id,
                  name, min_peers, weightage, merge_method, latest)
@@ -250,9 +270,10 @@ class LocalService(sl_pb2_grpc.SwarmLocalServicer):
         self.node = node
 
     def _engine(self, context) -> RoundEngine:
-        if len(self.node.engines) != 1:
+        engine = self.node.only_engine()
+        if engine is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "join a contract first (SwarmCallback does this)")
-        return next(iter(self.node.engines.values()))
+        return engine
 
     def Join(self, request, context):
         try:

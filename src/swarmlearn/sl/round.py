@@ -24,14 +24,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
+from swarmlearn import defaults
+from swarmlearn.background import Background
 from swarmlearn.errors import Rejected, SwarmError
-from swarmlearn.ledger.model import Checkin, Contract, Round, leader_order
+from swarmlearn.ledger.model import Checkin, Contract, Round, RoundStatus, leader_order
 from swarmlearn.ledger.state import LedgerState
 from swarmlearn.merge import (BadContribution, Contribution, check_contribution, contribution_norm, get_merger,
                               norm_outliers)
-from swarmlearn.sl.follower import LedgerFollower
 from swarmlearn.sl.transport import BlobStore, FetchError, PeerFetcher
 from swarmlearn.sn.client import SNClient
+from swarmlearn.sn.follower import LedgerFollower
 from swarmlearn.tensors import BlobError, decode, encode
 
 log = logging.getLogger("swarmlearn.sl")
@@ -39,6 +41,11 @@ log = logging.getLogger("swarmlearn.sl")
 # The node that will lead a round pulls its peers' blobs as their check-ins appear, up to this many
 # bytes per round; beyond it the leader fetches at merge time, a window at a time, as before.
 PREFETCH_BYTES = 256 << 20
+# Threads per contract, in pools of the SL's Background reused round after round: blobs pulled
+# ahead of the merge, and blobs loaded (read or fetched, then decoded) while the merge runs, each
+# at most this many at once. One more thread watches the filling round for check-ins to prefetch.
+PREFETCH_WORKERS = 4
+MERGE_WINDOW = 4
 
 # How long a round may wait for its merged model, and how long its leader may wait for each peer's
 # blob, are the swarm's defence against one peer holding everyone up, so nothing a peer declares
@@ -69,21 +76,21 @@ def blob_limit(own: int, cap: int) -> int:
 @dataclass
 class Timeouts:
     # Once min_peers have checked in, how long to wait for the rest of the active peers.
-    checkin_wait: float = 3.0
+    checkin_wait: float = defaults.CHECKIN_WAIT
     # A leader that posts no merged model within base + (bytes to move) / rate is replaced; a
     # peer's blob gets the same budget to arrive.
-    leader_base: float = 10.0
-    leader_bytes_per_second: float = 20e6
+    leader_base: float = defaults.LEADER_BASE
+    leader_bytes_per_second: float = defaults.LEADER_BYTES_PER_SECOND
     # A member whose SL has not been heard from for this long is not waited for.
-    stale_after: float = 5.0
+    stale_after: float = defaults.STALE_AFTER
     # How often a waiting node says what it waits for.
-    waiting_log_every: float = 10.0
+    waiting_log_every: float = defaults.WAITING_LOG_EVERY
     # How long a node waits with fewer than min_peers checked in before it gives up and fails its
     # training with that reason; None waits for as long as it takes (saying so every waiting_log_every).
     min_peers_timeout: float | None = None
     # A node other than the designated one closes a round or re-elects only after this extra grace,
     # so that normally exactly one node writes each decision.
-    grace: float = 1.0
+    grace: float = defaults.ELECTION_GRACE
 
     def transfer_budget(self, size: int) -> float:
         return self.leader_base + size / self.leader_bytes_per_second
@@ -122,9 +129,13 @@ class RoundResult:
 
 
 class RoundEngine:
+    """One contract's rounds, as this SL lives them. Its background work (prefetching, loading blobs
+    for a merge) runs in pools of `background`, the SL's owner of threads, named after the contract
+    so that an engine made again for the same contract (its ML restarted) reuses them."""
+
     def __init__(self, node_id: str, contract: str, sn: SNClient, follower: LedgerFollower, blobs: BlobStore,
                  fetcher: PeerFetcher, timeouts: Timeouts | None = None,
-                 liveness: Callable[[], dict[str, float]] | None = None):
+                 liveness: Callable[[], dict[str, float]] | None = None, *, background: Background):
         self.node_id = node_id
         self.contract_name = contract
         self.sn = sn
@@ -136,7 +147,9 @@ class RoundEngine:
         self._led: set[tuple[int, int]] = set()
         # Per round, blobs being pulled ahead of the merge, by hash.
         self._early: dict[int, dict[str, Future]] = {}
-        self._early_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prefetch")
+        self._early_pool = background.executor(f"prefetch-{contract}", PREFETCH_WORKERS)
+        self._round_watch = background.executor(f"round-watch-{contract}", 1)
+        self._merge_pool = background.executor(f"merge-{contract}", MERGE_WINDOW)
         self._closed = threading.Event()
         # (round, node) whose declared size was found beyond bounds, so that it is said once.
         self._oversize_said: set[tuple[int, str]] = set()
@@ -211,8 +224,10 @@ class RoundEngine:
         active, generation = self._read(lambda c: (c.active_members, c.generation))
         if len(active) > 1 and leader_order(self.contract_name, generation, number, active)[0] == self.node_id:
             self._early[number] = {}
-            threading.Thread(target=self._prefetch, args=(number, self._early[number]), daemon=True,
-                             name=f"prefetch-{number}").start()
+            try:
+                self._round_watch.submit(self._prefetch, number, self._early[number])
+            except RuntimeError:
+                pass  # the SL is stopping: no prefetch, the merge (if any) fetches what it needs
 
     def _prefetch(self, number: int, futures: dict[str, Future]) -> None:
         budget = PREFETCH_BYTES
@@ -226,7 +241,9 @@ class RoundEngine:
                     {n: state.nodes[n].address for n in r.checkins if n in state.nodes})
 
         try:
-            while not self._closed.is_set():
+            # Ends with the engine, or once its round is merged (a prefetch that waited its turn in
+            # the pool behind the last round's finds its own round gone and does nothing).
+            while not self._closed.is_set() and self._early.get(number) is futures:
                 seen = self.follower.read(snapshot)
                 if seen is None:
                     return  # the contract was reset
@@ -247,9 +264,12 @@ class RoundEngine:
             return  # the SL is stopping or lost the ledger; the merge fetches what it needs itself
 
     def close(self) -> None:
-        """Ends prefetching; the SL calls this when it stops or replaces this engine."""
+        """Ends prefetching (the pools stay with the SL, for the next engine of this contract); the
+        SL calls this when it stops or replaces this engine."""
         self._closed.set()
-        self._early_pool.shutdown(wait=False, cancel_futures=True)
+        for futures in list(self._early.values()):
+            for future in list(futures.values()):
+                future.cancel()
 
     # ---------------------------------------------------------------------------- 2. close
 
@@ -356,7 +376,7 @@ class RoundEngine:
         while True:
             seen = self.follower.read(lambda s: s.head_index)
             r, generation = self._read(lambda c: (c.rounds[number], c.generation))
-            if r.status in ("merged", "aborted") or self.node_id not in r.participants:
+            if r.status in (RoundStatus.MERGED, RoundStatus.ABORTED) or self.node_id not in r.participants:
                 return
             term = (r.leader, r.reelections)
             if term != watching:
@@ -443,7 +463,7 @@ class RoundEngine:
             # Every contribution is checked before any is merged: the norm rule compares each one
             # with the others', so the valid ones are held until all are in (for adapters, little).
             reference, kept = None, []
-            for node, outcome in _prefetched(order, load):
+            for node, outcome in _prefetched(order, load, self._merge_pool, MERGE_WINDOW):
                 try:
                     c = outcome()
                     check_contribution(c, reference)
@@ -517,7 +537,7 @@ class RoundEngine:
                 log.info("round %d: waiting for its merged model", number)
                 next_log = time.monotonic() + self.t.waiting_log_every
         seconds = time.monotonic() - started
-        if r.status == "aborted":
+        if r.status == RoundStatus.ABORTED:
             return RoundResult(r.number, self.blobs.put(own), own, list(r.participants), r.leader or "", seconds,
                                False, False)
         blob = self.blobs.get(r.merged_hash)
@@ -572,16 +592,20 @@ class RoundEngine:
 
     def _ended_round(self, state: LedgerState, number: int) -> Round | None:
         r = self._contract(state).rounds.get(number)
-        return r if r is not None and r.status in ("merged", "aborted") else None
+        return r if r is not None and r.status in (RoundStatus.MERGED, RoundStatus.ABORTED) else None
 
 
-def _prefetched(nodes: list[str], load: Callable[[str], Contribution], window: int = 4):
-    """Yields (node, outcome) in order while up to `window` loads run ahead in threads; calling
-    outcome() returns the contribution or raises the load's error. Only the window is held in memory."""
-    with ThreadPoolExecutor(max_workers=window) as pool:
-        ahead = deque(pool.submit(load, n) for n in nodes[:window])
+def _prefetched(nodes: list[str], load: Callable[[str], Contribution], pool: ThreadPoolExecutor, window: int):
+    """Yields (node, outcome) in order while up to `window` loads run ahead in `pool`; calling
+    outcome() returns the contribution or raises the load's error. Only the window is held in memory;
+    loads not yet started when the caller stops early are cancelled."""
+    ahead = deque(pool.submit(load, n) for n in nodes[:window])
+    try:
         for i, node in enumerate(nodes):
             future = ahead.popleft()
             if i + window < len(nodes):
                 ahead.append(pool.submit(load, nodes[i + window]))
             yield node, future.result
+    finally:
+        for future in ahead:
+            future.cancel()

@@ -4,16 +4,18 @@ them in 1 MiB chunks over mutual TLS, and the fetch that pulls one from a peer."
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 
 from swarmlearn import pki
+from swarmlearn.background import Background
+from swarmlearn.defaults import CHUNK, MAX_MESSAGE
 from swarmlearn.errors import SwarmError
 from swarmlearn.proto import sl_pb2, sl_pb2_grpc
-from swarmlearn.sl.wire import CHUNK, MAX_MESSAGE
 from swarmlearn.tensors import blob_hash
 
 
@@ -67,13 +69,43 @@ class PeerService(sl_pb2_grpc.SwarmPeerServicer):
             yield sl_pb2.Chunk(data=bytes(view[start:start + CHUNK]))
 
 
-class PeerFetcher:
-    """Pulls blobs from other SLs; one channel per peer address, reused across rounds."""
+@dataclass(eq=False)
+class _Transfer:
+    """A fetch under way, as the watchdog sees it: the fetching thread updates `last` and `received`
+    on every chunk; the watchdog sets `cut` (why) before it cancels the stream."""
 
-    def __init__(self, identity: pki.Identity):
+    stream: grpc.Future
+    stall: float
+    min_rate: float
+    started: float
+    last: float
+    received: int = 0
+    cut: str | None = None
+
+    def too_slow(self, now: float) -> str | None:
+        """Why this transfer must be cut off now, or None while it makes enough progress."""
+        if now - self.last > self.stall:
+            return f"sent nothing for {self.stall:g} s ({self.received} bytes in all); transfer cut off"
+        if now - self.started > self.stall and self.received < self.min_rate * (now - self.started):
+            return (f"sent {self.received} bytes in {now - self.started:.1f} s, below the floor of "
+                    f"{self.min_rate / 1e6:g} MB/s; transfer cut off")
+        return None
+
+
+class PeerFetcher:
+    """Pulls blobs from other SLs; one channel per peer address, reused across rounds. One watchdog
+    thread, of `background` (the SL's; without one the fetcher owns its own), cuts off every stalled or
+    trickling transfer of this fetcher."""
+
+    def __init__(self, identity: pki.Identity, background: Background | None = None):
         self.identity = identity
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
+        self._owns_background = background is None
+        self._background = background or Background("peer-fetcher")
+        self._transfers: set[_Transfer] = set()
+        self._watched = threading.Condition()
+        self._watchdog: threading.Thread | None = None
 
     def _stub(self, address: str) -> sl_pb2_grpc.SwarmPeerStub:
         with self._lock:
@@ -100,62 +132,82 @@ class PeerFetcher:
             raise FetchError("peer has no registered address")
         parts: list[bytes] = []
         expected = None
-        received = 0
-        progress = [time.monotonic(), 0]  # when the last chunk came, bytes so far
-        cut: list[str] = []
-        done = threading.Event()
+        transfer = None
         try:
             stream = self._stub(address).Fetch(sl_pb2.FetchRequest(hash=digest), timeout=timeout)
+            now = time.monotonic()
+            transfer = _Transfer(stream, stall or 0.0, min_rate, now, now)
             if stall:
-                threading.Thread(target=_watchdog, args=(stream, stall, min_rate, progress, cut, done), daemon=True,
-                                 name="fetch-watchdog").start()
+                self._watch(transfer)
             for chunk in stream:
                 if expected is None:
                     expected = chunk.total_size
-                received += len(chunk.data)
-                if size and max(expected, received) > size:
+                transfer.received += len(chunk.data)
+                if size and max(expected, transfer.received) > size:
                     stream.cancel()
                     raise FetchError(f"peer sends more than the {size} bytes the ledger declares for "
                                      f"{digest[:12]}")
                 parts.append(chunk.data)
-                progress[:] = [time.monotonic(), received]
+                transfer.last = time.monotonic()
         except grpc.RpcError as exc:
-            if cut:
-                raise FetchError(cut[0]) from None
+            if transfer is not None and transfer.cut:
+                raise FetchError(transfer.cut) from None
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                received = transfer.received if transfer is not None else 0
                 raise FetchError(f"sent {received} bytes in {timeout:.1f} s and was cut off "
                                  f"(DEADLINE_EXCEEDED)") from None
             raise FetchError(f"{exc.code().name}: {(exc.details() or '').splitlines()[0] if exc.details() else ''}") \
                 from None
         finally:
-            done.set()
-        blob = b"".join(parts)
-        if expected is not None and len(blob) != expected:
-            raise FetchError(f"got {len(blob)} of {expected} bytes")
-        if blob_hash(blob) != digest:
-            raise FetchError(f"bytes hash to {blob_hash(blob)[:12]}, not to the {digest[:12]} on the ledger")
-        return blob
+            if transfer is not None:
+                with self._watched:
+                    self._transfers.discard(transfer)
+        return _checked(b"".join(parts), expected, digest)
+
+    def _watch(self, transfer: _Transfer) -> None:
+        """Puts `transfer` under the watchdog, started with the first transfer that asks for one."""
+        with self._watched:
+            if self._watchdog is None:
+                try:
+                    self._watchdog = self._background.start("fetch-watchdog", self._cut_off_stalled)
+                except RuntimeError:
+                    transfer.stream.cancel()
+                    raise FetchError("this SL is stopping; transfer not started") from None
+            self._transfers.add(transfer)
+            self._watched.notify_all()
+
+    def _cut_off_stalled(self) -> None:
+        """The watchdog: every fifth of a second (or quarter of the shortest `stall`), cancels each
+        transfer that makes too little progress, its reason kept for the fetch to report."""
+        stopping = self._background.stopping
+        while not stopping.is_set():
+            with self._watched:
+                if not self._transfers:
+                    self._watched.wait(1.0)
+                    continue
+                transfers = list(self._transfers)
+            now = time.monotonic()
+            for transfer in transfers:
+                why = transfer.too_slow(now)
+                if why and transfer.cut is None:
+                    transfer.cut = why
+                    transfer.stream.cancel()
+            stopping.wait(min(0.2, min(t.stall for t in transfers) / 4))
 
     def close(self) -> None:
         with self._lock:
             for channel in self._channels.values():
                 channel.close()
             self._channels.clear()
+        with self._watched:
+            self._watched.notify_all()
+        if self._owns_background:
+            self._background.close()
 
 
-def _watchdog(stream, stall: float, min_rate: float, progress: list, cut: list[str], done: threading.Event) -> None:
-    """Cancels `stream` when it makes no progress for `stall` seconds or, after that long, runs below
-    `min_rate` bytes per second; the reason goes into `cut` for the fetch to report."""
-    started = time.monotonic()
-    while not done.wait(min(0.2, stall / 4)):
-        now = time.monotonic()
-        last, received = progress
-        if now - last > stall:
-            cut.append(f"sent nothing for {stall:g} s ({received} bytes in all); transfer cut off")
-        elif now - started > stall and received < min_rate * (now - started):
-            cut.append(f"sent {received} bytes in {now - started:.1f} s, below the floor of "
-                       f"{min_rate / 1e6:g} MB/s; transfer cut off")
-        else:
-            continue
-        stream.cancel()
-        return
+def _checked(blob: bytes, expected: int | None, digest: str) -> bytes:
+    if expected is not None and len(blob) != expected:
+        raise FetchError(f"got {len(blob)} of {expected} bytes")
+    if blob_hash(blob) != digest:
+        raise FetchError(f"bytes hash to {blob_hash(blob)[:12]}, not to the {digest[:12]} on the ledger")
+    return blob

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from swarmlearn import pki
+from swarmlearn.background import Background
 from swarmlearn.errors import (AlreadyRecorded, ConfigError, LedgerError, Rejected, SNLimitReached, SNUnavailable,
                                SwarmError)
 from swarmlearn.ledger.entry import Entry, SignedTx
@@ -40,7 +41,10 @@ CALL_TIMEOUT = 10.0
 # SNLimitReached instead of retrying on.
 LIMIT_PATIENCE = 10.0
 WATCH_LIMIT_PATIENCE = 5.0
-
+# How often a watch's canceller looks whether its caller asked it to stop.
+CANCEL_POLL = 0.25
+# Never set: waiting on it is a sleep, for calls made without a stop event.
+_NEVER = threading.Event()
 
 
 class SNClient:
@@ -80,7 +84,10 @@ class SNClient:
                                 f"--sn-api-port, that `swarm sn` runs, and that its certificates come from a CA "
                                 f"in {self.identity.capath} (and ours from a CA it trusts)") from None
 
-    def _call(self, method: Callable, request, what: str, patience: float | None = None):
+    def _call(self, method: Callable, request, what: str, patience: float | None = None,
+              stop: threading.Event | None = None):
+        """Calls the SN, retrying an unreachable one for `patience` seconds (a stop set ends the
+        wait between retries: a component shutting down does not sit out an SN outage)."""
         deadline = time.monotonic() + (self.unreachable_timeout if patience is None else patience)
         limited_until = min(deadline, time.monotonic() + LIMIT_PATIENCE)
         delay = 0.1
@@ -94,12 +101,14 @@ class SNClient:
                     wait = _retry_after(exc)
                     if wait is None or time.monotonic() + wait > limited_until:
                         raise _translate(exc, self.address, what) from None
-                    time.sleep(min(max(wait, 0.02), 1.0))
+                    if (stop or _NEVER).wait(min(max(wait, 0.02), 1.0)):
+                        raise _translate(exc, self.address, what) from None
                     continue
                 if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
                         or time.monotonic() + delay > deadline or _is_refusal(exc):
                     raise _translate(exc, self.address, what) from None
-                time.sleep(delay)
+                if (stop or _NEVER).wait(delay):
+                    raise _translate(exc, self.address, what) from None
                 delay = min(delay * 2, 2.0)
 
     # ---------------------------------------------------------------------------------------- API
@@ -128,23 +137,26 @@ class SNClient:
             return known["registered_at"]
         return self.submit("register_node", registration(self.identity, address, self.node_id, **info))
 
-    def heartbeat(self) -> int:
-        """Tells the SN we are alive; returns the ledger head index."""
-        return self._call(self._stub.Heartbeat, sn_pb2.HeartbeatRequest(node_id=self.node_id), "heartbeat").head_index
+    def heartbeat(self, stop: threading.Event | None = None) -> int:
+        """Tells the SN we are alive; returns the ledger head index. An unreachable SN is retried
+        until our patience runs out or `stop` is set."""
+        return self._call(self._stub.Heartbeat, sn_pb2.HeartbeatRequest(node_id=self.node_id), "heartbeat",
+                          stop=stop).head_index
 
-    def keep_alive(self, stop: threading.Event, every: float = 1.0) -> threading.Thread:
-        """Heartbeats every `every` seconds in a daemon thread until `stop` is set, so that peers
-        see this node as alive (the SN keeps last-seen times, not ledger entries)."""
+    def keep_alive(self, background: Background, every: float) -> threading.Thread:
+        """Heartbeats every `every` seconds, in a thread of `background`, until it closes, so that
+        peers see this node as alive (the SN keeps last-seen times, not ledger entries)."""
+        stop = background.stopping
+
         def beat() -> None:
             while not stop.wait(every):
                 try:
-                    self.heartbeat()
+                    self.heartbeat(stop)
                 except SwarmError as exc:
-                    log.warning("heartbeat to SN failed: %s", exc)
+                    if not stop.is_set():
+                        log.warning("heartbeat to SN failed: %s", exc)
 
-        thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
-        thread.start()
-        return thread
+        return background.start("heartbeat", beat)
 
     def query(self, section: str = "all") -> dict:
         """The folded state of one section (all, info, nodes, contracts, tasks, taskrunners); contracts
@@ -176,8 +188,17 @@ class SNClient:
         on_connect: called with the SN's head index each time a stream is (re)opened, so that a
         follower can refuse an SN whose ledger is shorter than what it verified.
         On a reconnection the last entry seen is asked for again, and an SN that now holds another
-        entry there (its history was replaced) is refused with LedgerError."""
+        entry there (its history was replaced) is refused with LedgerError.
+        One thread per call, however often it reconnects, cancels the open stream once `stop` is set."""
         stop = stop or threading.Event()
+        canceller = _StreamCanceller(stop)
+        try:
+            yield from self._follow(from_index, stop, raw, on_connect, canceller)
+        finally:
+            canceller.close()
+
+    def _follow(self, from_index: int, stop: threading.Event, raw: bool, on_connect: Callable[[int], None] | None,
+                canceller: _StreamCanceller) -> Iterator[Entry] | Iterator[StoredEntry]:
         next_index = from_index
         last_hash: str | None = None
         down_since: float | None = None
@@ -186,12 +207,11 @@ class SNClient:
             attempt = time.monotonic()
             overlap = last_hash is not None
             stream = None
-            done = threading.Event()
             try:
                 if on_connect is not None:
                     on_connect(self._stub.Query(sn_pb2.QueryRequest(section="info"), timeout=CALL_TIMEOUT).head_index)
                 stream = self._stub.Watch(sn_pb2.WatchRequest(from_index=next_index - 1 if overlap else next_index))
-                threading.Thread(target=_cancel_on_stop, args=(stream, stop, done), daemon=True).start()
+                canceller.follow(stream)
                 for msg in stream:
                     if down_since is not None:
                         log.info("SN %s reachable again after %.1f s; following the ledger from entry %d",
@@ -245,16 +265,46 @@ class SNClient:
                     raise _translate(exc, self.address, "watch") from None
                 stop.wait(0.5)
             finally:
-                done.set()
+                canceller.follow(None)
                 if stream is not None:
                     stream.cancel()
 
 
-def _cancel_on_stop(stream, stop: threading.Event, done: threading.Event) -> None:
-    while not done.is_set():
-        if stop.wait(0.25):
-            stream.cancel()
+class _StreamCanceller:
+    """Cancels a watch's current stream once `stop` is set, from one thread started with the first
+    stream and ended (and joined) with the watch: reconnections change the stream, not the thread."""
+
+    def __init__(self, stop: threading.Event):
+        self._stop = stop
+        self._lock = threading.Lock()
+        self._stream = None
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def follow(self, stream) -> None:
+        """`stream` is the one to cancel from now on (None: between attempts, nothing is open)."""
+        with self._lock:
+            self._stream = stream
+        if stream is None:
             return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="sn-watch-canceller", daemon=True)
+            self._thread.start()
+        if self._stop.is_set():
+            stream.cancel()  # set before the canceller could see this stream
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            if self._stop.wait(CANCEL_POLL):
+                with self._lock:
+                    if self._stream is not None:
+                        self._stream.cancel()
+                return
+
+    def close(self) -> None:
+        self._done.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(CANCEL_POLL * 4)
 
 
 def _is_refusal(exc: grpc.RpcError) -> bool:

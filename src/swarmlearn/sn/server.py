@@ -15,21 +15,19 @@ from pathlib import Path
 import grpc
 
 from swarmlearn import pki
+from swarmlearn.defaults import DEFAULT_CONTRACT, DEFAULT_TASKRUNNER
 from swarmlearn.errors import AlreadyRecorded, ConfigError, LedgerError, Rejected
 from swarmlearn.ledger.chain import Chain
-from swarmlearn.ledger.pin import HistoryRefused, Pin, PinFile, check_marker
 from swarmlearn.ledger.entry import SignedTx, Tx
 from swarmlearn.ledger.identities import issuer
 from swarmlearn.ledger.model import PROTOCOL_VERSION
+from swarmlearn.ledger.pin import HistoryRefused, Pin, PinFile, check_marker
 from swarmlearn.ledger.signatures import is_registered, registration, sign_tx
 from swarmlearn.ledger.sqlite_store import SQLiteStore
 from swarmlearn.proto import sn_pb2, sn_pb2_grpc
 
 log = logging.getLogger("swarmlearn.sn")
 
-DEFAULT_API_PORT = 30304
-DEFAULT_CONTRACT = "defaultbb.cqdb.sml.hpe"
-DEFAULT_TASKRUNNER = "defaulttaskbb.taskdb.sml.hpe"
 LEDGER_FILE = "ledger.db"
 # Beside the ledger: the swarm this data dir holds and the head this SN acknowledged (ledger/pin.py).
 MARKER_FILE = "swarm.json"
@@ -173,7 +171,9 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
         self.chain = chain
         self.node_id = node_id
         self.stopping = stopping
+        # Written by every handler thread that hears from a node, read by Query: only under its lock.
         self.last_seen: dict[str, float] = {}
+        self._last_seen_lock = threading.Lock()
         self.streams = StreamSlots()
         self.submits = CallBudget(SUBMIT_RATE, SUBMIT_BURST)
         self.reads = CallBudget(READ_RATE, READ_BURST)
@@ -184,7 +184,15 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
         self._bodies: dict[str, tuple[tuple, bytes]] = {}
 
     def _seen(self, node: str) -> None:
-        self.last_seen[node] = time.monotonic()
+        with self._last_seen_lock:
+            self.last_seen[node] = time.monotonic()
+
+    def _seen_ago(self) -> dict[str, float]:
+        """Seconds since each node was last heard from, from a copy taken under the lock."""
+        with self._last_seen_lock:
+            seen = dict(self.last_seen)
+        now = time.monotonic()
+        return {n: round(now - t, 3) for n, t in seen.items()}
 
     def _caller(self, context) -> str:
         """The fingerprint of the caller's certificate, once the ledger vouches for it; any other
@@ -279,9 +287,7 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
             except Rejected as exc:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         # Liveness changes between polls of one head, so it is added to the section's JSON, not kept in it.
-        now = time.monotonic()
-        seen = {n: round(now - t, 3) for n, t in list(self.last_seen.items())}
-        body = body[:-1] + b', "last_seen": ' + json.dumps(seen, sort_keys=True).encode() + b"}"
+        body = body[:-1] + b', "last_seen": ' + json.dumps(self._seen_ago(), sort_keys=True).encode() + b"}"
         if len(body) > MAX_REPLY_BYTES:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"the {section} state is {len(body)} bytes, more than the {MAX_REPLY_BYTES} a reply may "

@@ -15,12 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from swarmlearn import pki
+from swarmlearn.defaults import SN_API_PORT
 from swarmlearn.errors import SwarmError
+from swarmlearn.ledger.model import AssignmentStatus, PeerState, RoundStatus
 from swarmlearn.ledger.pin import PIN_FILE, HistoryRefused, Pin, PinFile, sn_refused
 from swarmlearn.sn.client import SNClient
 from swarmlearn.swci.script import USAGE, Command
 
-DEFAULT_SN_PORT = 30304
 # The original waits this long for a task runner; we say what is going on all along.
 DEFAULT_TASK_TIMEOUT = 120 * 60
 WAIT_FOR_IP_TIMEOUT = 300.0
@@ -42,7 +43,7 @@ class TaskFailed(SwarmError):
 
 class SwciSession:
     def __init__(self, identity: pki.Identity, usr_dir: Path, out: Callable[[str], None] = print,
-                 default_sn_port: int = DEFAULT_SN_PORT, poll: float = 0.5):
+                 default_sn_port: int = SN_API_PORT, poll: float = 0.5):
         self.identity = identity
         self.cwd = Path(usr_dir).resolve()
         self.out = out
@@ -104,7 +105,7 @@ class SwciSession:
         if client is None:
             client = SNClient(address, self.identity)
             try:
-                client.wait_ready(30)
+                client.wait_ready()
                 self._check_history(client)
             except BaseException:
                 client.close()
@@ -322,7 +323,7 @@ class SwciSession:
         self.out(f"{runner}: {a['task']} {a['status']} ({len(a['peer_status'])} of {a['peers']} peers started)")
         for peer, s in sorted(a["peer_status"].items()):
             code = "" if s["exit_code"] is None else f" exit {s['exit_code']}"
-            why = [line for line in s["detail"].splitlines() if line.strip()] if s["status"] == "FAILED" else []
+            why = [line for line in s["detail"].splitlines() if line.strip()] if s["status"] == PeerState.FAILED else []
             self.out(f"  {peer} on {s['swop']}: {s['status']}{code}" + (f": {why[-1].strip()}" if why else ""))
 
     def cmd_reset_taskrunner(self, runner: str) -> None:
@@ -351,9 +352,9 @@ class SwciSession:
             if line != last_line or now - last_progress >= PROGRESS_EVERY:
                 self.out(f"[{now - started:5.0f} s] {runner}: {line}")
                 last_line, last_progress = line, now
-            if a["status"] == "COMPLETE":
+            if a["status"] == AssignmentStatus.COMPLETE:
                 return
-            if a["status"] in ("FAILED", "RESET"):
+            if a["status"] in (AssignmentStatus.FAILED, AssignmentStatus.RESET):
                 self.failed_tasks.append(a["task"])
                 raise TaskFailed(_failure(runner, a))
             gone = _silent_swop(runner, a, last_seen)
@@ -370,7 +371,7 @@ class SwciSession:
         its merge took) and each node's latest step and epoch."""
         parts = []
         for c in self._state("contracts").values():
-            merged = [r for r in c["rounds"].values() if r["status"] == "merged"]
+            merged = [r for r in c["rounds"].values() if r["status"] == RoundStatus.MERGED]
             if not merged:
                 continue
             last = max(merged, key=lambda r: r["number"])
@@ -395,7 +396,7 @@ def _progress(a: dict, rounds: str) -> str:
 def _failure(runner: str, a: dict) -> str:
     lines = [f"task {a['task']} on {runner} {a['status']}"]
     for peer, s in sorted(a["peer_status"].items()):
-        if s["status"] == "FAILED":
+        if s["status"] == PeerState.FAILED:
             if s["exit_code"] is None:
                 lines.append(f"--- {peer} on {s['swop']} failed:")
             else:
@@ -409,7 +410,7 @@ def _silent_swop(runner: str, a: dict, last_seen: dict[str, float]) -> str | Non
     has not heard from since it started is given the benefit of the doubt.)"""
     running: dict[str, list[str]] = {}
     for peer, s in sorted(a["peer_status"].items()):
-        if s["status"] in ("STARTING", "RUNNING"):
+        if s["status"] in (PeerState.STARTING, PeerState.RUNNING):
             running.setdefault(s["swop"], []).append(peer)
     for swop, peers in sorted(running.items()):
         silent = last_seen.get(swop)

@@ -4,9 +4,10 @@ ML process per node, reporting each peer RUNNING, then COMPLETE or FAILED with i
 last log lines. One task at a time. A task its profile does not allow (swop/policy.py: signers,
 entrypoints, paths, builds) is refused before anything starts: its peers end FAILED with the reason.
 
-A SWOP that dies takes its nodes with it (the kernel sends them SIGTERM) and does not re-adopt a task
-when it starts again: it reports the peers it had started as FAILED ("swop-1 stopped while its nodes
-ran"), so the task ends instead of showing RUNNING forever, and RESET TASKRUNNER + ASSIGN TASK run it
+A SWOP that dies takes its nodes with it (their swop/launch.py wrappers stop them when its lifeline
+pipe closes) and does not re-adopt a task when it starts again: it reports the peers it had started as
+FAILED ("swop-1 stopped while its nodes ran"), so the task ends instead of showing RUNNING forever,
+and RESET TASKRUNNER + ASSIGN TASK run it
 afresh. While it runs it heartbeats to the SN, so that SWCI sees a SWOP that went silent.
 """
 
@@ -24,13 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from swarmlearn import pki
+from swarmlearn.background import Background
+from swarmlearn.defaults import HEARTBEAT_EVERY, TOKEN_ENV
 from swarmlearn.errors import ConfigError, Rejected, SwarmError
-from swarmlearn.ledger.model import Assignment
-from swarmlearn.ledger.state import LedgerState
+from swarmlearn.ledger.model import Assignment, AssignmentStatus, PeerState
 from swarmlearn.ledger.pin import PIN_FILE
-from swarmlearn.sl.follower import LedgerFollower
-from swarmlearn.sl.wire import TOKEN_ENV
+from swarmlearn.ledger.state import LedgerState
 from swarmlearn.sn.client import SNClient
+from swarmlearn.sn.follower import LedgerFollower
 from swarmlearn.swop.policy import PYTHON_NAMES, TaskPolicy
 from swarmlearn.swop.policy import mapped as _mapped, shared_content as _shared_content
 from swarmlearn.swop.runtime import Handle, ProcessRuntime, Runtime, Spec, record_self
@@ -42,7 +44,6 @@ SL_READY_TIMEOUT = 60.0
 # are still pulling it.
 LINGER = 5.0
 POLL = 0.5
-HEARTBEAT_EVERY = 1.0
 
 
 @dataclass
@@ -51,7 +52,7 @@ class NodeRun:
     sl: Handle | None = None
     ml: Handle | None = None
     ended_at: float | None = None
-    reported: str = "STARTING"
+    reported: str = PeerState.STARTING
 
 
 @dataclass
@@ -85,7 +86,9 @@ class Operator:
         self.sn = SNClient(config.sn_address, config.identity, self.node_id)
         # The swarm this operator verified is pinned in its workspace; a refused or lost ledger ends the
         # SWOP (failure(); the `swop` command then stops it and exits non-zero with that line).
-        self.follower = LedgerFollower(self.sn, self.workspace / PIN_FILE)
+        # The operator's background threads (ledger follower, heartbeat) have one owner, closed by stop().
+        self.background = Background(f"swop-{self.node_id}")
+        self.follower = LedgerFollower(self.sn, self.workspace / PIN_FILE, background=self.background)
         self.runner = self.profile.taskrunner
         self.handled: set[tuple[str, int]] = set()
         self.handles: list[Handle] = []
@@ -109,7 +112,7 @@ class Operator:
         self.follower.wait_index(joined)
         self.pid_file = record_self(self.workspace, self.node_id)
         self._fail_orphans()
-        self.sn.keep_alive(self.stopping, HEARTBEAT_EVERY)
+        self.sn.keep_alive(self.background, HEARTBEAT_EVERY)
 
     def run(self) -> None:
         """Serves tasks until stop() is called or the ledger is lost (failure() then says why)."""
@@ -132,19 +135,20 @@ class Operator:
         for handle in list(self.handles):
             handle.stop(grace=5.0)
         self.follower.stop()
+        self.background.close()
         self.sn.close()
         if self.pid_file is not None:
             self.pid_file.unlink(missing_ok=True)
 
     def _fail_orphans(self) -> None:
         """Peers of a running task that a previous run of this SWOP started are gone with it (or
-        about to go: the kernel sent them SIGTERM). We do not re-adopt them; we end them on the
+        about to go: their wrappers saw it die and stopped them). We do not re-adopt them; we end them on the
         ledger, so the task is FAILED with the reason instead of RUNNING forever."""
         a = self.follower.read(lambda s: s.taskrunners[self.runner].assignment)
-        if a is None or a.status != "RUNNING":
+        if a is None or a.status != AssignmentStatus.RUNNING:
             return
         orphans = [p for p, s in sorted(a.peer_status.items())
-                   if s.swop == self.node_id and s.status in ("STARTING", "RUNNING")]
+                   if s.swop == self.node_id and s.status in (PeerState.STARTING, PeerState.RUNNING)]
         if not orphans:
             return
         self.handled.add((a.task, a.generation))
@@ -152,11 +156,11 @@ class Operator:
                   f"re-adopt them. RESET TASKRUNNER {self.runner} and ASSIGN TASK {a.task} again to run it afresh")
         log.warning("task %s: %s", a.task, reason)
         for peer in orphans:  # the first FAILED ends the task; the ledger refuses the rest, quietly
-            self._report(a.generation, peer, "FAILED", None, reason, quiet=True)
+            self._report(a.generation, peer, PeerState.FAILED, None, reason, quiet=True)
 
     def _claimable(self, state: LedgerState) -> Assignment | None:
         a = state.taskrunners[self.runner].assignment
-        if a is None or a.status != "RUNNING" or (a.task, a.generation) in self.handled:
+        if a is None or a.status != AssignmentStatus.RUNNING or (a.task, a.generation) in self.handled:
             return None
         return a if len(a.peer_status) < a.peers else None
 
@@ -181,7 +185,7 @@ class Operator:
             reason = f"{self.node_id} refuses task {task.name}: {refused}"
             log.warning("%s", reason)
             for peer in peers:
-                self._report(a.generation, peer, "FAILED", None, reason, quiet=True)
+                self._report(a.generation, peer, PeerState.FAILED, None, reason, quiet=True)
             return
         log.info("task %s (%s): running %d peers: %s", task.name, task.type, len(peers), ", ".join(peers))
         try:
@@ -191,12 +195,12 @@ class Operator:
                 self._build(task, peers, a.generation)
             else:
                 for peer in peers:
-                    self._report(a.generation, peer, "COMPLETE", 0,
+                    self._report(a.generation, peer, PeerState.COMPLETE, 0,
                                  f"{task.type} needs nothing on a host without containers; accepted as a no-op")
         except SwarmError as exc:
             log.error("task %s failed: %s", task.name, exc)
             for peer in peers:
-                self._report(a.generation, peer, "FAILED", None, str(exc), quiet=True)
+                self._report(a.generation, peer, PeerState.FAILED, None, str(exc), quiet=True)
 
     def _report(self, generation: int, peer: str, status: str, exit_code: int | None, detail: str = "",
                 quiet: bool = False) -> None:
@@ -212,10 +216,10 @@ class Operator:
     def _assignment_over(self, generation: int) -> str | None:
         a = self.follower.read(lambda s: s.taskrunners[self.runner].assignment)
         if a is None:
-            return "RESET"
+            return AssignmentStatus.RESET
         if a.generation != generation:
             return "REPLACED"
-        return a.status if a.status in ("FAILED", "RESET") else None
+        return a.status if a.status in (AssignmentStatus.FAILED, AssignmentStatus.RESET) else None
 
     # ------------------------------------------------------------------------------ RUN_SWARM
 
@@ -228,13 +232,17 @@ class Operator:
                 run = NodeRun(node.node_id)
                 runs.append(run)
                 run.sl = self._start_sl(task.name, node)
-                # "SL node1 ready: SWARM_SL_ADDR=... [SWARM_SL_TOKEN=...]": what its ML's environment needs.
-                ready = run.sl.wait_for_line("ready: SWARM_SL_ADDR=", SL_READY_TIMEOUT).split("=", 1)[1]
+                # "SL node1 ready: SWARM_SL_ADDR=... [SWARM_SL_TOKEN=...]": what its ML's environment needs,
+                # announced over the SL's readiness pipe (swarmlearn.readiness).
+                line = run.sl.wait_ready(SL_READY_TIMEOUT)
+                if "SWARM_SL_ADDR=" not in line:
+                    raise SwarmError(f"SL {node.node_id} announced {line!r}, which names no SWARM_SL_ADDR")
+                ready = line.split("SWARM_SL_ADDR=", 1)[1]
                 address, _, token = ready.partition(f" {TOKEN_ENV}=")  # a socket path may hold spaces
                 sl_env = {"SWARM_SL_ADDR": address, **({TOKEN_ENV: token} if token else {})}
                 run.ml = self._start_ml(task.name, node, body, mapping, sl_env)
-                self._report(generation, run.peer, "RUNNING", None)
-                run.reported = "RUNNING"
+                self._report(generation, run.peer, PeerState.RUNNING, None)
+                run.reported = PeerState.RUNNING
             self._watch(task.name, runs, generation)
         finally:
             self._clean_up(task.name, runs)
@@ -249,9 +257,9 @@ class Operator:
                     continue
                 run.ended_at = time.monotonic()
                 if code == 0:
-                    self._report(generation, run.peer, "COMPLETE", 0)
+                    self._report(generation, run.peer, PeerState.COMPLETE, 0)
                 else:
-                    self._report(generation, run.peer, "FAILED", code, run.ml.last_lines(20))
+                    self._report(generation, run.peer, PeerState.FAILED, code, run.ml.last_lines(20))
             over = self._assignment_over(generation)
             if over is not None:
                 log.info("task %s is %s; stopping its remaining processes", task, over)
@@ -303,6 +311,8 @@ class Operator:
                                 self._node_dir(task, node.node_id) / "ml.log"))
 
     def _start(self, spec: Spec) -> Handle:
+        # Called from the worker thread that serves tasks; any thread would do: a node dies with this
+        # process (its wrapper watches our lifeline pipe), not with the thread that started it.
         handle = self.runtime.start(spec)
         self.handles.append(handle)
         return handle
@@ -358,13 +368,13 @@ class Operator:
                     return
             if code != 0:
                 for peer in peers:
-                    self._report(generation, peer, "FAILED", code, handle.last_lines(20))
+                    self._report(generation, peer, PeerState.FAILED, code, handle.last_lines(20))
                 return
             detail += f"; installed {' '.join(pip_args)}"
         if ignored:
             detail += f"; {len(ignored)} container-only build steps not applicable to processes"
         for peer in peers:
-            self._report(generation, peer, "COMPLETE", 0, detail)
+            self._report(generation, peer, PeerState.COMPLETE, 0, detail)
 
 
 def _spiffe_id(state: LedgerState, node_id: str) -> str | None:

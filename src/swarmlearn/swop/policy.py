@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from swarmlearn import pki
 from swarmlearn.swop.profile import PYTHON_NAME
@@ -128,10 +128,9 @@ class TaskPolicy:
     def _run_refusal(self, raw: Any) -> str | None:
         from swarmlearn.swci.taskdef import RunSwarmBody
 
-        try:
-            body = RunSwarmBody.model_validate(raw)
-        except ValidationError as exc:
-            return f"its Body is not a RUN_SWARM body ({exc.error_count()} problems: {_first_error(exc)})"
+        body = _parsed_body(RunSwarmBody, raw)
+        if isinstance(body, str):
+            return f"its Body is not a RUN_SWARM body ({body})"
         mapping = shared_content([{"Src": s.src, "Tgt": s.tgt} for s in body.shared_content or []])
         entry = body.entrypoint or "python3"
         python = entry in PYTHON_NAMES
@@ -167,10 +166,9 @@ class TaskPolicy:
     def _build_refusal(self, raw: Any) -> str | None:
         from swarmlearn.swci.taskdef import MakeUserContainerBody
 
-        try:
-            body = MakeUserContainerBody.model_validate(raw)
-        except ValidationError as exc:
-            return f"its Body is not a MAKE_USER_CONTAINER body ({_first_error(exc)})"
+        body = _parsed_body(MakeUserContainerBody, raw)
+        if isinstance(body, str):
+            return f"its Body is not a MAKE_USER_CONTAINER body ({body})"
         args = body.pip_requirements()
         if args and not self.allow_build:
             return "this SWOP installs nothing (`allowbuild: false` in its profile); its environment is as it is"
@@ -208,6 +206,10 @@ def pip_refusal(args: list[str], allowed_options: Iterable[str] = ()) -> str | N
     return None
 
 
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    return f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+def _parsed_body(model: type[BaseModel], raw: Any) -> BaseModel | str:
+    """`raw` as a `model`, or what is wrong with it: how many problems and the first one."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        err, count = exc.errors()[0], exc.error_count()
+        return f"{count} problem{'s' * (count > 1)}, first {'.'.join(map(str, err['loc']))}: {err['msg']}"

@@ -38,6 +38,7 @@ the reason before any process starts).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,10 +46,8 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from swarmlearn import pki
+from swarmlearn.defaults import DEFAULT_TASKRUNNER, SL_FS_PORT
 from swarmlearn.yamlfile import EnvVars, KeyValues, YamlModel, line_of, located_error, validate
-
-DEFAULT_TASKRUNNER = "defaulttaskbb.taskdb.sml.hpe"
-DEFAULT_SLPORT = 30305
 
 MountType = Literal["BIND", "VOLUME"]
 AttributeType = Literal["KEY", "CERT", "CAPATH", "CACERT", "SPIFFE_SOCKETPATH"]
@@ -136,7 +135,7 @@ class SlNodeDef(YamlModel):
     identity: list[IdentityEntry] = []
     slhostname: str | None = None
     slhostip: str | None = None
-    slport: int = Field(default=DEFAULT_SLPORT, ge=0, le=65535)  # 0: the OS picks a free port
+    slport: int = Field(default=SL_FS_PORT, ge=0, le=65535)  # 0: the OS picks a free port
     slfsservice: Any = None
     sllabels: Any = None
     slnetworkopts: Any = None
@@ -226,40 +225,27 @@ class SwopProfile(YamlModel):
     @field_validator("taskauthors")
     @classmethod
     def _spiffe_patterns(cls, authors: list[str] | None) -> list[str] | None:
-        problems = [((i,), f"{a!r} is not a task author; write spiffe://<organization>/swci/<name> (or admin "
-                           f"for the role; * for any name): the identity in the signer's certificate", a)
-                    for i, a in enumerate(authors or []) if not AUTHOR_PATTERN.fullmatch(a)]
-        if problems:
-            raise located_error(problems)
-        return authors
+        return _each_item(authors, AUTHOR_PATTERN.fullmatch,
+                          lambda a: f"{a!r} is not a task author; write spiffe://<organization>/swci/<name> (or "
+                                    f"admin for the role; * for any name): the identity in the signer's certificate")
 
     @field_validator("entrypoints")
     @classmethod
     def _programs(cls, programs: list[str] | None) -> list[str] | None:
-        problems = [((i,), f"{p!r}: name a program by its absolute path (e.g. /usr/bin/Rscript), or python3 "
-                           f"for the SWOP's own Python", p)
-                    for i, p in enumerate(programs or []) if not (PYTHON_NAME.fullmatch(p) or Path(p).is_absolute())]
-        if problems:
-            raise located_error(problems)
-        return programs
+        return _each_item(programs, lambda p: PYTHON_NAME.fullmatch(p) or Path(p).is_absolute(),
+                          lambda p: f"{p!r}: name a program by its absolute path (e.g. /usr/bin/Rscript), or "
+                                    f"python3 for the SWOP's own Python")
 
     @field_validator("allowedpaths")
     @classmethod
     def _folders(cls, folders: list[str]) -> list[str]:
-        problems = [((i,), "name a folder (an empty path would allow nothing useful)", f)
-                    for i, f in enumerate(folders) if not f.strip()]
-        if problems:
-            raise located_error(problems)
-        return folders
+        return _each_item(folders, str.strip, lambda f: "name a folder (an empty path would allow nothing useful)")
 
     @field_validator("pipoptions")
     @classmethod
     def _options(cls, options: list[str]) -> list[str]:
-        problems = [((i,), f"{o!r} is not a pip option; write it as pip spells it, e.g. --index-url", o)
-                    for i, o in enumerate(options) if not re.fullmatch(r"--?[A-Za-z][A-Za-z0-9-]*", o)]
-        if problems:
-            raise located_error(problems)
-        return options
+        return _each_item(options, lambda o: re.fullmatch(r"--?[A-Za-z][A-Za-z0-9-]*", o),
+                          lambda o: f"{o!r} is not a pip option; write it as pip spells it, e.g. --index-url")
 
     @field_validator("nodes")
     @classmethod
@@ -337,3 +323,11 @@ def _name_key(node: SlNodeDef) -> tuple[str, str]:
 def load_profile(path: str | Path) -> SwopProfile:
     """Read and validate a SWOP profile; ConfigError (file:line: key.path: what; fix) when it is wrong."""
     return validate(SwopProfile, path)
+
+
+def _each_item(items: list[str] | None, ok: Callable[[str], Any], why: Callable[[str], str]) -> list[str] | None:
+    """`items` as they are, or one located error listing every item that is not `ok`, with `why`."""
+    problems = [((i,), why(item), item) for i, item in enumerate(items or []) if not ok(item)]
+    if problems:
+        raise located_error(problems)
+    return items

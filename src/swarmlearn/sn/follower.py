@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
+from swarmlearn.background import Background
 from swarmlearn.errors import LedgerError, SwarmError
 from swarmlearn.ledger.chain import ChainVerifier
 from swarmlearn.ledger.pin import Pin, PinFile, sn_refused
@@ -35,9 +36,11 @@ class LedgerFollower:
     (SL: DATA_DIR/ledger-pin.json, SWOP: WORKSPACE/ledger-pin.json); without one the pin lives only
     as long as this object. A lost ledger (the SN stayed away past its patience) or a refused one
     (any LedgerError: a broken chain, a bad signature, a rollback) is kept in `error`, raised to every
-    waiter and returned by failure(), which the component's command watches to stop and exit non-zero."""
+    waiter and returned by failure(), which the component's command watches to stop and exit non-zero.
+    Its thread belongs to `background`, the component's owner of threads (without one, the follower
+    owns its own); stop() ends and joins it either way."""
 
-    def __init__(self, sn: SNClient, pin_file: Path | None = None):
+    def __init__(self, sn: SNClient, pin_file: Path | None = None, background: Background | None = None):
         self.sn = sn
         self.verifier = ChainVerifier()
         self.changed = threading.Condition()
@@ -45,21 +48,25 @@ class LedgerFollower:
         self.pin = PinFile(pin_file) if pin_file is not None else None
         self._pinned: Pin | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._follow, name="ledger-follower", daemon=True)
+        self._owns_background = background is None
+        self._background = background or Background("follower")
+        self._thread: threading.Thread | None = None
 
     @property
     def state(self) -> LedgerState:
         return self.verifier.state
 
     def start(self) -> None:
-        self._thread.start()
+        self._thread = self._background.start("ledger-follower", self._follow)
 
     def stop(self) -> None:
         self._stop.set()
         with self.changed:
             self.changed.notify_all()
-        if self._thread is not threading.current_thread():
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        if self._owns_background:
+            self._background.close()
         if self.pin is not None:
             self.pin.flush()
 

@@ -1,0 +1,153 @@
+"""The interface every merge method implements, and the checks every contribution passes first.
+
+A method sees the participants' tensor sets one at a time (so `mean` holds about two models in
+memory, whatever the number of peers) and returns the merged set. Contributions are validated first
+(same keys, shapes and dtypes as the first one, finite values, a parameter norm in line with the
+others') and a bad one is refused with the node's name; the round goes on with the rest. Finite but
+runaway values are the norm check's and the robust methods' business: no absolute bound fits every model.
+
+Float tensors are merged in float64 and narrowed back to their own dtype. Integer and bool tensors
+(step counters and the like) are not averaged: they are taken from the contribution with the largest
+weight (ties: the first node in name order).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from swarmlearn.errors import SwarmError
+from swarmlearn.tensors import Tensor
+
+
+class BadContribution(SwarmError):
+    def __init__(self, node: str, reason: str):
+        super().__init__(f"contribution of {node} refused: {reason}")
+        self.node = node
+        self.reason = reason
+
+
+class MergeError(SwarmError):
+    """Nothing could be merged (no valid contribution)."""
+
+
+@dataclass(frozen=True)
+class Contribution:
+    node: str
+    weight: float
+    tensors: dict[str, Tensor]
+
+
+def check_contribution(c: Contribution, reference: dict[str, Tensor] | None) -> None:
+    """Raises BadContribution unless `c` matches `reference` key for key and holds finite values."""
+    if reference is not None:
+        missing = sorted(set(reference) - set(c.tensors))
+        extra = sorted(set(c.tensors) - set(reference))
+        if missing:
+            raise BadContribution(c.node, f"tensor {missing[0]} is missing (different model architecture?)")
+        if extra:
+            raise BadContribution(c.node, f"unexpected tensor {extra[0]} (different model architecture?)")
+        for name in sorted(reference):
+            ref, got = reference[name], c.tensors[name]
+            if got.array.shape != ref.array.shape:
+                raise BadContribution(c.node, f"tensor {name} has shape {list(got.array.shape)}, "
+                                              f"others have {list(ref.array.shape)}")
+            if got.dtype != ref.dtype:
+                raise BadContribution(c.node, f"tensor {name} is {got.dtype}, others are {ref.dtype}")
+    if not np.isfinite(c.weight) or c.weight < 0:
+        raise BadContribution(c.node, f"weight {c.weight} is not a finite number >= 0")
+    for name in sorted(c.tensors):
+        t = c.tensors[name]
+        if not t.is_float:
+            continue
+        # F16/F32/F64 are checked as they are (NaN and Inf survive widening, so the answer is the
+        # same without a float64 copy of a large model); BF16 is stored as bits and must be widened.
+        values = t.as_float64() if t.dtype == "BF16" else t.array
+        if not np.isfinite(values).all():
+            raise BadContribution(c.node, f"tensor {name} holds NaN or Inf")
+
+
+# A contribution whose L2 norm (over all its float tensors) is more than this many times the median
+# of the other contributions' norms is refused. Peers hold the same model near the same point, so
+# their parameter norms stay within a small factor of each other whatever their data, however late
+# they joined and whether or not they still train; a scaled-up ("boosted") or exploded contribution
+# is orders of magnitude off. The norms of the parameters, not of the updates, are compared: update
+# norms legitimately differ by far more than 10x (a finished node's update is about 0, a returning
+# node's is large). The median of the *others* keeps one huge contribution from raising its own bar
+# and works from two peers on; a relative rule needs no per-model threshold for users to pick.
+NORM_OUTLIER_FACTOR = 10.0
+
+
+def contribution_norm(tensors: dict[str, Tensor], chunk: int = 1 << 22) -> float:
+    """L2 norm over all float tensors, summed in float64 a chunk at a time (no full-size copy)."""
+    total = 0.0
+    for t in tensors.values():
+        if not t.is_float:
+            continue
+        flat = t.array.reshape(-1)
+        for start in range(0, flat.size, chunk):
+            part = Tensor(t.dtype, flat[start:start + chunk]).as_float64()
+            total += float(np.dot(part, part))
+    return float(np.sqrt(total))
+
+
+def norm_outliers(norms: dict[str, float], factor: float = NORM_OUTLIER_FACTOR) -> dict[str, str]:
+    """The nodes whose norm exceeds `factor` x the median of the others', with the reason."""
+    refused = {}
+    for node, norm in norms.items():
+        others = [v for n, v in norms.items() if n != node]
+        if not others:
+            continue
+        median = float(np.median(others))
+        if median > 0 and norm > factor * median:
+            refused[node] = (f"norm {norm:.4g} is more than {factor:g}x the median of the other "
+                             f"contributions' ({median:.4g})")
+    return refused
+
+
+class Merger(ABC):
+    name: str
+
+    @abstractmethod
+    def merge(self, contributions: Iterable[Contribution]) -> dict[str, Tensor]:
+        """Merges already-validated contributions of identical structure."""
+
+
+def normalized_weights(weights: list[float]) -> np.ndarray:
+    """Weights summing to 1; equal weights when every weight is 0 (e.g. the very first sync)."""
+    w = np.asarray(weights, dtype=np.float64)
+    total = w.sum()
+    return np.full(len(w), 1.0 / len(w)) if total <= 0 else w / total
+
+
+def heaviness(c: Contribution) -> tuple[float, str]:
+    """Sort key: the heaviest contribution first, ties broken by node name."""
+    return (-c.weight, c.node)
+
+
+def non_float_from_heaviest(contributions: list[Contribution], name: str) -> Tensor:
+    return min(contributions, key=heaviness).tensors[name]
+
+
+def stacked(contributions: list[Contribution], name: str) -> np.ndarray:
+    return np.stack([c.tensors[name].as_float64().ravel() for c in contributions])
+
+
+def merge_each_tensor(contributions: Iterable[Contribution],
+                      combine: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> dict[str, Tensor]:
+    """For methods that need every contribution at once: stacks each float tensor as (peers, coords),
+    calls combine(values, normalized weights) and narrows the result back to the tensor's dtype."""
+    cs = list(contributions)
+    if not cs:
+        raise MergeError("no contribution to merge")
+    weights = normalized_weights([c.weight for c in cs])
+    merged: dict[str, Tensor] = {}
+    for name, t in cs[0].tensors.items():
+        if not t.is_float:
+            merged[name] = non_float_from_heaviest(cs, name)
+            continue
+        merged[name] = Tensor.from_float(t.dtype, combine(stacked(cs, name), weights), t.array.shape)
+    return merged
