@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._flagship import NODES, run_nodes  # noqa: E402
 from swarmlearn.datasets import pool, prepare  # noqa: E402
+from swarmlearn.merge import METHODS  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 # The flagship's own settings (examples/huggingface-peft/swci/taskdefs/run_hf_task.yaml), one epoch.
@@ -43,7 +44,7 @@ def main() -> None:
     parser.add_argument("--train-per-node", type=int, default=3500)
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument("--label-skew", type=float, default=0.8, help="the non-IID split's skew (0 = IID)")
-    parser.add_argument("--methods", default="mean,coordmedian,geomedian", help="merge methods on the IID split")
+    parser.add_argument("--methods", default=",".join(METHODS), help="merge methods on the IID split")
     parser.add_argument("--quick", action="store_true", help="smoke run: 96 rows per node, 100 test, IID, mean")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None,

@@ -4,6 +4,9 @@ one that will not end, and leaves no pool able to take work."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -46,8 +49,9 @@ def test_an_owned_pool_is_reused_then_shut_down_with_queued_work_cancelled():
     owner = Background("sl-node2")
     pool = owner.executor("merge", 1)
     assert owner.executor("merge", 1) is pool
-    gate = threading.Event()
-    running = pool.submit(gate.wait, 10)
+    began, gate = threading.Event(), threading.Event()
+    running = pool.submit(lambda: began.set() or gate.wait(10))
+    assert began.wait(5)  # running, not queued, when the owner closes
     queued = pool.submit(lambda: "never")
     workers = owner.threads()
     assert [t.name for t in workers] == ["sl-node2-merge_0"]
@@ -71,3 +75,30 @@ def test_nothing_starts_once_the_owner_is_closed():
         owner.start("late", print)
     with pytest.raises(RuntimeError, match="sl-node3 is closed"):
         owner.executor("late", 1)
+
+
+def test_a_process_whose_pool_task_never_ends_still_exits_promptly_after_close():
+    """A merge that never converges, or an RPC handler stuck in its retries, is named by close() and
+    then does not hold the process at exit (ThreadPoolExecutor's workers would: exit joins them)."""
+    script = textwrap.dedent("""
+        import threading
+        from swarmlearn.background import Background
+
+        owner = Background("sl-node4")
+        running = threading.Event()
+        owner.executor("merge", 1).submit(lambda: (running.set(), threading.Event().wait()))
+        assert running.wait(5)
+        print("stuck:", owner.close(timeout=0.5), flush=True)
+    """)
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        output, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, output
+    assert "stuck: ['sl-node4-merge_0']" in output
+    assert time.monotonic() - started < 10

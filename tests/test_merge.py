@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from swarmlearn.errors import SwarmError
-from swarmlearn.merge import METHODS, BadContribution, Contribution, MergeError, check_contribution, get_merger
+from swarmlearn.merge import METHODS, get_merger
+from swarmlearn.merge.base import BadContribution, Contribution, MergeError, check_contribution
 from swarmlearn.tensors import Tensor, tensor
 
 # --- helpers shared with test_merge_<method>.py ------------------------------------------------------------
@@ -166,6 +167,13 @@ def test_a_misspelled_method_is_refused_listing_the_methods():
         assert method in message
 
 
+def test_reading_the_list_of_methods_loads_no_numpy():
+    # The CLI offers the names at start-up; `swarm --help` must not pay for numpy (or torch).
+    probe = "import sys, swarmlearn.cli; print('numpy' in sys.modules, 'torch' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert loaded.stdout.split() == ["False", "False"], loaded.stdout + loaded.stderr
+
+
 def test_the_cli_offers_exactly_the_listed_methods():
     shown = subprocess.run([sys.executable, "-m", "swarmlearn.cli", "run", "--help"], capture_output=True, text=True,
                            timeout=60, check=True).stdout
@@ -235,7 +243,7 @@ def test_integer_tensors_on_a_weight_tie_come_from_the_first_node_by_name(method
 
 
 def test_a_contribution_far_larger_than_the_others_is_an_outlier_whatever_the_updates():
-    from swarmlearn.merge import contribution_norm, norm_outliers
+    from swarmlearn.merge.base import contribution_norm, norm_outliers
     from swarmlearn.tensors import Tensor
 
     rng = np.random.default_rng(0)

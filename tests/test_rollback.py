@@ -209,7 +209,7 @@ class EntriesSN:
     def __init__(self, rows: list[StoredEntry]):
         self.rows = rows
 
-    def watch(self, from_index, stop: threading.Event, raw=False, on_connect=None):
+    def watch(self, from_index, stop: threading.Event, raw=False, on_connect=None, background=None):
         if on_connect is not None:
             on_connect(len(self.rows) - 1)
         yield from self.rows[from_index:]

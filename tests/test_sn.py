@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import sqlite3
@@ -15,7 +16,9 @@ from swarmlearn.errors import Rejected, SNUnavailable
 from swarmlearn.ledger.signatures import sign_tx
 from swarmlearn.pki import Identity
 from swarmlearn.sn.client import SNClient
-from test_sl_lifecycle import ThreadStarts
+from swarmlearn.sn.server import MARKER_FILE
+from swarmlearn.sn.server import start_sn as serve_sn
+from test_sl_lifecycle import ThreadStarts, _not_grpcs
 
 
 def client(sn, certs, component="sl", node_id=None, **kwargs) -> SNClient:
@@ -242,3 +245,20 @@ def _wait_for(condition, timeout: float = 20.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def test_a_stopped_sn_leaves_no_thread_behind_and_its_marker_holds_its_last_entry(certs, tmp_path):
+    """The SN's RPC workers and its marker's writer are its own: stop() ends every one of them, and
+    writes swarm.json with the entry appended just before (the writer waits a second between writes)."""
+    with ThreadStarts() as starts:
+        server = serve_sn(host="127.0.0.1", port=0, identity=identity(certs, "sn"), data_dir=tmp_path / "sn",
+                          sentinel=True)
+        try:
+            with SNClient(server.address, identity(certs, "swci")) as swci:
+                swci.wait_ready(10)
+                swci.register("SWCI")
+                last = swci.submit("contract_create", {"name": "just-before-stop"})
+        finally:
+            server.stop()
+    assert [t.name for t in _not_grpcs(starts.started) if t.is_alive()] == []
+    assert json.loads((tmp_path / "sn" / MARKER_FILE).read_text())["head_index"] == last

@@ -2,13 +2,18 @@
 
 Each test runs once per store in STORES. A store factory takes a location (a folder that belongs to
 the test) and opens the ledger kept there; opening the same location twice gives two handles on one
-ledger, the way two SNs share one replicated store. A new store (etcd, ...) adds one line to STORES.
+ledger, the way two SNs share one replicated store. A new store adds one line to STORES naming the
+fixture that gives its factory.
 Stores only store, so the entries here carry made-up signatures.
+
+The etcd store runs against one real etcd member per test module (mutual TLS with gen-cert's
+certificates); each test's ledger lives under its own key prefix, named after the test's folder.
 """
 
 from __future__ import annotations
 
 import hashlib
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -18,14 +23,44 @@ import pytest
 
 from swarmlearn.errors import HeadMoved
 from swarmlearn.ledger.entry import GENESIS_PREV_HASH, Entry, Signer, Tx
+from swarmlearn.ledger.etcd_member import SETUP_HINT, EtcdCluster, start_cluster
+from swarmlearn.ledger.etcd_store import EtcdStore, TLSFiles
 from swarmlearn.ledger.sqlite_store import SQLiteStore
 from swarmlearn.ledger.store import LedgerStore
+from swarmlearn.pki import CertLayout
 
 StoreFactory = Callable[[Path], LedgerStore]
 
-STORES: dict[str, StoreFactory] = {
-    "sqlite": lambda location: SQLiteStore(location / "ledger.db"),
+# Store name -> the fixture that gives its factory.
+STORES: dict[str, str] = {
+    "sqlite": "sqlite_factory",
+    "etcd": "etcd_factory",
 }
+
+
+@pytest.fixture
+def sqlite_factory() -> StoreFactory:
+    return lambda location: SQLiteStore(location / "ledger.db")
+
+
+def sn_tls(certs: CertLayout) -> TLSFiles:
+    """The SN's certificate, which an etcd member beside an SN serves with and the SN connects with."""
+    return TLSFiles(certs.capath, certs.cert("sn"), certs.key("sn"))
+
+
+@pytest.fixture(scope="module")
+def etcd_cluster(certs, tmp_path_factory) -> EtcdCluster:
+    """One etcd member for the whole test module, stopped by pid at its end."""
+    if shutil.which("etcd") is None:
+        pytest.fail(f"etcd is not installed (no `etcd` on PATH): {SETUP_HINT}")
+    cluster = start_cluster(tmp_path_factory.mktemp("etcd"), sn_tls(certs))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def etcd_factory(etcd_cluster) -> StoreFactory:
+    return lambda location: EtcdStore(etcd_cluster.endpoints, f"/swarmlearn-test{location}", etcd_cluster.tls)
 
 # Generous bounds for "at once" and "promptly": CI machines are slow and busy, a store is not.
 PROMPT = 2.0
@@ -36,9 +71,10 @@ SIGNER = Signer("sl-1", "ab" * 32)
 def store_factory(request, tmp_path) -> StoreFactory:
     """Opens stores of one kind; every handle opened is closed when the test ends."""
     opened: list[LedgerStore] = []
+    factory = request.getfixturevalue(STORES[request.param])
 
     def open_store(location: Path = tmp_path) -> LedgerStore:
-        store = STORES[request.param](location)
+        store = factory(location)
         opened.append(store)
         return store
 

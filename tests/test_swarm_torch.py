@@ -9,6 +9,7 @@ from safetensors.numpy import load_file
 
 from conftest import identity
 from swarm_harness import start_swarm, wait_ml
+from swarmlearn.merge import METHODS
 from swarmlearn.sn.client import SNClient
 
 NODES = ["node1", "node2", "node3"]
@@ -64,10 +65,11 @@ def reference_geomedian(sent: list[dict], weights: list[float]) -> dict:
 
 
 REFERENCES = {"mean": reference_mean, "coordmedian": reference_coordmedian, "geomedian": reference_geomedian}
+assert REFERENCES.keys() == METHODS.keys(), "a merge method without a reference merge in this test"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["mean", "coordmedian", "geomedian"])
+@pytest.mark.parametrize("method", METHODS)
 def test_three_nodes_end_every_round_with_the_same_merged_model(procs, certs, tmp_path, method):
     swarm = start_swarm(procs, certs, tmp_path, NODES, "tiny_torch_model.py",
                         env={"MERGE_METHOD": method, "STEPS": "12", "SYNC_FREQUENCY": "4"},

@@ -15,8 +15,8 @@ from safetensors.numpy import load_file
 
 from conftest import identity, identity_args, start_sn
 from swarmlearn.sn.client import SNClient
-from swarmlearn.swop.runtime import _alive
 from test_crash_recovery import NODES, RUNNER, slow_profile
+from test_supervisor import alive
 from test_swarm_failures import LedgerWatch, assert_same, is_kind
 from test_swop_swci import make_project
 
@@ -80,10 +80,10 @@ def test_a_killed_swop_leaves_no_node_and_its_task_ends_failed_then_runs_again(p
     swop.kill(signal.SIGKILL)
 
     deadline = time.monotonic() + 15
-    while any(_alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
         time.sleep(0.2)
     # Their wrappers saw the SWOP's lifeline close and stopped them.
-    assert not [name for name, pid in pids.items() if _alive(pid)]
+    assert not [name for name, pid in pids.items() if alive(pid)]
 
     assert ended(first, 30) != 0
     assert "swop-1 stopped while its nodes ran" in first.output, first.output

@@ -136,17 +136,48 @@ def test_tags_and_keys_that_are_not_plain_yaml_are_refused_at_their_line(tmp_pat
 # them would not finish; none of them times anything.
 
 
-def test_an_alias_bomb_is_refused_by_its_value_budget(tmp_path):
-    path = write(tmp_path, billion_laughs(40) + "Body: *l39\n")  # 9**40 values
+def test_an_alias_bomb_is_refused_by_its_value_budget_at_the_line_that_passes_it(tmp_path):
+    path = write(tmp_path, billion_laughs(40) + "Body: *l39\n")  # 9**40 values; line 6 alone holds 9**6
 
-    assert refusal(path) == (f"{path}:1: holds more than {MAX_NODES} values once its *aliases are expanded; write "
+    assert refusal(path) == (f"{path}:6: holds more than {MAX_NODES} values once its *aliases are expanded; write "
                              f"the repeated parts out or use fewer *aliases")
 
 
-def test_a_key_written_twice_with_an_alias_bomb_is_reported_without_printing_the_bomb(tmp_path):
-    path = write(tmp_path, billion_laughs(40) + "x: *l39\nx: *l39\n")
+def test_a_key_written_twice_with_a_big_aliased_value_is_reported_without_printing_the_value(tmp_path):
+    path = write(tmp_path, billion_laughs(4) + "x: *l3\nx: *l3\n")  # 7381 values each, within the budget
 
-    assert refusal(path) == f"{path}:42: x: this key is written twice in one mapping (first on line 41); keep one"
+    assert refusal(path) == f"{path}:6: x: this key is written twice in one mapping (first on line 5); keep one"
+
+
+def merge_bomb(keys: int, merges: int) -> str:
+    """A map of `keys` keys, merged `merges` times into one: ruamel copies every key for every `*a`."""
+    lines = ["a: &a"] + [f"  k{i}: {i}" for i in range(keys)]
+    return "\n".join(lines) + "\nb:\n  <<: [" + ", ".join(["*a"] * merges) + "]\n"
+
+
+@pytest.mark.timeout(30)
+def test_a_merge_key_bomb_is_refused_by_the_value_budget_before_ruamel_merges_it(tmp_path):
+    """55 KB that took ruamel seconds to merge, and a 1 MiB one hours; the merged map ends with only
+    4000 keys, so only counting every merged map in full refuses it."""
+    path = write(tmp_path, merge_bomb(4000, 4000))
+
+    assert refusal(path) == (f"{path}:4003: holds more than {MAX_NODES} values once its *aliases are expanded; "
+                             f"write the repeated parts out or use fewer *aliases")
+
+
+def test_merged_maps_count_in_full_and_within_the_budget_are_merged(tmp_path):
+    data, lines = load_yaml(write(tmp_path, merge_bomb(100, 900)))  # 90,000 values merged
+
+    assert data["b"] == data["a"] == {f"k{i}": i for i in range(100)}
+    assert lines.line_of(("b", "k99")) == 101
+
+
+def test_a_chain_of_merges_nests_no_deeper_and_keys_keep_the_line_they_are_written_on(tmp_path):
+    text = "m0: &m0 {k0: 0}\n" + "".join(f"m{i}: &m{i} {{<<: [*m{i - 1}], k{i}: {i}}}\n" for i in range(1, 200))
+    data, lines = load_yaml(write(tmp_path, text))
+
+    assert data["m199"] == {f"k{i}": i for i in range(200)}
+    assert [lines.line_of(("m199", f"k{i}")) for i in (0, 1, 199)] == [1, 2, 200]
 
 
 @pytest.mark.parametrize("text", [
@@ -177,6 +208,32 @@ def test_nesting_deeper_than_the_limit_is_refused_where_it_goes_too_deep(tmp_pat
     message = refusal(path)
     assert message.startswith(f"{path}:"), message
     assert f"nested more than {MAX_DEPTH} levels deep; flatten the brackets or indentation" in message
+
+
+def nested_aliases(levels: int, brackets: int) -> str:
+    """`levels` lists of `brackets` brackets, each holding the one before it by *alias: few lines, and
+    levels * brackets deep once the aliases are expanded."""
+    lines = [f"l0: &l0 {'[' * brackets}1{']' * brackets}"]
+    lines += [f"l{i}: &l{i} {'[' * brackets}*l{i - 1}{']' * brackets}" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("text, line", [
+    (nested_aliases(57, 60), 2),  # over 3000 levels: beyond Python's recursion limit
+    ("d: &d " + "[" * 61 + "1" + "]" * 61 + "\ne: [[*d]]\n", 2),  # one level too many
+    ("s0: &s0 {x: 1}\n" + "".join(f"s{i}: &s{i} {{x: *s{i - 1}}}\n" for i in range(1, 70)), 63),  # s62: 65 levels
+])
+def test_aliases_nested_inside_one_another_past_the_depth_limit_are_refused_at_the_alias(tmp_path, text, line):
+    path = write(tmp_path, text)
+
+    assert refusal(path) == (f"{path}:{line}: nested more than {MAX_DEPTH} levels deep once its *aliases are "
+                             f"expanded; use fewer *aliases inside one another, or flatten the values they name")
+
+
+def test_an_alias_may_nest_its_value_up_to_the_depth_limit(tmp_path):
+    data, _ = load_yaml(write(tmp_path, "d: &d " + "[" * 61 + "1" + "]" * 61 + "\ne: [*d]\n"))
+
+    assert data["e"] == [data["d"]]
 
 
 def test_a_file_over_the_size_cap_is_refused_unread(tmp_path):

@@ -28,7 +28,7 @@ from swarmlearn import defaults  # noqa: E402  (imports nothing)
 from swarmlearn.errors import SwarmError  # noqa: E402  (light: no third-party imports)
 from swarmlearn.readiness import announce_ready  # noqa: E402  (light too)
 from swarmlearn.roles import ROLES  # noqa: E402  (light too: pki, which holds the rules, loads cryptography)
-from swarmlearn.merge import METHODS as MERGE_METHODS  # noqa: E402  (numpy, about 0.1 s: the one list of methods)
+from swarmlearn.merge import METHODS as MERGE_METHODS  # noqa: E402  (names only: loads no numpy)
 
 
 class SwarmGroup(click.Group):
@@ -223,12 +223,10 @@ def swop(sn_ip, sn_api_port, usr_dir, profile_file_name, key, cert, capath, work
     announce_ready(f"SWOP {operator.node_id} ready: task runner {operator.runner}, {len(operator.nodes)} nodes "
                    f"({', '.join(n.node_id for n in operator.nodes)})")
     sys.stdout.flush()
-    worker = threading.Thread(target=operator.run, daemon=True)
-    worker.start()
     # A SWOP that cannot follow the ledger (refused, or its SN gone past SWARM_SN_PATIENCE) cannot
-    # serve tasks: it stops its nodes and exits non-zero.
+    # serve tasks: it stops its nodes and exits non-zero. (It serves tasks in a thread of its own,
+    # which stop() joins.)
     failure = _serve_until_signalled(operator.stop, operator.failure)
-    worker.join(timeout=30)
     if failure is not None:
         raise SwarmError(f"SWOP {operator.node_id} stopped: it lost the ledger: {failure}")
 

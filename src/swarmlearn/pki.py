@@ -24,8 +24,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 from swarmlearn.errors import CertificateError, ConfigError
@@ -153,9 +153,14 @@ def _issue(ca_key, ca_cert: x509.Certificate, role: str, name: str, sans: list[s
         .add_extension(x509.SubjectAlternativeName(general_names), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(_authority_key_id(ca_cert), critical=False)
-        .sign(ca_key, hashes.SHA256())
+        .sign(ca_key, _signing_hash(ca_key))
     )
     return key, cert
+
+
+def _signing_hash(key) -> hashes.HashAlgorithm | None:
+    """The hash to sign with `key`: none for Ed25519 and Ed448, whose signatures hash by themselves."""
+    return None if isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)) else hashes.SHA256()
 
 
 def _authority_key_id(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
@@ -221,6 +226,8 @@ def generate_host_certs(
         ca_key, ca_cert = _make_ca(index, org)
         files[layout.ca_key] = (_key_pem(ca_key), 0o600)
         files[layout.ca_cert] = (cert_to_pem(ca_cert), 0o644)
+    if not is_ca(ca_cert):
+        raise CertificateError(f"{ca_cert_path}: {pki_subject(ca_cert)} {NOT_A_CA}; pass a CA certificate as --ca-cert")
     if not ORG_PATTERN.fullmatch(ca_organization(ca_cert)):
         raise CertificateError(f"the CA {pki_subject(ca_cert)} names no usable organization (O attribute); "
                                f"issue from a CA made by `swarm gen-cert --org <name>`")
@@ -309,9 +316,16 @@ def _write_all(files: dict[Path, tuple[bytes, int]]) -> None:
 def _load_ca(cert_path: Path, key_path: Path):
     cert = load_cert(cert_path)
     key = _load_key(key_path)
-    if key.public_key().public_numbers() != cert.public_key().public_numbers():
+    if not _same_public_key(key, cert):
         raise CertificateError(f"{key_path} is not the key of {cert_path}; give the matching CA key")
     return key, cert
+
+
+def _same_public_key(key, cert: x509.Certificate) -> bool:
+    def spki(public) -> bytes:
+        return public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    return spki(key.public_key()) == spki(cert.public_key())
 
 
 def _read_ca_cert_bytes(path: Path) -> bytes:
@@ -350,7 +364,17 @@ def _load_key(path: Path, flag: str = "--key"):
 
 
 def load_ca_certs(capath: Path) -> list[tuple[Path, x509.Certificate]]:
-    """The CAs this node trusts: every certificate in the capath folder (or the one PEM file)."""
+    """The CAs this node trusts: every CA certificate in the capath folder (or the one PEM file)."""
+    found = _capath_certificates(capath)
+    cas = [(p, c) for p, c in found if is_ca(c)]
+    if not cas:
+        others = "".join(f" ({p.name}: {pki_subject(c)} {NOT_A_CA})" for p, c in found[:1])
+        raise CertificateError(f"{capath}: holds no CA certificate{others}; check --capath")
+    return cas
+
+
+def _capath_certificates(capath: Path) -> list[tuple[Path, x509.Certificate]]:
+    """Every certificate in the capath folder (or the one PEM file), CA or not."""
     capath = Path(capath)
     if capath.is_dir():
         paths = sorted(p for p in capath.iterdir()
@@ -359,16 +383,14 @@ def load_ca_certs(capath: Path) -> list[tuple[Path, x509.Certificate]]:
         paths = [capath]
     else:
         raise CertificateError(f"{capath}: CA folder not found; check --capath (gen-cert writes cert/ca/capath)")
-    cas: list[tuple[Path, x509.Certificate]] = []
+    found: list[tuple[Path, x509.Certificate]] = []
     for p in paths:
         try:
             certs = x509.load_pem_x509_certificates(_read(p, "CA certificate", "--capath"))
         except ValueError:
             continue  # not a certificate file; capath folders often hold other files
-        cas.extend((p, c) for c in certs if is_ca(c))
-    if not cas:
-        raise CertificateError(f"{capath}: holds no CA certificate; check --capath")
-    return cas
+        found.extend((p, c) for c in certs)
+    return found
 
 
 def is_ca(cert: x509.Certificate) -> bool:
@@ -472,6 +494,11 @@ def _both_tls_roles(policy, cert: x509.Certificate, usage: x509.ExtendedKeyUsage
         raise ValueError("its extended key usage must allow both TLS server and client authentication")
 
 
+def _signs_certificates(policy, cert: x509.Certificate, usage: x509.KeyUsage | None) -> None:
+    if usage is not None and not usage.key_cert_sign:
+        raise ValueError("its key usage does not allow signing certificates (keyCertSign)")
+
+
 # The Web PKI rules for a leaf certificate (not a CA, a Subject Alternative Name, key usages fit for
 # TLS), with two changes: every swarm node both serves and connects, so an extended key usage, when
 # present, must allow both; and an Authority Key Identifier may be missing, as in certificates made by
@@ -479,25 +506,81 @@ def _both_tls_roles(policy, cert: x509.Certificate, usage: x509.ExtendedKeyUsage
 _LEAF_POLICY = (ExtensionPolicy.webpki_defaults_ee()
                 .may_be_present(x509.AuthorityKeyIdentifier, Criticality.AGNOSTIC, None)
                 .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _both_tls_roles))
+# The Web PKI rules for a CA, relaxed to what OpenSSL's TLS (and so gRPC) accepts, because organizations
+# bring their own CAs: a Key Usage may be missing (`openssl req -x509` writes none) and, if present,
+# must allow signing certificates; Basic Constraints need not be critical. The verifier itself still
+# requires them to say CA:TRUE.
+_CA_POLICY = (ExtensionPolicy.webpki_defaults_ca()
+              .require_present(x509.BasicConstraints, Criticality.AGNOSTIC, None)
+              .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, _signs_certificates))
+# No rules on extensions (beyond a CA's CA:TRUE): to find out, when a chain is refused, which of the
+# CA and the leaf breaks them.
+_ANY_CA = ExtensionPolicy.permit_all().require_present(x509.BasicConstraints, Criticality.AGNOSTIC, None)
+_ANY_LEAF = ExtensionPolicy.permit_all()
+# Keys TLS accepts from a CA but the Web PKI verifier does not (see _stand_ins).
+_EDWARDS_KEYS = (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)
+_EXTENSION_NAMES = {ExtensionOID.BASIC_CONSTRAINTS: "Basic Constraints", ExtensionOID.KEY_USAGE: "Key Usage",
+                    ExtensionOID.EXTENDED_KEY_USAGE: "Extended Key Usage", ExtensionOID.NAME_CONSTRAINTS:
+                    "Name Constraints", ExtensionOID.SUBJECT_ALTERNATIVE_NAME: "Subject Alternative Name",
+                    ExtensionOID.AUTHORITY_KEY_IDENTIFIER: "Authority Key Identifier"}
+NOT_A_CA = "is not a CA: its Basic Constraints do not say CA:TRUE"
+FIX_CA = ("fix or re-issue that CA (it needs Basic Constraints with CA:TRUE and, if it has a Key Usage, "
+          "keyCertSign), or issue the certificates from another CA")
 
 
 def verify_leaf(cert: x509.Certificate, cas: list[x509.Certificate], now: dt.datetime | None = None,
                 where: str = "the trusted CAs") -> None:
     """Checks with cryptography's verifier that one of `cas` (those of `where`, for messages) issued
-    `cert`, that both are valid at `now` and that `cert` is a leaf fit for TLS client and server use
-    (_LEAF_POLICY). Raises CertificateError naming the certificate's subject, the reason and what to do.
+    `cert`, that both are valid at `now`, that the CA follows _CA_POLICY and `cert` is a leaf fit for TLS
+    client and server use (_LEAF_POLICY). `cas` may hold certificates that are no CA: they are trusted
+    for nothing, only named if they issued `cert`. Raises CertificateError naming the certificate at
+    fault (`cert` or its CA), its subject, the reason and what to do.
 
     For a node's own certificate at start-up. The ledger checks only `issued_by`, on purpose: it
     replays history, so its verdicts may not depend on today's date or on a library's rules."""
     now = now or _now()
+    issuer = max((ca for ca in cas if issued_by(cert, ca)), key=is_ca, default=None)  # a CA, if one signed it
+    if issuer is not None and not is_ca(issuer) and issuer != cert:
+        raise CertificateError(f"certificate {pki_subject(cert)} was issued by {pki_subject(issuer)}, which "
+                               f"{NOT_A_CA}; {FIX_CA}")
+    cas = [ca for ca in cas if is_ca(ca)]
     if not cas:
         raise CertificateError(f"certificate {pki_subject(cert)} cannot be checked: no CA is trusted")
-    builder = (PolicyBuilder().store(Store(cas)).time(now)
-               .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=_LEAF_POLICY))
+    if issuer is not None and isinstance(issuer.public_key(), _EDWARDS_KEYS):
+        cert, issuer = _stand_ins(cert, issuer)
+        cas = [issuer]
     try:
-        builder.build_client_verifier().verify(cert, [])
+        _verify(cert, cas, now, _CA_POLICY, _LEAF_POLICY)
     except VerificationError as exc:
         raise CertificateError(f"certificate {pki_subject(cert)} {_refusal(cert, cas, now, where, exc)}") from None
+
+
+def _verify(cert: x509.Certificate, cas: list[x509.Certificate], now: dt.datetime, ca_policy: ExtensionPolicy,
+            leaf_policy: ExtensionPolicy) -> None:
+    (PolicyBuilder().store(Store(cas)).time(now).extension_policies(ca_policy=ca_policy, ee_policy=leaf_policy)
+     .build_client_verifier().verify(cert, []))
+
+
+def _stand_ins(cert: x509.Certificate, ca: x509.Certificate) -> tuple[x509.Certificate, x509.Certificate]:
+    """Copies of `cert` and of its CA `ca`, every field and extension kept, both signed by a throwaway
+    P-256 key that also replaces the CA's. For a CA whose key TLS accepts but the Web PKI verifier
+    forbids (Ed25519, Ed448): `issued_by` has checked the real signature, the verifier checks all the
+    rest on the copies."""
+    signer = ec.generate_private_key(ec.SECP256R1())
+
+    def copy(original: x509.Certificate, public_key) -> x509.Certificate:
+        builder = (x509.CertificateBuilder().subject_name(original.subject).issuer_name(original.issuer)
+                   .public_key(public_key).serial_number(original.serial_number)
+                   .not_valid_before(original.not_valid_before_utc).not_valid_after(original.not_valid_after_utc))
+        for extension in original.extensions:
+            builder = builder.add_extension(extension.value, extension.critical)
+        return builder.sign(signer, hashes.SHA256())
+
+    try:
+        return copy(cert, cert.public_key()), copy(ca, signer.public_key())
+    except ValueError as exc:  # e.g. a serial number of 0, which RFC 5280 forbids
+        raise CertificateError(f"certificate {pki_subject(cert)} or its CA {pki_subject(ca)} is malformed "
+                               f"({exc}); re-issue it") from None
 
 
 def _refusal(cert: x509.Certificate, cas: list[x509.Certificate], now: dt.datetime, where: str,
@@ -518,9 +601,68 @@ def _refusal(cert: x509.Certificate, cas: list[x509.Certificate], now: dt.dateti
     if not ca.not_valid_before_utc <= now <= ca.not_valid_after_utc:
         return (f"was issued by the CA {pki_subject(ca)}, which is valid only from {ca.not_valid_before_utc:%Y-%m-%d} "
                 f"to {ca.not_valid_after_utc:%Y-%m-%d}; make a new CA and certificates with `swarm gen-cert --force`")
+    return _rule_breaker(cert, ca, now, _reason(exc))
+
+
+def _rule_breaker(cert: x509.Certificate, ca: x509.Certificate, now: dt.datetime, reason: str) -> str:
+    """Which of `cert` and its CA `ca` breaks the verifier's rules, and what it lacks: a key too weak,
+    else the extensions, told apart by checking again with no rules on the leaf's, then on the CA's."""
+    ca_is = f"was issued by the CA {pki_subject(ca)}, which"
+    if weakness := _key_weakness(ca):
+        return f"{ca_is} has {weakness}; make a new CA (`swarm gen-cert` makes one) and issue from it"
+    if weakness := _key_weakness(cert):
+        return f"has {weakness}; {_leaf_fix(cert)}"
+    if _failure(cert, ca, now, _ANY_CA, _ANY_LEAF) is None:  # the extensions are what is wrong
+        if ca_reason := _failure(cert, ca, now, _CA_POLICY, _ANY_LEAF):
+            return f"{ca_is} does not meet the rules for a CA ({ca_reason}); {FIX_CA}"
+        reason = _failure(cert, ca, now, _ANY_CA, _LEAF_POLICY) or reason
+    return f"does not meet the rules for a TLS certificate ({reason}); {_leaf_fix(cert)}"
+
+
+def _failure(cert: x509.Certificate, ca: x509.Certificate, now: dt.datetime, ca_policy: ExtensionPolicy,
+             leaf_policy: ExtensionPolicy) -> str | None:
+    try:
+        _verify(cert, [ca], now, ca_policy, leaf_policy)
+    except VerificationError as exc:
+        return _reason(exc)
+    return None
+
+
+def _reason(exc: VerificationError) -> str:
+    """The verifier's reason without its framing, extensions by name rather than number."""
     reason = str(exc).removeprefix("validation failed: ").split(" (encountered processing")[0]
+    reason = reason.removeprefix("candidates exhausted: ")
     reason = re.sub(r"^Python extension validator failed: \w+: ", "", reason)
-    return f"does not meet the rules for a TLS certificate ({reason}); {REISSUE}"
+    reason = re.sub(r"AlgorithmIdentifier \{.*params: (\w+).*\}", r"\1", reason)
+    oid = re.match(r"invalid extension: ([0-9.]+): ", reason)
+    if oid:
+        name = _EXTENSION_NAMES.get(x509.ObjectIdentifier(oid[1]), f"extension {oid[1]}")
+        reason = f"its {name}: {reason[oid.end():].lower()}"
+    return reason
+
+
+def _key_weakness(cert: x509.Certificate) -> str | None:
+    """What is wrong with the key of `cert` for TLS here, if anything: RSA under 2048 bits, an elliptic
+    curve other than P-256, P-384 and P-521, or another kind (a CA may also have an Ed25519 or Ed448
+    key; a node's key signs ledger entries, which only ECDSA and RSA do)."""
+    public = cert.public_key()
+    kinds = (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, *(_EDWARDS_KEYS if is_ca(cert) else ()))
+    if not isinstance(public, kinds):
+        return f"a key of a kind not accepted here ({type(public).__name__.lstrip('_')}; use ECDSA P-256 or RSA)"
+    if isinstance(public, rsa.RSAPublicKey) and public.key_size < 2048:
+        return f"an RSA key of {public.key_size} bits, too weak (at least 2048 bits are needed)"
+    if isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name not in ("secp256r1", "secp384r1",
+                                                                                   "secp521r1"):
+        return f"a key on the curve {public.curve.name}, which is not accepted (use P-256, P-384 or P-521)"
+    return None
+
+
+def _leaf_fix(cert: x509.Certificate) -> str:
+    """What to do about a leaf that breaks the rules: our gen-cert's are made again by it; another tool's
+    are fixed where they were made."""
+    if swarm_id(cert) is not None:
+        return "re-issue it with `swarm gen-cert --force`"
+    return "fix or re-issue it with the tool that made it, or make one with `swarm gen-cert`"
 
 
 def verify_signature(cert: x509.Certificate, data: bytes, signature: bytes) -> bool:
@@ -553,15 +695,12 @@ class Identity:
         key_path, cert_path, capath = Path(key), Path(cert), Path(capath)
         certificate = load_cert(cert_path)
         private_key = _load_key(key_path)
-        if private_key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        ) != certificate.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        ):
+        if not _same_public_key(private_key, certificate):
             raise CertificateError(f"{key_path} is not the private key of {cert_path}; pass the matching --key")
         cas = [c for _, c in load_ca_certs(capath)]
         try:
-            verify_leaf(certificate, cas, now, where=str(capath))
+            # All of capath, so that a refusal can name an issuer that is there but is no CA.
+            verify_leaf(certificate, [c for _, c in _capath_certificates(capath)], now, where=str(capath))
         except CertificateError as exc:
             raise CertificateError(f"{cert_path}: {exc}") from None
         return cls(key_path, cert_path, capath, private_key, certificate, cas)

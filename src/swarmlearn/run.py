@@ -65,7 +65,8 @@ class SwarmRun:
         self.project = (Path(options.workspace) / example.name).resolve()
         self.certs = CertLayout(self.project / "cert", 1)
         self.runs = self.project / "runs"
-        self.runtime = ProcessRuntime(self.runs)
+        # Kept processes must outlive this one: unsupervised, they are left to `swarm stop`.
+        self.runtime = ProcessRuntime(self.runs, supervised=not options.keep)
         self.handles: list[Handle] = []
 
     # ------------------------------------------------------------------------------ the run

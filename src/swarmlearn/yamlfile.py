@@ -38,6 +38,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.composer import Composer, ComposerError
 from ruamel.yaml.constructor import ConstructorError, DuplicateKeyError, RoundTripConstructor
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.events import AliasEvent
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from ruamel.yaml.reader import ReaderError
 from ruamel.yaml.scanner import RoundTripScanner, ScannerError
@@ -77,8 +78,9 @@ def load_yaml(path: str | os.PathLike) -> tuple[Any, LineMap]:
 
     Raises ConfigError for a missing or unreadable file, a syntax error (with line:column), a key
     written twice in one mapping (YAML would silently keep the last), tags naming Python objects or
-    other types, and hostile shapes: nesting deeper than MAX_DEPTH, aliases that expand to more than
-    MAX_NODES values (an "alias bomb"), an alias inside itself, and files over MAX_YAML_BYTES.
+    other types, and hostile shapes: nesting deeper than MAX_DEPTH, also once aliases are expanded,
+    aliases and `<<:` merges that expand to more than MAX_NODES values (an "alias bomb"), an alias inside
+    itself, and files over MAX_YAML_BYTES.
     """
     raw = _read(path)
     reader = _round_trip_reader()
@@ -91,6 +93,8 @@ def load_yaml(path: str | os.PathLike) -> tuple[Any, LineMap]:
         key = key_path((*where, exc.key)) if where is not None else str(exc.key)
         raise ConfigError(f"{path}:{exc.problem_mark.line + 1}: {key}: this key is written twice in one mapping "
                           f"(first on line {exc.first_line}); keep one") from None
+    except _OverBudget as exc:
+        raise ConfigError(f"{path}:{exc.problem_mark.line + 1}: {exc.problem}; {exc.advice}") from None
     except MarkedYAMLError as exc:
         raise ConfigError(_syntax_error(path, exc)) from exc
     except ReaderError as exc:  # bytes that are not UTF-8 text, or control characters
@@ -112,8 +116,9 @@ def dump_yaml(data: Any) -> str:
 
 
 # A file whose aliases expand to more values than this is refused: `*alias` reuses a node, so a few
-# lines can stand for billions of them, and copying or validating that would never end. The loader
-# itself keeps one object per anchor; only the copy into plain values expands them, and it counts.
+# lines can stand for billions of them, and copying or validating that would never end; `<<: [*a, *a]`
+# makes ruamel copy every key of `a` once per alias while it constructs. The composer counts the
+# expanded size before either happens.
 MAX_NODES = 100_000
 # Real files nest a handful of levels; the limit keeps every recursive step (composing, constructing,
 # copying, pydantic) far from Python's recursion limit.
@@ -145,12 +150,25 @@ def _round_trip_reader() -> YAML:
     """A fresh round-trip loader (one per file: ruamel's YAML objects keep state while loading)."""
     reader = YAML(typ="rt")
     reader.Scanner = _DepthLimitedScanner
-    reader.Composer = _DepthLimitedComposer
+    reader.Composer = _BoundedComposer
     reader.Constructor = _Constructor
     return reader
 
 
 _TOO_DEEP = f"nested more than {MAX_DEPTH} levels deep"
+_MERGE_TAG = "tag:yaml.org,2002:merge"  # what the resolver makes of a `<<` key
+_TOO_MANY = (f"holds more than {MAX_NODES} values once its *aliases are expanded",
+             "write the repeated parts out or use fewer *aliases")
+_TOO_DEEP_ALIASED = (f"{_TOO_DEEP} once its *aliases are expanded",
+                     "use fewer *aliases inside one another, or flatten the values they name")
+
+
+class _OverBudget(MarkedYAMLError):
+    """A document that expands past MAX_NODES or MAX_DEPTH; `advice` says what to do about it."""
+
+    def __init__(self, reason: tuple[str, str], mark: Any):
+        super().__init__(problem=reason[0], problem_mark=mark)
+        self.advice = reason[1]
 
 
 class _DepthLimitedScanner(RoundTripScanner):
@@ -163,22 +181,72 @@ class _DepthLimitedScanner(RoundTripScanner):
         super().fetch_flow_collection_start(TokenClass, to_push)
 
 
-class _DepthLimitedComposer(Composer):
-    """Refuses nesting deeper than MAX_DEPTH (indentation, and brackets inside it) where it goes too deep."""
+class _BoundedComposer(Composer):
+    """Refuses, where it happens, nesting deeper than MAX_DEPTH (indentation, brackets inside it, and
+    *aliases inside one another) and a document of more than MAX_NODES values once its aliases are
+    expanded — before the constructor or the copy into plain values expands anything.
+
+    Every node's expanded size and height are worked out once, as it is composed; an alias then costs
+    what its anchor's node cost, looked up, so counting is as fast as reading. A `<<:` merge costs each
+    merged map in full (the work ruamel does to merge it), but nests no deeper: the merged keys join the
+    map that merges them. Scalar keys are not counted (a key is one scalar, written where it stands).
+    """
 
     def __init__(self, loader: Any = None):
         super().__init__(loader)
         self.warn_double_anchors = False  # an anchor name used twice is valid YAML (the later one counts)
-        self.depth = 0
+        self.depth = 0  # nodes open around the one being composed
+        self.deepest = 0  # the deepest level the node being composed reaches, aliases expanded
+        self.values = 0  # values composed so far, aliases expanded
+        self.expanded: dict[int, tuple[int, int]] = {}  # id(anchored node) -> (values, levels) it expands to
+        self.merge_levels: set[int] = set()  # levels where the value of a `<<` key is open
 
     def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.parser.peek_event()
         if self.depth >= MAX_DEPTH:
-            raise ComposerError(None, None, _TOO_DEEP, self.parser.peek_event().start_mark)
+            raise ComposerError(None, None, _TOO_DEEP, event.start_mark)
+        lift = self._merge_lift(parent, index)
+        if isinstance(event, AliasEvent):
+            node = super().compose_node(parent, index)
+            # an alias inside the value it names has no size yet: the constructor refuses it
+            values, levels = self.expanded.get(id(node), (1, 1))
+            reach = self.depth + levels - lift
+            if reach > MAX_DEPTH:
+                raise _OverBudget(_TOO_DEEP_ALIASED, event.start_mark)
+            self.deepest = max(self.deepest, reach)
+            self._spend(values, event.start_mark)
+            return node
+        values_before, deepest_around = self.values, self.deepest
         self.depth += 1
+        self.deepest = self.depth
+        if lift == 1:
+            self.merge_levels.add(self.depth)
         try:
-            return super().compose_node(parent, index)
+            node = super().compose_node(parent, index)
         finally:
+            self.merge_levels.discard(self.depth)
             self.depth -= 1
+        is_key = isinstance(parent, MappingNode) and index is None  # ruamel composes a key with no index
+        if not (is_key and isinstance(node, ScalarNode)):
+            self._spend(1, event.start_mark)
+        if node.anchor is not None:
+            self.expanded[id(node)] = (max(1, self.values - values_before), self.deepest - self.depth)
+        self.deepest = max(self.deepest, deepest_around)
+        return node
+
+    def _merge_lift(self, parent: Any, index: Any) -> int:
+        """How many levels above where it is written a map's keys land when `<<:` merges it: one for the
+        value of the `<<` key, two for an item of the list there; 0 for anything not merged."""
+        if isinstance(parent, MappingNode) and isinstance(index, Node) and index.tag == _MERGE_TAG:
+            return 1
+        if isinstance(parent, SequenceNode) and self.depth in self.merge_levels:
+            return 2
+        return 0
+
+    def _spend(self, values: int, mark: Any) -> None:
+        self.values += values
+        if self.values > MAX_NODES:
+            raise _OverBudget(_TOO_MANY, mark)
 
 
 _SELF_ALIAS = "an *alias inside the value it names would repeat forever"
@@ -240,19 +308,15 @@ def _node_path(root: Node, target: Node) -> KeyPath | None:
 
 class _Plain:
     """Copies ruamel's round-trip values (CommentedMap, CommentedSeq, ScalarString, ScalarInt...) into
-    plain Python ones, recording the line of every key and item, and spending one unit of the
-    MAX_NODES budget per value copied, so that an alias bomb is refused before it is expanded."""
+    plain Python ones, recording the line of every key and item. The composer has counted what this
+    expands (no more than MAX_NODES values, MAX_DEPTH deep), so the copy and its recursion are bounded."""
 
     def __init__(self, path: str | os.PathLike, root_line: int):
         self.path = path
-        self.left = MAX_NODES
         self.lines: dict[KeyPath, int] = {(): root_line}
+        self.merged_lines: dict[int, dict[Any, int]] = {}  # id(mapping) -> {merged key: line}
 
     def value(self, value: Any, where: KeyPath, line: int, ancestors: frozenset[int]) -> Any:
-        self.left -= 1
-        if self.left < 0:
-            raise ConfigError(f"{self.path}:{line}: holds more than {MAX_NODES} values once its *aliases are "
-                              f"expanded; write the repeated parts out or use fewer *aliases")
         if id(value) in ancestors:
             raise ConfigError(f"{self.path}:{line}: {key_path(where)}: {_SELF_ALIAS}; write the value out")
         if type(value) is CommentedMap and value.tag.value is None:
@@ -277,11 +341,11 @@ class _Plain:
     def _mapping(self, mapping: CommentedMap, where: KeyPath, ancestors: frozenset[int]) -> dict:
         out = {}
         for key, item in mapping.items():  # keys written here, then the ones merged in by `<<: *anchor`
-            line = _key_line(mapping, key)
+            line = self._key_line(mapping, key)
             if isinstance(key, (tuple, Mapping)):  # `? [a, b]`: ruamel makes a CommentedKeySeq/KeyMap of it
                 raise ConfigError(f"{self.path}:{line}: {key_path(where) or 'the document'}: a key must be text or "
                                   f"a number, not a list or a mapping; write it as text")
-            key = self._scalar(key, where, line)  # not counted: a key is one scalar, written where it stands
+            key = self._scalar(key, where, line)
             self.lines[(*where, key)] = line
             out[key] = self.value(item, (*where, key), line, ancestors)
         return out
@@ -293,15 +357,24 @@ class _Plain:
             out.append(self.value(item, (*where, i), line, ancestors))
         return out
 
+    def _key_line(self, mapping: CommentedMap, key: Any) -> int:
+        """Where `key` is written: in this mapping, or (merged by `<<: *anchor`) in the anchored one, or in
+        the one that one merged, and so on."""
+        if key in (mapping.lc.data or {}):
+            return mapping.lc.key(key)[0] + 1
+        return self._merged_lines(mapping).get(key, mapping.lc.line + 1)
 
-def _key_line(mapping: CommentedMap, key: Any) -> int:
-    """Where `key` is written: in this mapping, or (merged by `<<: *anchor`) in the anchored one."""
-    if key in (mapping.lc.data or {}):
-        return mapping.lc.key(key)[0] + 1
-    for source in mapping.merge:
-        if key in source:
-            return _key_line(source, key)
-    return mapping.lc.line + 1
+    def _merged_lines(self, mapping: CommentedMap) -> dict[Any, int]:
+        """The line of each key merged into `mapping`, worked out once per mapping: searching its merged
+        maps, and theirs, for every key of every copy took time cubic in the length of a chain of merges."""
+        if id(mapping) not in self.merged_lines:
+            lines: dict[Any, int] = {}
+            for source in mapping.merge:  # the first map listed that has a key gives it
+                for key in source:
+                    if key not in lines:
+                        lines[key] = self._key_line(source, key)
+            self.merged_lines[id(mapping)] = lines
+        return self.merged_lines[id(mapping)]
 
 
 # Types the round-trip loader makes for tags we do not take, by the tag users wrote.

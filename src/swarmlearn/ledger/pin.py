@@ -5,10 +5,14 @@ verified (a follower: SL, SWOP, SWCI) or acknowledged (an SN: its `swarm.json` b
 A ledger that begins with another genesis, ends before the pinned entry, or holds another entry at
 the pinned index is not the history the node saw, and is refused.
 
-The file is replaced atomically (temp file + os.replace). Writes are off the append path: `advance`
-only records the new head; a timer thread writes the file at most once per `every` seconds (default
-1 s) and `flush` writes it at once (at stop). So a crash loses at most the last second of pinned
-head, never the pin itself; a rollback within that second is not detected by this node.
+The file is replaced atomically (temp file + os.replace), at most once per `every` seconds (default
+1 s): one small fsync a second, never one per entry. A component with a Background (SL, SWOP, SN)
+starts the pin's writer thread in it (`start`), so that `advance`, on the append path, only records
+the new head; without one (the SWCI, which pins once per check) `advance` writes in the caller's
+thread once the last write is `every` seconds old. Either way the owner calls `flush` at stop, which
+writes the last head at once, so a process that stops right after an append still pins it. A crash
+loses at most the last second of pinned head (the SWCI: at most the heads of its checks within that
+second), never the pin itself; a rollback within that second is not detected by this node.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ import json
 import logging
 import os
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from swarmlearn.background import Background
 from swarmlearn.errors import LedgerError
 
 log = logging.getLogger("swarmlearn.ledger")
@@ -64,7 +70,19 @@ class PinFile:
         self._writing = threading.Lock()
         self._pin: Pin | None = None
         self._written: Pin | None = None
-        self._timer: threading.Timer | None = None
+        self._writer: threading.Thread | None = None
+        self._last_write = float("-inf")  # time.monotonic() of the last write
+
+    def start(self, background: Background) -> None:
+        """From now on the file is written by one thread of `background` (`ledger-pin`), at most once
+        every `every` seconds, until its owner stops; the owner then calls flush()."""
+        with self._lock:
+            if self._writer is None:
+                self._writer = background.start("ledger-pin", self._write_every, background.stopping)
+
+    def _write_every(self, stopping: threading.Event) -> None:
+        while not stopping.wait(self.every):
+            self._write_pending()
 
     @property
     def pin(self) -> Pin | None:
@@ -86,17 +104,15 @@ class PinFile:
         return pin
 
     def advance(self, pin: Pin) -> None:
-        """Records a new verified head (never lowers it); the file follows within `every` seconds."""
+        """Records a new verified head (never lowers it); the file follows within `every` seconds
+        (without a writer thread: at the next advance that is due, or at flush())."""
         with self._lock:
             if self._pin is not None and pin.head_index <= self._pin.head_index:
                 return
             self._pin = pin
-            if self._timer is None:
-                # Not a daemon: a process that exits right after an append still writes its pin.
-                self._timer = threading.Timer(self.every, self._write_pending)
-                self._timer.name = "ledger-pin"
-                self._timer.daemon = False  # set, not inherited: appends run in daemon threads (gRPC's)
-                self._timer.start()
+            due = self._writer is None and time.monotonic() - self._last_write >= self.every
+        if due:
+            self._write_pending()
 
     def replace(self, pin: Pin) -> None:
         """Writes `pin` at once, even if lower (a new swarm was founded here)."""
@@ -105,20 +121,17 @@ class PinFile:
         self.flush()
 
     def flush(self) -> None:
-        with self._lock:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+        """Writes the head recorded last, if the file does not hold it yet (at stop)."""
         self._write_pending()
 
     def _write_pending(self) -> None:
         # Two locks: `advance` (called on the append path) never waits for this file's fsync.
         with self._writing:
             with self._lock:
-                self._timer = None
                 pin = self._pin
                 if pin is None or pin == self._written:
                     return
+                self._last_write = time.monotonic()
             try:
                 write_atomically(self.path, json.dumps(asdict(pin), indent=1, sort_keys=True) + "\n")
             except OSError as exc:

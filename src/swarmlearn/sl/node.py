@@ -22,7 +22,7 @@ from swarmlearn import pki
 from swarmlearn.background import Background
 from swarmlearn.defaults import (CHUNK, HEARTBEAT_EVERY, MAX_MESSAGE, SL_FS_PORT, SN_CONNECT_TIMEOUT, TOKEN_ENV,
                                  TOKEN_METADATA)
-from swarmlearn.errors import ConfigError, Rejected, SwarmError
+from swarmlearn.errors import ConfigError, SwarmError
 from swarmlearn.ledger.pin import PIN_FILE
 from swarmlearn.proto import sl_pb2, sl_pb2_grpc
 from swarmlearn.sl.round import RoundEngine, RoundResult, Timeouts
@@ -38,7 +38,12 @@ LEDGER_LAG_GRACE = 1.0
 # its next poll) before it names the ones still running in its log and exits anyway.
 STOP_THREADS_TIMEOUT = 5.0
 # Worker threads for calls from peers (blob downloads) and from our own ML (join, sync, report).
+# One peer may hold at most PEER_STREAMS_PER_CALLER of the peer workers (sl/transport.py). The peer
+# server admits PEER_RPC_QUEUED calls beyond its workers to wait for one and refuses any more with
+# RESOURCE_EXHAUSTED: their fetcher asks another peer, or again, rather than wait in a queue that
+# its stall limit would cut off anyway.
 PEER_RPC_WORKERS = 32
+PEER_RPC_QUEUED = 32
 ML_RPC_WORKERS = 8
 
 
@@ -93,8 +98,10 @@ class SLNode:
         self.sn.wait_ready(self.config.connect_timeout)
         options = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_MESSAGE),
                    ("grpc.max_send_message_length", MAX_MESSAGE)]
-        self.peer_server = grpc.server(self.background.executor("peer-rpc", PEER_RPC_WORKERS), options=options)
-        sl_pb2_grpc.add_SwarmPeerServicer_to_server(PeerService(self.blobs, self.fetch_refusal), self.peer_server)
+        self.peer_server = grpc.server(self.background.executor("peer-rpc", PEER_RPC_WORKERS), options=options,
+                                       maximum_concurrent_rpcs=PEER_RPC_WORKERS + PEER_RPC_QUEUED)
+        sl_pb2_grpc.add_SwarmPeerServicer_to_server(
+            PeerService(self.blobs, self.fetch_refusal, workers=PEER_RPC_WORKERS), self.peer_server)
         port = _bind(self.peer_server, f"{self.config.host}:{self.config.fs_port}",
                      self.config.identity.server_credentials(), "--sl-fs-port")
         self.address = f"{self.config.host}:{port}"
@@ -279,7 +286,7 @@ class LocalService(sl_pb2_grpc.SwarmLocalServicer):
         try:
             name, latest = self.node.join(request.contract or "default", request.min_peers or 1,
                                           request.weightage or 1.0, request.merge_method or "mean")
-        except Rejected as exc:
+        except SwarmError as exc:  # refused by the ledger, SN unreachable, or this SL is stopping
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return sl_pb2.JoinReply(node_id=self.node.node_id, contract=name, latest_merged_round=latest)
 

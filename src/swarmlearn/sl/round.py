@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
@@ -29,8 +29,9 @@ from swarmlearn.background import Background
 from swarmlearn.errors import Rejected, SwarmError
 from swarmlearn.ledger.model import Checkin, Contract, Round, RoundStatus, leader_order
 from swarmlearn.ledger.state import LedgerState
-from swarmlearn.merge import (BadContribution, Contribution, check_contribution, contribution_norm, get_merger,
-                              norm_outliers)
+from swarmlearn.merge import get_merger
+from swarmlearn.merge.base import (BadContribution, Contribution, check_contribution, contribution_norm,
+                                   norm_outliers)
 from swarmlearn.sl.transport import BlobStore, FetchError, PeerFetcher
 from swarmlearn.sn.client import SNClient
 from swarmlearn.sn.follower import LedgerFollower
@@ -46,6 +47,8 @@ PREFETCH_BYTES = 256 << 20
 # at most this many at once. One more thread watches the filling round for check-ins to prefetch.
 PREFETCH_WORKERS = 4
 MERGE_WINDOW = 4
+# What the ML hears when its call meets an SL that is stopping (its pools take no more work).
+STOPPING = "this SL is stopping"
 
 # How long a round may wait for its merged model, and how long its leader may wait for each peer's
 # blob, are the swarm's defence against one peer holding everyone up, so nothing a peer declares
@@ -147,9 +150,12 @@ class RoundEngine:
         self._led: set[tuple[int, int]] = set()
         # Per round, blobs being pulled ahead of the merge, by hash.
         self._early: dict[int, dict[str, Future]] = {}
-        self._early_pool = background.executor(f"prefetch-{contract}", PREFETCH_WORKERS)
-        self._round_watch = background.executor(f"round-watch-{contract}", 1)
-        self._merge_pool = background.executor(f"merge-{contract}", MERGE_WINDOW)
+        try:
+            self._early_pool = background.executor(f"prefetch-{contract}", PREFETCH_WORKERS)
+            self._round_watch = background.executor(f"round-watch-{contract}", 1)
+            self._merge_pool = background.executor(f"merge-{contract}", MERGE_WINDOW)
+        except RuntimeError:  # the SL's Background closed: its ML hears why, not an internal error
+            raise SwarmError(STOPPING) from None
         self._closed = threading.Event()
         # (round, node) whose declared size was found beyond bounds, so that it is said once.
         self._oversize_said: set[tuple[int, str]] = set()
@@ -595,17 +601,27 @@ class RoundEngine:
         return r if r is not None and r.status in (RoundStatus.MERGED, RoundStatus.ABORTED) else None
 
 
-def _prefetched(nodes: list[str], load: Callable[[str], Contribution], pool: ThreadPoolExecutor, window: int):
+def _prefetched(nodes: list[str], load: Callable[[str], Contribution], pool: Executor, window: int):
     """Yields (node, outcome) in order while up to `window` loads run ahead in `pool`; calling
     outcome() returns the contribution or raises the load's error. Only the window is held in memory;
-    loads not yet started when the caller stops early are cancelled."""
-    ahead = deque(pool.submit(load, n) for n in nodes[:window])
+    loads not yet started when the caller stops early are cancelled. Raises SwarmError once the SL
+    stops (its pools take no more work)."""
+    ahead: deque[Future] = deque()
     try:
+        for n in nodes[:window]:
+            ahead.append(_submit(pool, load, n))
         for i, node in enumerate(nodes):
             future = ahead.popleft()
             if i + window < len(nodes):
-                ahead.append(pool.submit(load, nodes[i + window]))
+                ahead.append(_submit(pool, load, nodes[i + window]))
             yield node, future.result
     finally:
         for future in ahead:
             future.cancel()
+
+
+def _submit(pool: Executor, fn: Callable, *args) -> Future:
+    try:
+        return pool.submit(fn, *args)
+    except RuntimeError:  # shut down with the SL's Background
+        raise SwarmError(STOPPING) from None

@@ -3,6 +3,7 @@ them in 1 MiB chunks over mutual TLS, and the fetch that pulls one from a peer."
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -16,7 +17,16 @@ from swarmlearn.background import Background
 from swarmlearn.defaults import CHUNK, MAX_MESSAGE
 from swarmlearn.errors import SwarmError
 from swarmlearn.proto import sl_pb2, sl_pb2_grpc
+from swarmlearn.sn.server import StreamSlots, caller_name
 from swarmlearn.tensors import blob_hash
+
+log = logging.getLogger("swarmlearn.sl")
+
+# Blob streams one peer (one certificate) may have open on an SL at once. An honest peer has one or
+# two per contract (the leader pulling its contribution, it pulling a merged model); the cap leaves
+# room for several contracts, while one peer reading slowly, or not at all, holds at most a quarter
+# of the SL's 32 peer-RPC workers and cannot starve the others' fetches.
+PEER_STREAMS_PER_CALLER = 8
 
 
 class FetchError(SwarmError):
@@ -46,18 +56,33 @@ class BlobStore:
 
 
 class PeerService(sl_pb2_grpc.SwarmPeerServicer):
-    """Serves blobs by hash. With `refusal` (the SL gives one), each caller, known by the fingerprint
-    of its verified certificate, gets only what it is entitled to: `refusal(fingerprint, digest)`
-    returns why not, or None."""
+    """Serves blobs by hash. Each caller is known by the fingerprint of its verified certificate: it
+    may have `per_caller` streams open at once (more are refused RESOURCE_EXHAUSTED), and with
+    `refusal` (the SL gives one) gets only what it is entitled to: `refusal(fingerprint, digest)`
+    returns why not, or None. `workers` is the server's number of RPC threads."""
 
-    def __init__(self, blobs: BlobStore, refusal: Callable[[str, str], str | None] | None = None):
+    def __init__(self, blobs: BlobStore, refusal: Callable[[str, str], str | None] | None = None,
+                 per_caller: int = PEER_STREAMS_PER_CALLER, workers: int = 32):
         self.blobs = blobs
         self.refusal = refusal
+        self.streams = StreamSlots(total=workers, per_identity=per_caller, kind="blob", server="SL",
+                                   elsewhere="fetch the blob from another peer that holds it")
 
     def Fetch(self, request, context):
+        peer = pki.peer_certificate(context)
+        caller = peer[1] if peer else ""
+        ticket = self.streams.acquire(caller)
+        if isinstance(ticket, str):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"blob stream of {caller_name(context, caller)} refused: {ticket}")
+        try:
+            yield from self._serve(request, context, caller)
+        finally:
+            self.streams.release(ticket)
+
+    def _serve(self, request, context, caller: str):
         if self.refusal is not None:
-            peer = pki.peer_certificate(context)
-            why = self.refusal(peer[1] if peer else "", request.hash)
+            why = self.refusal(caller, request.hash)
             if why:
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         blob = self.blobs.get(request.hash)
@@ -165,9 +190,10 @@ class PeerFetcher:
         return _checked(b"".join(parts), expected, digest)
 
     def _watch(self, transfer: _Transfer) -> None:
-        """Puts `transfer` under the watchdog, started with the first transfer that asks for one."""
+        """Puts `transfer` under the watchdog, started with the first transfer that asks for one and
+        again whenever it is not running (it ended once its owner stopped and no transfer was left)."""
         with self._watched:
-            if self._watchdog is None:
+            if self._watchdog is None or not self._watchdog.is_alive():
                 try:
                     self._watchdog = self._background.start("fetch-watchdog", self._cut_off_stalled)
                 except RuntimeError:
@@ -178,21 +204,26 @@ class PeerFetcher:
 
     def _cut_off_stalled(self) -> None:
         """The watchdog: every fifth of a second (or quarter of the shortest `stall`), cancels each
-        transfer that makes too little progress, its reason kept for the fetch to report."""
+        transfer that makes too little progress, its reason kept for the fetch to report. It polices
+        the transfers still under way once its owner stopped too, and ends when none is left then."""
         stopping = self._background.stopping
-        while not stopping.is_set():
+        while True:
             with self._watched:
+                if not self._transfers and stopping.is_set():
+                    self._watchdog = None  # decided under the lock: the next transfer starts a new one
+                    return
                 if not self._transfers:
                     self._watched.wait(1.0)
                     continue
                 transfers = list(self._transfers)
-            now = time.monotonic()
-            for transfer in transfers:
-                why = transfer.too_slow(now)
-                if why and transfer.cut is None:
-                    transfer.cut = why
-                    transfer.stream.cancel()
-            stopping.wait(min(0.2, min(t.stall for t in transfers) / 4))
+            try:
+                _cut_off(transfers, time.monotonic())
+                pause = min(0.2, min(t.stall for t in transfers) / 4)
+            except Exception:  # noqa: BLE001  (a watchdog that ended would leave every later transfer unpoliced)
+                log.exception("fetch watchdog: checking %d transfers failed; checking again", len(transfers))
+                pause = 0.2
+            with self._watched:
+                self._watched.wait(pause)
 
     def close(self) -> None:
         with self._lock:
@@ -203,6 +234,14 @@ class PeerFetcher:
             self._watched.notify_all()
         if self._owns_background:
             self._background.close()
+
+
+def _cut_off(transfers: list[_Transfer], now: float) -> None:
+    for transfer in transfers:
+        why = transfer.too_slow(now)
+        if why and transfer.cut is None:
+            transfer.cut = why
+            transfer.stream.cancel()
 
 
 def _checked(blob: bytes, expected: int | None, digest: str) -> bytes:

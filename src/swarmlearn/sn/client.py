@@ -180,7 +180,8 @@ class SNClient:
             from_index = page["next"]
 
     def watch(self, from_index: int = 0, stop: threading.Event | None = None, *, raw: bool = False,
-              on_connect: Callable[[int], None] | None = None) -> Iterator[Entry] | Iterator[StoredEntry]:
+              on_connect: Callable[[int], None] | None = None,
+              background: Background | None = None) -> Iterator[Entry] | Iterator[StoredEntry]:
         """Yields ledger entries from `from_index` on, forever or until `stop` is set. Reconnects
         after an SN restart and resumes at the next index, so nothing is seen twice or skipped.
 
@@ -189,13 +190,18 @@ class SNClient:
         follower can refuse an SN whose ledger is shorter than what it verified.
         On a reconnection the last entry seen is asked for again, and an SN that now holds another
         entry there (its history was replaced) is refused with LedgerError.
-        One thread per call, however often it reconnects, cancels the open stream once `stop` is set."""
+        background: the component's owner of threads; one thread of it per call, however often the
+        watch reconnects, cancels the open stream once `stop` is set (without one, the watch owns
+        that thread itself), and the watch joins it when it ends."""
         stop = stop or threading.Event()
-        canceller = _StreamCanceller(stop)
+        owner = background or Background("sn-watch")
+        canceller = _StreamCanceller(stop, owner)
         try:
             yield from self._follow(from_index, stop, raw, on_connect, canceller)
         finally:
             canceller.close()
+            if background is None:
+                owner.close(CANCEL_POLL * 4)
 
     def _follow(self, from_index: int, stop: threading.Event, raw: bool, on_connect: Callable[[int], None] | None,
                 canceller: _StreamCanceller) -> Iterator[Entry] | Iterator[StoredEntry]:
@@ -271,11 +277,13 @@ class SNClient:
 
 
 class _StreamCanceller:
-    """Cancels a watch's current stream once `stop` is set, from one thread started with the first
-    stream and ended (and joined) with the watch: reconnections change the stream, not the thread."""
+    """Cancels a watch's current stream once `stop` is set, from one thread of `owner` started with
+    the first stream and ended (and joined) with the watch: reconnections change the stream, not the
+    thread."""
 
-    def __init__(self, stop: threading.Event):
+    def __init__(self, stop: threading.Event, owner: Background):
         self._stop = stop
+        self._owner = owner
         self._lock = threading.Lock()
         self._stream = None
         self._done = threading.Event()
@@ -288,8 +296,11 @@ class _StreamCanceller:
         if stream is None:
             return
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="sn-watch-canceller", daemon=True)
-            self._thread.start()
+            try:
+                self._thread = self._owner.start("sn-watch-canceller", self._run)
+            except RuntimeError:  # the owner closed: its component is gone, so is this watch
+                stream.cancel()
+                return
         if self._stop.is_set():
             stream.cancel()  # set before the canceller could see this stream
 

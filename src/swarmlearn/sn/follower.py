@@ -37,8 +37,8 @@ class LedgerFollower:
     as long as this object. A lost ledger (the SN stayed away past its patience) or a refused one
     (any LedgerError: a broken chain, a bad signature, a rollback) is kept in `error`, raised to every
     waiter and returned by failure(), which the component's command watches to stop and exit non-zero.
-    Its thread belongs to `background`, the component's owner of threads (without one, the follower
-    owns its own); stop() ends and joins it either way."""
+    Its threads (following the stream; writing the pin) belong to `background`, the component's owner
+    of threads (without one, the follower owns its own); stop() ends the follower and writes the pin."""
 
     def __init__(self, sn: SNClient, pin_file: Path | None = None, background: Background | None = None):
         self.sn = sn
@@ -57,6 +57,8 @@ class LedgerFollower:
         return self.verifier.state
 
     def start(self) -> None:
+        if self.pin is not None:
+            self.pin.start(self._background)
         self._thread = self._background.start("ledger-follower", self._follow)
 
     def stop(self) -> None:
@@ -74,7 +76,8 @@ class LedgerFollower:
         try:
             if self.pin is not None:
                 self._pinned = self.pin.load()
-            for row in self.sn.watch(0, self._stop, raw=True, on_connect=self._check_length):
+            for row in self.sn.watch(0, self._stop, raw=True, on_connect=self._check_length,
+                                     background=self._background):
                 self._check_pin(row)
                 with self.changed:
                     self.verifier.verify_next(row)

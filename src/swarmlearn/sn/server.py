@@ -8,13 +8,13 @@ import logging
 import secrets
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from swarmlearn import pki
+from swarmlearn.background import Background
 from swarmlearn.defaults import DEFAULT_CONTRACT, DEFAULT_TASKRUNNER
 from swarmlearn.errors import AlreadyRecorded, ConfigError, LedgerError, Rejected
 from swarmlearn.ledger.chain import Chain
@@ -67,6 +67,8 @@ CLIENT_PING_MIN_MS = 5_000
 # On stop, how long the SN waits for its watch streams to end (each notices within the store's
 # half-second poll) before it closes the ledger under them.
 STOP_STREAMS_TIMEOUT = 2.0
+# Then how long it waits for its threads (each ends with its call) before it names the ones left.
+STOP_THREADS_TIMEOUT = 5.0
 
 
 def revocation(fingerprint: str, state) -> str | None:
@@ -85,13 +87,19 @@ def caller_name(context: grpc.ServicerContext, fingerprint: str | None) -> str:
 
 
 class StreamSlots:
-    """Open watch streams, counted per identity and in total, so that streams cannot take the
-    worker threads unary calls need. Each admitted stream holds a ticket until its handler ends;
-    releasing a ticket twice counts once."""
+    """Open streams, counted per identity and in total, so that streams cannot take the worker
+    threads other calls (or other callers) need: the SN's watch streams, an SL's blob streams
+    (sl/transport.py). Each admitted stream holds a ticket until its handler ends; releasing a
+    ticket twice counts once. `kind` and `elsewhere` (what a caller refused by the total can do
+    instead) only word the refusals."""
 
-    def __init__(self, total: int = WATCH_STREAMS_TOTAL, per_identity: int = WATCH_STREAMS_PER_IDENTITY):
+    def __init__(self, total: int = WATCH_STREAMS_TOTAL, per_identity: int = WATCH_STREAMS_PER_IDENTITY,
+                 kind: str = "watch", server: str = "SN", elsewhere: str = "follow the ledger through another SN"):
         self.total = total
         self.per_identity = per_identity
+        self.kind = kind
+        self.server = server
+        self.elsewhere = elsewhere
         self._lock = threading.Condition()
         self._live: dict[object, str] = {}
         self._open: dict[str, int] = {}
@@ -100,11 +108,11 @@ class StreamSlots:
         """A ticket for a new stream of `who`, or (a string) why it is refused."""
         with self._lock:
             if self._open.get(who, 0) >= self.per_identity:
-                return (f"cap of {self.per_identity} watch streams per certificate reached; close the streams "
-                        f"it no longer reads before opening another")
+                return (f"cap of {self.per_identity} {self.kind} streams per certificate reached; close the "
+                        f"streams it no longer reads before opening another")
             if len(self._live) >= self.total:
-                return (f"cap of {self.total} watch streams per SN reached; retry later or follow the ledger "
-                        f"through another SN")
+                return (f"cap of {self.total} {self.kind} streams per {self.server} reached; retry later or "
+                        f"{self.elsewhere}")
             ticket = object()
             self._live[ticket] = who
             self._open[who] = self._open.get(who, 0) + 1
@@ -342,24 +350,34 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
 
 @dataclass
 class SNServer:
+    """A serving SN. Its threads (the RPC workers, the marker's writer) belong to `background`;
+    stop() ends the calls, joins those threads, writes the marker and closes the ledger."""
+
     server: grpc.Server
     chain: Chain
     node_id: str
     host: str
     port: int
     sentinel: bool
-    stopping: threading.Event
+    background: Background
+    marker: PinFile
     streams: StreamSlots | None = None
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def stopping(self) -> threading.Event:
+        return self.background.stopping
+
     def stop(self, grace: float = 1.0) -> None:
         self.stopping.set()
         self.server.stop(grace).wait()
         if self.streams is not None:
             self.streams.wait_closed(STOP_STREAMS_TIMEOUT)
+        self.background.close(STOP_THREADS_TIMEOUT)
+        self.marker.flush()  # the head acknowledged last, which the writer may not have reached
         self.chain.store.close()
 
     def wait(self) -> None:
@@ -367,8 +385,9 @@ class SNServer:
 
 
 def open_chain(data_dir: Path, identity: pki.Identity, node_id: str, address: str, sentinel: bool,
-               new_swarm: bool = False) -> Chain:
-    """Opens (or, for the sentinel, founds) this SN's ledger and makes sure it is recorded in it.
+               new_swarm: bool = False) -> tuple[Chain, PinFile]:
+    """Opens (or, for the sentinel, founds) this SN's ledger and makes sure it is recorded in it;
+    returns it with its marker (swarm.json), which follows the ledger's head from then on.
 
     A data dir that shows any trace of an earlier ledger (ledger.db, its -wal/-shm files, the
     swarm.json marker) is never given a new genesis unless `new_swarm`; a ledger that is shorter than,
@@ -389,7 +408,7 @@ def open_chain(data_dir: Path, identity: pki.Identity, node_id: str, address: st
     except BaseException:
         chain.store.close()
         raise
-    return chain
+    return chain, marker
 
 
 def _check_history(chain: Chain, data_dir: Path, marker: Pin | None, traces: list[str], new_swarm: bool) -> None:
@@ -486,7 +505,17 @@ def start_sn(*, host: str, port: int, identity: pki.Identity, data_dir: Path, se
              node_id: str | None = None, new_swarm: bool = False) -> SNServer:
     """Starts an SN; returns once it is serving. Raises ConfigError/LedgerError on bad set-up."""
     node_id = identity.node_name("sn", node_id)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_WORKERS),
+    background = Background(f"sn-{node_id}")
+    try:
+        return _serve(host, port, identity, data_dir, sentinel, node_id, new_swarm, background)
+    except BaseException:
+        background.close()
+        raise
+
+
+def _serve(host: str, port: int, identity: pki.Identity, data_dir: Path, sentinel: bool, node_id: str,
+           new_swarm: bool, background: Background) -> SNServer:
+    server = grpc.server(background.executor("rpc", MAX_WORKERS),
                          options=[("grpc.so_reuseport", 0),
                                   ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
                                   ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
@@ -502,9 +531,9 @@ def start_sn(*, host: str, port: int, identity: pki.Identity, data_dir: Path, se
     if bound == 0:
         raise ConfigError(f"cannot listen on {host}:{port}: the port is in use or the address is not this "
                           f"host's; pick another --sn-api-port (0 lets the OS choose) or --host-ip")
-    chain = open_chain(data_dir, identity, node_id, f"{host}:{bound}", sentinel, new_swarm)
-    stopping = threading.Event()
-    service = SNService(chain, node_id, stopping)
+    chain, marker = open_chain(data_dir, identity, node_id, f"{host}:{bound}", sentinel, new_swarm)
+    marker.start(background)
+    service = SNService(chain, node_id, background.stopping)
     sn_pb2_grpc.add_SwarmNetworkServicer_to_server(service, server)
     server.start()
-    return SNServer(server, chain, node_id, host, bound, sentinel, stopping, service.streams)
+    return SNServer(server, chain, node_id, host, bound, sentinel, background, marker, service.streams)

@@ -35,7 +35,7 @@ from swarmlearn.sn.client import SNClient
 from swarmlearn.sn.follower import LedgerFollower
 from swarmlearn.swop.policy import PYTHON_NAMES, TaskPolicy
 from swarmlearn.swop.policy import mapped as _mapped, shared_content as _shared_content
-from swarmlearn.swop.runtime import Handle, ProcessRuntime, Runtime, Spec, record_self
+from swarmlearn.swop.runtime import Handle, ProcessRuntime, Runtime, Spec, record_self, unrecord
 
 log = logging.getLogger("swarmlearn.swop")
 
@@ -92,6 +92,9 @@ class Operator:
         self.runner = self.profile.taskrunner
         self.handled: set[tuple[str, int]] = set()
         self.handles: list[Handle] = []
+        # Guards `handles` and `stopped`: once stop() took its list, _start() starts nothing more.
+        self._handles_lock = threading.Lock()
+        self._stopped = False
         self.pid_file: Path | None = None
         self.stopping = threading.Event()
 
@@ -113,9 +116,11 @@ class Operator:
         self.pid_file = record_self(self.workspace, self.node_id)
         self._fail_orphans()
         self.sn.keep_alive(self.background, HEARTBEAT_EVERY)
+        self.background.start("tasks", self.run)
 
     def run(self) -> None:
-        """Serves tasks until stop() is called or the ledger is lost (failure() then says why)."""
+        """Serves tasks until stop() is called or the ledger is lost (failure() then says why); start()
+        runs it in a thread of the operator's Background, which stop() joins."""
         while not self.stopping.is_set():
             try:
                 a = self.follower.wait_until(self._claimable, 1.0)
@@ -132,13 +137,16 @@ class Operator:
     def stop(self) -> None:
         """Stops serving and every node process this operator started."""
         self.stopping.set()
-        for handle in list(self.handles):
+        with self._handles_lock:
+            self._stopped = True
+            handles = list(self.handles)
+        for handle in handles:
             handle.stop(grace=5.0)
         self.follower.stop()
         self.background.close()
         self.sn.close()
         if self.pid_file is not None:
-            self.pid_file.unlink(missing_ok=True)
+            unrecord(self.pid_file, os.getpid())
 
     def _fail_orphans(self) -> None:
         """Peers of a running task that a previous run of this SWOP started are gone with it (or
@@ -313,8 +321,12 @@ class Operator:
     def _start(self, spec: Spec) -> Handle:
         # Called from the worker thread that serves tasks; any thread would do: a node dies with this
         # process (its wrapper watches our lifeline pipe), not with the thread that started it.
-        handle = self.runtime.start(spec)
-        self.handles.append(handle)
+        # Started under the lock, so that stop() either sees the process or refuses it a start.
+        with self._handles_lock:
+            if self._stopped:
+                raise SwarmError(f"{self.node_id} is stopping; {spec.name} not started")
+            handle = self.runtime.start(spec)
+            self.handles.append(handle)
         return handle
 
     def _clean_up(self, task: str, runs: list[NodeRun]) -> None:
@@ -330,7 +342,8 @@ class Operator:
             if run.sl is not None:
                 run.sl.stop()
                 shutil.rmtree(self._node_dir(task, run.peer) / "sl", ignore_errors=True)
-        self.handles = [h for h in self.handles if h.poll() is None]
+        with self._handles_lock:
+            self.handles = [h for h in self.handles if h.poll() is None]
 
     def _node_dir(self, task: str, node: str) -> Path:
         return self.workspace / task / node

@@ -24,6 +24,7 @@ import psutil
 
 from swarmlearn.errors import SwarmError
 from swarmlearn.readiness import READY_ENV, read_ready_line, ready_pipe
+from swarmlearn.swop.launch import NO_LIFELINE
 
 # Two readings of one process's start time can differ a little (psutil derives it from the boot
 # time, which the kernel may adjust); a process that reused the pid started long after.
@@ -50,8 +51,10 @@ class Handle(ABC):
 
     def __init__(self) -> None:
         self._ready_line: str | None = None
-        self._ready_lock = threading.Lock()
-        self._waiting = False
+        # One reader of the pipe at a time (it alone may close it); what it read of a line that is
+        # not complete yet stays here for the next one.
+        self._ready_reader = threading.Lock()
+        self._ready_received = bytearray()
 
     @abstractmethod
     def poll(self) -> int | None:
@@ -63,40 +66,46 @@ class Handle(ABC):
 
     def wait_ready(self, timeout: float) -> str:
         """The line the process announced when it became ready, waiting up to `timeout` seconds;
-        raises SwarmError with the last log lines if it ends first or is too slow."""
-        with self._ready_lock:
-            if self._ready_line is not None:
-                return self._ready_line
-            fd = self.ready_fd
-            self._waiting = fd is not None
-        if fd is None:
-            raise SwarmError(f"{self.spec.name} {self._ended_how()} before it was ready:\n{self.last_lines()}")
+        raises SwarmError with the last log lines if it ends first or is too slow. Callers in several
+        threads take turns and get the same answer."""
+        deadline = time.monotonic() + timeout
+        if not self._ready_reader.acquire(timeout=max(0.0, timeout)):
+            raise self._not_ready_within(timeout)
         try:
-            line = read_ready_line(fd, timeout)
-        except TimeoutError:
-            with self._ready_lock:
-                self._waiting = False
-            raise SwarmError(f"{self.spec.name} not ready within {timeout:.0f} s:\n{self.last_lines()}") from None
-        with self._ready_lock:
-            self._waiting = False
-            self._ready_line = line
-            self.ready_fd = None
-        os.close(fd)
-        if line is None:
+            if self._ready_line is None and self.ready_fd is not None:
+                try:
+                    line = read_ready_line(self.ready_fd, deadline - time.monotonic(), self._ready_received)
+                except TimeoutError:
+                    raise self._not_ready_within(timeout) from None
+                self._close_ready_pipe(line)
+        finally:
+            self._ready_reader.release()
+        if self._ready_line is None:
             raise SwarmError(f"{self.spec.name} {self._ended_how()} before it was ready:\n{self.last_lines()}")
-        return line
+        return self._ready_line
+
+    def _not_ready_within(self, timeout: float) -> SwarmError:
+        return SwarmError(f"{self.spec.name} not ready within {timeout:.0f} s:\n{self.last_lines()}")
 
     def _release_ready(self) -> None:
         """Closes the readiness pipe of an ended or stopped process, keeping a line it left there. A
-        thread inside wait_ready closes it itself (an fd closed under its select could be reused)."""
-        with self._ready_lock:
-            if self._waiting or self.ready_fd is None:
-                return
-            fd, self.ready_fd = self.ready_fd, None
-            try:
-                self._ready_line = read_ready_line(fd, 0)
-            except (TimeoutError, OSError):
-                pass
+        thread inside wait_ready sees the end itself (an fd closed under its selector could be reused)."""
+        if self.ready_fd is None or not self._ready_reader.acquire(blocking=False):
+            return
+        try:
+            if self.ready_fd is not None:
+                try:
+                    line = read_ready_line(self.ready_fd, 0, self._ready_received)
+                except (TimeoutError, OSError):  # still held open, by something the process left behind
+                    line = None
+                self._close_ready_pipe(line)
+        finally:
+            self._ready_reader.release()
+
+    def _close_ready_pipe(self, line: str | None) -> None:
+        """Called by the reader that holds the lock: the answer is final."""
+        fd, self.ready_fd = self.ready_fd, None
+        self._ready_line = line
         os.close(fd)
 
     def _ended_how(self) -> str:
@@ -136,15 +145,16 @@ class ProcessHandle(Handle):
     def poll(self) -> int | None:
         code = self.popen.poll()
         if code is not None:
-            self.pid_file.unlink(missing_ok=True)
+            unrecord(self.pid_file, self.popen.pid)
             self._release_ready()
         return code
 
     def stop(self, grace: float = 10.0) -> int | None:
-        # Our own child, not yet reaped: its pid (the group's id) cannot have been reused.
+        # Our own child, not yet reaped: its pid (the group's id) cannot have been reused. SIGTERM goes
+        # to the wrapper alone: it passes it on to the program, then stops what the program left.
         if self.popen.poll() is None:
             try:
-                os.killpg(self.popen.pid, signal.SIGTERM)
+                self.popen.send_signal(signal.SIGTERM)
                 self.popen.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 os.killpg(self.popen.pid, signal.SIGKILL)
@@ -156,38 +166,49 @@ class ProcessHandle(Handle):
 
 class ProcessRuntime(Runtime):
     """Local processes, each under swop/launch.py in a process group of its own (so its children go
-    with it), ended by that wrapper when this process's lifeline closes, that is when this process
-    dies. Safe to call from any thread, however short-lived."""
+    with it). Supervised (the default), that wrapper ends them when this process's lifeline closes,
+    that is when this process dies; unsupervised, they outlive this process, and `swarm stop` (their
+    pid files) ends them. Safe to call from any thread, however short-lived."""
 
-    def __init__(self, workspace: Path):
+    def __init__(self, workspace: Path, supervised: bool = True):
         self.pids = Path(workspace) / "pids"
+        self.supervised = supervised
 
     def start(self, spec: Spec) -> ProcessHandle:
         spec.log.parent.mkdir(parents=True, exist_ok=True)
         self.pids.mkdir(parents=True, exist_ok=True)
-        lifeline = _lifeline()
+        lifeline = _lifeline() if self.supervised else None
         ready_read, ready_write = ready_pipe()
         try:
-            argv = [sys.executable, "-m", "swarmlearn.swop.launch", str(lifeline), *spec.argv]
+            argv = [sys.executable, "-m", "swarmlearn.swop.launch", NO_LIFELINE if lifeline is None else str(lifeline),
+                    *spec.argv]
             with open(spec.log, "ab") as log:
                 popen = subprocess.Popen(argv, cwd=spec.cwd, env={**spec.env, READY_ENV: str(ready_write)},
                                          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, pass_fds=(lifeline, ready_write))
+                                         start_new_session=True,
+                                         pass_fds=(ready_write,) if lifeline is None else (lifeline, ready_write))
         except BaseException:
             os.close(ready_read)
             raise
         finally:
             os.close(ready_write)  # the process holds it now: its exit reads as end-of-file
-        pid_file = self.pids / f"{spec.name}.pid"
-        _write_pid_file(pid_file, popen.pid)
-        return ProcessHandle(spec, popen, pid_file, ready_read)
+        handle = ProcessHandle(spec, popen, self.pids / f"{spec.name}.pid", ready_read)
+        try:
+            _write_pid_file(handle.pid_file, popen.pid)
+        except BaseException as exc:  # unrecorded, `swarm stop` could not find it: it must not run
+            handle.stop(grace=5.0)  # and closes its readiness pipe
+            if isinstance(exc, OSError):
+                raise SwarmError(f"cannot record {spec.name}'s pid in {handle.pid_file}: {exc.strerror}; "
+                                 f"make {self.pids} a writable folder") from None
+            raise
+        return handle
 
 
 # ---------------------------------------------------------------------------------- the lifeline
-# One pipe per process: the read end goes to every wrapper this process starts, the write end stays
-# open here, never written to, until this process dies. It is not inherited across exec (os.pipe
-# makes it close-on-exec); a plain fork (multiprocessing) drops it in the child, which must not keep
-# our nodes alive after we are gone.
+# One pipe per process: the read end goes to every supervised wrapper this process starts, the write
+# end stays open here, never written to, until this process dies. It is not inherited across exec
+# (os.pipe makes it close-on-exec); a plain fork (multiprocessing) drops it in the child, which must
+# not keep our nodes alive after we are gone.
 
 _lifeline_lock = threading.Lock()
 _lifeline_pipe: tuple[int, int] | None = None
@@ -216,14 +237,15 @@ os.register_at_fork(after_in_child=_drop_lifeline_in_forked_child)
 # ---------------------------------------------------------------------------------- pid files
 
 def stop_recorded(workspace: Path, grace: float = 10.0) -> list[tuple[str, int]]:
-    """Stops every process recorded under `workspace` (any depth of `pids/` folders): SIGTERM to its
-    process group, SIGKILL after `grace`. Returns (name, pid) of those that were still running; a pid
-    file whose pid now names another process (its start time differs) is skipped."""
-    files = sorted(Path(workspace).rglob("pids/*.pid"))
+    """Stops every process recorded under `workspace` (any depth of `pids/` folders): SIGTERM (to a
+    launch wrapper alone, which passes it on and stops what its program leaves; to the process group
+    of any other), SIGKILL to its group after `grace`. Returns (name, pid) of those that were still
+    running; a pid file whose pid now names another process (its start time differs) is skipped."""
+    files = sorted(f for f in Path(workspace).rglob("pids/*.pid") if f.is_file())
     running: list[tuple[str, psutil.Process]] = []
     for pid_file in files:
         proc = _recorded_process(pid_file)
-        if proc is not None and _signal_group(proc, signal.SIGTERM):
+        if proc is not None and _signal_group(proc, signal.SIGTERM, leader_alone=_is_wrapper(proc)):
             running.append((pid_file.stem, proc))
     left = _wait_gone([proc for _, proc in running], grace)
     for proc in left:
@@ -243,6 +265,17 @@ def record_self(workspace: Path, name: str) -> Path:
     return pid_file
 
 
+def unrecord(pid_file: Path, pid: int) -> None:
+    """Removes the pid file of process `pid`, unless a newer process of the same name has written it
+    since (it is that one's record now)."""
+    try:
+        fields = pid_file.read_text().split()
+        if fields and fields[0] == str(pid):
+            pid_file.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def _write_pid_file(pid_file: Path, pid: int) -> None:
     try:
         pid_file.write_text(f"{pid} {psutil.Process(pid).create_time()!r}\n")
@@ -252,7 +285,8 @@ def _write_pid_file(pid_file: Path, pid: int) -> None:
 
 def _recorded_process(pid_file: Path) -> psutil.Process | None:
     """The running process a pid file names; None if it ended, or if its pid now belongs to a process
-    started at another time. An older file holds the pid alone, and is trusted as before."""
+    started at another time. An older file holds the pid alone: it is trusted only for a process of
+    ours (`swarmlearn` on its command line), never to signal the group of a stranger."""
     try:
         fields = pid_file.read_text().split()
         pid = int(fields[0])
@@ -263,9 +297,18 @@ def _recorded_process(pid_file: Path) -> psutil.Process | None:
         proc = psutil.Process(pid)
         if created is not None and abs(proc.create_time() - created) > SAME_PROCESS_WITHIN:
             return None
+        if created is None and not any("swarmlearn" in arg for arg in proc.cmdline()):
+            return None
         return proc if _running(proc) else None
     except psutil.Error:
         return None
+
+
+def _is_wrapper(proc: psutil.Process) -> bool:
+    try:
+        return "swarmlearn.swop.launch" in proc.cmdline()
+    except psutil.Error:
+        return False
 
 
 def _running(proc: psutil.Process) -> bool:
@@ -276,13 +319,6 @@ def _running(proc: psutil.Process) -> bool:
         return False
     except psutil.AccessDenied:
         return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return _running(psutil.Process(pid))
-    except psutil.NoSuchProcess:
-        return False
 
 
 def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
@@ -296,13 +332,13 @@ def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Proce
     return alive
 
 
-def _signal_group(proc: psutil.Process, sig: int) -> bool:
-    """Sends `sig` to the process group `proc` leads (what a process it started), else to `proc`
-    alone; False if it is gone."""
+def _signal_group(proc: psutil.Process, sig: int, leader_alone: bool = False) -> bool:
+    """Sends `sig` to the process group `proc` leads (what a process it started) unless
+    `leader_alone`, else to `proc` alone; False if it is gone."""
     try:
         if not proc.is_running():
             return False
-        if os.getpgid(proc.pid) == proc.pid:
+        if not leader_alone and os.getpgid(proc.pid) == proc.pid:
             os.killpg(proc.pid, sig)
         else:
             proc.send_signal(sig)

@@ -1,0 +1,416 @@
+"""The replicated ledger store: the entries of one ledger kept in an etcd cluster, for several SNs.
+
+Keys, under a prefix that names the ledger:
+  <prefix>/entries/<index, 20 digits>   the entry body bytes, written once
+  <prefix>/head                         "<index> <hash>" of the last entry
+An append is one etcd transaction: if the head is the one expected (absent, for entry 0), put the
+entry and the new head together. A reader never sees an entry without its head, nor the reverse.
+
+We speak etcd's gRPC API through our own declaration of the part we use (proto/etcd.proto), not a
+client library: python-etcd3 cannot load under protobuf 7, aetcd is asyncio-only, and etcd3gw goes
+through etcd's HTTP gateway; none lets us set what this store needs on every call (a deadline,
+"require a leader", the move to the next member).
+
+Bounds: the store refuses an entry over `max_entry_bytes` itself. etcd refuses any request over its
+--max-request-bytes (1.5 MiB by default), so members must run with at least
+`request_bytes_for(max_entry_bytes)`; etcd_member.start_cluster sets that.
+
+Availability: every call has a deadline (CALL_TIMEOUT) and goes to one member; when that member does
+not answer (or has no leader) the call moves on to the next endpoint, and keeps trying the cluster for
+QUORUM_TIMEOUT before it fails with LedgerError("no quorum: ...").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import grpc
+
+from swarmlearn.errors import ConfigError, HeadMoved, LedgerError
+from swarmlearn.ledger.entry import GENESIS_PREV_HASH, Entry
+from swarmlearn.ledger.store import LedgerStore, StoredEntry
+from swarmlearn.proto import etcd_kv_pb2 as mvcc
+from swarmlearn.proto import etcd_pb2 as pb
+from swarmlearn.proto import etcd_pb2_grpc as rpc
+
+log = logging.getLogger("swarmlearn.ledger")
+
+# One call to one member; a healthy member on a busy host answers well within it.
+CALL_TIMEOUT = 2.0
+# How long one operation keeps trying the cluster (through a leader election, ~1-2 s) before it
+# reports no quorum.
+QUORUM_TIMEOUT = 5.0
+DEFAULT_MAX_ENTRY_BYTES = 1 << 20
+# What a transaction adds to the entry it carries: keys, the head, framing.
+REQUEST_OVERHEAD = 64 << 10
+INDEX_DIGITS = 20
+# etcd answers a member without a leader with an error instead of serving stale reads or keeping a
+# watch open that will never see another event.
+REQUIRE_LEADER = (("hasleader", "true"),)
+MOVE_ON_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# What gRPC's connection errors say when the member is up but the TLS handshake failed.
+TLS_FAILURES = ("handshake failed", "TSI_")
+# Reconnect soon after a member comes back; gRPC's default backoff grows to two minutes. Keepalive
+# pings find a member that vanished without closing its connections (etcd refuses pings under 5 s).
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    # A read of many entries near the size bound is far over gRPC's default 4 MiB.
+    ("grpc.max_receive_message_length", -1),
+]
+
+
+class TLSFiles(NamedTuple):
+    """Mutual TLS with our certificates: the CA (a PEM file or a capath folder), our cert and key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def request_bytes_for(max_entry_bytes: int) -> int:
+    """The --max-request-bytes etcd members need for entries up to `max_entry_bytes`."""
+    return max_entry_bytes + REQUEST_OVERHEAD
+
+
+def open_channel(endpoint: str, tls: TLSFiles | None) -> grpc.Channel:
+    target = endpoint.split("://", 1)[-1]
+    if tls is None:
+        return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    from swarmlearn.pki import cert_to_pem, load_ca_certs
+
+    try:
+        roots = b"".join(cert_to_pem(cert) for _, cert in load_ca_certs(Path(tls.ca)))
+        key, chain = Path(tls.key).read_bytes(), Path(tls.cert).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{exc.filename}: cannot read the etcd TLS file ({exc.strerror}); check the ledger's "
+                          f"TLS settings") from None
+    credentials = grpc.ssl_channel_credentials(root_certificates=roots, private_key=key, certificate_chain=chain)
+    return grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+
+
+def prefix_end(key: bytes) -> bytes:
+    """The end of etcd's key range holding every key that starts with `key`."""
+    return key[:-1] + bytes([key[-1] + 1])
+
+
+class _Stubs(NamedTuple):
+    position: int
+    endpoint: str
+    kv: rpc.KVStub
+    watch: rpc.WatchStub
+    maintenance: rpc.MaintenanceStub
+
+
+class _Members:
+    """The cluster's client endpoints, one channel to each; calls go to the current member."""
+
+    def __init__(self, endpoints: list[str], tls: TLSFiles | None):
+        self.endpoints = list(endpoints)
+        self._tls = tls
+        self._channels: dict[int, grpc.Channel] = {}
+        self._current = 0
+        self._lock = threading.Lock()
+
+    def current(self) -> _Stubs:
+        with self._lock:
+            position = self._current
+            channel = self._channels.get(position)
+            if channel is None:
+                channel = self._channels[position] = open_channel(self.endpoints[position], self._tls)
+        return _Stubs(position, self.endpoints[position], rpc.KVStub(channel), rpc.WatchStub(channel),
+                      rpc.MaintenanceStub(channel))
+
+    def move_on(self, failed: _Stubs, error: grpc.RpcError) -> None:
+        if len(self.endpoints) == 1:
+            return
+        with self._lock:
+            if self._current != failed.position:
+                return  # another thread already moved on from it
+            self._current = (failed.position + 1) % len(self.endpoints)
+            nxt = self.endpoints[self._current]
+        log.warning("etcd member %s did not answer (%s); switching to %s", failed.endpoint, describe(error), nxt)
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()
+
+
+def describe(error: grpc.RpcError) -> str:
+    return f"{error.code().name}: {error.details()}"
+
+
+class _WatchStream:
+    """One etcd Watch call with one watcher; a thread passes its responses (then None, or the error
+    that ended it) to `inbox`. Closing cancels the call, and with it the watcher in etcd."""
+
+    def __init__(self, stubs: _Stubs, create: pb.WatchCreateRequest, timeout: float | None):
+        self.inbox: queue.Queue = queue.Queue()
+        self._requests: queue.Queue = queue.Queue()
+        self._requests.put(pb.WatchRequest(create_request=create))
+        # The request stream stays open (a closed one ends the watch) until close() puts the sentinel.
+        self._call = stubs.watch.Watch(iter(self._requests.get, None), timeout=timeout, metadata=REQUIRE_LEADER)
+        threading.Thread(target=self._pump, daemon=True, name="etcd-watch").start()
+
+    def _pump(self) -> None:
+        try:
+            for response in self._call:
+                self.inbox.put(response)
+            self.inbox.put(None)
+        except grpc.RpcError as exc:
+            self.inbox.put(exc)
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._call.cancel()
+
+
+class EtcdStore(LedgerStore):
+    def __init__(self, endpoints: list[str], prefix: str, tls: TLSFiles | tuple[Path, Path, Path] | None,
+                 max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES, call_timeout: float = CALL_TIMEOUT,
+                 quorum_timeout: float = QUORUM_TIMEOUT):
+        if not endpoints:
+            raise ConfigError("no etcd endpoints given; list the cluster's client URLs (host:port)")
+        if not prefix or prefix.endswith("/"):
+            raise ConfigError(f"etcd key prefix {prefix!r} must be non-empty and not end with '/'")
+        self.prefix = prefix
+        self.max_entry_bytes = max_entry_bytes
+        self.call_timeout = call_timeout
+        self.quorum_timeout = quorum_timeout
+        self._members = _Members(endpoints, TLSFiles(*tls) if tls is not None else None)
+        self._head_key = f"{prefix}/head".encode()
+        self._entries = f"{prefix}/entries/".encode()
+        self._entries_end = prefix_end(self._entries)
+        # Connect now, so a wrong endpoint or certificate shows at start-up rather than at the first append.
+        try:
+            self._call("reach", lambda stubs: stubs.maintenance.Status, pb.StatusRequest())
+        except BaseException:
+            self._members.close()
+            raise
+
+    # ------------------------------------------------------------------------------------ calls
+
+    def _call(self, what: str, method: Callable[[_Stubs], Callable], request):
+        deadline = time.monotonic() + self.quorum_timeout
+        while True:
+            stubs = self._members.current()
+            timeout = max(0.05, min(self.call_timeout, deadline - time.monotonic()))
+            try:
+                return method(stubs)(request, timeout=timeout, metadata=REQUIRE_LEADER)
+            except grpc.RpcError as exc:
+                if exc.code() not in MOVE_ON_CODES:
+                    raise self._refused(what, stubs, exc) from None
+                self._members.move_on(stubs, exc)
+                last = exc
+            if time.monotonic() >= deadline:
+                raise self._no_quorum(what, last)
+            time.sleep(0.1)  # a member that refuses connections fails at once; do not spin on it
+
+    def _no_quorum(self, what: str, error: grpc.RpcError) -> LedgerError:
+        members = ", ".join(self._members.endpoints)
+        if any(sign in (error.details() or "") for sign in TLS_FAILURES):
+            return LedgerError(f"etcd cluster ({members}): the TLS handshake failed ({describe(error)}); the "
+                               f"members and this store must present certificates from a CA the other side "
+                               f"trusts, and use TLS on both sides or on neither")
+        return LedgerError(f"no quorum: the etcd cluster ({members}) could not {what} the ledger "
+                           f"{self.prefix} within {self.quorum_timeout:g}s (last: {describe(error)}); "
+                           f"bring a majority of its members back up and check that they reach each other")
+
+    def _refused(self, what: str, stubs: _Stubs, error: grpc.RpcError) -> LedgerError:
+        details = error.details() or ""
+        # etcd's own check ("request is too large"), or gRPC's on the message before it (over
+        # --max-request-bytes plus gRPC framing room: "received message larger than max").
+        if "request is too large" in details or "larger than max" in details:
+            return LedgerError(f"etcd member {stubs.endpoint} refused to {what} ledger {self.prefix}: the request "
+                               f"is over its --max-request-bytes; start the members with --max-request-bytes "
+                               f"{request_bytes_for(self.max_entry_bytes)} or more (max_entry_bytes "
+                               f"{self.max_entry_bytes} + {REQUEST_OVERHEAD})")
+        return LedgerError(f"etcd member {stubs.endpoint} refused to {what} ledger {self.prefix} "
+                           f"({describe(error)}); check its log and the TLS certificates")
+
+    def _range(self, what: str, request: pb.RangeRequest) -> pb.RangeResponse:
+        return self._call(what, lambda stubs: stubs.kv.Range, request)
+
+    # ------------------------------------------------------------------------------------ keys
+
+    def _entry_key(self, index: int) -> bytes:
+        return self._entries + str(index).zfill(INDEX_DIGITS).encode()
+
+    def _row(self, kv: mvcc.KeyValue) -> StoredEntry:
+        return StoredEntry(int(kv.key[len(self._entries):]), hashlib.sha256(kv.value).hexdigest(), bytes(kv.value))
+
+    def _parse_head(self, value: bytes) -> tuple[int, str]:
+        try:
+            index, digest = value.decode().split(" ")
+            return int(index), digest
+        except ValueError:
+            raise LedgerError(f"etcd key {self._head_key.decode()} holds {value[:40]!r}, not '<index> <hash>': "
+                              f"the prefix {self.prefix} holds something other than a ledger; choose "
+                              f"another prefix") from None
+
+    # ------------------------------------------------------------------------------------ the interface
+
+    def head(self) -> tuple[int, str] | None:
+        reply = self._range("read the head of", pb.RangeRequest(key=self._head_key))
+        return self._parse_head(reply.kvs[0].value) if reply.kvs else None
+
+    def append_if_head_is(self, expected_hash: str | None, entry: Entry) -> None:
+        body = entry.body_bytes()
+        self._check_before_append(expected_hash, entry, body)
+        entry_key = self._entry_key(entry.index)
+        if expected_hash is None:
+            guard = pb.Compare(key=self._head_key, target=pb.Compare.CREATE, result=pb.Compare.EQUAL,
+                               create_revision=0)
+        else:
+            guard = pb.Compare(key=self._head_key, target=pb.Compare.VALUE, result=pb.Compare.EQUAL,
+                               value=f"{entry.index - 1} {expected_hash}".encode())
+        request = pb.TxnRequest(
+            compare=[guard],
+            success=[pb.RequestOp(request_put=pb.PutRequest(key=entry_key, value=body)),
+                     pb.RequestOp(request_put=pb.PutRequest(key=self._head_key,
+                                                            value=f"{entry.index} {entry.hash}".encode()))],
+            failure=[pb.RequestOp(request_range=pb.RangeRequest(key=self._head_key)),
+                     pb.RequestOp(request_range=pb.RangeRequest(key=entry_key))])
+        reply = self._call("append to", lambda stubs: stubs.kv.Txn, request)
+        if reply.succeeded:
+            return
+        head_kvs, entry_kvs = (op.response_range.kvs for op in reply.responses)
+        if entry_kvs and entry_kvs[0].value == body:
+            return  # an earlier try of this very append landed; its reply was lost to a deadline
+        head = self._parse_head(head_kvs[0].value) if head_kvs else None
+        raise HeadMoved(f"ledger head is {head[0] if head else -1}:{(head[1] if head else '-')[:12]}, "
+                        f"not {(expected_hash or '-')[:12]}")
+
+    def _check_before_append(self, expected_hash: str | None, entry: Entry, body: bytes) -> None:
+        if len(body) > self.max_entry_bytes:
+            raise LedgerError(f"entry {entry.index} is {len(body)} bytes, over the etcd ledger store's bound "
+                              f"max_entry_bytes={self.max_entry_bytes}; keep large data off the ledger (its "
+                              f"hash goes on it)")
+        if entry.prev_hash != (expected_hash or GENESIS_PREV_HASH):
+            raise LedgerError(f"entry {entry.index} links to {entry.prev_hash[:12]} but is appended on head "
+                              f"{(expected_hash or '-')[:12]}; build the entry on the head it expects")
+        if expected_hash is None and entry.index != 0:
+            raise HeadMoved(f"an empty ledger starts at entry 0, not {entry.index}")
+
+    def read_raw(self, start: int = 0, limit: int | None = None) -> list[StoredEntry]:
+        return self._read_from(start, limit)[0]
+
+    def _read_from(self, start: int, limit: int | None) -> tuple[list[StoredEntry], int, bool]:
+        """Entries from `start`, the store revision they were read at, and whether more follow."""
+        reply = self._range("read", pb.RangeRequest(key=self._entry_key(start), range_end=self._entries_end,
+                                                    limit=limit or 0))
+        return [self._row(kv) for kv in reply.kvs], reply.header.revision, reply.more
+
+    def wait_for(self, index: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        key = self._entry_key(index)
+        while True:
+            reply = self._range("read", pb.RangeRequest(key=key, count_only=True))
+            if reply.count:
+                return True
+            if deadline - time.monotonic() <= 0:
+                return False
+            # The entry is not there at this revision: an etcd watch from the next one sees it appear.
+            outcome = self._await_put(key, reply.header.revision + 1, deadline)
+            if outcome is not None:
+                return outcome
+
+    def _await_put(self, key: bytes, revision: int, deadline: float) -> bool | None:
+        """True once `key` is put, False at the deadline; None when the watch ended early (a compaction,
+        a member gone) and the caller must read again."""
+        stubs = self._members.current()
+        stream = _WatchStream(stubs, pb.WatchCreateRequest(key=key, start_revision=revision),
+                              timeout=max(0.0, deadline - time.monotonic()))
+        try:
+            while True:
+                item = stream.inbox.get()
+                if isinstance(item, grpc.RpcError):
+                    if item.code() == grpc.StatusCode.DEADLINE_EXCEEDED or time.monotonic() >= deadline:
+                        return False
+                    if item.code() not in MOVE_ON_CODES:
+                        raise self._refused("watch", stubs, item)
+                    self._members.move_on(stubs, item)
+                    time.sleep(0.1)
+                    return None
+                if item is None or item.canceled:
+                    return None
+                if any(event.type == mvcc.Event.PUT for event in item.events):
+                    return True
+        finally:
+            stream.close()
+
+    def watch(self, start: int, should_stop: Callable[[], bool], batch: int = 256,
+              poll: float = 0.5) -> Iterator[StoredEntry]:
+        """Yields stored entries from `start` on: what a read finds, then what one etcd watch from the
+        read's revision brings; a watch that ends (compaction, a member gone) resumes with a read from
+        the next index. Raises LedgerError when the cluster has no quorum."""
+        next_index = start
+        while not should_stop():
+            rows, revision, more = self._read_from(next_index, batch)
+            for row in rows:
+                yield row
+                next_index = row.index + 1
+            if more:
+                continue
+            for row in self._follow(next_index, revision + 1, should_stop, poll):
+                yield row
+                next_index = row.index + 1
+
+    def _follow(self, next_index: int, revision: int, should_stop: Callable[[], bool],
+                poll: float) -> Iterator[StoredEntry]:
+        """Entries from `next_index` on as one watch from `revision` brings them, until should_stop()
+        or the watch ends."""
+        stubs = self._members.current()
+        stream = _WatchStream(stubs, pb.WatchCreateRequest(key=self._entry_key(next_index),
+                                                           range_end=self._entries_end,
+                                                           start_revision=revision), timeout=None)
+        try:
+            while not should_stop():
+                try:
+                    item = stream.inbox.get(timeout=poll)
+                except queue.Empty:
+                    continue
+                if isinstance(item, grpc.RpcError):
+                    if item.code() not in MOVE_ON_CODES:
+                        raise self._refused("watch", stubs, item)
+                    self._members.move_on(stubs, item)
+                    time.sleep(0.1)
+                    return
+                if item is None:
+                    return
+                if item.canceled:
+                    self._log_cancelled(next_index, item)
+                    return
+                for event in item.events:
+                    row = self._row(event.kv)
+                    if event.type != mvcc.Event.PUT or row.index < next_index:
+                        continue
+                    if row.index > next_index:
+                        return  # not the next entry: a read fills the gap
+                    yield row
+                    next_index += 1
+        finally:
+            stream.close()
+
+    def _log_cancelled(self, next_index: int, response: pb.WatchResponse) -> None:
+        if response.compact_revision:
+            log.info("ledger %s: etcd compacted its history up to revision %d under the watch from entry %d; "
+                     "reading on from entry %d", self.prefix, response.compact_revision, next_index, next_index)
+        else:
+            log.warning("ledger %s: etcd cancelled the watch from entry %d (%s); reading on from there",
+                        self.prefix, next_index, response.cancel_reason or "no reason given")
+
+    def close(self) -> None:
+        self._members.close()

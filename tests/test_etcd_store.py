@@ -1,0 +1,269 @@
+"""The etcd store's own promises, beyond the interface: watches that survive etcd compacting its
+history, a bound on entry size that names itself, one winner per head, and an SN's view of a cluster
+that loses members: it moves to a member that answers, and says "no quorum" when none can.
+
+Every etcd member is a real process on 127.0.0.1 with mutual TLS from gen-cert's certificates, and
+is stopped by pid at the end of its test or module.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+
+import pytest
+
+from swarmlearn.errors import HeadMoved, LedgerError
+from swarmlearn.ledger.entry import Entry, Tx
+from swarmlearn.ledger.etcd_member import SETUP_HINT, EtcdCluster, start_cluster
+from swarmlearn.ledger.etcd_store import DEFAULT_MAX_ENTRY_BYTES, EtcdStore, open_channel
+from swarmlearn.proto import etcd_pb2 as pb
+from swarmlearn.proto import etcd_pb2_grpc as rpc
+from test_store_conformance import (PROMPT, append_chain, collect, etcd_cluster, make_entry,  # noqa: F401
+                                    sn_tls, wait_until)
+
+# A generous bound for "within a few seconds" on a slow, busy machine.
+FEW_SECONDS = 12.0
+
+
+@pytest.fixture
+def open_store(etcd_cluster, request):
+    """Opens handles on this test's ledger (its own prefix); all are closed when the test ends."""
+    opened: list[EtcdStore] = []
+
+    def open_one(cluster: EtcdCluster = etcd_cluster, **options) -> EtcdStore:
+        store = EtcdStore(cluster.endpoints, f"/swarmlearn-test/{request.node.name}", cluster.tls, **options)
+        opened.append(store)
+        return store
+
+    yield open_one
+    for store in reversed(opened):
+        store.close()
+
+
+def compact_history(cluster: EtcdCluster) -> int:
+    """What an operator (or etcd's auto-compaction) does: drop every revision before the current one."""
+    channel = open_channel(cluster.endpoints[0], cluster.tls)
+    try:
+        kv = rpc.KVStub(channel)
+        revision = kv.Range(pb.RangeRequest(key=b"/", count_only=True), timeout=10).header.revision
+        kv.Compact(pb.CompactionRequest(revision=revision, physical=True), timeout=10)
+        return revision
+    finally:
+        channel.close()
+
+
+def entry_of_size(index: int, prev_hash: str | None, size: int) -> Entry:
+    probe = make_entry(index, prev_hash, note="")
+    padding = size - len(probe.body_bytes())
+    tx = probe.tx
+    padded = Tx(tx.kind, {**tx.payload, "note": "x" * padding}, tx.signer, nonce=tx.nonce, time=tx.time)
+    entry = Entry(index, probe.prev_hash, padded, probe.signature)
+    assert len(entry.body_bytes()) == size
+    return entry
+
+
+def test_the_etcd_binary_is_installed():
+    assert shutil.which("etcd") is not None, f"etcd is not installed (no `etcd` on PATH): {SETUP_HINT}"
+
+
+# ------------------------------------------------------------------------------------ watch and compaction
+
+
+def test_a_watch_whose_next_revision_was_compacted_away_resumes_from_the_ledger(open_store, etcd_cluster,
+                                                                               caplog):
+    caplog.set_level(logging.INFO, logger="swarmlearn.ledger")
+    writer, watched = open_store(), open_store()
+    entries = append_chain(writer, 3)
+    stop = threading.Event()
+    rows = watched.watch(0, stop.is_set, poll=0.05)
+    seen = [next(rows)]  # the watch has read entries 0-2 and paused before watching from that revision
+
+    # The swarm moves on and etcd compacts the revisions the watch would start from.
+    entries += append_chain(writer, 5)
+    compact_history(etcd_cluster)
+
+    def drain() -> None:
+        seen.extend(rows)
+
+    watcher = threading.Thread(target=drain, daemon=True)
+    watcher.start()
+    assert wait_until(lambda: len(seen) == 8), [row.index for row in seen]
+    entries += append_chain(writer, 2)
+    assert wait_until(lambda: len(seen) == 10), [row.index for row in seen]
+    stop.set()
+    watcher.join(PROMPT)
+    assert not watcher.is_alive()
+    assert [row.hash for row in seen] == [e.hash for e in entries]
+    assert "compacted its history" in caplog.text
+
+
+def test_compacting_under_a_running_watch_loses_and_repeats_no_entry(open_store, etcd_cluster):
+    writer, watched = open_store(), open_store()
+    stop, seen = threading.Event(), []
+    watcher = collect(watched, 0, stop, seen)
+    entries = []
+    for _ in range(3):
+        entries += append_chain(writer, 4)
+        compact_history(etcd_cluster)
+    entries += append_chain(writer, 2)
+    assert wait_until(lambda: len(seen) == len(entries)), [row.index for row in seen]
+    time.sleep(0.2)
+    stop.set()
+    watcher.join(PROMPT)
+    assert not watcher.is_alive()
+    assert [row.hash for row in seen] == [e.hash for e in entries]
+
+
+def test_wait_for_sees_an_entry_appended_after_a_compaction(open_store, etcd_cluster):
+    writer, waiter = open_store(), open_store()
+    append_chain(writer, 2)
+    compact_history(etcd_cluster)
+    appender = threading.Timer(0.3, lambda: append_chain(writer, 1))
+    appender.start()
+    started = time.monotonic()
+    assert waiter.wait_for(2, timeout=30)
+    assert time.monotonic() - started < PROMPT
+    appender.join(PROMPT)
+
+
+# ------------------------------------------------------------------------------------------ bounds
+
+
+def test_an_entry_at_the_size_bound_is_stored_and_one_byte_more_is_refused_naming_the_bound(open_store):
+    store = open_store()
+    assert store.max_entry_bytes == DEFAULT_MAX_ENTRY_BYTES
+    largest = entry_of_size(0, None, DEFAULT_MAX_ENTRY_BYTES)
+    store.append_if_head_is(None, largest)
+    assert store.read_raw() == store.read_raw(0, 1)
+    assert store.read()[0] == largest
+
+    too_big = entry_of_size(1, largest.hash, DEFAULT_MAX_ENTRY_BYTES + 1)
+    with pytest.raises(LedgerError, match=f"max_entry_bytes={DEFAULT_MAX_ENTRY_BYTES}"):
+        store.append_if_head_is(largest.hash, too_big)
+    assert store.head() == (0, largest.hash)
+
+
+def test_a_store_allowing_more_than_its_members_take_is_told_which_etcd_flag_to_raise(open_store):
+    store = open_store(max_entry_bytes=4 * DEFAULT_MAX_ENTRY_BYTES)
+    # Just over the members' bound (etcd refuses it), and far over it (gRPC refuses it first).
+    for size in (DEFAULT_MAX_ENTRY_BYTES + (200 << 10), 2 * DEFAULT_MAX_ENTRY_BYTES):
+        with pytest.raises(LedgerError, match=f"--max-request-bytes {4 * DEFAULT_MAX_ENTRY_BYTES + (64 << 10)}"):
+            store.append_if_head_is(None, entry_of_size(0, None, size))
+    assert store.head() is None
+
+
+def test_an_entry_that_does_not_link_to_the_expected_head_is_refused_before_it_is_sent(open_store):
+    store = open_store()
+    first = append_chain(store, 1)[0]
+    with pytest.raises(LedgerError, match="links to"):
+        store.append_if_head_is(first.hash, make_entry(1, "e" * 64))
+    assert store.read_raw(1) == []
+
+
+def test_a_handle_with_a_certificate_the_members_do_not_trust_is_refused_at_once(etcd_cluster, foreign_certs):
+    stranger = sn_tls(foreign_certs)._replace(ca=etcd_cluster.tls.ca)
+    started = time.monotonic()
+    with pytest.raises(LedgerError, match="TLS handshake failed"):
+        EtcdStore(etcd_cluster.endpoints, "/swarmlearn-test/stranger", stranger, quorum_timeout=1.0)
+    assert time.monotonic() - started < FEW_SECONDS
+
+
+# ------------------------------------------------------------------------------------------ races
+
+
+def test_two_handles_racing_on_one_head_one_wins_and_the_other_is_told_the_head_moved(open_store):
+    sn_a, sn_b = open_store(), open_store()
+    head = append_chain(sn_a, 1)[0]
+    for round_no in range(15):
+        head_index, head_hash = sn_a.head()
+        start = threading.Barrier(2)
+        outcomes: dict[str, object] = {}
+
+        def race(name: str, store: EtcdStore) -> None:
+            entry = make_entry(head_index + 1, head_hash, racer=name)
+            start.wait()
+            try:
+                store.append_if_head_is(head_hash, entry)
+                outcomes[name] = entry
+            except HeadMoved as exc:
+                outcomes[name] = exc
+
+        racers = [threading.Thread(target=race, args=(n, s)) for n, s in (("a", sn_a), ("b", sn_b))]
+        for racer in racers:
+            racer.start()
+        for racer in racers:
+            racer.join(PROMPT * 5)
+        winners = [v for v in outcomes.values() if isinstance(v, Entry)]
+        losers = [v for v in outcomes.values() if isinstance(v, HeadMoved)]
+        assert len(winners) == 1 and len(losers) == 1, (round_no, outcomes)
+        assert sn_b.head() == (head_index + 1, winners[0].hash)
+    assert [row.index for row in sn_b.read_raw()] == list(range(16))
+    assert sn_a.head()[0] == head.index + 15
+
+
+# ------------------------------------------------------------------------------------------ clusters
+
+
+@pytest.fixture
+def three_members(certs, tmp_path):
+    cluster = start_cluster(tmp_path / "etcd", sn_tls(certs), size=3)
+    yield cluster
+    cluster.stop()
+
+
+def assert_whole(store: EtcdStore) -> None:
+    """Every entry is there up to the head, and nothing past it: no append was half-written."""
+    head_index, head_hash = store.head()
+    rows = store.read_raw()
+    assert [row.index for row in rows] == list(range(head_index + 1))
+    assert rows[-1].hash == head_hash
+    assert all(row.entry().prev_hash == prev.hash for prev, row in zip(rows, rows[1:]))
+
+
+@pytest.mark.slow
+def test_a_cluster_that_lost_its_quorum_refuses_appends_then_takes_them_when_a_member_returns(three_members,
+                                                                                               open_store):
+    store = open_store(three_members)
+    append_chain(store, 3)
+    three_members.members[0].kill()
+    three_members.members[1].kill()
+
+    started = time.monotonic()
+    with pytest.raises(LedgerError, match="no quorum") as refused:
+        append_chain(store, 1)
+    assert time.monotonic() - started < FEW_SECONDS
+    assert "bring a majority of its members back" in str(refused.value)
+
+    three_members.members[1].launch()
+    three_members.wait_ready(members=[three_members.members[1]])
+    assert_whole(store)  # the refused append is either whole (its head moved) or absent
+    before = store.head()[0]
+    append_chain(store, 2)
+    assert store.head()[0] == before + 2
+    assert_whole(store)
+
+
+@pytest.mark.slow
+def test_a_handle_with_three_endpoints_keeps_appending_and_watching_when_its_member_is_killed(three_members,
+                                                                                                open_store,
+                                                                                                caplog):
+    caplog.set_level(logging.INFO, logger="swarmlearn.ledger")
+    writer, watched = open_store(three_members), open_store(three_members)
+    stop, seen = threading.Event(), []
+    watcher = collect(watched, 0, stop, seen)
+    entries = append_chain(writer, 3)
+    assert wait_until(lambda: len(seen) == 3)
+
+    three_members.members[0].kill()  # both handles talk to the first member that answered
+    for _ in range(5):
+        entries += append_chain(writer, 1)
+    assert wait_until(lambda: len(seen) == len(entries), timeout=FEW_SECONDS), [row.index for row in seen]
+    stop.set()
+    watcher.join(PROMPT)
+    assert not watcher.is_alive()
+    assert [row.hash for row in seen] == [e.hash for e in entries]
+    assert f"etcd member {three_members.endpoints[0]} did not answer" in caplog.text
+    assert_whole(writer)
