@@ -268,8 +268,8 @@ def test_large_metrics_cannot_break_state_queries(sn, certs, tmp_path):
 
         pages, next_index = 0, 0
         while next_index is not None:
-            reply = swci._stub.Query(sn_pb2.QueryRequest(section="metrics", contract="default",
-                                                         from_index=next_index), timeout=10)
+            reply = swci._stub()[1].Query(sn_pb2.QueryRequest(section="metrics", contract="default",
+                                                              from_index=next_index), timeout=10)
             assert len(reply.state_json) < METRICS_PAGE_BYTES + 64 * 1024 < MAX_REPLY_BYTES
             next_index = json.loads(reply.state_json)["metrics"]["next"]
             pages += 1

@@ -124,7 +124,7 @@ def test_a_profile_in_the_originals_style_loads(tmp_path):
     assert profile.resourcemgr.mgrtype == "DOCKER"
     assert profile.envvars == {"SL_LOG_LEVEL": "INFO"}  # `http_proxy : ~`: inherited, not set to ""
     assert profile.apisrv.locator.host == "172.1.1.1"
-    assert profile.sn_api("127.0.0.1", 30304) == ("172.1.1.1", 30304)
+    assert profile.sn_addresses(["127.0.0.1:30304"]) == ["172.1.1.1:30304"]
 
     first, second = profile.slnodedefs
     assert first.node_id == "user1"
@@ -161,7 +161,7 @@ def test_a_minimal_profile_takes_the_defaults(tmp_path):
     assert profile.resourcemgr.mgrtype == "PROCESS"
     assert profile.taskrunner == DEFAULT_TASKRUNNER
     assert profile.apisrv is None
-    assert profile.sn_api("127.0.0.1", 30304) == ("127.0.0.1", 30304)
+    assert profile.sn_addresses(["127.0.0.1:30304", "127.0.0.2:30305"]) == ["127.0.0.1:30304", "127.0.0.2:30305"]
     assert profile.notes() == []
     [node] = profile.slnodedefs
     assert (node.node_id, node.slport, node.usrenvvars) == ("node0", DEFAULT_SLPORT, {})

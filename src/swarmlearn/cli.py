@@ -58,6 +58,37 @@ def identity_options(fn):
     return fn
 
 
+def etcd_ledger_options(fn):
+    for option in reversed([
+        click.option("--etcd-endpoints", help="Client URLs of the etcd cluster holding the ledger, comma separated "
+                                              "(https://HOST:PORT,...); mutual TLS with --key/--cert/--capath."),
+        click.option("--etcd-prefix", default=defaults.ETCD_PREFIX, show_default=True,
+                     help="The etcd key prefix of the ledger: one swarm per prefix."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def sn_options(fn):
+    """--sn-ip and --sn-api-port of the commands that talk to SNs (one, or several to move between)."""
+    for option in reversed([
+        click.option("--sn-ip", multiple=True, default=["127.0.0.1"], show_default=True,
+                     help="An SN: IP or IP:PORT. Repeat it, or separate entries with commas, to give several SNs "
+                          "of the swarm: when one stops answering, the next is used."),
+        click.option("--sn-api-port", type=click.IntRange(1, 65535), default=defaults.SN_API_PORT,
+                     show_default=True, help="Port of the --sn-ip entries that give none."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _sn_addresses(sn_ip: tuple[str, ...], sn_api_port: int) -> list[str]:
+    """--sn-ip entries as "HOST:PORT" addresses; ConfigError naming --sn-ip for a bad entry."""
+    from swarmlearn.sn.client import parse_sn_addresses
+
+    return parse_sn_addresses(sn_ip, sn_api_port, "--sn-ip")
+
+
 @click.group(cls=SwarmGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="swarmlearn")
 def cli() -> None:
@@ -111,16 +142,26 @@ def gen_cert(example, host_index, org, nodes, workspace, out, san, ca_cert, ca_k
 @click.option("--new-swarm", is_flag=True,
               help="With --sentinel: found a new swarm even though --data-dir shows traces of an earlier ledger "
                    "(its history is then abandoned; nodes that followed it will refuse this SN).")
+@etcd_ledger_options
+@click.option("--ledger", "ledger_kind", type=click.Choice(["sqlite", "etcd"]), default="sqlite", show_default=True,
+              help="sqlite: this SN's own ledger.db in --data-dir. etcd: a ledger several SNs share, held by the etcd "
+                   "cluster at --etcd-endpoints (reached with this SN's --key/--cert/--capath).")
 @click.option("-v", "--verbose", is_flag=True)
-def sn(sentinel, host_ip, sn_api_port, key, cert, capath, data_dir, node_id, new_swarm, verbose) -> None:
+def sn(sentinel, host_ip, sn_api_port, key, cert, capath, data_dir, node_id, new_swarm, etcd_endpoints, etcd_prefix,
+       ledger_kind, verbose) -> None:
     """Run a Swarm Network node: hold the ledger and serve the SN API."""
     _logging(verbose)
     from swarmlearn.pki import Identity
-    from swarmlearn.sn.server import start_sn
+    from swarmlearn.sn.server import EtcdLedger, start_sn
 
+    if ledger_kind == "etcd" and not etcd_endpoints:
+        raise click.UsageError("--ledger etcd needs --etcd-endpoints: the client URLs of the etcd cluster")
+    if ledger_kind == "sqlite" and etcd_endpoints:
+        raise click.UsageError("--etcd-endpoints is for --ledger etcd; add --ledger etcd or leave it out")
+    etcd = EtcdLedger.parse(etcd_endpoints, etcd_prefix) if ledger_kind == "etcd" else None
     identity = Identity.load(key, cert, capath)
     server = start_sn(host=host_ip, port=sn_api_port, identity=identity, data_dir=data_dir, sentinel=sentinel,
-                      node_id=node_id, new_swarm=new_swarm)
+                      node_id=node_id, new_swarm=new_swarm, etcd=etcd)
     head = server.chain.state.head_index
     announce_ready(f"SN ready on {server.address} ({'sentinel' if sentinel else 'member'}) as {server.node_id}, "
                    f"ledger at entry {head}")
@@ -130,8 +171,7 @@ def sn(sentinel, host_ip, sn_api_port, key, cert, capath, data_dir, node_id, new
 
 
 @cli.command("sl")
-@click.option("--sn-ip", default="127.0.0.1", show_default=True, help="Address of an SN.")
-@click.option("--sn-api-port", type=int, default=defaults.SN_API_PORT, show_default=True)
+@sn_options
 @click.option("--host-ip", default="127.0.0.1", show_default=True,
               help="Address other SLs reach this one at (and that it listens on).")
 @click.option("--sl-fs-port", type=int, default=defaults.SL_FS_PORT, show_default=True,
@@ -164,7 +204,7 @@ def sl(sn_ip, sn_api_port, host_ip, sl_fs_port, key, cert, capath, node_id, ml_a
 
     identity = Identity.load(key, cert, capath)
     node_id = identity.node_name("sl", node_id)
-    node = SLNode(SLConfig(node_id=node_id, identity=identity, sn_address=f"{sn_ip}:{sn_api_port}", host=host_ip,
+    node = SLNode(SLConfig(node_id=node_id, identity=identity, sn_address=_sn_addresses(sn_ip, sn_api_port), host=host_ip,
                            fs_port=sl_fs_port, ml_addr=ml_addr, data_dir=data_dir,
                            timeouts=Timeouts(checkin_wait=checkin_wait, leader_base=leader_timeout,
                                             min_peers_timeout=min_peers_timeout,
@@ -191,8 +231,7 @@ def _resolve(usr_dir: Path, name: Path, subdir: str) -> Path:
 
 
 @cli.command("swop")
-@click.option("--sn-ip", default="127.0.0.1", show_default=True)
-@click.option("--sn-api-port", type=int, default=defaults.SN_API_PORT, show_default=True)
+@sn_options
 @click.option("--usr-dir", type=click.Path(path_type=Path), required=True,
               help="The user's project folder (model, data, swop/ and swci/ files).")
 @click.option("--profile-file-name", type=click.Path(path_type=Path), required=True,
@@ -215,7 +254,7 @@ def swop(sn_ip, sn_api_port, usr_dir, profile_file_name, key, cert, capath, work
 
     identity = Identity.load(key, cert, capath)
     usr_dir = usr_dir.resolve()
-    operator = Operator(OperatorConfig(identity=identity, sn_address=f"{sn_ip}:{sn_api_port}", usr_dir=usr_dir,
+    operator = Operator(OperatorConfig(identity=identity, sn_address=_sn_addresses(sn_ip, sn_api_port), usr_dir=usr_dir,
                                        profile_path=_resolve(usr_dir, profile_file_name, "swop"),
                                        workspace=(workspace or usr_dir / "runs").resolve(), keep_nodes=keep_nodes,
                                        node_id=node_id, extra_sl_args=list(sl_args)))
@@ -237,9 +276,12 @@ def swop(sn_ip, sn_api_port, usr_dir, profile_file_name, key, cert, capath, work
 @click.option("--init-script-name", type=click.Path(path_type=Path),
               help="Script to run, in --usr-dir or its swci/ folder; without it, an interactive prompt.")
 @identity_options
-@click.option("--sn-api-port", type=int, default=defaults.SN_API_PORT, show_default=True,
-              help="SN port used by commands that name only an IP (CREATE CONTEXT ... WITH IP <ip>).")
-def swci(usr_dir, init_script_name, key, cert, capath, sn_api_port) -> None:
+@click.option("--sn-ip", multiple=True,
+              help="SNs (IP or IP:PORT; repeat it or separate entries with commas) of a context named default, "
+                   "created and switched to before the script runs; without it, the script creates its contexts.")
+@click.option("--sn-api-port", type=click.IntRange(1, 65535), default=defaults.SN_API_PORT, show_default=True,
+              help="SN port of --sn-ip entries and commands that name only an IP (CREATE CONTEXT ... WITH IP <ip>).")
+def swci(usr_dir, init_script_name, key, cert, capath, sn_ip, sn_api_port) -> None:
     """Run the Swarm Command Interface: an init script, or commands typed at a prompt."""
     from swarmlearn.pki import Identity
     from swarmlearn.swci.script import parse_line, parse_script
@@ -250,6 +292,9 @@ def swci(usr_dir, init_script_name, key, cert, capath, sn_api_port) -> None:
     identity.node_name("admin" if ident is not None and ident.role == "admin" else "swci")  # an admin may too
     session = SwciSession(identity, usr_dir, out=lambda line: click.echo(line), default_sn_port=sn_api_port)
     try:
+        if sn_ip:
+            session.cmd_create_context("default", ",".join(_sn_addresses(sn_ip, sn_api_port)))
+            session.cmd_switch_context("default")
         if init_script_name is not None:
             script = _resolve(usr_dir, init_script_name, "swci")
             code = session.run(parse_script(script), str(script))
@@ -275,23 +320,22 @@ def swci(usr_dir, init_script_name, key, cert, capath, sn_api_port) -> None:
 
 
 @cli.group("admin")
-@click.option("--sn-ip", default="127.0.0.1", show_default=True)
-@click.option("--sn-api-port", type=int, default=defaults.SN_API_PORT, show_default=True)
+@sn_options
 @identity_options
 @click.pass_context
 def admin(ctx, sn_ip, sn_api_port, key, cert, capath) -> None:
     """What only an admin certificate may do: trust another organization's CA, revoke or map
     certificates, change the default contract's limits. Each is a signed ledger entry."""
-    ctx.obj = (f"{sn_ip}:{sn_api_port}", key, cert, capath)
+    ctx.obj = (_sn_addresses(sn_ip, sn_api_port), key, cert, capath)
 
 
 def _admin_submit(ctx, kind: str, payload: dict) -> int:
     from swarmlearn.pki import Identity
     from swarmlearn.sn.client import SNClient
 
-    address, key, cert, capath = ctx.obj
+    addresses, key, cert, capath = ctx.obj
     identity = Identity.load(key, cert, capath)
-    with SNClient(address, identity, identity.node_name("admin")) as sn:
+    with SNClient(addresses, identity, identity.node_name("admin")) as sn:
         sn.wait_ready()
         sn.register("admin")
         return sn.submit(kind, payload)
@@ -462,25 +506,52 @@ def _open_ledger_file(path: Path):
     return SQLiteStore(path / LEDGER_FILE if path.is_dir() else path, read_only=True)
 
 
+def _open_verified_ledger(path: Path | None, etcd_endpoints: str | None, etcd_prefix: str,
+                          tls: tuple[Path | None, Path | None, Path | None]):
+    """The store `ledger verify` reads, what to call it, and the swarm.json to compare it with."""
+    from swarmlearn.sn.server import MARKER_FILE
+
+    if not etcd_endpoints:
+        if path is None:
+            raise click.UsageError("give PATH (ledger.db or an SN's data dir), or --etcd-endpoints")
+        store = _open_ledger_file(path)
+        return store, store.path, store.path.parent / MARKER_FILE
+    from swarmlearn.pki import Identity
+    from swarmlearn.sn.server import EtcdLedger
+
+    if None in tls:
+        raise click.UsageError("--etcd-endpoints needs --key, --cert and --capath: a certificate the etcd cluster "
+                               "trusts (an SN's)")
+    if path is not None and not path.is_dir():
+        raise click.UsageError(f"{path}: with --etcd-endpoints, PATH is an SN's data dir (its swarm.json is compared)")
+    etcd = EtcdLedger.parse(etcd_endpoints, etcd_prefix)
+    key, cert, capath = tls
+    store = etcd.open_store(Identity.load(key, cert, capath))  # reads only
+    return store, etcd.describe(), (path / MARKER_FILE if path is not None else None)
+
+
 @ledger.command("verify")
-@click.argument("path", type=click.Path(path_type=Path))
-def ledger_verify(path) -> None:
+@click.argument("path", type=click.Path(path_type=Path), required=False)
+@etcd_ledger_options
+@click.option("--key", type=click.Path(path_type=Path), help="With --etcd-endpoints: a key the cluster trusts.")
+@click.option("--cert", type=click.Path(path_type=Path), help="With --etcd-endpoints: its certificate.")
+@click.option("--capath", type=click.Path(path_type=Path), help="With --etcd-endpoints: the trusted CAs.")
+def ledger_verify(path, etcd_endpoints, etcd_prefix, key, cert, capath) -> None:
     """Walk the chain: every hash, link and signature, and compare it with the SN's swarm.json (the
-    swarm and the head it acknowledged) when there is one. PATH is ledger.db or the SN's data dir."""
+    swarm and the head it acknowledged) when there is one. PATH is ledger.db or the SN's data dir;
+    with --etcd-endpoints the ledger under --etcd-prefix is read, and PATH (optional) is an SN's data dir."""
     from swarmlearn.errors import LedgerError
     from swarmlearn.ledger.chain import ChainBroken, verify_store
     from swarmlearn.ledger.pin import PinFile, check_marker
-    from swarmlearn.sn.server import MARKER_FILE
 
-    store = _open_ledger_file(path)
+    store, where, marker_path = _open_verified_ledger(path, etcd_endpoints, etcd_prefix, (key, cert, capath))
     try:
         report = verify_store(store)
-        marker_path = store.path.parent / MARKER_FILE
-        marker = PinFile(marker_path).load()
+        marker = PinFile(marker_path).load() if marker_path is not None else None
         if marker is not None:
-            check_marker(marker, report.entries - 1, lambda i: store.read_raw(i, 1)[0].hash, store.path, marker_path)
+            check_marker(marker, report.entries - 1, lambda i: store.read_raw(i, 1)[0].hash, where, marker_path)
         elif report.entries == 0:
-            raise LedgerError(f"{store.path} holds no entries, not even a genesis: an SN's ledger always has one; "
+            raise LedgerError(f"{where} holds no entries, not even a genesis: an SN's ledger always has one; "
                               f"it was emptied or is not an SN's ledger")
     except ChainBroken as exc:
         click.echo(f"BAD entry {exc.index}: {exc.reason}")

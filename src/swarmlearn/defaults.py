@@ -10,6 +10,9 @@ ledger's payload bounds in ledger/payloads.py); what lives here is read by two o
 SN_API_PORT = 30304
 SL_FS_PORT = 30305
 
+# Where a swarm's ledger lives in an etcd cluster (`swarm sn --ledger etcd --etcd-prefix`): one swarm per prefix.
+ETCD_PREFIX = "/swarmlearn"
+
 # Names genesis creates, so that a swarm works before any SWCI script has made its own.
 DEFAULT_CONTRACT = "defaultbb.cqdb.sml.hpe"
 DEFAULT_TASKRUNNER = "defaulttaskbb.taskdb.sml.hpe"

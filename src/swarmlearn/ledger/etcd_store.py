@@ -18,6 +18,10 @@ Bounds: the store refuses an entry over `max_entry_bytes` itself. etcd refuses a
 Availability: every call has a deadline (CALL_TIMEOUT) and goes to one member; when that member does
 not answer (or has no leader) the call moves on to the next endpoint, and keeps trying the cluster for
 QUORUM_TIMEOUT before it fails with LedgerError("no quorum: ...").
+
+Beside the ledger, under <prefix>/<folder>/<name>, the store keeps small keys attached to an etcd lease
+(the SNs' shared liveness, sn/liveness.py): they are not ledger entries, and they vanish when their
+lease expires.
 """
 
 from __future__ import annotations
@@ -51,6 +55,10 @@ DEFAULT_MAX_ENTRY_BYTES = 1 << 20
 # What a transaction adds to the entry it carries: keys, the head, framing.
 REQUEST_OVERHEAD = 64 << 10
 INDEX_DIGITS = 20
+# etcd's default --max-txn-ops: the most puts one transaction may carry.
+MAX_TXN_OPS = 128
+# The folders of the ledger itself, which keys beside it may not use.
+LEDGER_FOLDERS = ("entries", "head")
 # etcd answers a member without a leader with an error instead of serving stale reads or keeping a
 # watch open that will never see another event.
 REQUIRE_LEADER = (("hasleader", "true"),)
@@ -76,6 +84,11 @@ class TLSFiles(NamedTuple):
     ca: Path
     cert: Path
     key: Path
+
+
+class LeaseExpired(LedgerError):
+    """A put named a lease the cluster no longer has (it expired while its keeper could not reach
+    the cluster); grant a new one."""
 
 
 def request_bytes_for(max_entry_bytes: int) -> int:
@@ -109,6 +122,7 @@ class _Stubs(NamedTuple):
     endpoint: str
     kv: rpc.KVStub
     watch: rpc.WatchStub
+    lease: rpc.LeaseStub
     maintenance: rpc.MaintenanceStub
 
 
@@ -129,7 +143,7 @@ class _Members:
             if channel is None:
                 channel = self._channels[position] = open_channel(self.endpoints[position], self._tls)
         return _Stubs(position, self.endpoints[position], rpc.KVStub(channel), rpc.WatchStub(channel),
-                      rpc.MaintenanceStub(channel))
+                      rpc.LeaseStub(channel), rpc.MaintenanceStub(channel))
 
     def move_on(self, failed: _Stubs, error: grpc.RpcError) -> None:
         if len(self.endpoints) == 1:
@@ -202,8 +216,11 @@ class EtcdStore(LedgerStore):
 
     # ------------------------------------------------------------------------------------ calls
 
-    def _call(self, what: str, method: Callable[[_Stubs], Callable], request):
-        deadline = time.monotonic() + self.quorum_timeout
+    def _call(self, what: str, method: Callable[[_Stubs], Callable], request, patience: float | None = None):
+        """One request to the cluster, moving on to the next member for up to `patience` seconds
+        (default: quorum_timeout)."""
+        patience = self.quorum_timeout if patience is None else patience
+        deadline = time.monotonic() + patience
         while True:
             stubs = self._members.current()
             timeout = max(0.05, min(self.call_timeout, deadline - time.monotonic()))
@@ -215,21 +232,24 @@ class EtcdStore(LedgerStore):
                 self._members.move_on(stubs, exc)
                 last = exc
             if time.monotonic() >= deadline:
-                raise self._no_quorum(what, last)
+                raise self._no_quorum(what, last, patience)
             time.sleep(0.1)  # a member that refuses connections fails at once; do not spin on it
 
-    def _no_quorum(self, what: str, error: grpc.RpcError) -> LedgerError:
+    def _no_quorum(self, what: str, error: grpc.RpcError, patience: float) -> LedgerError:
         members = ", ".join(self._members.endpoints)
         if any(sign in (error.details() or "") for sign in TLS_FAILURES):
             return LedgerError(f"etcd cluster ({members}): the TLS handshake failed ({describe(error)}); the "
                                f"members and this store must present certificates from a CA the other side "
                                f"trusts, and use TLS on both sides or on neither")
         return LedgerError(f"no quorum: the etcd cluster ({members}) could not {what} the ledger "
-                           f"{self.prefix} within {self.quorum_timeout:g}s (last: {describe(error)}); "
+                           f"{self.prefix} within {patience:g}s (last: {describe(error)}); "
                            f"bring a majority of its members back up and check that they reach each other")
 
     def _refused(self, what: str, stubs: _Stubs, error: grpc.RpcError) -> LedgerError:
         details = error.details() or ""
+        if "lease not found" in details:
+            return LeaseExpired(f"etcd member {stubs.endpoint}: the lease of ledger {self.prefix}'s {what} keys "
+                                f"has expired ({describe(error)})")
         # etcd's own check ("request is too large"), or gRPC's on the message before it (over
         # --max-request-bytes plus gRPC framing room: "received message larger than max").
         if "request is too large" in details or "larger than max" in details:
@@ -411,6 +431,52 @@ class EtcdStore(LedgerStore):
         else:
             log.warning("ledger %s: etcd cancelled the watch from entry %d (%s); reading on from there",
                         self.prefix, next_index, response.cancel_reason or "no reason given")
+
+    # ------------------------------------------------------------------------------------ beside the ledger
+
+    def _side_key(self, folder: str, name: str = "") -> bytes:
+        if not folder or "/" in folder or folder in LEDGER_FOLDERS:
+            raise ValueError(f"folder {folder!r} is not one beside the ledger")
+        return f"{self.prefix}/{folder}/{name}".encode()
+
+    def grant_lease(self, ttl: int) -> int:
+        """A new lease of `ttl` seconds; returns its id."""
+        reply = self._call("grant a lease for", lambda stubs: stubs.lease.LeaseGrant, pb.LeaseGrantRequest(TTL=ttl))
+        if reply.error:
+            raise LedgerError(f"etcd refused a lease for ledger {self.prefix}: {reply.error}")
+        return reply.ID
+
+    def keep_lease_alive(self, lease: int) -> bool:
+        """Renews `lease` for its time to live; False if it had already expired (its keys are gone)."""
+        def renew_once(stubs: _Stubs) -> Callable:
+            def call(request, **options):
+                # One renewal on etcd's keep-alive stream: it answers each request, then ends with ours.
+                stream = stubs.lease.LeaseKeepAlive(iter([request]), **options)
+                try:
+                    return next(stream, None)
+                finally:
+                    stream.cancel()
+            return call
+
+        reply = self._call("renew the lease of", renew_once, pb.LeaseKeepAliveRequest(ID=lease))
+        return reply is not None and reply.TTL > 0
+
+    def put_leased(self, folder: str, values: dict[str, bytes], lease: int) -> None:
+        """Puts <prefix>/<folder>/<name> = value for each of `values`, attached to `lease`, in as few
+        transactions as etcd allows; raises LeaseExpired if the lease is gone."""
+        items = sorted(values.items())
+        for start in range(0, len(items), MAX_TXN_OPS):
+            puts = [pb.RequestOp(request_put=pb.PutRequest(key=self._side_key(folder, name), value=value, lease=lease))
+                    for name, value in items[start:start + MAX_TXN_OPS]]
+            self._call(f"write {folder}", lambda stubs: stubs.kv.Txn, pb.TxnRequest(success=puts))
+
+    def read_folder(self, folder: str, patience: float | None = None) -> dict[str, bytes]:
+        """Every <prefix>/<folder>/<name> as {name: value}, in one read; tries the cluster for
+        `patience` seconds (default: quorum_timeout)."""
+        key = self._side_key(folder)
+        reply = self._call(f"read {folder}", lambda stubs: stubs.kv.Range,
+                           pb.RangeRequest(key=key, range_end=prefix_end(key)), patience)
+        return {kv.key[len(key):].decode(errors="replace"): bytes(kv.value) for kv in reply.kvs}
 
     def close(self) -> None:
         self._members.close()

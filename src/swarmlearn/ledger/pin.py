@@ -164,10 +164,10 @@ def check_marker(marker: Pin, head_index: int, hash_at, ledger_path: Path, marke
     if head_index < 0:
         raise HistoryRefused(f"{ledger_path} holds no entries but {marker_path} records swarm "
                              f"{marker.swarm_id or '?'} acknowledged up to entry {marker.head_index}: its history was "
-                             f"erased; restore ledger.db from a backup, or found a new swarm here with "
+                             f"erased; restore {ledger_path} from a backup, or found a new swarm here with "
                              f"`swarm sn --new-swarm`")
-    remedy = ("restore that swarm's ledger.db, or move both files away to found a new swarm" if problem == "genesis"
-              else "restore ledger.db from a backup")
+    remedy = (f"restore that swarm's ledger into {ledger_path}, or found a new swarm with an empty --data-dir"
+              if problem == "genesis" else f"restore {ledger_path} from a backup")
     compared = {"genesis": 0, "differs": marker.head_index}.get(problem)  # a shorter ledger holds no such entry
     raise history_refusal(problem, marker, holder=str(ledger_path), witness=f"this SN (per {marker_path})",
                           found_head=head_index, found_hash=hash_at(compared) if compared is not None else "",
@@ -180,7 +180,7 @@ def sn_refused(problem: str, address: str, pin: Pin, pin_path: Path | None, sn_h
     Pin.divergence says; `sn_head` the SN's last index; `served` the hash it serves at the index compared."""
     unpin = f" (delete {pin_path} only if this node is meant to join the swarm that SN serves now)" if pin_path else ""
     remedy = ("point this node at an SN of its swarm" if problem == "genesis"
-              else "restore the SN's ledger.db, or use another SN of this swarm")
+              else "restore the SN's ledger from a backup, or use another SN of this swarm")
     return history_refusal(problem, pin, holder=f"the ledger SN {address} serves", witness="this node",
                            found_head=sn_head, found_hash=served, remedy=remedy + unpin)
 

@@ -51,7 +51,7 @@ ML_RPC_WORKERS = 8
 class SLConfig:
     node_id: str
     identity: pki.Identity
-    sn_address: str
+    sn_address: str | list[str]  # one SN, or several ("IP:PORT,IP:PORT" or a list): it moves between them
     host: str = "127.0.0.1"
     fs_port: int = SL_FS_PORT
     ml_addr: str | None = None

@@ -1,5 +1,10 @@
 """The client every SL, SWOP and SWCI uses to talk to an SN: connect with certificates, submit signed
-transactions, query the folded state, and follow the ledger (reconnecting on its own)."""
+transactions, query the folded state, and follow the ledger (reconnecting on its own).
+
+A client may be given several SNs (front ends of one replicated ledger). It talks to one at a time
+and, when that one stops answering, moves to the next at once (round robin); it gives up only when
+none has answered for its patience. Refusals (a rejected transaction, a limit) are answers, not
+outages: they never move it."""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -34,6 +40,48 @@ def default_patience() -> float:
         return float(value) if value else UNREACHABLE_TIMEOUT
     except ValueError:
         raise ConfigError(f"SWARM_SN_PATIENCE={value!r} is not a number of seconds") from None
+
+
+def parse_sn_addresses(entries: str | Iterable[str], default_port: int | None, what: str) -> list[str]:
+    """SN addresses as users give them: IP[:PORT] entries, each of which may itself be a comma
+    separated list ("10.0.0.1:30304,10.0.0.2"); an entry without a port gets `default_port`. Returns
+    "HOST:PORT" strings in the order given, each once. ConfigError naming `what` (the option, field
+    or script line) for an empty entry, a missing or bad port."""
+    given = [entries] if isinstance(entries, str) else list(entries)
+    addresses: list[str] = []
+    for text in given:
+        for entry in str(text).split(","):
+            address = _sn_address(entry.strip(), default_port, what, str(text))
+            if address not in addresses:
+                addresses.append(address)
+    if not addresses:
+        raise ConfigError(f"{what}: no SN address given; name at least one SN as IP or IP:PORT")
+    return addresses
+
+
+def _sn_address(entry: str, default_port: int | None, what: str, given: str) -> str:
+    if not entry:
+        raise ConfigError(f"{what}: {given!r} has an empty entry; write IP[:PORT] entries separated by single "
+                          f"commas, without spaces")
+    if entry.startswith("[") and "]" in entry:  # [IPv6] or [IPv6]:PORT
+        host, rest = entry[:entry.index("]") + 1], entry[entry.index("]") + 1:]
+        port = rest[1:] if rest.startswith(":") else rest or None
+    elif entry.count(":") > 1:
+        raise ConfigError(f"{what}: {entry!r}: write an IPv6 address in brackets, [ADDRESS]:PORT")
+    else:
+        host, colon, port = entry.partition(":")
+        port = port if colon else None
+    if host in ("", "[]") or any(c.isspace() for c in host):
+        raise ConfigError(f"{what}: {entry!r} is not IP or IP:PORT")
+    if port is None:
+        if default_port is None:
+            raise ConfigError(f"{what}: {entry!r} has no port; write IP:PORT")
+        port = str(default_port)
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{what}: {entry!r}: the port must be a number from 1 to 65535")
+    return f"{host}:{int(port)}"
+
+
 # Longest single call (the SN answers in milliseconds; this only bounds a stuck connection).
 CALL_TIMEOUT = 10.0
 # The SN's per-certificate bounds (submit rate, watch streams) are not outages: a call past one
@@ -48,23 +96,35 @@ _NEVER = threading.Event()
 
 
 class SNClient:
-    def __init__(self, address: str, identity: pki.Identity, node_id: str | None = None,
+    """addresses: one SN ("IP:PORT"), several ("IP:PORT,IP:PORT"), or a list of them."""
+
+    def __init__(self, addresses: str | Iterable[str], identity: pki.Identity, node_id: str | None = None,
                  unreachable_timeout: float | None = None):
-        self.address = address
+        self.addresses = parse_sn_addresses(addresses, None, "SN address")
         self.identity = identity
         # The certificate's name; a role-less certificate needs the name an admin mapped it to.
         self.node_id = node_id or identity.node_name(None)
         self.unreachable_timeout = default_patience() if unreachable_timeout is None else unreachable_timeout
-        self._channel = grpc.secure_channel(address, identity.channel_credentials(), options=[
-            ("grpc.keepalive_time_ms", 10_000),
-            ("grpc.keepalive_timeout_ms", 5_000),
-            ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 2_000),
-        ])
-        self._stub = sn_pb2_grpc.SwarmNetworkStub(self._channel)
+        # Guards the SN in use, the lazily opened channels (one per SN) and the outage bookkeeping:
+        # heartbeats, the ledger follower and round threads share one client.
+        self._lock = threading.Lock()
+        self._current = 0
+        self._channels: dict[int, tuple[grpc.Channel, sn_pb2_grpc.SwarmNetworkStub]] = {}
+        self._unreachable: set[int] = set()  # SNs found unreachable since one last answered
+        self._all_down_said = False
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        """The SN this client talks to now."""
+        return self.addresses[self._current]
 
     def close(self) -> None:
-        self._channel.close()
+        with self._lock:
+            self._closed = True
+            channels, self._channels = list(self._channels.values()), {}
+        for channel, _ in channels:
+            channel.close()
 
     def __enter__(self) -> SNClient:
         return self
@@ -75,41 +135,105 @@ class SNClient:
     # ------------------------------------------------------------------------------------ plumbing
 
     def wait_ready(self, timeout: float | None = None) -> None:
-        """Waits until the SN accepts our TLS handshake; raises SNUnavailable with the reason."""
+        """Waits until an SN accepts our TLS handshake (the one in use, else whichever of the others
+        does first, which is then used); raises SNUnavailable with the reason."""
         timeout = self.unreachable_timeout if timeout is None else timeout
+        with self._lock:
+            current = self._current
+            futures = [grpc.channel_ready_future(self._connection_at(i)[0]) for i in range(len(self.addresses))]
+        some_ready = threading.Event()
+        for future in futures:
+            future.add_done_callback(lambda _: some_ready.set())
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            raise SNUnavailable(f"no SN answered at {self.address} within {timeout:.0f} s: check --sn-ip/"
-                                f"--sn-api-port, that `swarm sn` runs, and that its certificates come from a CA "
-                                f"in {self.identity.capath} (and ours from a CA it trusts)") from None
+            some_ready.wait(timeout)
+            ready = [i for i, future in enumerate(futures) if future.done() and not future.cancelled()]
+        finally:
+            for future in futures:
+                future.cancel()
+        if not ready:
+            raise SNUnavailable(f"no SN answered at {', '.join(self.addresses)} within {timeout:.0f} s: check "
+                                f"--sn-ip/--sn-api-port, that `swarm sn` runs, and that its certificates come from a "
+                                f"CA in {self.identity.capath} (and ours from a CA it trusts)")
+        if current not in ready:
+            self._switch(current, "no TLS handshake", to=ready[0])
 
-    def _call(self, method: Callable, request, what: str, patience: float | None = None,
+    def _connection_at(self, index: int) -> tuple[grpc.Channel, sn_pb2_grpc.SwarmNetworkStub]:
+        """The channel and stub of SN `index`, opened on first use. Call with the lock held."""
+        if self._closed:
+            raise SNUnavailable(f"the client of SN {self.addresses[index]} is closed")
+        if index not in self._channels:
+            channel = grpc.secure_channel(self.addresses[index], self.identity.channel_credentials(), options=[
+                ("grpc.keepalive_time_ms", 10_000),
+                ("grpc.keepalive_timeout_ms", 5_000),
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 2_000),
+            ])
+            self._channels[index] = (channel, sn_pb2_grpc.SwarmNetworkStub(channel))
+        return self._channels[index]
+
+    def _stub(self) -> tuple[int, sn_pb2_grpc.SwarmNetworkStub]:
+        """The SN in use now (its index) and its stub."""
+        with self._lock:
+            return self._current, self._connection_at(self._current)[1]
+
+    def _switch(self, index: int, reason: str, to: int | None = None) -> None:
+        """SN `index` did not answer: calls go to `to`, by default the next SN (round robin). One line
+        per switch; once every SN failed, one line for that, and silence until one answers again."""
+        with self._lock:
+            if len(self.addresses) == 1 or self._current != index:
+                return  # nowhere else to go, or another thread moved on already
+            self._unreachable.add(index)
+            self._current = (index + 1) % len(self.addresses) if to is None else to
+            if len(self._unreachable) < len(self.addresses):
+                log.warning("SN %s unreachable (%s); switching to SN %s", self.addresses[index], reason,
+                            self.addresses[self._current])
+            elif not self._all_down_said:
+                self._all_down_said = True
+                log.warning("no SN answers (%s); trying each in turn for up to %.0f s", ", ".join(self.addresses),
+                            self.unreachable_timeout)
+
+    def _answered(self) -> None:
+        """The SN in use answered: an outage, if there was one, is over."""
+        if self._unreachable:  # unlocked peek: the common case costs nothing
+            with self._lock:
+                self._unreachable.clear()
+                self._all_down_said = False
+
+    def _call(self, method: str, request, what: str, patience: float | None = None,
               stop: threading.Event | None = None):
-        """Calls the SN, retrying an unreachable one for `patience` seconds (a stop set ends the
-        wait between retries: a component shutting down does not sit out an SN outage)."""
+        """Calls `method` of the SN in use, moving on to the next SN when it is unreachable and
+        retrying them all for `patience` seconds (a stop set ends the wait between rounds of retries:
+        a component shutting down does not sit out an SN outage)."""
         deadline = time.monotonic() + (self.unreachable_timeout if patience is None else patience)
         limited_until = min(deadline, time.monotonic() + LIMIT_PATIENCE)
         delay = 0.1
+        failures = 0
         while True:
+            index, stub = self._stub()
+            address = self.addresses[index]
             try:
-                return method(request, timeout=CALL_TIMEOUT, wait_for_ready=False)
+                reply = getattr(stub, method)(request, timeout=CALL_TIMEOUT, wait_for_ready=False)
             except grpc.RpcError as exc:
-                code = exc.code()
-                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     # Over the SN's submit rate: wait as long as it says, within LIMIT_PATIENCE.
                     wait = _retry_after(exc)
                     if wait is None or time.monotonic() + wait > limited_until:
-                        raise _translate(exc, self.address, what) from None
+                        raise _translate(exc, address, what) from None
                     if (stop or _NEVER).wait(min(max(wait, 0.02), 1.0)):
-                        raise _translate(exc, self.address, what) from None
+                        raise _translate(exc, address, what) from None
                     continue
-                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
-                        or time.monotonic() + delay > deadline or _is_refusal(exc):
-                    raise _translate(exc, self.address, what) from None
+                if not _is_outage(exc) or time.monotonic() + delay > deadline:
+                    raise _translate(exc, address, what) from None
+                self._switch(index, _reason(exc))
+                failures += 1
+                if failures % len(self.addresses):
+                    continue  # the next SN at once; wait only once every SN was tried
                 if (stop or _NEVER).wait(delay):
-                    raise _translate(exc, self.address, what) from None
+                    raise _translate(exc, address, what) from None
                 delay = min(delay * 2, 2.0)
+                continue
+            self._answered()
+            return reply
 
     # ---------------------------------------------------------------------------------------- API
 
@@ -122,7 +246,7 @@ class SNClient:
     def submit_signed(self, signed: SignedTx, patience: float | None = None) -> int:
         request = sn_pb2.SignedTx(tx=signed.tx.signing_bytes(), signature=signed.signature)
         try:
-            return self._call(self._stub.Submit, request, signed.tx.kind, patience).index
+            return self._call("Submit", request, signed.tx.kind, patience).index
         except AlreadyRecorded as exc:
             return exc.index
 
@@ -140,7 +264,7 @@ class SNClient:
     def heartbeat(self, stop: threading.Event | None = None) -> int:
         """Tells the SN we are alive; returns the ledger head index. An unreachable SN is retried
         until our patience runs out or `stop` is set."""
-        return self._call(self._stub.Heartbeat, sn_pb2.HeartbeatRequest(node_id=self.node_id), "heartbeat",
+        return self._call("Heartbeat", sn_pb2.HeartbeatRequest(node_id=self.node_id), "heartbeat",
                           stop=stop).head_index
 
     def keep_alive(self, background: Background, every: float) -> threading.Thread:
@@ -161,7 +285,7 @@ class SNClient:
     def query(self, section: str = "all") -> dict:
         """The folded state of one section (all, info, nodes, contracts, tasks, taskrunners); contracts
         carry "metrics_count", and `metrics` reads the metrics themselves."""
-        reply = self._call(self._stub.Query, sn_pb2.QueryRequest(section=section), f"query {section}")
+        reply = self._call("Query", sn_pb2.QueryRequest(section=section), f"query {section}")
         return json.loads(reply.state_json)
 
     def metrics(self, contract: str = "default", from_index: int = 0) -> tuple[list[dict], int]:
@@ -170,7 +294,7 @@ class SNClient:
         entries: list[dict] = []
         while True:
             request = sn_pb2.QueryRequest(section="metrics", contract=contract, from_index=from_index)
-            reply = self._call(self._stub.Query, request, f"metrics of contract {contract}")
+            reply = self._call("Query", request, f"metrics of contract {contract}")
             page = json.loads(reply.state_json)["metrics"]
             entries += page["entries"]
             if entries:
@@ -205,75 +329,130 @@ class SNClient:
 
     def _follow(self, from_index: int, stop: threading.Event, raw: bool, on_connect: Callable[[int], None] | None,
                 canceller: _StreamCanceller) -> Iterator[Entry] | Iterator[StoredEntry]:
-        next_index = from_index
-        last_hash: str | None = None
-        down_since: float | None = None
-        refused_since = refused_at = 0.0
+        cursor = _Cursor(from_index)
+        outage: _Outage | None = None
+        refusals = _StreamRefusals()
         while not stop.is_set():
             attempt = time.monotonic()
-            overlap = last_hash is not None
+            index, stub = self._stub()
+            address = self.addresses[index]
             stream = None
+
+            def answered() -> None:
+                nonlocal outage
+                self._answered()
+                if outage is not None:
+                    outage.resumed(address, cursor.next_index)
+                    outage = None
+
             try:
                 if on_connect is not None:
-                    on_connect(self._stub.Query(sn_pb2.QueryRequest(section="info"), timeout=CALL_TIMEOUT).head_index)
-                stream = self._stub.Watch(sn_pb2.WatchRequest(from_index=next_index - 1 if overlap else next_index))
+                    on_connect(stub.Query(sn_pb2.QueryRequest(section="info"), timeout=CALL_TIMEOUT).head_index)
+                overlap = cursor.last_hash is not None
+                stream = stub.Watch(sn_pb2.WatchRequest(from_index=cursor.next_index - (1 if overlap else 0)))
                 canceller.follow(stream)
-                for msg in stream:
-                    if down_since is not None:
-                        log.info("SN %s reachable again after %.1f s; following the ledger from entry %d",
-                                 self.address, time.monotonic() - down_since, next_index)
-                        down_since = None
-                    if overlap:
-                        overlap = False
-                        if msg.index != next_index - 1 or msg.hash != last_hash:
-                            raise LedgerError(f"SN {self.address} now serves another entry {next_index - 1} "
-                                              f"({msg.hash[:12]}) than the one this node received "
-                                              f"({last_hash[:12]}): its history was replaced; stop this node and "
-                                              f"restore the SN's ledger, or use another SN of the swarm")
-                        continue
-                    row = StoredEntry(msg.index, msg.hash, bytes(msg.body))
-                    if row.index != next_index:
-                        raise LedgerError(f"SN {self.address} sent entry {row.index} when {next_index} was next")
-                    if raw:
-                        item = row
-                    else:
-                        item = row.entry()
-                        if item.index != next_index or item.hash != msg.hash:
-                            raise LedgerError(f"SN {self.address} sent entry {item.index} out of order or altered")
-                    next_index += 1
-                    last_hash = row.hash
-                    yield item
+                yield from _entries(stream, cursor, overlap, address, raw, answered)
             except grpc.RpcError as exc:
                 if stop.is_set() or exc.code() == grpc.StatusCode.CANCELLED:
                     return
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    # A stream cap of the SN: not an outage. Our own old streams may still be closing
-                    # after a reconnection, so retry for WATCH_LIMIT_PATIENCE, then give up clearly.
-                    now = time.monotonic()
-                    if now - refused_at > 2.0:
-                        refused_since = now  # a new run of refusals: streams were accepted in between
-                    refused_at = now
-                    if now - refused_since > WATCH_LIMIT_PATIENCE:
-                        raise _translate(exc, self.address, "watch") from None
-                    stop.wait(0.5)
+                    refusals.wait_or_raise(exc, address, stop)
                     continue
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise _translate(exc, self.address, "watch") from None
-                if down_since is not None and time.monotonic() - attempt > 2.0:
+                if not _is_outage(exc):
+                    raise _translate(exc, address, "watch") from None
+                if outage is not None and time.monotonic() - attempt > 2.0:
                     # The stream stood for a while on a quiet ledger before it broke: that was a
                     # reconnection, and this is a new outage, not the old one going on.
-                    down_since = None
-                if down_since is None:
-                    down_since = time.monotonic()
-                    log.warning("SN %s unreachable; reconnecting to follow the ledger from entry %d (for up "
-                                "to %.0f s)", self.address, next_index, self.unreachable_timeout)
-                elif time.monotonic() - down_since > self.unreachable_timeout:
-                    raise _translate(exc, self.address, "watch") from None
+                    outage = None
+                if outage is None:
+                    outage = _Outage(address)
+                    if len(self.addresses) == 1:
+                        log.warning("SN %s unreachable; reconnecting to follow the ledger from entry %d (for up "
+                                    "to %.0f s)", address, cursor.next_index, self.unreachable_timeout)
+                elif time.monotonic() - outage.since > self.unreachable_timeout:
+                    raise _translate(exc, address, "watch") from None
+                self._switch(index, _reason(exc))
+                outage.failures += 1
+                if outage.failures % len(self.addresses):
+                    continue  # the next SN at once; wait only once every SN was tried
                 stop.wait(0.5)
             finally:
                 canceller.follow(None)
                 if stream is not None:
                     stream.cancel()
+
+
+@dataclass
+class _StreamRefusals:
+    """A stream cap of the SN is not an outage, and moves the watch to no other SN. Our own old streams
+    may still be closing after a reconnection, so a run of refusals is retried for WATCH_LIMIT_PATIENCE,
+    then given up clearly."""
+
+    since: float = 0.0
+    last: float = 0.0
+
+    def wait_or_raise(self, exc: grpc.RpcError, address: str, stop: threading.Event) -> None:
+        now = time.monotonic()
+        if now - self.last > 2.0:
+            self.since = now  # a new run of refusals: streams were accepted in between
+        self.last = now
+        if now - self.since > WATCH_LIMIT_PATIENCE:
+            raise _translate(exc, address, "watch") from None
+        stop.wait(0.5)
+
+
+@dataclass
+class _Cursor:
+    """Where a watch stands: the next index it yields and the hash of the last entry it yielded."""
+
+    next_index: int
+    last_hash: str | None = None
+
+
+@dataclass
+class _Outage:
+    """A watch that lost its SN: since when, which SN, and how many attempts failed since."""
+
+    lost: str
+    since: float = field(default_factory=time.monotonic)
+    failures: int = 0
+
+    def resumed(self, address: str, next_index: int) -> None:
+        if address == self.lost:
+            log.info("SN %s reachable again after %.1f s; following the ledger from entry %d", address,
+                     time.monotonic() - self.since, next_index)
+        else:
+            log.info("following the ledger from entry %d on SN %s, %.1f s after losing SN %s", next_index, address,
+                     time.monotonic() - self.since, self.lost)
+
+
+def _entries(stream, cursor: _Cursor, overlap: bool, address: str, raw: bool,
+             answered: Callable[[], None]) -> Iterator[Entry] | Iterator[StoredEntry]:
+    """The entries of one Watch stream, checked against `cursor` and advancing it. With `overlap`,
+    the stream starts with the last entry already yielded, which must be the one this watch saw: an
+    SN now holding another entry there serves another history (replaced, or another swarm's)."""
+    for msg in stream:
+        answered()
+        if overlap:
+            overlap = False
+            if msg.index != cursor.next_index - 1 or msg.hash != cursor.last_hash:
+                raise LedgerError(f"SN {address} now serves another entry {cursor.next_index - 1} "
+                                  f"({msg.hash[:12]}) than the one this node received "
+                                  f"({cursor.last_hash[:12]}): its history was replaced; stop this node and "
+                                  f"restore the SN's ledger, or use another SN of the swarm")
+            continue
+        row = StoredEntry(msg.index, msg.hash, bytes(msg.body))
+        if row.index != cursor.next_index:
+            raise LedgerError(f"SN {address} sent entry {row.index} when {cursor.next_index} was next")
+        if raw:
+            item = row
+        else:
+            item = row.entry()
+            if item.index != cursor.next_index or item.hash != msg.hash:
+                raise LedgerError(f"SN {address} sent entry {item.index} out of order or altered")
+        cursor.next_index += 1
+        cursor.last_hash = row.hash
+        yield item
 
 
 class _StreamCanceller:
@@ -316,6 +495,16 @@ class _StreamCanceller:
         self._done.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(CANCEL_POLL * 4)
+
+
+def _is_outage(exc: grpc.RpcError) -> bool:
+    """The SN did not answer (down, unreachable, stuck): another SN may. Everything else is an answer."""
+    return exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not _is_refusal(exc)
+
+
+def _reason(exc: grpc.RpcError) -> str:
+    details = (exc.details() or "").splitlines()
+    return f"{exc.code().name}: {details[0][:120]}" if details else exc.code().name
 
 
 def _is_refusal(exc: grpc.RpcError) -> bool:

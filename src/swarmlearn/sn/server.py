@@ -15,20 +15,25 @@ import grpc
 
 from swarmlearn import pki
 from swarmlearn.background import Background
-from swarmlearn.defaults import DEFAULT_CONTRACT, DEFAULT_TASKRUNNER
+from swarmlearn.defaults import DEFAULT_CONTRACT, DEFAULT_TASKRUNNER, ETCD_PREFIX
 from swarmlearn.errors import AlreadyRecorded, ConfigError, LedgerError, Rejected
-from swarmlearn.ledger.chain import Chain
+from swarmlearn.ledger.chain import Chain, ChainBroken
 from swarmlearn.ledger.entry import SignedTx, Tx
 from swarmlearn.ledger.identities import issuer
 from swarmlearn.ledger.model import PROTOCOL_VERSION
 from swarmlearn.ledger.pin import HistoryRefused, Pin, PinFile, check_marker
 from swarmlearn.ledger.signatures import is_registered, registration, sign_tx
 from swarmlearn.ledger.sqlite_store import SQLiteStore
+from swarmlearn.ledger.store import LedgerStore
 from swarmlearn.proto import sn_pb2, sn_pb2_grpc
+from swarmlearn.sn.liveness import EtcdLiveness, Liveness, MemoryLiveness
 
 log = logging.getLogger("swarmlearn.sn")
 
 LEDGER_FILE = "ledger.db"
+# The etcd key prefix of a swarm's ledger when none is given: one swarm per prefix.
+# How long an SN that cannot follow a shared ledger (no quorum) waits before it tries again.
+FOLLOW_RETRY = 1.0
 # Beside the ledger: the swarm this data dir holds and the head this SN acknowledged (ledger/pin.py).
 MARKER_FILE = "swarm.json"
 # One thread per open watch stream plus the unary calls; a swarm of dozens of peers fits.
@@ -175,13 +180,11 @@ def metrics_page(metrics: list[dict], from_index: int, budget: int = METRICS_PAG
 
 
 class SNService(sn_pb2_grpc.SwarmNetworkServicer):
-    def __init__(self, chain: Chain, node_id: str, stopping: threading.Event):
+    def __init__(self, chain: Chain, node_id: str, stopping: threading.Event, liveness: Liveness | None = None):
         self.chain = chain
         self.node_id = node_id
         self.stopping = stopping
-        # Written by every handler thread that hears from a node, read by Query: only under its lock.
-        self.last_seen: dict[str, float] = {}
-        self._last_seen_lock = threading.Lock()
+        self.liveness = liveness or MemoryLiveness()
         self.streams = StreamSlots()
         self.submits = CallBudget(SUBMIT_RATE, SUBMIT_BURST)
         self.reads = CallBudget(READ_RATE, READ_BURST)
@@ -192,15 +195,11 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
         self._bodies: dict[str, tuple[tuple, bytes]] = {}
 
     def _seen(self, node: str) -> None:
-        with self._last_seen_lock:
-            self.last_seen[node] = time.monotonic()
+        self.liveness.seen(node)
 
     def _seen_ago(self) -> dict[str, float]:
-        """Seconds since each node was last heard from, from a copy taken under the lock."""
-        with self._last_seen_lock:
-            seen = dict(self.last_seen)
-        now = time.monotonic()
-        return {n: round(now - t, 3) for n, t in seen.items()}
+        """Seconds since each node was last heard from (by this SN, or by any SN of a shared ledger)."""
+        return self.liveness.seen_ago()
 
     def _caller(self, context) -> str:
         """The fingerprint of the caller's certificate, once the ledger vouches for it; any other
@@ -287,7 +286,14 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
         self._within_rate(context, self.reads, fp, "queries and heartbeats")
         section = request.section or "all"
         with self.chain.lock:
-            self.chain.catch_up()
+            try:
+                self.chain.catch_up()
+            except ChainBroken:
+                raise
+            except LedgerError as exc:
+                # A shared store out of reach: answer with the state as folded so far (the ledger
+                # follower says what is wrong, once).
+                log.debug("query answered from the folded state: the ledger cannot be read: %s", exc)
             try:
                 head, body = self._section_json(request, section)
             except KeyError as exc:
@@ -384,51 +390,111 @@ class SNServer:
         self.server.wait_for_termination()
 
 
+@dataclass(frozen=True)
+class EtcdLedger:
+    """A ledger shared by several SNs: the client URLs of an etcd cluster the user runs, reached with
+    the SN's own certificates (mutual TLS), and the key prefix that holds this swarm's ledger."""
+
+    endpoints: tuple[str, ...]
+    prefix: str = ETCD_PREFIX
+
+    @classmethod
+    def parse(cls, endpoints: str, prefix: str = ETCD_PREFIX) -> EtcdLedger:
+        """From --etcd-endpoints (https://HOST:PORT or HOST:PORT, comma separated) and --etcd-prefix."""
+        urls = tuple(url.strip() for url in endpoints.split(",") if url.strip())
+        if not urls:
+            raise ConfigError("--etcd-endpoints is empty; list the etcd cluster's client URLs, "
+                              "e.g. https://10.0.0.1:2379,https://10.0.0.2:2379")
+        for url in urls:
+            scheme, _, rest = url.rpartition("://")
+            if scheme not in ("", "https") or not rest.rpartition(":")[2].isdigit():
+                raise ConfigError(f"--etcd-endpoints: {url!r} is not https://HOST:PORT (the SN speaks to etcd over "
+                                  f"mutual TLS only); give each member's client URL")
+        if not prefix.startswith("/") or prefix.endswith("/") or len(prefix) < 2:
+            raise ConfigError(f"--etcd-prefix {prefix!r} must start with '/' and not end with one, e.g. "
+                              f"{ETCD_PREFIX}")
+        return cls(urls, prefix)
+
+    def describe(self) -> str:
+        return f"etcd ledger {self.prefix} at {','.join(self.endpoints)}"
+
+    def open_store(self, identity: pki.Identity):
+        from swarmlearn.ledger.etcd_store import EtcdStore, TLSFiles
+
+        return EtcdStore(list(self.endpoints), self.prefix,
+                         TLSFiles(identity.capath, identity.cert_path, identity.key_path))
+
+
+def follow_ledger(chain: Chain, stopping: threading.Event) -> None:
+    """Folds the entries other SNs append to a shared ledger as soon as the store's watch brings them,
+    so that this SN's Query, Heartbeat and the checks of its Submit see them, until `stopping`."""
+    failing = False
+    while not stopping.is_set():
+        try:
+            for row in chain.store.watch(chain.state.head_index + 1, stopping.is_set):
+                if row.index > chain.state.head_index:  # else this SN appended it, or folded it already
+                    with chain.lock:
+                        chain.catch_up()
+                if failing:
+                    log.info("following the ledger again at entry %d", chain.state.head_index)
+                    failing = False
+        except LedgerError as exc:
+            if not failing:
+                log.error("cannot follow the ledger: %s; trying again every %g s", exc, FOLLOW_RETRY)
+            failing = True
+            stopping.wait(FOLLOW_RETRY)
+
+
 def open_chain(data_dir: Path, identity: pki.Identity, node_id: str, address: str, sentinel: bool,
-               new_swarm: bool = False) -> tuple[Chain, PinFile]:
+               new_swarm: bool = False, etcd: EtcdLedger | None = None) -> tuple[Chain, PinFile]:
     """Opens (or, for the sentinel, founds) this SN's ledger and makes sure it is recorded in it;
-    returns it with its marker (swarm.json), which follows the ledger's head from then on.
+    returns it with its marker (swarm.json), which follows the ledger's head from then on. The ledger
+    is data_dir's ledger.db, or with `etcd` the one under its prefix in that cluster, which other SNs
+    share (the data dir then holds the marker only).
 
     A data dir that shows any trace of an earlier ledger (ledger.db, its -wal/-shm files, the
     swarm.json marker) is never given a new genesis unless `new_swarm`; a ledger that is shorter than,
-    or differs from, what the marker says this SN acknowledged is refused (ledger/pin.py)."""
+    or differs from, what the marker says this SN acknowledged is refused (ledger/pin.py). A sentinel
+    finding a ledger already under the prefix joins it rather than write a second genesis."""
     data_dir = Path(data_dir)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"{data_dir}: cannot create the SN data dir ({exc.strerror}); choose another --data-dir")
     marker = PinFile(data_dir / MARKER_FILE)
-    traces = [name for name in (LEDGER_FILE, f"{LEDGER_FILE}-wal", f"{LEDGER_FILE}-shm", MARKER_FILE)
-              if (data_dir / name).exists()]
-    chain = Chain(SQLiteStore(data_dir / LEDGER_FILE))
+    names = (MARKER_FILE,) if etcd else (LEDGER_FILE, f"{LEDGER_FILE}-wal", f"{LEDGER_FILE}-shm", MARKER_FILE)
+    traces = [name for name in names if (data_dir / name).exists()]
+    store: LedgerStore = etcd.open_store(identity) if etcd else SQLiteStore(data_dir / LEDGER_FILE)
+    where = etcd.describe() if etcd else str(data_dir / LEDGER_FILE)
     try:
-        _check_history(chain, data_dir, marker.load(), traces, new_swarm)
-        _join_chain(chain, identity, node_id, address, sentinel, data_dir)
+        chain = Chain(store)
+        _check_history(chain, data_dir, marker.load(), traces, new_swarm, where)
+        _join_chain(chain, identity, node_id, address, sentinel, where)
         _keep_marker(chain, marker)
     except BaseException:
-        chain.store.close()
+        store.close()
         raise
     return chain, marker
 
 
-def _check_history(chain: Chain, data_dir: Path, marker: Pin | None, traces: list[str], new_swarm: bool) -> None:
-    ledger = data_dir / LEDGER_FILE
+def _check_history(chain: Chain, data_dir: Path, marker: Pin | None, traces: list[str], new_swarm: bool,
+                   where: str) -> None:
     if chain.state.genesis is None:
         if new_swarm:
             return
         if marker is not None:
-            check_marker(marker, -1, lambda i: None, ledger, data_dir / MARKER_FILE)
+            check_marker(marker, -1, lambda i: None, where, data_dir / MARKER_FILE)
         if traces:
             raise HistoryRefused(f"{data_dir}: holds traces of an earlier ledger ({', '.join(traces)}) but "
-                                 f"{LEDGER_FILE} has no entries: its history was erased or lost; restore ledger.db "
-                                 f"from a backup, or found a new swarm here with `swarm sn --new-swarm` (nodes of the "
-                                 f"old one will refuse it)")
+                                 f"{where} has no entries: its "
+                                 f"history was erased or lost; restore it from a backup, or found a new swarm here "
+                                 f"with `swarm sn --new-swarm` (nodes of the old one will refuse it)")
         return
     if new_swarm:
-        log.warning("--new-swarm ignored: %s holds swarm %s (%d entries); this SN goes on with it", ledger,
+        log.warning("--new-swarm ignored: %s holds swarm %s (%d entries); this SN goes on with it", where,
                     chain.state.genesis.get("swarm_id"), chain.state.head_index + 1)
     if marker is not None:
-        check_marker(marker, chain.state.head_index, lambda i: chain.store.read_raw(i, 1)[0].hash, ledger,
+        check_marker(marker, chain.state.head_index, lambda i: chain.store.read_raw(i, 1)[0].hash, where,
                      data_dir / MARKER_FILE)
 
 
@@ -476,24 +542,32 @@ def genesis_tx(identity: pki.Identity, address: str) -> SignedTx:
 
 
 def _join_chain(chain: Chain, identity: pki.Identity, node_id: str, address: str, sentinel: bool,
-                data_dir: Path) -> None:
+                where: str) -> None:
+    """Founds the ledger (the sentinel, on an empty one) or registers this SN in the one `where` holds."""
+    if chain.state.genesis is None:
+        if not sentinel:
+            raise ConfigError(f"{where}: holds no ledger and this SN is not the sentinel; start the first SN "
+                              f"with --sentinel, then the others on the same ledger (--ledger etcd with the "
+                              f"sentinel's --etcd-endpoints and --etcd-prefix)")
+        try:
+            chain.submit(genesis_tx(identity, address))
+            return
+        except Rejected:
+            if chain.state.genesis is None:
+                raise
+            # Another sentinel founded this shared ledger first: join it, as any SN would.
+            log.info("%s was founded by another SN meanwhile; joining it", where)
     state = chain.state
     ours = {pki.cert_fingerprint(ca): ca for ca in identity.cas}
-    if state.genesis is None:
-        if not sentinel:
-            raise ConfigError(f"{data_dir}: holds no ledger and this SN is not the sentinel; start the first SN "
-                              f"with --sentinel (several SNs share a ledger through the replicated store)")
-        chain.submit(genesis_tx(identity, address))
-        return
     if not set(ours) & set(state.ca_fingerprints):
-        raise ConfigError(f"{data_dir / LEDGER_FILE}: holds the ledger of another swarm (swarm id "
+        raise ConfigError(f"{where}: holds the ledger of another swarm (swarm id "
                           f"{state.genesis['swarm_id']}, none of its CAs is in --capath); use an empty --data-dir "
-                          f"for a new swarm or the --capath of that swarm")
+                          f"(or another --etcd-prefix) for a new swarm, or the --capath of that swarm")
     if not is_registered(state.to_obj("nodes")["nodes"].get(node_id), identity, address):
         try:
             chain.submit(sign_tx(identity, node_id, "register_node", registration(identity, address, node_id)))
         except Rejected as exc:
-            raise ConfigError(f"{data_dir / LEDGER_FILE}: this SN cannot join its ledger: {exc}") from None
+            raise ConfigError(f"{where}: this SN cannot join its ledger: {exc}") from None
     for fp in sorted(set(ours) - set(state.ca_fingerprints)):
         # Trusting another organization is an admin's decision (`swarm admin trust-ca`), recorded on
         # the ledger with the roles granted; a CA file in an SN's capath grants nothing.
@@ -502,19 +576,20 @@ def _join_chain(chain: Chain, identity: pki.Identity, node_id: str, address: str
 
 
 def start_sn(*, host: str, port: int, identity: pki.Identity, data_dir: Path, sentinel: bool,
-             node_id: str | None = None, new_swarm: bool = False) -> SNServer:
-    """Starts an SN; returns once it is serving. Raises ConfigError/LedgerError on bad set-up."""
+             node_id: str | None = None, new_swarm: bool = False, etcd: EtcdLedger | None = None) -> SNServer:
+    """Starts an SN; returns once it is serving. Raises ConfigError/LedgerError on bad set-up. With
+    `etcd`, the SN is one front end of the ledger that cluster holds, beside any other SNs on it."""
     node_id = identity.node_name("sn", node_id)
     background = Background(f"sn-{node_id}")
     try:
-        return _serve(host, port, identity, data_dir, sentinel, node_id, new_swarm, background)
+        return _serve(host, port, identity, data_dir, sentinel, node_id, new_swarm, etcd, background)
     except BaseException:
         background.close()
         raise
 
 
 def _serve(host: str, port: int, identity: pki.Identity, data_dir: Path, sentinel: bool, node_id: str,
-           new_swarm: bool, background: Background) -> SNServer:
+           new_swarm: bool, etcd: EtcdLedger | None, background: Background) -> SNServer:
     server = grpc.server(background.executor("rpc", MAX_WORKERS),
                          options=[("grpc.so_reuseport", 0),
                                   ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
@@ -531,9 +606,13 @@ def _serve(host: str, port: int, identity: pki.Identity, data_dir: Path, sentine
     if bound == 0:
         raise ConfigError(f"cannot listen on {host}:{port}: the port is in use or the address is not this "
                           f"host's; pick another --sn-api-port (0 lets the OS choose) or --host-ip")
-    chain, marker = open_chain(data_dir, identity, node_id, f"{host}:{bound}", sentinel, new_swarm)
+    chain, marker = open_chain(data_dir, identity, node_id, f"{host}:{bound}", sentinel, new_swarm, etcd)
     marker.start(background)
-    service = SNService(chain, node_id, background.stopping)
+    liveness = EtcdLiveness(chain.store) if etcd else MemoryLiveness()
+    liveness.start(background)
+    if etcd:
+        background.start("ledger-follower", follow_ledger, chain, background.stopping)
+    service = SNService(chain, node_id, background.stopping, liveness)
     sn_pb2_grpc.add_SwarmNetworkServicer_to_server(service, server)
     server.start()
     return SNServer(server, chain, node_id, host, bound, sentinel, background, marker, service.streams)

@@ -69,7 +69,7 @@ GRAMMAR: list[tuple[str, re.Pattern]] = [(name, _p(t)) for name, t in [
 
 USAGE = """Commands (keywords case-insensitive):
   EXIT ON FAILURE [ON|OFF]            WAIT FOR IP <ip> [port]          EXIT
-  CREATE CONTEXT <n> WITH IP <ip> [port]   SWITCH CONTEXT <n>   LIST CONTEXTS   GET CONTEXT INFO [<n>]
+  CREATE CONTEXT <n> WITH IP <ip>[:port][,<ip>[:port]...] [port]   SWITCH CONTEXT <n>   LIST CONTEXTS   GET CONTEXT INFO [<n>]
   CREATE CONTRACT <n> [WITH PEERS a,b]   LIST CONTRACTS   GET CONTRACT INFO <n>   RESET CONTRACT <n>   PERFDATA <contract>
   CREATE TASK FROM <file.yaml>   FINALIZE TASK <n>   DELETE TASK <n>   LIST TASKS
   GET TASK INFO <n>   GET TASK BODY <n>
@@ -95,8 +95,25 @@ def parse_line(text: str, line: int, source: str = "<prompt>") -> Command | None
     for name, pattern in GRAMMAR:
         m = pattern.match(stripped)
         if m:
-            return Command(line, stripped, name, {k: v for k, v in m.groupdict().items() if v is not None})
+            args = {k: v for k, v in m.groupdict().items() if v is not None}
+            if "ip" in args:
+                _check_sn_addresses(args, f"{source}:{line}")
+            return Command(line, stripped, name, args)
     raise ConfigError(f"{source}:{line}: unknown command {stripped!r}; HELP lists the commands")
+
+
+def _check_sn_addresses(args: dict[str, str], where: str) -> None:
+    """`WITH IP a,b:30305 [port]`: one SN or several, each IP or IP:PORT; an empty entry or a bad port
+    is reported when the script is read, not when the line runs."""
+    from swarmlearn.sn.client import parse_sn_addresses  # here: keeps the grammar free of grpc
+
+    port = args.get("port")
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ConfigError(f"{where}: port {port!r}: give a number from 1 to 65535, or leave it out")
+    try:
+        parse_sn_addresses(args["ip"], int(port) if port else 1, "IP")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def parse_script(path: Path) -> list[Command]:

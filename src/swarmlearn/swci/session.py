@@ -19,7 +19,7 @@ from swarmlearn.defaults import SN_API_PORT
 from swarmlearn.errors import SwarmError
 from swarmlearn.ledger.model import AssignmentStatus, PeerState, RoundStatus
 from swarmlearn.ledger.pin import PIN_FILE, HistoryRefused, Pin, PinFile, sn_refused
-from swarmlearn.sn.client import SNClient
+from swarmlearn.sn.client import SNClient, parse_sn_addresses
 from swarmlearn.swci.script import USAGE, Command
 
 # The original waits this long for a task runner; we say what is going on all along.
@@ -49,6 +49,7 @@ class SwciSession:
         self.out = out
         self.default_sn_port = default_sn_port
         self.poll = poll
+        # A context's SNs, as one "IP:PORT,IP:PORT" text: its client moves between them.
         self.contexts: dict[str, str] = {}
         self.current: str | None = None
         self.exit_on_failure = False
@@ -101,6 +102,7 @@ class SwciSession:
         return self._client(self.contexts[self.current])
 
     def _client(self, address: str) -> SNClient:
+        """The client of the SNs in `address` ("IP:PORT,IP:PORT"), connected and checked on first use."""
         client = self._clients.get(address)
         if client is None:
             client = SNClient(address, self.identity)
@@ -134,12 +136,14 @@ class SwciSession:
             if problem is not None:
                 served = genesis if problem == "genesis" else hash_at(pinned.head_index) if problem == "differs" else ""
                 raise sn_refused(problem, client.address, pinned, self.pin.path, sn_head=head, served=served or "")
-        self._pin_checked[client.address] = time.monotonic()
+        self._pin_checked[_key(client)] = time.monotonic()
         if genesis is not None and head_hash:
             self.pin.advance(Pin(genesis, head, head_hash, str((info.get("genesis") or {}).get("swarm_id", ""))))
 
     def _address(self, ip: str, port: str | None) -> str:
-        return f"{ip}:{int(port) if port else self.default_sn_port}"
+        """`ip` (one SN or several, IP[:PORT] separated by commas) as "IP:PORT,IP:PORT"; `port`, else
+        --sn-api-port, for entries without one."""
+        return ",".join(parse_sn_addresses(ip, int(port) if port else self.default_sn_port, "IP"))
 
     def _state(self, section: str) -> dict:
         return self._sn().query(section)[section]
@@ -147,11 +151,11 @@ class SwciSession:
     def _latest_metrics(self, contract: str) -> dict[str, dict]:
         """Each node's latest metrics entry of `contract`; reads only the entries added since last time."""
         sn = self._sn()
-        read_to, latest = self._metrics_read.get((sn.address, contract), (0, {}))
+        read_to, latest = self._metrics_read.get((_key(sn), contract), (0, {}))
         entries, read_to = sn.metrics(contract, read_to)
         for m in entries:
             latest[m["node"]] = m
-        self._metrics_read[(sn.address, contract)] = (read_to, latest)
+        self._metrics_read[(_key(sn), contract)] = (read_to, latest)
         return latest
 
     def _show(self, obj) -> None:
@@ -195,9 +199,9 @@ class SwciSession:
         client = SNClient(address, self.identity)
         try:
             client.wait_ready(WAIT_FOR_IP_TIMEOUT)
+            self.out(f"SN at {client.address} is up")
         finally:
             client.close()
-        self.out(f"SN at {address} is up")
 
     def cmd_wait_for_service(self, service: str | None = None) -> None:
         self._sn().wait_ready(WAIT_FOR_IP_TIMEOUT)
@@ -419,6 +423,11 @@ def _silent_swop(runner: str, a: dict, last_seen: dict[str, float]) -> str | Non
                     f"{silent:.0f} s); its peers {', '.join(peers)} stopped with it. Start `swarm swop` again, then "
                     f"RESET TASKRUNNER {runner} and ASSIGN TASK {a['task']} to run it afresh")
     return None
+
+
+def _key(client: SNClient) -> str:
+    """The context address a client was made for, whichever of its SNs it talks to now."""
+    return ",".join(client.addresses)
 
 
 def _entry_hash(client: SNClient, index: int) -> str | None:

@@ -58,7 +58,7 @@ class NodeRun:
 @dataclass
 class OperatorConfig:
     identity: pki.Identity
-    sn_address: str
+    sn_address: str | list[str]  # one SN, or several ("IP:PORT,IP:PORT" or a list): it moves between them
     usr_dir: Path
     profile_path: Path
     workspace: Path
@@ -278,9 +278,9 @@ class Operator:
                 return
 
     def _start_sl(self, task: str, node) -> Handle:
-        sn_host, sn_port = self._sn_locator()
         key, cert, capath = self._sl_identity(node)
-        argv = [sys.executable, "-m", "swarmlearn.cli", "sl", "--sn-ip", sn_host, "--sn-api-port", str(sn_port),
+        # Every address carries its port, so no --sn-api-port: the SL gets all of the SNs, to move between.
+        argv = [sys.executable, "-m", "swarmlearn.cli", "sl", "--sn-ip", ",".join(self._sl_sns()),
                 "--host-ip", node.slhostip or "127.0.0.1", "--sl-fs-port", str(self._sl_port(node)), "--key", str(key),
                 "--cert", str(cert), "--capath", str(capath), "--node-id", node.node_id,
                 "--data-dir", str(self._node_dir(task, node.node_id) / "sl"), *self.config.extra_sl_args]
@@ -348,9 +348,9 @@ class Operator:
     def _node_dir(self, task: str, node: str) -> Path:
         return self.workspace / task / node
 
-    def _sn_locator(self) -> tuple[str, int]:
-        host, port = self.config.sn_address.rsplit(":", 1)
-        return self.profile.sn_api(host, int(port))
+    def _sl_sns(self) -> list[str]:
+        """The SNs its SLs talk to: the profile's apisrv, `~` parts filled in from this SWOP's own SNs."""
+        return self.profile.sn_addresses(self.sn.addresses)
 
     def _sl_identity(self, node) -> tuple[Path, Path, Path]:
         ident = self.config.identity

@@ -15,6 +15,10 @@ Learning's shape.
           usrhostname : user1
           usrenvvars : [SCRATCH_DIR : "user1", NODE_ID: "n1"]
 
+`apisrv` may also list several SNs (ours), which the SLs move between when one stops answering:
+
+    apisrv : [{ip: 10.0.0.1, port: 30304}, {ip: 10.0.0.2, port: ~}]   # port ~: that of SWOP's first SN
+
 Keys that only make sense for containers are accepted; `notes()` says in one line each what we do
 with them. Placeholders such as `<PROJECT>` are left in the strings: `swarm run` fills them in.
 
@@ -42,7 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, TypeAdapter, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from swarmlearn import pki
@@ -56,6 +60,8 @@ AttributeType = Literal["KEY", "CERT", "CAPATH", "CACERT", "SPIFFE_SOCKETPATH"]
 AUTHOR_PATTERN = re.compile(rf"spiffe://{pki.ORG_PATTERN.pattern}/(swci|admin)/(\*|(?i:{pki.NAME_PATTERN.pattern}))")
 # `entrypoints` entries that mean "the SWOP's own Python".
 PYTHON_NAME = re.compile(r"python(3(\.\d+)?)?")
+# An SN's address in apisrv's list form: a host name, an IPv4 address, or an IPv6 one in brackets.
+HOST_PATTERN = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]")
 
 # Node keys that configure a container (labels, networks, the SL file service's container); we run
 # local processes, so they are accepted and reported by notes().
@@ -88,6 +94,25 @@ class Locator(YamlModel):
 
 class ApiServer(YamlModel):
     locator: Locator | None = None
+
+
+class SnEndpoint(YamlModel):
+    """One SN of a list under apisrv. `port: ~` means the port of the first SN that SWOP was started with."""
+
+    ip: str
+    port: int | None = Field(default=None, ge=1, le=65535)
+
+    @field_validator("ip")
+    @classmethod
+    def _one_host(cls, ip: str) -> str:
+        if not HOST_PATTERN.fullmatch(ip):
+            raise ValueError(f"{ip!r} is not one IP or host name; write the address alone (an IPv6 one in "
+                             f"brackets) and its port under port:")
+        return ip
+
+
+_API_SERVER = TypeAdapter(ApiServer)
+_SN_LIST = TypeAdapter(list[SnEndpoint])
 
 
 class IdentityAttribute(YamlModel):
@@ -206,7 +231,7 @@ class SwopProfile(YamlModel):
     resourcemgr: ResourceMgr = ResourceMgr()
     network: str | None = None
     apls: Any = None  # the original's licence server: accepted, ignored
-    apisrv: ApiServer | None = None
+    apisrv: ApiServer | list[SnEndpoint] | None = None  # the original's locator, or several SNs
     envvars: EnvVars = {}
     nodes: list[NodeEntry]
     dns: Any = None
@@ -221,6 +246,19 @@ class SwopProfile(YamlModel):
     @classmethod
     def _tilde_defaults(cls, value: Any, info: ValidationInfo) -> Any:
         return _tilde_means_default(cls, value, info)
+
+    @field_validator("apisrv", mode="before")
+    @classmethod
+    def _one_or_several_sns(cls, value: Any, info: ValidationInfo) -> Any:
+        # Validated here, each form on its own, so that a mistake is reported once, in the form written
+        # (a union would also report it as a failed match of the other form).
+        if value is None:
+            return None
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("the list names no SN; write - {ip: IP, port: PORT} entries, or leave apisrv out")
+            return _SN_LIST.validate_python(value, context=info.context)
+        return _API_SERVER.validate_python(value, context=info.context)
 
     @field_validator("taskauthors")
     @classmethod
@@ -285,10 +323,18 @@ class SwopProfile(YamlModel):
     def slnodedefs(self) -> list[SlNodeDef]:
         return [entry.slnodedef for entry in self.nodes]
 
-    def sn_api(self, default_host: str, default_port: int) -> tuple[str, int]:
-        """The SN API to use: apisrv's locator, with `~` parts taken from the SN SWOP was started with."""
+    def sn_addresses(self, swop_sns: list[str]) -> list[str]:
+        """The SNs ("HOST:PORT") its SLs talk to: apisrv's list, or its locator, with `~` parts taken from
+        the SNs that SWOP was started with (`swop_sns`, at least one)."""
+        first_port = int(swop_sns[0].rsplit(":", 1)[1])
+        if isinstance(self.apisrv, list):
+            return _distinct(f"{sn.ip}:{sn.port or first_port}" for sn in self.apisrv)
         locator = self.apisrv.locator if self.apisrv and self.apisrv.locator else Locator()
-        return locator.host or default_host, locator.port or default_port
+        if locator.host is not None:
+            return [f"{locator.host}:{locator.port or first_port}"]
+        if locator.port is not None:
+            return _distinct(f"{sn.rsplit(':', 1)[0]}:{locator.port}" for sn in swop_sns)
+        return list(swop_sns)
 
     def notes(self) -> list[str]:
         """One line per setting we accept but do not act on as the original did."""
@@ -318,6 +364,10 @@ def _name_key(node: SlNodeDef) -> tuple[str, str]:
     """The key a node's name comes from, and the name (see SlNodeDef.node_id)."""
     field = "usrhostname" if node.usrhostname else "slhostname" if node.slhostname else "idx"
     return field, node.node_id
+
+
+def _distinct(items) -> list[str]:
+    return list(dict.fromkeys(items))
 
 
 def load_profile(path: str | Path) -> SwopProfile:
