@@ -13,14 +13,18 @@ import shutil
 import threading
 import time
 
+from types import SimpleNamespace
+
 import pytest
 
+from swarmlearn.background import Background
 from swarmlearn.errors import HeadMoved, LedgerError
 from swarmlearn.ledger.entry import Entry, Tx
-from swarmlearn.ledger.etcd_member import SETUP_HINT, EtcdCluster, start_cluster
+from swarmlearn.ledger.etcd_member import COMPACTION_RETENTION, SETUP_HINT, EtcdCluster, start_cluster
 from swarmlearn.ledger.etcd_store import DEFAULT_MAX_ENTRY_BYTES, EtcdStore, open_channel
 from swarmlearn.proto import etcd_pb2 as pb
 from swarmlearn.proto import etcd_pb2_grpc as rpc
+from swarmlearn.sn.liveness import ALIVE_FOLDER, CLOCK_SKEW, READ_MIN_KEYS, EtcdLiveness
 from test_store_conformance import (PROMPT, append_chain, collect, etcd_cluster, make_entry,  # noqa: F401
                                     sn_tls, wait_until)
 
@@ -267,3 +271,141 @@ def test_a_handle_with_three_endpoints_keeps_appending_and_watching_when_its_mem
     assert [row.hash for row in seen] == [e.hash for e in entries]
     assert f"etcd member {three_members.endpoints[0]} did not answer" in caplog.text
     assert_whole(writer)
+
+
+# ------------------------------------------------------------------------------------------ beside the ledger
+
+
+def test_a_key_under_entries_that_is_no_entry_is_refused_naming_it(open_store, etcd_cluster):
+    store = open_store()
+    append_chain(store, 2)
+    channel = open_channel(etcd_cluster.endpoints[0], etcd_cluster.tls)
+    try:
+        put = pb.RequestOp(request_put=pb.PutRequest(key=f"{store.prefix}/entries/abc".encode(), value=b"x"))
+        rpc.KVStub(channel).Txn(pb.TxnRequest(success=[put]), timeout=10)
+    finally:
+        channel.close()
+    with pytest.raises(LedgerError, match=f"{store.prefix}/entries/abc"):
+        store.read_raw(0)
+
+
+def test_members_compact_their_history_as_they_go(etcd_cluster):
+    args = etcd_cluster.members[0].args
+    assert args[args.index("--auto-compaction-mode") + 1] == "revision"
+    assert int(args[args.index("--auto-compaction-retention") + 1]) == COMPACTION_RETENTION <= 10_000
+
+
+class Registered(dict):
+    """The ledger's registered nodes as liveness reads them: name -> a node with a role."""
+
+    def __init__(self, sns: list[str], nodes: list[str]):
+        super().__init__({name: SimpleNamespace(role="SN") for name in sns})
+        self.update({name: SimpleNamespace(role="SL") for name in nodes})
+
+
+def liveness_of(store: EtcdStore, sn: str, registered: Registered, background: Background) -> EtcdLiveness:
+    liveness = EtcdLiveness(store, sn, lambda: registered, flush_every=0.05, cache_for=0.0)
+    liveness.start(background)
+    return liveness
+
+
+@pytest.fixture
+def background():
+    owner = Background("test-liveness")
+    yield owner
+    owner.close()
+
+
+def test_every_sn_sees_each_node_at_the_newest_time_any_sn_heard_it(open_store, background):
+    registered = Registered(["sn-1", "sn-2"], ["node1", "node2"])
+    sn1 = liveness_of(open_store(), "sn-1", registered, background)
+    sn2 = liveness_of(open_store(), "sn-2", registered, background)
+    sn1.seen("node1")
+    time.sleep(1.0)
+    sn2.seen("node1")  # newer, through the other SN
+    sn2.seen("node2")
+    assert wait_until(lambda: sn1.seen_ago().get("node2") is not None)
+    assert sn1.seen_ago()["node1"] < 0.5
+    assert set(sn1.seen_ago()) == {"node1", "node2"}
+    assert [name for name, _ in sorted(sn1.store.read_folder(ALIVE_FOLDER)[0].items())] == [
+        "node1/sn-1", "node1/sn-2", "node2/sn-2"]
+
+
+def test_liveness_ignores_unregistered_names_and_times_from_the_future(open_store, background):
+    registered = Registered(["sn-1", "sn-2"], ["node1"])
+    writer = open_store()
+    reader = liveness_of(writer, "sn-1", registered, background)
+    now = time.time()
+    writer.put_values(ALIVE_FOLDER, {"node1/sn-2": f"{now - 30:.3f}".encode(),
+                                     "node1/sn-9": f"{now:.3f}".encode(),  # no SN of the ledger
+                                     "ghost/sn-2": f"{now:.3f}".encode(),  # no node of the ledger
+                                     "node1/sn-1": f"{now + CLOCK_SKEW + 60:.3f}".encode()})  # the future
+    assert 29.0 <= reader.seen_ago()["node1"] <= 32.0
+    assert set(reader.seen_ago()) == {"node1"}
+
+
+def test_a_liveness_read_is_bounded_by_the_registered_nodes_and_says_so_when_cut(open_store, background, caplog):
+    caplog.set_level(logging.WARNING, logger="swarmlearn.sn")
+    registered = Registered(["sn-1"], ["node1"])
+    writer = open_store()
+    reader = liveness_of(writer, "sn-1", registered, background)
+    writer.put_values(ALIVE_FOLDER, {f"junk{i:04d}/sn-1": b"1" for i in range(3 * READ_MIN_KEYS)})
+    reader.seen_ago()
+    reader.seen_ago()
+    cut = [r.getMessage() for r in caplog.records if "keys read" in r.getMessage()]
+    assert len(cut) == 1 and f"more than the {READ_MIN_KEYS} keys" in cut[0], cut
+
+
+def test_an_sn_never_writes_an_older_time_and_a_restarted_one_rewrites_nothing(open_store, background):
+    registered = Registered(["sn-1"], ["node1"])
+    store = open_store()
+    first = liveness_of(store, "sn-1", registered, background)
+    first.seen("node1")
+    assert wait_until(lambda: "node1/sn-1" in store.read_folder(ALIVE_FOLDER)[0])
+    written = store.read_folder(ALIVE_FOLDER)[0]["node1/sn-1"]
+    restarted = liveness_of(open_store(), "sn-1", registered, background)
+    time.sleep(0.5)  # several flushes of both
+    assert store.read_folder(ALIVE_FOLDER)[0]["node1/sn-1"] == written
+    later = EtcdLiveness(store, "sn-1", lambda: registered)
+    later.seen("node1")
+    later._heard["node1"] = float(written) - 10  # heard long ago (a retry of an old batch)
+    later._written["node1"] = float(written)
+    later._flush()
+    assert store.read_folder(ALIVE_FOLDER)[0]["node1/sn-1"] == written
+    assert restarted.seen_ago()["node1"] < 5.0
+
+
+def test_an_sn_stopped_cleanly_takes_its_keys_off_and_no_one_elses(open_store):
+    registered = Registered(["sn-1", "sn-2"], ["node1"])
+    store = open_store()
+    stays, goes = Background("stays"), Background("goes")
+    try:
+        liveness_of(store, "sn-2", registered, stays).seen("node1")
+        liveness_of(open_store(), "sn-1", registered, goes).seen("node1")
+        assert wait_until(lambda: len(store.read_folder(ALIVE_FOLDER)[0]) == 2)
+        goes.close()
+        assert wait_until(lambda: list(store.read_folder(ALIVE_FOLDER)[0]) == ["node1/sn-2"], timeout=FEW_SECONDS)
+    finally:
+        stays.close()
+        goes.close()
+
+
+def test_a_liveness_read_that_fails_is_served_from_the_last_read_without_waiting_again(certs, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="swarmlearn.sn")
+    cluster = start_cluster(tmp_path / "etcd", sn_tls(certs))
+    store = EtcdStore(cluster.endpoints, "/swarmlearn-test/failing-read", cluster.tls)
+    try:
+        liveness = EtcdLiveness(store, "sn-1", lambda: Registered(["sn-1"], ["node1"]))
+        cluster.stop()
+        started = time.monotonic()
+        assert liveness.seen_ago() == {}
+        assert time.monotonic() - started >= 0.5  # the first read tried the cluster
+        started = time.monotonic()
+        for _ in range(3):
+            assert liveness.seen_ago() == {}
+        assert time.monotonic() - started < 0.5  # the next ones, within CACHE_FOR, did not
+    finally:
+        store.close()
+        cluster.stop()
+    warnings = [r.getMessage() for r in caplog.records if "cannot read the etcd cluster" in r.getMessage()]
+    assert len(warnings) == 1, warnings

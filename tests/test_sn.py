@@ -262,3 +262,20 @@ def test_a_stopped_sn_leaves_no_thread_behind_and_its_marker_holds_its_last_entr
             server.stop()
     assert [t.name for t in _not_grpcs(starts.started) if t.is_alive()] == []
     assert json.loads((tmp_path / "sn" / MARKER_FILE).read_text())["head_index"] == last
+
+
+def test_a_ledger_edited_under_a_running_sn_is_reported_broken_not_unreachable(sn, certs):
+    """An entry another writer put in the SN's store that does not verify: queries and submits say
+    where the ledger broke and what to do (restore it), instead of "SN unreachable"."""
+    from swarmlearn.errors import LedgerError
+
+    with client(sn, certs, "swci") as swci:
+        swci.register("SWCI")
+        head = swci.query("info")["info"]["head_index"]
+        with sqlite3.connect(sn.data_dir / "ledger.db", timeout=10) as db:
+            db.execute("INSERT INTO entries (idx, hash, body) VALUES (?, ?, ?)", (head + 1, "0" * 64, b"{}"))
+        for call in (lambda: swci.query("contracts"), lambda: swci.submit("contract_create", {"name": "after"})):
+            with pytest.raises(LedgerError) as caught:
+                call()
+            assert f"ledger broken at entry {head + 1} (" in str(caught.value), caught.value
+            assert "restore it from a backup" in str(caught.value) and "unreachable" not in str(caught.value)

@@ -9,7 +9,9 @@ restarted on another port; one runs two `swarm sn --ledger etcd` on a three-memb
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -17,7 +19,7 @@ import time
 import pytest
 
 from conftest import Procs, identity, identity_args, run_swarm, start_sn
-from swarmlearn.errors import ConfigError, Rejected, SNUnavailable
+from swarmlearn.errors import ConfigError, LedgerError, Rejected, SNUnavailable
 from swarmlearn.ledger.etcd_member import SETUP_HINT, start_cluster
 from swarmlearn.ledger.signatures import sign_tx
 from swarmlearn.pki import CertLayout, generate_host_certs
@@ -172,8 +174,9 @@ def test_on_an_etcd_ledger_a_follower_and_a_submitter_move_to_the_other_sn_when_
     try:
         endpoints = ",".join(f"https://{e}" for e in cluster.endpoints)
         prefix = "/swarmlearn-test-failover"
-        sn1 = ready(procs.swarm(*sn_args(endpoints, certs, tmp_path / "sn1", prefix), "--sentinel"), tmp_path / "sn1")
-        sn2 = ready(procs.swarm(*sn_args(endpoints, CertLayout(tmp_path / "cert2", 2), tmp_path / "sn2", prefix)),
+        sn1 = ready(procs.swarm(*sn_args(endpoints, certs, tmp_path / "sn1", prefix, etcd_identity=cluster.tls), "--sentinel"), tmp_path / "sn1")
+        sn2 = ready(procs.swarm(*sn_args(endpoints, CertLayout(tmp_path / "cert2", 2), tmp_path / "sn2", prefix,
+                                         etcd_identity=cluster.tls)),
                     tmp_path / "sn2")
         addresses = [sn1.address, sn2.address]
         with SNClient(addresses, identity(certs, "swci"), unreachable_timeout=20) as submitter, \
@@ -198,6 +201,134 @@ def test_on_an_etcd_ledger_a_follower_and_a_submitter_move_to_the_other_sn_when_
         cluster.stop()
     lines = switch_lines(caplog)
     assert len(lines) == 2 and all(line.startswith(f"SN {sn1.address} unreachable") for line in lines), lines
+
+
+@pytest.mark.slow
+def test_an_sn_cut_off_from_etcd_sends_its_clients_to_another_sn_and_a_stuck_sn_costs_seconds(
+        procs, certs, tmp_path, caplog):
+    """SN 1 reaches etcd through its own member only; that member is killed: SN 1 runs on, cut off,
+    while SN 2 and SN 3 keep quorum (2 of 3). Its clients move on (a submit lands once, a follower
+    with a pin carries on) and SN 1 itself answers "cannot reach its ledger" instead of stale state.
+    Then SN 2 is stopped (SIGSTOP) mid-swarm: a client given SN 2 and SN 3 submits within seconds."""
+    if shutil.which("etcd") is None:
+        pytest.fail(f"etcd is not installed (no `etcd` on PATH): {SETUP_HINT}")
+    caplog.set_level(logging.INFO, "swarmlearn.sn.client")
+    for host in (2, 3):
+        generate_host_certs(tmp_path / f"cert{host}", host, nodes=[f"node{host}"], ca_cert_path=certs.ca_cert,
+                            ca_key_path=certs.ca_key)
+    cluster = start_cluster(tmp_path / "etcd", sn_tls(certs), size=3)
+    urls = [f"https://{e}" for e in cluster.endpoints]
+    prefix = "/swarmlearn-test-cut-off"
+    try:
+        sn1 = ready(procs.swarm(*sn_args(urls[0], certs, tmp_path / "sn1", prefix, etcd_identity=cluster.tls), "--sentinel"), tmp_path / "sn1")
+        sn2, sn3 = (ready(procs.swarm(*sn_args(",".join(urls[h - 1:] + urls[:h - 1]), CertLayout(tmp_path / f"cert{h}", h),
+                                              tmp_path / f"sn{h}", prefix, etcd_identity=cluster.tls)),
+                            tmp_path / f"sn{h}") for h in (2, 3))
+        addresses = [sn1.address, sn2.address]
+        with SNClient(addresses, identity(certs, "swci"), unreachable_timeout=20) as submitter, \
+                SNClient(addresses, identity(certs, "swop"), unreachable_timeout=20) as follower_sn:
+            follower = LedgerFollower(follower_sn, tmp_path / "pin.json")
+            submitter.register("SWCI")
+            follower.start()
+            try:
+                before = submitter.submit("contract_create", {"name": "before-cut"})
+                follower.wait_index(before, 10)
+                cluster.members[0].kill()
+                started = time.monotonic()
+                after = submitter.submit("contract_create", {"name": "after-cut"})
+                assert time.monotonic() - started < 8.0
+                follower.wait_index(after, 20)
+                assert follower.read(lambda state: list(state.contracts).count("after-cut")) == 1
+                assert (submitter.address, follower_sn.address) == (sn2.address, sn2.address)
+            finally:
+                follower.stop()
+            assert follower.error is None, follower.error
+        with SNClient(sn1.address, identity(certs, "swci"), unreachable_timeout=2) as only_sn1:
+            for call in (lambda: only_sn1.query("info"), only_sn1.heartbeat):
+                with pytest.raises(SNUnavailable, match="SN sn-1 cannot reach its ledger: no quorum"):
+                    call()
+
+        os.kill(sn2.proc.popen.pid, signal.SIGSTOP)
+        try:
+            with SNClient([sn2.address, sn3.address], identity(certs, "swci"), unreachable_timeout=20) as swci:
+                started = time.monotonic()
+                swci.submit("contract_create", {"name": "past-a-stuck-sn"})
+                assert time.monotonic() - started < 4.5
+                assert swci.address == sn3.address
+        finally:
+            os.kill(sn2.proc.popen.pid, signal.SIGCONT)
+    finally:
+        procs.stop_all()
+        cluster.stop()
+    assert any(line.startswith(f"SN {sn1.address} unreachable (UNAVAILABLE: SN sn-1 cannot reach its ledger")
+               or line.startswith(f"SN {sn1.address} unreachable (DEADLINE_EXCEEDED") for line in switch_lines(caplog))
+
+
+@pytest.mark.slow
+def test_a_follower_moves_past_an_sn_shorter_than_its_pin_and_stops_only_when_every_sn_is(procs, certs, tmp_path,
+                                                                                         caplog):
+    """An SN restored from an older copy of the ledger (same swarm, fewer entries) is refused by a
+    follower that verified more: given another SN too, the follower says so in one line and goes on
+    there; given only that SN, it stops as before."""
+    caplog.set_level(logging.INFO, "swarmlearn.sn.client")
+    original = start_sn(procs, certs, tmp_path / "sn")
+    with SNClient(original.address, identity(certs, "swci")) as swci:
+        swci.register("SWCI")
+        original.proc.kill(signal.SIGTERM)  # a clean stop: the copy is a consistent backup
+        shutil.copytree(tmp_path / "sn", tmp_path / "older-copy")
+        original = start_sn(procs, certs, tmp_path / "sn", "--sn-api-port", original.address.rsplit(":", 1)[1])
+        head = max(swci.submit("contract_create", {"name": f"later-{i}"}) for i in range(3))
+    pin = tmp_path / "pin.json"
+    first = LedgerFollower(SNClient(original.address, identity(certs, "swop")), pin)
+    _follow_to(first, head)
+    restored = start_sn(procs, certs, tmp_path / "older-copy")
+
+    moved = LedgerFollower(SNClient([restored.address, original.address], identity(certs, "swop")), pin)
+    _follow_to(moved, head)
+    assert moved.error is None and moved.sn.address == original.address
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"SN {restored.address} refused")]
+    assert "short of entry" in line and line.endswith(f"switching to SN {original.address}")
+
+    alone = LedgerFollower(SNClient(restored.address, identity(certs, "swop")), pin)
+    alone.start()
+    try:
+        assert isinstance(alone.failure(10), LedgerError)
+    finally:
+        alone.stop()
+        alone.sn.close()
+
+
+def _follow_to(follower: LedgerFollower, index: int) -> None:
+    follower.start()
+    try:
+        follower.wait_index(index, 10)
+    finally:
+        follower.stop()
+        follower.sn.close()
+
+
+@pytest.mark.slow
+def test_a_client_does_not_switch_to_an_sn_of_another_ledger(procs, live_sn, certs, tmp_path, caplog):
+    """Given [SN A, an SN of another swarm, A again on another port], a client that loses A skips the
+    stranger with one line (it would take our transactions into another ledger) and carries on at A."""
+    caplog.set_level(logging.INFO, "swarmlearn.sn.client")
+    ours = start_sn(procs, certs, tmp_path / "sn")
+    again = f"127.0.0.1:{free_port()}"
+    with SNClient([ours.address, live_sn.address, again], identity(certs, "swci"), unreachable_timeout=20) as swci:
+        swci.register("SWCI")
+        stranger_head = _head(live_sn.address, certs)
+        ours.proc.kill()
+        start_sn(procs, certs, ours.data_dir, "--sn-api-port", again.rsplit(":", 1)[1])
+        index = swci.submit("contract_create", {"name": "stays-home"})
+        assert swci.address == again and index == _head(again, certs)
+    assert _head(live_sn.address, certs) == stranger_head
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"SN {live_sn.address} refused")]
+    assert "serves another ledger" in line and line.endswith(f"switching to SN {again}")
+
+
+def _head(address: str, certs) -> int:
+    with SNClient(address, identity(certs, "swci")) as reader:
+        return reader.query("info")["info"]["head_index"]
 
 
 def ledger_rows(address: str, certs, count: int) -> list[tuple[int, str]]:

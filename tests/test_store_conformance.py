@@ -7,7 +7,8 @@ fixture that gives its factory.
 Stores only store, so the entries here carry made-up signatures.
 
 The etcd store runs against one real etcd member per test module (mutual TLS with gen-cert's
-certificates); each test's ledger lives under its own key prefix, named after the test's folder.
+certificates of a "ledger" CA of its own, apart from the swarm's CA, as in production); each test's
+ledger lives under its own key prefix, named after the test's folder.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from swarmlearn.ledger.etcd_member import SETUP_HINT, EtcdCluster, start_cluster
 from swarmlearn.ledger.etcd_store import EtcdStore, TLSFiles
 from swarmlearn.ledger.sqlite_store import SQLiteStore
 from swarmlearn.ledger.store import LedgerStore
-from swarmlearn.pki import CertLayout
+from swarmlearn.pki import CertLayout, generate_host_certs
 
 StoreFactory = Callable[[Path], LedgerStore]
 
@@ -43,9 +44,21 @@ def sqlite_factory() -> StoreFactory:
     return lambda location: SQLiteStore(location / "ledger.db")
 
 
+def ledger_certs(certs: CertLayout) -> CertLayout:
+    """The swarm's ledger CA (its own organization, apart from the swarm's CA `certs`), made once beside
+    `certs`, as `swarm gen-cert -e <swarm>-ledger --org <swarm>-ledger` makes it: it issues the SNs' etcd
+    client certificates and the members' own."""
+    layout = CertLayout(certs.root.parent / f"{certs.root.name}-ledger", 1)
+    if not layout.cert("sn").exists():
+        generate_host_certs(layout.root, 1, org="test-ledger", components=("sn",))
+    return layout
+
+
 def sn_tls(certs: CertLayout) -> TLSFiles:
-    """The SN's certificate, which an etcd member beside an SN serves with and the SN connects with."""
-    return TLSFiles(certs.capath, certs.cert("sn"), certs.key("sn"))
+    """The ledger identity of the swarm `certs`: what etcd members serve with and trust (this CA only),
+    and what its SNs reach them with (--etcd-cacert/--etcd-cert/--etcd-key)."""
+    ledger = ledger_certs(certs)
+    return TLSFiles(ledger.ca_cert, ledger.cert("sn"), ledger.key("sn"))
 
 
 @pytest.fixture(scope="module")

@@ -61,9 +61,15 @@ def identity_options(fn):
 def etcd_ledger_options(fn):
     for option in reversed([
         click.option("--etcd-endpoints", help="Client URLs of the etcd cluster holding the ledger, comma separated "
-                                              "(https://HOST:PORT,...); mutual TLS with --key/--cert/--capath."),
+                                              "(https://HOST:PORT,...); mutual TLS with --etcd-cert/--etcd-key."),
         click.option("--etcd-prefix", default=defaults.ETCD_PREFIX, show_default=True,
                      help="The etcd key prefix of the ledger: one swarm per prefix."),
+        click.option("--etcd-cert", type=click.Path(path_type=Path),
+                     help="With --etcd-endpoints: the certificate etcd admits, from a CA that issues to SNs only "
+                          "(never the swarm's CA)."),
+        click.option("--etcd-key", type=click.Path(path_type=Path), help="With --etcd-endpoints: its key."),
+        click.option("--etcd-cacert", type=click.Path(path_type=Path),
+                     help="With --etcd-endpoints: the CA (PEM file or folder) of the etcd members' certificates."),
     ]):
         fn = option(fn)
     return fn
@@ -145,10 +151,10 @@ def gen_cert(example, host_index, org, nodes, workspace, out, san, ca_cert, ca_k
 @etcd_ledger_options
 @click.option("--ledger", "ledger_kind", type=click.Choice(["sqlite", "etcd"]), default="sqlite", show_default=True,
               help="sqlite: this SN's own ledger.db in --data-dir. etcd: a ledger several SNs share, held by the etcd "
-                   "cluster at --etcd-endpoints (reached with this SN's --key/--cert/--capath).")
+                   "cluster at --etcd-endpoints (reached with --etcd-cert/--etcd-key/--etcd-cacert).")
 @click.option("-v", "--verbose", is_flag=True)
 def sn(sentinel, host_ip, sn_api_port, key, cert, capath, data_dir, node_id, new_swarm, etcd_endpoints, etcd_prefix,
-       ledger_kind, verbose) -> None:
+       etcd_cert, etcd_key, etcd_cacert, ledger_kind, verbose) -> None:
     """Run a Swarm Network node: hold the ledger and serve the SN API."""
     _logging(verbose)
     from swarmlearn.pki import Identity
@@ -156,9 +162,11 @@ def sn(sentinel, host_ip, sn_api_port, key, cert, capath, data_dir, node_id, new
 
     if ledger_kind == "etcd" and not etcd_endpoints:
         raise click.UsageError("--ledger etcd needs --etcd-endpoints: the client URLs of the etcd cluster")
-    if ledger_kind == "sqlite" and etcd_endpoints:
-        raise click.UsageError("--etcd-endpoints is for --ledger etcd; add --ledger etcd or leave it out")
-    etcd = EtcdLedger.parse(etcd_endpoints, etcd_prefix) if ledger_kind == "etcd" else None
+    if ledger_kind == "sqlite" and (etcd_endpoints or etcd_cert or etcd_key or etcd_cacert):
+        raise click.UsageError("--etcd-endpoints and --etcd-cert/--etcd-key/--etcd-cacert are for --ledger etcd; add "
+                               "--ledger etcd or leave them out")
+    etcd = (EtcdLedger.parse(etcd_endpoints, etcd_prefix, etcd_cert, etcd_key, etcd_cacert)
+            if ledger_kind == "etcd" else None)
     identity = Identity.load(key, cert, capath)
     server = start_sn(host=host_ip, port=sn_api_port, identity=identity, data_dir=data_dir, sentinel=sentinel,
                       node_id=node_id, new_swarm=new_swarm, etcd=etcd)
@@ -507,7 +515,7 @@ def _open_ledger_file(path: Path):
 
 
 def _open_verified_ledger(path: Path | None, etcd_endpoints: str | None, etcd_prefix: str,
-                          tls: tuple[Path | None, Path | None, Path | None]):
+                          etcd_tls: tuple[Path | None, Path | None, Path | None]):
     """The store `ledger verify` reads, what to call it, and the swarm.json to compare it with."""
     from swarmlearn.sn.server import MARKER_FILE
 
@@ -516,35 +524,29 @@ def _open_verified_ledger(path: Path | None, etcd_endpoints: str | None, etcd_pr
             raise click.UsageError("give PATH (ledger.db or an SN's data dir), or --etcd-endpoints")
         store = _open_ledger_file(path)
         return store, store.path, store.path.parent / MARKER_FILE
-    from swarmlearn.pki import Identity
     from swarmlearn.sn.server import EtcdLedger
 
-    if None in tls:
-        raise click.UsageError("--etcd-endpoints needs --key, --cert and --capath: a certificate the etcd cluster "
-                               "trusts (an SN's)")
     if path is not None and not path.is_dir():
         raise click.UsageError(f"{path}: with --etcd-endpoints, PATH is an SN's data dir (its swarm.json is compared)")
-    etcd = EtcdLedger.parse(etcd_endpoints, etcd_prefix)
-    key, cert, capath = tls
-    store = etcd.open_store(Identity.load(key, cert, capath))  # reads only
+    etcd = EtcdLedger.parse(etcd_endpoints, etcd_prefix, *etcd_tls)
+    store = etcd.open_store()  # reads only
     return store, etcd.describe(), (path / MARKER_FILE if path is not None else None)
 
 
 @ledger.command("verify")
 @click.argument("path", type=click.Path(path_type=Path), required=False)
 @etcd_ledger_options
-@click.option("--key", type=click.Path(path_type=Path), help="With --etcd-endpoints: a key the cluster trusts.")
-@click.option("--cert", type=click.Path(path_type=Path), help="With --etcd-endpoints: its certificate.")
-@click.option("--capath", type=click.Path(path_type=Path), help="With --etcd-endpoints: the trusted CAs.")
-def ledger_verify(path, etcd_endpoints, etcd_prefix, key, cert, capath) -> None:
+def ledger_verify(path, etcd_endpoints, etcd_prefix, etcd_cert, etcd_key, etcd_cacert) -> None:
     """Walk the chain: every hash, link and signature, and compare it with the SN's swarm.json (the
     swarm and the head it acknowledged) when there is one. PATH is ledger.db or the SN's data dir;
-    with --etcd-endpoints the ledger under --etcd-prefix is read, and PATH (optional) is an SN's data dir."""
+    with --etcd-endpoints the ledger under --etcd-prefix is read (as the SNs read it, with --etcd-cert,
+    --etcd-key and --etcd-cacert), and PATH (optional) is an SN's data dir."""
     from swarmlearn.errors import LedgerError
     from swarmlearn.ledger.chain import ChainBroken, verify_store
     from swarmlearn.ledger.pin import PinFile, check_marker
 
-    store, where, marker_path = _open_verified_ledger(path, etcd_endpoints, etcd_prefix, (key, cert, capath))
+    store, where, marker_path = _open_verified_ledger(path, etcd_endpoints, etcd_prefix,
+                                                      (etcd_cert, etcd_key, etcd_cacert))
     try:
         report = verify_store(store)
         marker = PinFile(marker_path).load() if marker_path is not None else None

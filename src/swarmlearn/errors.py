@@ -20,6 +20,11 @@ class LedgerError(SwarmError):
     """The ledger on disk is unusable: corrupt, from another swarm, or not writable."""
 
 
+class LedgerOutOfReach(LedgerError):
+    """A shared ledger store cannot be reached from here (etcd without quorum, unreachable, or refusing
+    our TLS): other SNs of the swarm may still reach it, so clients move on rather than give up."""
+
+
 class Rejected(SwarmError):
     """The ledger refused a transaction; the message says why."""
 

@@ -1,8 +1,9 @@
 """etcd members run as child processes: for tests, and for `swarm sn --ledger etcd` to start the member
 beside it.
 
-Every member listens on 127.0.0.1 only, with mutual TLS on its client and peer URLs trusting our CA
-alone, and takes requests as large as the ledger store's entries need (--max-request-bytes). etcd
+Every member listens on 127.0.0.1 only, with mutual TLS on its client and peer URLs trusting the CA of
+`tls` alone: the ledger's CA, which issues to SNs and members only, never the swarm's (etcd_store.py
+says why). It compacts its history as it goes (COMPACTION_RETENTION), and takes requests as large as the ledger store's entries need (--max-request-bytes). etcd
 cannot listen on port 0, so ports are chosen by binding a socket to port 0 and closing it; if another
 process takes one in between, the members are started again on new ports.
 """
@@ -33,6 +34,8 @@ SETUP_HINT = ("run `make test` once (its set-up, scripts/setup-system.sh, instal
 READY_TIMEOUT = 30.0
 STOP_GRACE = 10.0
 START_ATTEMPTS = 3
+# How many revisions of history a member keeps (auto-compaction); a watch behind that resumes with a read.
+COMPACTION_RETENTION = 1000
 
 
 def etcd_binary() -> str:
@@ -164,6 +167,10 @@ def _configure(base_dir: Path, tls: TLSFiles, size: int, max_entry_bytes: int) -
             "--initial-cluster", initial, "--initial-cluster-state", "new", "--initial-cluster-token", token,
             *_tls_flags(tls, base_dir),
             "--max-request-bytes", str(request_bytes_for(max_entry_bytes)),
+            # etcd keeps every revision of every key until compacted: the head is rewritten with each
+            # entry and heartbeats are put several times a second, so without this its history (and
+            # database, up to --quota-backend-bytes, after which it refuses every write) grows forever.
+            "--auto-compaction-mode", "revision", "--auto-compaction-retention", str(COMPACTION_RETENTION),
             "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
         ]
     return EtcdCluster(members, tls, max_entry_bytes)

@@ -19,9 +19,16 @@ Availability: every call has a deadline (CALL_TIMEOUT) and goes to one member; w
 not answer (or has no leader) the call moves on to the next endpoint, and keeps trying the cluster for
 QUORUM_TIMEOUT before it fails with LedgerError("no quorum: ...").
 
-Beside the ledger, under <prefix>/<folder>/<name>, the store keeps small keys attached to an etcd lease
-(the SNs' shared liveness, sn/liveness.py): they are not ledger entries, and they vanish when their
-lease expires.
+Who may connect: every member must trust (--trusted-ca-file) only a CA that issues to SNs and etcd
+members alone, never the swarm's CA. Whoever the members admit can read, rewrite and delete every key
+here: erase the ledger, move its head, append entries no SN checked. A swarm's CA issues certificates
+to every node of the swarm (and an admin's revocation is known only to the ledger, not to etcd), so the
+SNs reach etcd with an identity of their own (swarm sn --etcd-cert/--etcd-key/--etcd-cacert). We do
+not rely on etcd's RBAC instead: etcd 3.4 maps only a client certificate's common name to a user, and
+common names are not unique across the organizations whose CAs a swarm trusts ("sn-1" exists in each).
+
+Beside the ledger, under <prefix>/<folder>/<name>, the store keeps small keys (the SNs' shared
+liveness, sn/liveness.py): they are not ledger entries.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from typing import NamedTuple
 
 import grpc
 
-from swarmlearn.errors import ConfigError, HeadMoved, LedgerError
+from swarmlearn.errors import ConfigError, HeadMoved, LedgerError, LedgerOutOfReach
 from swarmlearn.ledger.entry import GENESIS_PREV_HASH, Entry
 from swarmlearn.ledger.store import LedgerStore, StoredEntry
 from swarmlearn.proto import etcd_kv_pb2 as mvcc
@@ -55,6 +62,8 @@ DEFAULT_MAX_ENTRY_BYTES = 1 << 20
 # What a transaction adds to the entry it carries: keys, the head, framing.
 REQUEST_OVERHEAD = 64 << 10
 INDEX_DIGITS = 20
+# How soon expire_values has etcd delete keys (etcd rounds a shorter lease up to its minimum).
+EXPIRE_TTL = 2
 # etcd's default --max-txn-ops: the most puts one transaction may carry.
 MAX_TXN_OPS = 128
 # The folders of the ledger itself, which keys beside it may not use.
@@ -84,11 +93,6 @@ class TLSFiles(NamedTuple):
     ca: Path
     cert: Path
     key: Path
-
-
-class LeaseExpired(LedgerError):
-    """A put named a lease the cluster no longer has (it expired while its keeper could not reach
-    the cluster); grant a new one."""
 
 
 def request_bytes_for(max_entry_bytes: int) -> int:
@@ -235,21 +239,18 @@ class EtcdStore(LedgerStore):
                 raise self._no_quorum(what, last, patience)
             time.sleep(0.1)  # a member that refuses connections fails at once; do not spin on it
 
-    def _no_quorum(self, what: str, error: grpc.RpcError, patience: float) -> LedgerError:
+    def _no_quorum(self, what: str, error: grpc.RpcError, patience: float) -> LedgerOutOfReach:
         members = ", ".join(self._members.endpoints)
         if any(sign in (error.details() or "") for sign in TLS_FAILURES):
-            return LedgerError(f"etcd cluster ({members}): the TLS handshake failed ({describe(error)}); the "
+            return LedgerOutOfReach(f"etcd cluster ({members}): the TLS handshake failed ({describe(error)}); the "
                                f"members and this store must present certificates from a CA the other side "
                                f"trusts, and use TLS on both sides or on neither")
-        return LedgerError(f"no quorum: the etcd cluster ({members}) could not {what} the ledger "
+        return LedgerOutOfReach(f"no quorum: the etcd cluster ({members}) could not {what} the ledger "
                            f"{self.prefix} within {patience:g}s (last: {describe(error)}); "
                            f"bring a majority of its members back up and check that they reach each other")
 
     def _refused(self, what: str, stubs: _Stubs, error: grpc.RpcError) -> LedgerError:
         details = error.details() or ""
-        if "lease not found" in details:
-            return LeaseExpired(f"etcd member {stubs.endpoint}: the lease of ledger {self.prefix}'s {what} keys "
-                                f"has expired ({describe(error)})")
         # etcd's own check ("request is too large"), or gRPC's on the message before it (over
         # --max-request-bytes plus gRPC framing room: "received message larger than max").
         if "request is too large" in details or "larger than max" in details:
@@ -269,7 +270,13 @@ class EtcdStore(LedgerStore):
         return self._entries + str(index).zfill(INDEX_DIGITS).encode()
 
     def _row(self, kv: mvcc.KeyValue) -> StoredEntry:
-        return StoredEntry(int(kv.key[len(self._entries):]), hashlib.sha256(kv.value).hexdigest(), bytes(kv.value))
+        suffix = kv.key[len(self._entries):]
+        if len(suffix) != INDEX_DIGITS or not suffix.isdigit():
+            raise LedgerError(f"etcd key {bytes(kv.key).decode(errors='replace')!r} is not a ledger entry "
+                              f"(<prefix>/entries/<index, {INDEX_DIGITS} digits>): something other than an SN "
+                              f"wrote under ledger {self.prefix}; delete that key (etcdctl del) and find out who "
+                              f"could write there")
+        return StoredEntry(int(suffix), hashlib.sha256(kv.value).hexdigest(), bytes(kv.value))
 
     def _parse_head(self, value: bytes) -> tuple[int, str]:
         try:
@@ -439,44 +446,38 @@ class EtcdStore(LedgerStore):
             raise ValueError(f"folder {folder!r} is not one beside the ledger")
         return f"{self.prefix}/{folder}/{name}".encode()
 
-    def grant_lease(self, ttl: int) -> int:
-        """A new lease of `ttl` seconds; returns its id."""
-        reply = self._call("grant a lease for", lambda stubs: stubs.lease.LeaseGrant, pb.LeaseGrantRequest(TTL=ttl))
-        if reply.error:
-            raise LedgerError(f"etcd refused a lease for ledger {self.prefix}: {reply.error}")
-        return reply.ID
-
-    def keep_lease_alive(self, lease: int) -> bool:
-        """Renews `lease` for its time to live; False if it had already expired (its keys are gone)."""
-        def renew_once(stubs: _Stubs) -> Callable:
-            def call(request, **options):
-                # One renewal on etcd's keep-alive stream: it answers each request, then ends with ours.
-                stream = stubs.lease.LeaseKeepAlive(iter([request]), **options)
-                try:
-                    return next(stream, None)
-                finally:
-                    stream.cancel()
-            return call
-
-        reply = self._call("renew the lease of", renew_once, pb.LeaseKeepAliveRequest(ID=lease))
-        return reply is not None and reply.TTL > 0
-
-    def put_leased(self, folder: str, values: dict[str, bytes], lease: int) -> None:
-        """Puts <prefix>/<folder>/<name> = value for each of `values`, attached to `lease`, in as few
-        transactions as etcd allows; raises LeaseExpired if the lease is gone."""
+    def put_values(self, folder: str, values: dict[str, bytes]) -> None:
+        """Puts <prefix>/<folder>/<name> = value for each of `values`, in as few transactions as etcd allows."""
         items = sorted(values.items())
         for start in range(0, len(items), MAX_TXN_OPS):
-            puts = [pb.RequestOp(request_put=pb.PutRequest(key=self._side_key(folder, name), value=value, lease=lease))
+            puts = [pb.RequestOp(request_put=pb.PutRequest(key=self._side_key(folder, name), value=value))
                     for name, value in items[start:start + MAX_TXN_OPS]]
             self._call(f"write {folder}", lambda stubs: stubs.kv.Txn, pb.TxnRequest(success=puts))
 
-    def read_folder(self, folder: str, patience: float | None = None) -> dict[str, bytes]:
-        """Every <prefix>/<folder>/<name> as {name: value}, in one read; tries the cluster for
-        `patience` seconds (default: quorum_timeout)."""
+    def expire_values(self, folder: str, values: dict[str, bytes], ttl: int = EXPIRE_TTL,
+                      patience: float | None = None) -> None:
+        """Has etcd delete <prefix>/<folder>/<name> for each of `values` about `ttl` seconds from now: puts
+        them again (with these values) on a new lease that nobody renews. (Our etcd.proto declares no
+        DeleteRange; a lease does the same without it.)"""
+        grant = self._call(f"expire {folder}", lambda stubs: stubs.lease.LeaseGrant, pb.LeaseGrantRequest(TTL=ttl),
+                           patience)
+        if grant.error:
+            raise LedgerError(f"etcd refused a lease for ledger {self.prefix}: {grant.error}")
+        items = sorted(values.items())
+        for start in range(0, len(items), MAX_TXN_OPS):
+            puts = [pb.RequestOp(request_put=pb.PutRequest(key=self._side_key(folder, name), value=value,
+                                                           lease=grant.ID))
+                    for name, value in items[start:start + MAX_TXN_OPS]]
+            self._call(f"expire {folder}", lambda stubs: stubs.kv.Txn, pb.TxnRequest(success=puts), patience)
+
+    def read_folder(self, folder: str, patience: float | None = None,
+                    limit: int = 0) -> tuple[dict[str, bytes], bool]:
+        """The keys <prefix>/<folder>/<name> as {name: value}, in one read of at most `limit` keys (0: all),
+        and whether more were left out; tries the cluster for `patience` seconds (default: quorum_timeout)."""
         key = self._side_key(folder)
         reply = self._call(f"read {folder}", lambda stubs: stubs.kv.Range,
-                           pb.RangeRequest(key=key, range_end=prefix_end(key)), patience)
-        return {kv.key[len(key):].decode(errors="replace"): bytes(kv.value) for kv in reply.kvs}
+                           pb.RangeRequest(key=key, range_end=prefix_end(key), limit=limit), patience)
+        return {kv.key[len(key):].decode(errors="replace"): bytes(kv.value) for kv in reply.kvs}, reply.more
 
     def close(self) -> None:
         self._members.close()

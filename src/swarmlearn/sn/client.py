@@ -47,19 +47,28 @@ def parse_sn_addresses(entries: str | Iterable[str], default_port: int | None, w
     separated list ("10.0.0.1:30304,10.0.0.2"); an entry without a port gets `default_port`. Returns
     "HOST:PORT" strings in the order given, each once. ConfigError naming `what` (the option, field
     or script line) for an empty entry, a missing or bad port."""
-    given = [entries] if isinstance(entries, str) else list(entries)
     addresses: list[str] = []
-    for text in given:
-        for entry in str(text).split(","):
-            address = _sn_address(entry.strip(), default_port, what, str(text))
-            if address not in addresses:
-                addresses.append(address)
-    if not addresses:
-        raise ConfigError(f"{what}: no SN address given; name at least one SN as IP or IP:PORT")
+    for host, port in sn_address_parts(entries, what):
+        if port is None:
+            if default_port is None:
+                raise ConfigError(f"{what}: {host!r} has no port; write IP:PORT")
+            port = default_port
+        if f"{host}:{port}" not in addresses:
+            addresses.append(f"{host}:{port}")
     return addresses
 
 
-def _sn_address(entry: str, default_port: int | None, what: str, given: str) -> str:
+def sn_address_parts(entries: str | Iterable[str], what: str) -> list[tuple[str, int | None]]:
+    """The one reader of SN addresses: (host, port or None) of each IP[:PORT] entry, checked, for
+    callers that learn the default port only later (a SWCI script, a SWOP profile's list)."""
+    given = [entries] if isinstance(entries, str) else list(entries)
+    parts = [_sn_address(entry.strip(), what, str(text)) for text in given for entry in str(text).split(",")]
+    if not parts:
+        raise ConfigError(f"{what}: no SN address given; name at least one SN as IP or IP:PORT")
+    return parts
+
+
+def _sn_address(entry: str, what: str, given: str) -> tuple[str, int | None]:
     if not entry:
         raise ConfigError(f"{what}: {given!r} has an empty entry; write IP[:PORT] entries separated by single "
                           f"commas, without spaces")
@@ -74,21 +83,29 @@ def _sn_address(entry: str, default_port: int | None, what: str, given: str) -> 
     if host in ("", "[]") or any(c.isspace() for c in host):
         raise ConfigError(f"{what}: {entry!r} is not IP or IP:PORT")
     if port is None:
-        if default_port is None:
-            raise ConfigError(f"{what}: {entry!r} has no port; write IP:PORT")
-        port = str(default_port)
+        return host, None
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ConfigError(f"{what}: {entry!r}: the port must be a number from 1 to 65535")
-    return f"{host}:{int(port)}"
+    return host, int(port)
 
 
-# Longest single call (the SN answers in milliseconds; this only bounds a stuck connection).
+# Longest single call (the SN answers in milliseconds; this only bounds a stuck connection). A client
+# given several SNs gives one FAILOVER_CALL_TIMEOUT and then asks the next, so that a stuck SN costs
+# seconds, not ten; its keepalive pings (as often as the SN accepts them: CLIENT_PING_MIN_MS in
+# sn/server.py) find a stuck SN under an open watch stream within FAILOVER_KEEPALIVE_MS + 2 s.
 CALL_TIMEOUT = 10.0
+FAILOVER_CALL_TIMEOUT = 2.5
+KEEPALIVE_MS = (10_000, 5_000)  # (ping after this much quiet, give up on an unanswered ping after)
+FAILOVER_KEEPALIVE_MS = (5_000, 2_000)
 # The SN's per-certificate bounds (submit rate, watch streams) are not outages: a call past one
 # waits them out this long (a brief burst, our own old streams still closing) and then raises
 # SNLimitReached instead of retrying on.
 LIMIT_PATIENCE = 10.0
 WATCH_LIMIT_PATIENCE = 5.0
+# What the SN's UNAVAILABLE answers say (sn/server.py): it refuses the entry, or it cannot reach
+# the store its ledger is in (other SNs of the swarm may).
+REFUSAL_MARK = "refuses new entries"
+LEDGER_OUT_OF_REACH = "cannot reach its ledger"
 # How often a watch's canceller looks whether its caller asked it to stop.
 CANCEL_POLL = 0.25
 # Never set: waiting on it is a sleep, for calls made without a stop event.
@@ -105,6 +122,9 @@ class SNClient:
         # The certificate's name; a role-less certificate needs the name an admin mapped it to.
         self.node_id = node_id or identity.node_name(None)
         self.unreachable_timeout = default_patience() if unreachable_timeout is None else unreachable_timeout
+        several = len(self.addresses) > 1
+        self._call_timeout = FAILOVER_CALL_TIMEOUT if several else CALL_TIMEOUT
+        self._keepalive_ms = FAILOVER_KEEPALIVE_MS if several else KEEPALIVE_MS
         # Guards the SN in use, the lazily opened channels (one per SN) and the outage bookkeeping:
         # heartbeats, the ledger follower and round threads share one client.
         self._lock = threading.Lock()
@@ -112,6 +132,11 @@ class SNClient:
         self._channels: dict[int, tuple[grpc.Channel, sn_pb2_grpc.SwarmNetworkStub]] = {}
         self._unreachable: set[int] = set()  # SNs found unreachable since one last answered
         self._all_down_said = False
+        # With several SNs: the genesis hash of the ledger the first SN that answered serves, the SNs
+        # found serving it, and the SNs refused for good (another ledger, or shorter than our pin).
+        self._genesis: str | None = None
+        self._vouched: set[int] = set()
+        self._refused: dict[int, str] = {}
         self._closed = False
 
     @property
@@ -135,36 +160,36 @@ class SNClient:
     # ------------------------------------------------------------------------------------ plumbing
 
     def wait_ready(self, timeout: float | None = None) -> None:
-        """Waits until an SN accepts our TLS handshake (the one in use, else whichever of the others
-        does first, which is then used); raises SNUnavailable with the reason."""
+        """Waits until the SN in use accepts our TLS handshake. When it fails one (or `timeout` passes)
+        while another SN accepted, that one is used from then on; an SN merely slower than another
+        keeps its turn. Raises SNUnavailable with the reason when none did."""
         timeout = self.unreachable_timeout if timeout is None else timeout
         with self._lock:
             current = self._current
-            futures = [grpc.channel_ready_future(self._connection_at(i)[0]) for i in range(len(self.addresses))]
-        some_ready = threading.Event()
-        for future in futures:
-            future.add_done_callback(lambda _: some_ready.set())
+            channels = {i: self._connection_at(i)[0] for i in range(len(self.addresses)) if i not in self._refused}
+        handshakes = _Handshakes(channels)
         try:
-            some_ready.wait(timeout)
-            ready = [i for i, future in enumerate(futures) if future.done() and not future.cancelled()]
+            handshakes.wait(current, timeout)
         finally:
-            for future in futures:
-                future.cancel()
-        if not ready:
+            handshakes.close()
+        if current in handshakes.ready:
+            return
+        if not handshakes.ready:
             raise SNUnavailable(f"no SN answered at {', '.join(self.addresses)} within {timeout:.0f} s: check "
                                 f"--sn-ip/--sn-api-port, that `swarm sn` runs, and that its certificates come from a "
                                 f"CA in {self.identity.capath} (and ours from a CA it trusts)")
-        if current not in ready:
-            self._switch(current, "no TLS handshake", to=ready[0])
+        reason = "TLS handshake failed" if current in handshakes.failed else f"no TLS handshake in {timeout:.0f} s"
+        self._switch(current, reason, to=min(handshakes.ready))
 
     def _connection_at(self, index: int) -> tuple[grpc.Channel, sn_pb2_grpc.SwarmNetworkStub]:
         """The channel and stub of SN `index`, opened on first use. Call with the lock held."""
         if self._closed:
             raise SNUnavailable(f"the client of SN {self.addresses[index]} is closed")
         if index not in self._channels:
+            ping_after, ping_timeout = self._keepalive_ms
             channel = grpc.secure_channel(self.addresses[index], self.identity.channel_credentials(), options=[
-                ("grpc.keepalive_time_ms", 10_000),
-                ("grpc.keepalive_timeout_ms", 5_000),
+                ("grpc.keepalive_time_ms", ping_after),
+                ("grpc.keepalive_timeout_ms", ping_timeout),
                 ("grpc.initial_reconnect_backoff_ms", 200),
                 ("grpc.max_reconnect_backoff_ms", 2_000),
             ])
@@ -176,6 +201,15 @@ class SNClient:
         with self._lock:
             return self._current, self._connection_at(self._current)[1]
 
+    def _next_usable(self, index: int) -> int:
+        """The SN after `index`, round robin, skipping refused ones (`index` itself if none other is
+        left). Call with the lock held."""
+        for step in range(1, len(self.addresses)):
+            candidate = (index + step) % len(self.addresses)
+            if candidate not in self._refused:
+                return candidate
+        return index
+
     def _switch(self, index: int, reason: str, to: int | None = None) -> None:
         """SN `index` did not answer: calls go to `to`, by default the next SN (round robin). One line
         per switch; once every SN failed, one line for that, and silence until one answers again."""
@@ -183,14 +217,66 @@ class SNClient:
             if len(self.addresses) == 1 or self._current != index:
                 return  # nowhere else to go, or another thread moved on already
             self._unreachable.add(index)
-            self._current = (index + 1) % len(self.addresses) if to is None else to
-            if len(self._unreachable) < len(self.addresses):
+            self._current = self._next_usable(index) if to is None else to
+            usable = len(self.addresses) - len(self._refused)
+            if len(self._unreachable) < usable:
                 log.warning("SN %s unreachable (%s); switching to SN %s", self.addresses[index], reason,
                             self.addresses[self._current])
             elif not self._all_down_said:
                 self._all_down_said = True
                 log.warning("no SN answers (%s); trying each in turn for up to %.0f s", ", ".join(self.addresses),
                             self.unreachable_timeout)
+
+    def _after_outage(self, index: int, exc: grpc.RpcError, retries: _Retries, stop: threading.Event | None) -> bool:
+        """SN `index` did not answer: the next call goes to the next SN at once, and only once every SN
+        was tried does the caller pause (`retries`, growing). False when `stop` was set meanwhile."""
+        self._switch(index, _reason(exc))
+        retries.failures += 1
+        if retries.failures % max(1, len(self.addresses) - len(self._refused)):
+            return True
+        if (stop or _NEVER).wait(retries.pause):
+            return False
+        retries.pause = min(retries.pause * 2, retries.longest)
+        return True
+
+    def _refuse(self, index: int, why: LedgerError) -> None:
+        """SN `index` serves a ledger this client cannot use (another swarm's, or shorter than what it
+        verified): with several SNs, it is left for good and the next one used, with one line; when no
+        SN is left, or it is the only one, `why` is raised."""
+        with self._lock:
+            if len(self.addresses) == 1:
+                raise why
+            self._refused[index] = str(why)
+            if len(self._refused) == len(self.addresses):
+                raise LedgerError(f"{why}; every SN given ({', '.join(self.addresses)}) was refused") from None
+            if self._current == index:
+                self._current = self._next_usable(index)
+            to = self.addresses[self._current]
+        log.warning("SN %s refused: %s; switching to SN %s", self.addresses[index], why, to)
+
+    def _check_same_ledger(self, index: int, stub: sn_pb2_grpc.SwarmNetworkStub) -> None:
+        """With several SNs, each is asked once for the genesis hash of its ledger: the first to answer
+        names the ledger, and another SN that serves a different one is refused (_refuse). gRPC errors
+        are the caller's to handle, as those of the call it is about to make."""
+        if len(self.addresses) == 1 or index in self._vouched:
+            return
+        reply = stub.Query(sn_pb2.QueryRequest(section="info"), timeout=self._call_timeout)
+        genesis = json.loads(reply.state_json)["info"].get("genesis_hash")
+        with self._lock:
+            if self._genesis is None:
+                self._genesis = genesis
+            if genesis == self._genesis:
+                self._vouched.add(index)
+                return
+            first = self._genesis
+        self._refuse(index, LedgerError(f"it serves another ledger (genesis {str(genesis)[:12]}) than the SNs "
+                                        f"before it (genesis {first[:12]}); give this node the SNs of one swarm"))
+
+    def expect_ledger(self, genesis_hash: str) -> None:
+        """The ledger this client's SNs must serve, when its caller knows it already (a follower's pin):
+        then even the first SN to answer is refused if it serves another."""
+        with self._lock:
+            self._genesis = genesis_hash
 
     def _answered(self) -> None:
         """The SN in use answered: an outage, if there was one, is over."""
@@ -206,13 +292,15 @@ class SNClient:
         a component shutting down does not sit out an SN outage)."""
         deadline = time.monotonic() + (self.unreachable_timeout if patience is None else patience)
         limited_until = min(deadline, time.monotonic() + LIMIT_PATIENCE)
-        delay = 0.1
-        failures = 0
+        retries = _Retries(pause=0.1, longest=2.0)
         while True:
             index, stub = self._stub()
             address = self.addresses[index]
             try:
-                reply = getattr(stub, method)(request, timeout=CALL_TIMEOUT, wait_for_ready=False)
+                self._check_same_ledger(index, stub)
+                if index in self._refused:
+                    continue
+                reply = getattr(stub, method)(request, timeout=self._call_timeout, wait_for_ready=False)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     # Over the SN's submit rate: wait as long as it says, within LIMIT_PATIENCE.
@@ -222,15 +310,10 @@ class SNClient:
                     if (stop or _NEVER).wait(min(max(wait, 0.02), 1.0)):
                         raise _translate(exc, address, what) from None
                     continue
-                if not _is_outage(exc) or time.monotonic() + delay > deadline:
+                if not _is_outage(exc) or time.monotonic() + retries.pause > deadline:
                     raise _translate(exc, address, what) from None
-                self._switch(index, _reason(exc))
-                failures += 1
-                if failures % len(self.addresses):
-                    continue  # the next SN at once; wait only once every SN was tried
-                if (stop or _NEVER).wait(delay):
+                if not self._after_outage(index, exc, retries, stop):
                     raise _translate(exc, address, what) from None
-                delay = min(delay * 2, 2.0)
                 continue
             self._answered()
             return reply
@@ -346,8 +429,8 @@ class SNClient:
                     outage = None
 
             try:
-                if on_connect is not None:
-                    on_connect(stub.Query(sn_pb2.QueryRequest(section="info"), timeout=CALL_TIMEOUT).head_index)
+                if not self._admits(index, stub, on_connect):
+                    continue
                 overlap = cursor.last_hash is not None
                 stream = stub.Watch(sn_pb2.WatchRequest(from_index=cursor.next_index - (1 if overlap else 0)))
                 canceller.follow(stream)
@@ -371,15 +454,70 @@ class SNClient:
                                     "to %.0f s)", address, cursor.next_index, self.unreachable_timeout)
                 elif time.monotonic() - outage.since > self.unreachable_timeout:
                     raise _translate(exc, address, "watch") from None
-                self._switch(index, _reason(exc))
-                outage.failures += 1
-                if outage.failures % len(self.addresses):
-                    continue  # the next SN at once; wait only once every SN was tried
-                stop.wait(0.5)
+                if not self._after_outage(index, exc, outage.retries, stop):
+                    return
             finally:
                 canceller.follow(None)
                 if stream is not None:
                     stream.cancel()
+
+    def _admits(self, index: int, stub: sn_pb2_grpc.SwarmNetworkStub,
+                on_connect: Callable[[int], None] | None) -> bool:
+        """Before a watch stream is opened on SN `index`: it serves the ledger of the other SNs, and
+        `on_connect` (the follower's pin) accepts its head. False when it was refused and another SN
+        is next (_refuse raises when none is left)."""
+        try:
+            self._check_same_ledger(index, stub)
+            if index not in self._refused and on_connect is not None:
+                on_connect(stub.Query(sn_pb2.QueryRequest(section="info"), timeout=self._call_timeout).head_index)
+        except LedgerError as exc:
+            self._refuse(index, exc)
+        return index not in self._refused
+
+
+@dataclass
+class _Retries:
+    """How a caller retries SNs that do not answer: attempts failed so far, and the pause taken each
+    time every SN was tried, growing up to `longest`."""
+
+    pause: float
+    longest: float
+    failures: int = 0
+
+
+class _Handshakes:
+    """The TLS handshakes of several SNs' channels, followed through gRPC's connectivity states: which
+    succeeded (READY) and which failed at least once (TRANSIENT_FAILURE)."""
+
+    def __init__(self, channels: dict[int, grpc.Channel]):
+        self.ready: set[int] = set()
+        self.failed: set[int] = set()
+        self._changed = threading.Condition()
+        self._subscriptions = []
+        for index, channel in channels.items():
+            callback = self._callback(index)
+            channel.subscribe(callback, try_to_connect=True)
+            self._subscriptions.append((channel, callback))
+
+    def _callback(self, index: int) -> Callable[[grpc.ChannelConnectivity], None]:
+        def seen(state: grpc.ChannelConnectivity) -> None:
+            with self._changed:
+                if state == grpc.ChannelConnectivity.READY:
+                    self.ready.add(index)
+                elif state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN):
+                    self.failed.add(index)
+                self._changed.notify_all()
+        return seen
+
+    def wait(self, current: int, timeout: float) -> None:
+        """Until SN `current` is ready, or it failed while another is ready, or `timeout`."""
+        with self._changed:
+            self._changed.wait_for(lambda: current in self.ready or (current in self.failed and self.ready),
+                                   timeout)
+
+    def close(self) -> None:
+        for channel, callback in self._subscriptions:
+            channel.unsubscribe(callback)
 
 
 @dataclass
@@ -415,7 +553,7 @@ class _Outage:
 
     lost: str
     since: float = field(default_factory=time.monotonic)
-    failures: int = 0
+    retries: _Retries = field(default_factory=lambda: _Retries(pause=0.5, longest=0.5))
 
     def resumed(self, address: str, next_index: int) -> None:
         if address == self.lost:
@@ -508,8 +646,10 @@ def _reason(exc: grpc.RpcError) -> str:
 
 
 def _is_refusal(exc: grpc.RpcError) -> bool:
-    # The SN answers UNAVAILABLE on purpose when its store cannot write: retrying will not help.
-    return "refuses new entries" in (exc.details() or "")
+    # The SN answers UNAVAILABLE on purpose when its ledger refuses the append (the head keeps
+    # moving, a full disk): another SN would not do better. An SN cut off from a shared store
+    # answers UNAVAILABLE without this mark (LEDGER_OUT_OF_REACH): that is an outage.
+    return REFUSAL_MARK in (exc.details() or "")
 
 
 def _retry_after(exc: grpc.RpcError) -> float | None:
@@ -531,7 +671,9 @@ def _translate(exc: grpc.RpcError, address: str, what: str) -> Exception:
     if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED,
                 grpc.StatusCode.INVALID_ARGUMENT):
         return Rejected(f"{what}: {details}")
-    if code == grpc.StatusCode.UNAVAILABLE and _is_refusal(exc):
-        return LedgerError(details)
+    if code == grpc.StatusCode.DATA_LOSS or (code == grpc.StatusCode.UNAVAILABLE and _is_refusal(exc)):
+        return LedgerError(f"SN at {address}: {details}")
+    if code == grpc.StatusCode.UNAVAILABLE and LEDGER_OUT_OF_REACH in details:
+        return SNUnavailable(f"{what}: {details}")
     return SNUnavailable(f"{what}: SN at {address} unreachable ({code.name}: {details.splitlines()[0] if details else ''}); "
                          f"check the SN address and that its CA and ours trust each other")

@@ -76,6 +76,8 @@ class LedgerFollower:
         try:
             if self.pin is not None:
                 self._pinned = self.pin.load()
+            if self._pinned is not None:
+                self.sn.expect_ledger(self._pinned.genesis_hash)
             for row in self.sn.watch(0, self._stop, raw=True, on_connect=self._check_length,
                                      background=self._background):
                 self._check_pin(row)

@@ -16,7 +16,7 @@ import grpc
 from swarmlearn import pki
 from swarmlearn.background import Background
 from swarmlearn.defaults import DEFAULT_CONTRACT, DEFAULT_TASKRUNNER, ETCD_PREFIX
-from swarmlearn.errors import AlreadyRecorded, ConfigError, LedgerError, Rejected
+from swarmlearn.errors import AlreadyRecorded, ConfigError, LedgerError, LedgerOutOfReach, Rejected
 from swarmlearn.ledger.chain import Chain, ChainBroken
 from swarmlearn.ledger.entry import SignedTx, Tx
 from swarmlearn.ledger.identities import issuer
@@ -31,9 +31,10 @@ from swarmlearn.sn.liveness import EtcdLiveness, Liveness, MemoryLiveness
 log = logging.getLogger("swarmlearn.sn")
 
 LEDGER_FILE = "ledger.db"
-# The etcd key prefix of a swarm's ledger when none is given: one swarm per prefix.
-# How long an SN that cannot follow a shared ledger (no quorum) waits before it tries again.
+# How long an SN that cannot follow a shared ledger (no quorum, a key it cannot read) first waits before
+# it tries again; the wait doubles with each failure in a row, up to FOLLOW_RETRY_MAX.
 FOLLOW_RETRY = 1.0
+FOLLOW_RETRY_MAX = 8.0
 # Beside the ledger: the swarm this data dir holds and the head this SN acknowledged (ledger/pin.py).
 MARKER_FILE = "swarm.json"
 # One thread per open watch stream plus the unary calls; a swarm of dozens of peers fits.
@@ -179,9 +180,72 @@ def metrics_page(metrics: list[dict], from_index: int, budget: int = METRICS_PAG
     return page, None
 
 
+# An SN whose shared store (etcd) has not answered for LEDGER_REACH_GRACE seconds answers UNAVAILABLE
+# "cannot reach its ledger" rather than stale state, so that clients move to an SN that can; while it
+# makes no other call to the store, it looks (reads the head) at most every LEDGER_PROBE_EVERY seconds.
+LEDGER_REACH_GRACE = 3.0
+LEDGER_PROBE_EVERY = 1.0
+# What the SN's refusals and outages say; clients (sn/client.py) tell them apart by these words.
+REFUSAL_MARK = "refuses new entries"
+LEDGER_OUT_OF_REACH = "cannot reach its ledger"
+
+
+def store_out_of_reach(exc: LedgerError) -> bool:
+    """Whether a store error means this SN cannot reach the store (etcd without quorum, unreachable or
+    refusing our TLS), which other SNs of the swarm may reach, rather than a refusal that holds there too."""
+    return isinstance(exc, LedgerOutOfReach)
+
+
+def broken_ledger(exc: ChainBroken) -> str:
+    return f"ledger broken at entry {exc.index} ({exc.reason}): restore it from a backup"
+
+
+class LedgerReach:
+    """Whether this SN reached the store of its ledger lately, from what its calls to the store found,
+    and from a read of the head when it made none for LEDGER_PROBE_EVERY (one caller reads; the others
+    take the last verdict meanwhile). Only a shared store is watched: an SN on its own SQLite file has
+    no other SN to send clients to, and reports a failing disk on Submit."""
+
+    def __init__(self, store: LedgerStore, shared: bool):
+        self.store = store
+        self.shared = shared
+        self._lock = threading.Lock()
+        self._probing = threading.Lock()
+        self._last_ok = self._last_look = time.monotonic()
+        self._failure: str | None = None
+
+    def ok(self) -> None:
+        with self._lock:
+            self._last_ok = self._last_look = time.monotonic()
+            self._failure = None
+
+    def failed(self, exc: LedgerError) -> None:
+        with self._lock:
+            self._last_look = time.monotonic()
+            self._failure = str(exc)
+
+    def out_of_reach(self) -> str | None:
+        """Why the store has been out of reach for over LEDGER_REACH_GRACE seconds; None if it is not."""
+        if not self.shared:
+            return None
+        if time.monotonic() - self._last_look > LEDGER_PROBE_EVERY and self._probing.acquire(blocking=False):
+            try:
+                self.store.head()
+                self.ok()
+            except LedgerError as exc:
+                self.failed(exc)
+            finally:
+                self._probing.release()
+        with self._lock:
+            if self._failure is not None and time.monotonic() - self._last_ok > LEDGER_REACH_GRACE:
+                return self._failure
+        return None
+
+
 class SNService(sn_pb2_grpc.SwarmNetworkServicer):
     def __init__(self, chain: Chain, node_id: str, stopping: threading.Event, liveness: Liveness | None = None):
         self.chain = chain
+        self.reach = LedgerReach(chain.store, shared=not isinstance(chain.store, SQLiteStore))
         self.node_id = node_id
         self.stopping = stopping
         self.liveness = liveness or MemoryLiveness()
@@ -211,10 +275,14 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           "no client certificate was presented; connect with the --cert and --key of a swarm node")
         cert, fp = peer
-        state = self.chain.state
-        refused = revocation(fp, state)
+        refused = revocation(fp, self.chain.state)
         if refused is not None:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, refused)
+        if not self._known_caller(cert, fp):
+            # A CA trusted, or a certificate mapped, through another SN of a shared ledger a moment ago
+            # may not be folded here yet.
+            self._fold_latest(context)
+        state = self.chain.state
         if not self._issued_by_trusted_ca(cert, fp):
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"certificate {fp[:12]} ({pki.pki_subject(cert)}) is not issued by a CA this swarm trusts "
@@ -225,6 +293,33 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
                           f"certificate {fp[:12]} ({pki.pki_subject(cert)}) carries no swarm role and name; "
                           f"{pki.REISSUE_HINT}")
         return fp
+
+    def _known_caller(self, cert, fp: str) -> bool:
+        return self._issued_by_trusted_ca(cert, fp) and (pki.swarm_id(cert) is not None or
+                                                         fp in self.chain.state.cert_map)
+
+    def _fold_latest(self, context) -> None:
+        """Folds what other writers appended to the store since this SN last looked. A broken chain is
+        answered DATA_LOSS; a store out of reach for a while, UNAVAILABLE (clients try another SN); a
+        brief one leaves the state as folded so far."""
+        with self.chain.lock:
+            try:
+                self.chain.catch_up()
+                self.reach.ok()
+                return
+            except ChainBroken as exc:
+                context.abort(grpc.StatusCode.DATA_LOSS, f"SN {self.node_id}: {broken_ledger(exc)}")
+            except LedgerError as exc:
+                self.reach.failed(exc)
+                log.debug("answering from the folded state: the ledger cannot be read: %s", exc)
+        self._require_ledger(context)
+
+    def _require_ledger(self, context) -> None:
+        """Answers UNAVAILABLE when this SN's shared store has been out of reach for a while: clients
+        then move to another SN instead of taking stale state from this one for the swarm's."""
+        why = self.reach.out_of_reach()
+        if why is not None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"SN {self.node_id} {LEDGER_OUT_OF_REACH}: {why}")
 
     def _issued_by_trusted_ca(self, cert, fp: str) -> bool:
         key = (fp, len(self.chain.state.cas))
@@ -256,6 +351,7 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"{tx.kind} is signed as {tx.signer.node} with a certificate other than the caller's; "
                           f"a node may only submit its own transactions")
+        self._require_ledger(context)
         try:
             entry = self.chain.submit(SignedTx(tx, bytes(request.signature)))
         except AlreadyRecorded as exc:
@@ -263,16 +359,35 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
             context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except Rejected as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except ChainBroken as exc:
+            log.error("refused %s of %s: %s", tx.kind, tx.signer.node, broken_ledger(exc))
+            context.abort(grpc.StatusCode.DATA_LOSS, f"SN {self.node_id} {REFUSAL_MARK}: {broken_ledger(exc)}")
         except LedgerError as exc:
-            log.error("refused %s of %s: the ledger cannot be written: %s", tx.kind, tx.signer.node, exc)
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"SN {self.node_id} refuses new entries: {exc}")
+            self._refuse_entry(context, tx, exc)
+        self.reach.ok()
         self._seen(tx.signer.node)
         return sn_pb2.SubmitReply(index=entry.index, hash=entry.hash)
+
+    def _refuse_entry(self, context, tx: Tx, exc: LedgerError) -> None:
+        """A store that is out of reach is an outage (UNAVAILABLE without REFUSAL_MARK): the client
+        sends the same signed transaction to another SN, and should it have landed here after all, the
+        ledger answers the replay with the entry it made. Anything else is a refusal another SN would
+        repeat (the head keeps moving, a full disk, an entry over the store's bound)."""
+        if store_out_of_reach(exc):
+            self.reach.failed(exc)
+            log.warning("%s of %s not appended: %s %s", tx.kind, tx.signer.node, LEDGER_OUT_OF_REACH, exc)
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"SN {self.node_id} {LEDGER_OUT_OF_REACH}: {exc}")
+        log.error("refused %s of %s: the ledger cannot be written: %s", tx.kind, tx.signer.node, exc)
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"SN {self.node_id} {REFUSAL_MARK}: {exc}")
 
     def Heartbeat(self, request, context):
         fp = self._caller(context)
         self._within_rate(context, self.reads, fp, "queries and heartbeats")
+        self._require_ledger(context)
         node = self.chain.state.nodes.get(request.node_id)
+        if node is None or node.cert_fp != fp:
+            self._fold_latest(context)  # registered through another SN a moment ago?
+            node = self.chain.state.nodes.get(request.node_id)
         if node is None or node.cert_fp != fp:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"{request.node_id} is not registered with the caller's certificate; register first")
@@ -285,15 +400,9 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
         fp = self._caller(context)
         self._within_rate(context, self.reads, fp, "queries and heartbeats")
         section = request.section or "all"
+        self._require_ledger(context)
+        self._fold_latest(context)
         with self.chain.lock:
-            try:
-                self.chain.catch_up()
-            except ChainBroken:
-                raise
-            except LedgerError as exc:
-                # A shared store out of reach: answer with the state as folded so far (the ledger
-                # follower says what is wrong, once).
-                log.debug("query answered from the folded state: the ledger cannot be read: %s", exc)
             try:
                 head, body = self._section_json(request, section)
             except KeyError as exc:
@@ -341,12 +450,18 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
             # its poll; the slot is freed when this handler (and so its thread) is done. A revocation
             # of the caller's certificate ends it too, within the same poll.
             context.add_callback(ended.set)
+            self._require_ledger(context)
             rows = self.chain.store.watch(request.from_index,
                                           lambda: ended.is_set() or self.stopping.is_set() or revoked() is not None)
-            for row in rows:
-                if revoked() is not None:
-                    break
-                yield sn_pb2.LedgerEntry(index=row.index, hash=row.hash, body=row.body)
+            try:
+                for row in rows:
+                    if revoked() is not None:
+                        break
+                    yield sn_pb2.LedgerEntry(index=row.index, hash=row.hash, body=row.body)
+            except LedgerError as exc:
+                # Clients take UNAVAILABLE for an outage and follow the ledger through another SN.
+                self.reach.failed(exc)
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"SN {self.node_id} {LEDGER_OUT_OF_REACH}: {exc}")
             refused = revoked()
             if refused is not None:
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, f"watch ended: {refused}")
@@ -392,15 +507,22 @@ class SNServer:
 
 @dataclass(frozen=True)
 class EtcdLedger:
-    """A ledger shared by several SNs: the client URLs of an etcd cluster the user runs, reached with
-    the SN's own certificates (mutual TLS), and the key prefix that holds this swarm's ledger."""
+    """A ledger shared by several SNs: the client URLs of an etcd cluster the user runs, the key prefix
+    that holds this swarm's ledger, and the identity the SNs reach etcd with (mutual TLS): a certificate
+    and key from a CA that issues to SNs only, and the CA(s) of the members. Never the swarm's own CA:
+    etcd admits whoever its CA issued, and the swarm's CA issues to every node (ledger/etcd_store.py)."""
 
     endpoints: tuple[str, ...]
+    cert: Path
+    key: Path
+    cacert: Path
     prefix: str = ETCD_PREFIX
 
     @classmethod
-    def parse(cls, endpoints: str, prefix: str = ETCD_PREFIX) -> EtcdLedger:
-        """From --etcd-endpoints (https://HOST:PORT or HOST:PORT, comma separated) and --etcd-prefix."""
+    def parse(cls, endpoints: str, prefix: str, cert: Path | None, key: Path | None,
+              cacert: Path | None) -> EtcdLedger:
+        """From --etcd-endpoints (https://HOST:PORT or HOST:PORT, comma separated), --etcd-prefix and
+        --etcd-cert/--etcd-key/--etcd-cacert."""
         urls = tuple(url.strip() for url in endpoints.split(",") if url.strip())
         if not urls:
             raise ConfigError("--etcd-endpoints is empty; list the etcd cluster's client URLs, "
@@ -413,36 +535,66 @@ class EtcdLedger:
         if not prefix.startswith("/") or prefix.endswith("/") or len(prefix) < 2:
             raise ConfigError(f"--etcd-prefix {prefix!r} must start with '/' and not end with one, e.g. "
                               f"{ETCD_PREFIX}")
-        return cls(urls, prefix)
+        missing = [flag for flag, value in (("--etcd-cert", cert), ("--etcd-key", key), ("--etcd-cacert", cacert))
+                   if value is None]
+        if missing:
+            raise ConfigError(f"{', '.join(missing)} missing: the etcd cluster is reached with an identity of its own, "
+                              f"from a CA that issues to SNs only (e.g. `swarm gen-cert -e <swarm>-ledger --org "
+                              f"<swarm>-ledger`), never with a certificate of the swarm's CA")
+        return cls(urls, Path(cert), Path(key), Path(cacert), prefix)
 
     def describe(self) -> str:
         return f"etcd ledger {self.prefix} at {','.join(self.endpoints)}"
 
-    def open_store(self, identity: pki.Identity):
+    def check_apart_from(self, swarm: pki.Identity) -> None:
+        """Refuses an etcd identity that a CA of the swarm (its --capath) issued, or members' CAs that
+        include one: any node certificate of the swarm could then reach etcd, or pose as a member."""
+        etcd_cert = pki.load_cert(self.cert, "--etcd-cert")
+        swarm_cas = {pki.cert_fingerprint(ca): ca for ca in swarm.cas}
+        for ca in swarm_cas.values():
+            if pki.issued_by(etcd_cert, ca):
+                raise ConfigError(f"--etcd-cert {self.cert} is issued by {pki.pki_subject(ca)}, a CA of this swarm "
+                                  f"(--capath): etcd would then admit any node certificate of the swarm, which could "
+                                  f"rewrite the ledger; use a certificate of a CA that issues to SNs only")
+        for _, ca in pki.load_ca_certs(self.cacert):
+            if pki.cert_fingerprint(ca) in swarm_cas:
+                raise ConfigError(f"--etcd-cacert {self.cacert} holds {pki.pki_subject(ca)}, a CA of this swarm "
+                                  f"(--capath): any node certificate of the swarm could then pose as an etcd member; "
+                                  f"give only the CA that issues to SNs and etcd members")
+
+    def open_store(self, swarm: pki.Identity | None = None):
+        """The store on the cluster; with `swarm` (the SN's own identity), after check_apart_from."""
         from swarmlearn.ledger.etcd_store import EtcdStore, TLSFiles
 
-        return EtcdStore(list(self.endpoints), self.prefix,
-                         TLSFiles(identity.capath, identity.cert_path, identity.key_path))
+        if swarm is not None:
+            self.check_apart_from(swarm)
+        return EtcdStore(list(self.endpoints), self.prefix, TLSFiles(self.cacert, self.cert, self.key))
 
 
 def follow_ledger(chain: Chain, stopping: threading.Event) -> None:
     """Folds the entries other SNs append to a shared ledger as soon as the store's watch brings them,
-    so that this SN's Query, Heartbeat and the checks of its Submit see them, until `stopping`."""
-    failing = False
+    so that this SN's Query, Heartbeat and the checks of its Submit see them, until `stopping`. Any
+    failure (no quorum, a key that is no entry) is logged once and retried, waiting longer each time:
+    this thread is the only one that folds other SNs' entries, so it must not end with a failure."""
+    retry = None
     while not stopping.is_set():
         try:
             for row in chain.store.watch(chain.state.head_index + 1, stopping.is_set):
                 if row.index > chain.state.head_index:  # else this SN appended it, or folded it already
                     with chain.lock:
                         chain.catch_up()
-                if failing:
+                if retry is not None:
                     log.info("following the ledger again at entry %d", chain.state.head_index)
-                    failing = False
-        except LedgerError as exc:
-            if not failing:
-                log.error("cannot follow the ledger: %s; trying again every %g s", exc, FOLLOW_RETRY)
-            failing = True
-            stopping.wait(FOLLOW_RETRY)
+                    retry = None
+        except Exception as exc:  # noqa: BLE001  (logged; the loop is the handling)
+            if retry is None:
+                retry = FOLLOW_RETRY
+                log.error("cannot follow the ledger after entry %d: %s; trying again, every %g s at first",
+                          chain.state.head_index, exc if isinstance(exc, LedgerError) else repr(exc), retry,
+                          exc_info=not isinstance(exc, LedgerError))
+            else:
+                retry = min(2 * retry, FOLLOW_RETRY_MAX)
+            stopping.wait(retry)
 
 
 def open_chain(data_dir: Path, identity: pki.Identity, node_id: str, address: str, sentinel: bool,
@@ -594,9 +746,9 @@ def _serve(host: str, port: int, identity: pki.Identity, data_dir: Path, sentine
                          options=[("grpc.so_reuseport", 0),
                                   ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
                                   ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-                                  # Clients ping every 10 s to notice a dead SN: accept that, or gRPC's
-                                  # default (one ping per 5 min) answers GOAWAY too_many_pings and
-                                  # every follower's stream breaks.
+                                  # Clients ping every 10 s (5 s when given several SNs) to notice a
+                                  # dead SN: accept that, or gRPC's default (one ping per 5 min)
+                                  # answers GOAWAY too_many_pings and every follower's stream breaks.
                                   ("grpc.http2.min_recv_ping_interval_without_data_ms", CLIENT_PING_MIN_MS),
                                   ("grpc.http2.max_ping_strikes", 0)])
     try:
@@ -608,7 +760,7 @@ def _serve(host: str, port: int, identity: pki.Identity, data_dir: Path, sentine
                           f"host's; pick another --sn-api-port (0 lets the OS choose) or --host-ip")
     chain, marker = open_chain(data_dir, identity, node_id, f"{host}:{bound}", sentinel, new_swarm, etcd)
     marker.start(background)
-    liveness = EtcdLiveness(chain.store) if etcd else MemoryLiveness()
+    liveness = EtcdLiveness(chain.store, node_id, lambda: chain.state.nodes) if etcd else MemoryLiveness()
     liveness.start(background)
     if etcd:
         background.start("ledger-follower", follow_ledger, chain, background.stopping)

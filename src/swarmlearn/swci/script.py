@@ -104,14 +104,15 @@ def parse_line(text: str, line: int, source: str = "<prompt>") -> Command | None
 
 def _check_sn_addresses(args: dict[str, str], where: str) -> None:
     """`WITH IP a,b:30305 [port]`: one SN or several, each IP or IP:PORT; an empty entry or a bad port
-    is reported when the script is read, not when the line runs."""
-    from swarmlearn.sn.client import parse_sn_addresses  # here: keeps the grammar free of grpc
+    is reported when the script is read, not when the line runs (entries without a port get theirs
+    then: `port`, else --sn-api-port)."""
+    from swarmlearn.sn.client import sn_address_parts  # here: keeps the grammar free of grpc
 
     port = args.get("port")
     if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
         raise ConfigError(f"{where}: port {port!r}: give a number from 1 to 65535, or leave it out")
     try:
-        parse_sn_addresses(args["ip"], int(port) if port else 1, "IP")
+        sn_address_parts(args["ip"], "IP")
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 

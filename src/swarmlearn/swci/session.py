@@ -102,8 +102,10 @@ class SwciSession:
         return self._client(self.contexts[self.current])
 
     def _client(self, address: str) -> SNClient:
-        """The client of the SNs in `address` ("IP:PORT,IP:PORT"), connected and checked on first use."""
-        client = self._clients.get(address)
+        """The client of the SNs in `address` ("IP:PORT,IP:PORT"), connected and checked on first use.
+        Clients, pin checks and metrics are all kept under _key(client): the SNs as the client lists them."""
+        key = ",".join(parse_sn_addresses(address, None, "SN address"))
+        client = self._clients.get(key)
         if client is None:
             client = SNClient(address, self.identity)
             try:
@@ -114,8 +116,8 @@ class SwciSession:
                 raise
             ident = self.identity.swarm_id
             client.register(ident.role if ident is not None and ident.role == "admin" else "SWCI")
-            self._clients[address] = client
-        elif time.monotonic() - self._pin_checked.get(address, 0.0) > PIN_CHECK_EVERY:
+            self._clients[key] = client
+        elif time.monotonic() - self._pin_checked.get(key, 0.0) > PIN_CHECK_EVERY:
             self._check_history(client)
         return client
 

@@ -51,6 +51,7 @@ from pydantic_core import PydanticCustomError
 
 from swarmlearn import pki
 from swarmlearn.defaults import DEFAULT_TASKRUNNER, SL_FS_PORT
+from swarmlearn.errors import ConfigError
 from swarmlearn.yamlfile import EnvVars, KeyValues, YamlModel, line_of, located_error, validate
 
 MountType = Literal["BIND", "VOLUME"]
@@ -60,8 +61,6 @@ AttributeType = Literal["KEY", "CERT", "CAPATH", "CACERT", "SPIFFE_SOCKETPATH"]
 AUTHOR_PATTERN = re.compile(rf"spiffe://{pki.ORG_PATTERN.pattern}/(swci|admin)/(\*|(?i:{pki.NAME_PATTERN.pattern}))")
 # `entrypoints` entries that mean "the SWOP's own Python".
 PYTHON_NAME = re.compile(r"python(3(\.\d+)?)?")
-# An SN's address in apisrv's list form: a host name, an IPv4 address, or an IPv6 one in brackets.
-HOST_PATTERN = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]")
 
 # Node keys that configure a container (labels, networks, the SL file service's container); we run
 # local processes, so they are accepted and reported by notes().
@@ -105,7 +104,13 @@ class SnEndpoint(YamlModel):
     @field_validator("ip")
     @classmethod
     def _one_host(cls, ip: str) -> str:
-        if not HOST_PATTERN.fullmatch(ip):
+        from swarmlearn.sn.client import sn_address_parts  # here: loading a profile needs no grpc until then
+
+        try:
+            parts = sn_address_parts(ip, "ip")
+        except ConfigError:
+            parts = []
+        if len(parts) != 1 or parts[0][1] is not None:
             raise ValueError(f"{ip!r} is not one IP or host name; write the address alone (an IPv6 one in "
                              f"brackets) and its port under port:")
         return ip
