@@ -1,5 +1,7 @@
 """Shared by benchmarks: a throw-away swarm on 127.0.0.1 — certificates, a sentinel SN and SL
-processes — started as a user would, and stopped by pid."""
+processes — started as a user would, and stopped by pid. Its ledger is the SN's SQLite file (the
+default) or, with ledger="etcd", a three-member etcd cluster on 127.0.0.1 with mutual TLS from a ledger
+CA of its own, which further SNs (start_sn(host=2), ...) can share."""
 
 from __future__ import annotations
 
@@ -13,7 +15,10 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from swarmlearn.ledger.etcd_member import EtcdCluster, start_cluster
+from swarmlearn.ledger.etcd_store import EtcdStore, TLSFiles
 from swarmlearn.ledger.sqlite_store import SQLiteStore
+from swarmlearn.ledger.store import LedgerStore
 from swarmlearn.callback.core import SLChannel
 from swarmlearn.ledger.model import Round
 from swarmlearn.ledger.state import LedgerState, fold
@@ -21,6 +26,9 @@ from swarmlearn.pki import CertLayout, Identity, generate_host_certs
 from swarmlearn.defaults import DEFAULT_CONTRACT
 
 SWARM = [sys.executable, "-m", "swarmlearn.cli"]
+LEDGERS = ("sqlite", "etcd")
+ETCD_PREFIX = "/swarmlearn-bench"
+ETCD_MEMBERS = 3
 
 
 @dataclass
@@ -48,12 +56,17 @@ class Process:
 
 
 class LocalSwarm:
-    def __init__(self, workdir: Path | None = None):
+    def __init__(self, workdir: Path | None = None, ledger: str = "sqlite"):
+        if ledger not in LEDGERS:
+            raise ValueError(f"ledger {ledger!r}: give one of {', '.join(LEDGERS)}")
+        self.ledger = ledger
         self.own_dir = workdir is None  # a temporary folder of ours is removed at stop
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="swarm-bench-"))
         self.certs = CertLayout(self.dir / "cert", 1)
         generate_host_certs(self.certs.root, 1)
         self.processes: list[Process] = []
+        self.etcd: EtcdCluster | None = None
+        self.sns: dict[str, Process] = {}  # SN address -> its process
         self.sn_address = ""
         self.sl_addresses: dict[str, str] = {}
         self.sls: dict[str, Process] = {}
@@ -81,11 +94,49 @@ class LocalSwarm:
         self.processes.append(p)
         return p
 
-    def start_sn(self) -> str:
-        sn = self._start("sn", "--sentinel", "--sn-api-port", "0", *self._ids("sn"), "--data-dir",
-                         str(self.dir / "sn"))
-        self.sn_address = sn.wait_line("SN ready on ").split("SN ready on ")[1].split()[0]
-        return self.sn_address
+    def host_certs(self, host: int) -> CertLayout:
+        """Host `host`'s certificates (host 1: the swarm's CA; others issued by it), made on first use."""
+        if host == 1:
+            return self.certs
+        layout = CertLayout(self.dir / f"cert{host}", host)
+        if not layout.cert("sn").exists():
+            generate_host_certs(layout.root, host, components=("sn",), ca_cert_path=self.certs.ca_cert,
+                                ca_key_path=self.certs.ca_key)
+        return layout
+
+    @property
+    def etcd_tls(self) -> TLSFiles:
+        """The ledger CA's identity (its own organization, apart from the swarm's CA), made on first
+        use: the etcd members serve and trust it, and the SNs reach them with it."""
+        layout = CertLayout(self.dir / "cert-ledger", 1)
+        if not layout.cert("sn").exists():
+            generate_host_certs(layout.root, 1, org="bench-ledger", components=("sn",))
+        return TLSFiles(layout.ca_cert, layout.cert("sn"), layout.key("sn"))
+
+    def _ledger_args(self, host: int) -> list[str]:
+        if self.ledger == "sqlite":
+            return []
+        if self.etcd is None:
+            self.etcd = start_cluster(self.dir / "etcd", self.etcd_tls, size=ETCD_MEMBERS)
+        urls = [f"https://{e}" for e in self.etcd.endpoints]
+        first = (host - 1) % len(urls)  # each host's SN talks to its own member first
+        tls = self.etcd.tls
+        return ["--ledger", "etcd", "--etcd-endpoints", ",".join(urls[first:] + urls[:first]), "--etcd-prefix",
+                ETCD_PREFIX, "--etcd-cert", str(tls.cert), "--etcd-key", str(tls.key), "--etcd-cacert", str(tls.ca),
+                "--host-ip", "127.0.0.1"]
+
+    def start_sn(self, host: int = 1) -> str:
+        """Host 1's SN is the sentinel; with ledger="etcd", hosts 2, 3, ... start SNs on the same ledger.
+        Returns its address; the first SN's is also `sn_address`, the one SLs are given."""
+        certs = self.host_certs(host)
+        ids = ["--key", str(certs.key("sn")), "--cert", str(certs.cert("sn")), "--capath", str(certs.capath)]
+        data_dir = self.dir / ("sn" if host == 1 else f"sn{host}")
+        sn = self._start("sn", *(["--sentinel"] if host == 1 else []), "--sn-api-port", "0", *ids,
+                         "--data-dir", str(data_dir), *self._ledger_args(host))
+        address = sn.wait_line("SN ready on ").split("SN ready on ")[1].split()[0]
+        self.sns[address] = sn
+        self.sn_address = self.sn_address or address
+        return address
 
     def start_sl(self, node_id: str, *extra: str) -> str:
         host, port = self.sn_address.rsplit(":", 1)
@@ -99,9 +150,15 @@ class LocalSwarm:
     def ledger_path(self) -> Path:
         return self.dir / "sn" / "ledger.db"
 
+    def open_ledger(self) -> LedgerStore:
+        """The ledger the SNs write, opened to read (the SNs may keep appending); close it after use."""
+        if self.ledger == "sqlite":
+            return SQLiteStore(self.ledger_path, read_only=True)
+        return EtcdStore(self.etcd.endpoints, ETCD_PREFIX, self.etcd.tls)
+
     def ledger_state(self) -> LedgerState:
-        """The state folded from the SN's ledger file (read-only; the SN may keep appending)."""
-        store = SQLiteStore(self.ledger_path, read_only=True)
+        """The state folded from the SNs' ledger."""
+        store = self.open_ledger()
         try:
             return fold(store.read())
         finally:
@@ -131,5 +188,7 @@ class LocalSwarm:
                 except subprocess.TimeoutExpired:
                     p.popen.kill()
                     p.popen.wait()
+        if self.etcd is not None:
+            self.etcd.stop()
         if self.own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)

@@ -7,6 +7,10 @@ stand-in (random float32 tensors, no training, one thread per peer in this proce
 swarm is measured. Each peer count gets a fresh SN and fresh SLs.
 
     python -m bench round [--peers 3,8,16,32] [--sizes 0.3,1.2,40,420] [--rounds 20] [--failover] [--quick]
+                          [--ledger sqlite|etcd]
+
+--ledger etcd puts the SN's ledger on a three-member etcd cluster on 127.0.0.1 (bench/etcd.py compares
+the two side by side).
 
 Cells whose blobs would not fit in memory on a 24 GiB machine (peers x payload over 1.3 GB, held
 about 4 times over) are skipped and listed.
@@ -27,9 +31,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._swarm import LocalSwarm  # noqa: E402
+from bench._swarm import LEDGERS, LocalSwarm  # noqa: E402
 from swarmlearn.callback.core import SLChannel  # noqa: E402
 from swarmlearn.ledger.sqlite_store import SQLiteStore  # noqa: E402
+from swarmlearn.ledger.store import LedgerStore  # noqa: E402
 from swarmlearn.ledger.model import leader_order  # noqa: E402
 from swarmlearn.sl.transport import PeerFetcher  # noqa: E402
 from swarmlearn.defaults import DEFAULT_CONTRACT  # noqa: E402
@@ -45,9 +50,10 @@ def payload(megabytes: float, seed: int, tensors: int = 8) -> bytes:
                    for i in range(tensors)})
 
 
-def checkin_times(ledger: Path) -> dict[int, float]:
-    """Per round, the wall-clock time of its last check-in (from the signed ledger entries)."""
-    store = SQLiteStore(ledger, read_only=True)
+def checkin_times(ledger: LocalSwarm | Path) -> dict[int, float]:
+    """Per round, the wall-clock time of its last check-in (from the signed ledger entries) of a
+    swarm's ledger, or of a SQLite ledger file."""
+    store = ledger.open_ledger() if isinstance(ledger, LocalSwarm) else SQLiteStore(ledger, read_only=True)
     try:
         last: dict[int, float] = {}
         for entry in store.read():
@@ -128,7 +134,7 @@ def run_cell(swarm: LocalSwarm, channels: dict[str, SLChannel], mb: float, round
     started = time.time()
     results = run_rounds(channels, blobs, rounds)
     wall = time.time() - started
-    last_checkin = checkin_times(swarm.ledger_path)
+    last_checkin = checkin_times(swarm)
     latencies = [(max(r["received"].values()) - last_checkin[r["round"]]) * 1000 for r in results]
     size = len(blobs[nodes[0]])
     return {"bytes": size, "latency_ms": latencies, "median_ms": statistics.median(latencies),
@@ -144,16 +150,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--failover", action="store_true", help="also time a leader failover (default timeouts)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 and 8 peers, 0.3 and 1.2 MB, 5 rounds")
+    parser.add_argument("--ledger", choices=LEDGERS, default="sqlite",
+                        help="the SN's ledger: its SQLite file, or a three-member etcd cluster on 127.0.0.1")
     parser.add_argument("--out", type=Path, default=None,
-                        help="raw figures (default bench/results/round.json, round-quick.json with --quick)")
+                        help="raw figures (default bench/results/round.json, round-quick.json with --quick, "
+                             "round-etcd[-quick].json with --ledger etcd)")
     args = parser.parse_args()
-    args.out = args.out or RESULTS / f"round{'-quick' if args.quick else ''}.json"
+    suffix = ("-etcd" if args.ledger == "etcd" else "") + ("-quick" if args.quick else "")
+    args.out = args.out or RESULTS / f"round{suffix}.json"
     if args.quick:
         args.peers, args.sizes, args.rounds = "3,8", "0.3,1.2", 5
     peer_counts = [int(x) for x in args.peers.split(",")]
     sizes = [float(x) for x in args.sizes.split(",")]
     report: dict = {"rounds": args.rounds, "cpus": os.cpu_count(), "placement": "one SL process per peer, ML "
                     "stand-ins as threads of the benchmark process", "cells": [], "skipped": []}
+    if args.ledger != "sqlite":
+        report["ledger"] = args.ledger
+        print(f"ledger: {args.ledger} (three members on 127.0.0.1, mutual TLS)")
     print(f"peers: one `swarm sl` process each over mTLS on 127.0.0.1; ML stand-ins are threads here; "
           f"{args.rounds} rounds per cell after 2 warm-up rounds")
     header = (f"{'peers':>5} {'payload':>9} {'median ms':>10} {'p90 ms':>8} {'min ms':>8} {'moved MB':>9} "
@@ -167,7 +180,7 @@ def main() -> None:
         if not cells:
             continue
         nodes = [f"node{i + 1}" for i in range(peers)]
-        swarm = LocalSwarm()
+        swarm = LocalSwarm(ledger=args.ledger)
         try:
             channels = swarm.start_peers(nodes, max(1, peers - 1))
             for mb in cells:
@@ -223,7 +236,7 @@ def plot(report: dict, path: Path) -> None:
 
 def failover(swarm: LocalSwarm, channels: dict[str, SLChannel], nodes: list[str]) -> dict:
     """Freezes the next round's leader right after its check-in, then times close -> merged."""
-    store = SQLiteStore(swarm.ledger_path, read_only=True)
+    store: LedgerStore = swarm.open_ledger()
     head = store.head()[0]
     current = max(e.tx.payload["round"] for e in store.read() if e.tx.kind == "merged") + 1
     leader = leader_order(DEFAULT_CONTRACT, 0, current, nodes)[0]

@@ -17,6 +17,10 @@ ETCD_PREFIX = "/swarmlearn"
 DEFAULT_CONTRACT = "defaultbb.cqdb.sml.hpe"
 DEFAULT_TASKRUNNER = "defaulttaskbb.taskdb.sml.hpe"
 
+# The folder in an SL's data dir where it keeps each contract's latest merged model; a SWOP that
+# cleans up after a task leaves it, so that the task run again resumes from it.
+KEPT_MODELS_DIR = "merged"
+
 # Every SL and SWOP tells the SN it is alive this often; peers judge liveness from these beats.
 HEARTBEAT_EVERY = 1.0
 # How long a process waits for an SN at start-up before giving up.

@@ -4,10 +4,13 @@ user may enter, or a TCP port that serves only callers presenting this SL's secr
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import json
 import logging
 import math
 import os
+import re
 import secrets
 import stat
 import tempfile
@@ -20,15 +23,17 @@ import grpc
 
 from swarmlearn import pki
 from swarmlearn.background import Background
-from swarmlearn.defaults import (CHUNK, HEARTBEAT_EVERY, MAX_MESSAGE, SL_FS_PORT, SN_CONNECT_TIMEOUT, TOKEN_ENV,
-                                 TOKEN_METADATA)
+from swarmlearn.defaults import (CHUNK, HEARTBEAT_EVERY, KEPT_MODELS_DIR, MAX_MESSAGE, SL_FS_PORT,
+                                 SN_CONNECT_TIMEOUT, TOKEN_ENV, TOKEN_METADATA)
 from swarmlearn.errors import ConfigError, SwarmError
+from swarmlearn.ledger.model import RoundStatus
 from swarmlearn.ledger.pin import PIN_FILE
 from swarmlearn.proto import sl_pb2, sl_pb2_grpc
 from swarmlearn.sl.round import RoundEngine, RoundResult, Timeouts
 from swarmlearn.sl.transport import BlobStore, PeerFetcher, PeerService
 from swarmlearn.sn.client import SNClient
 from swarmlearn.sn.follower import LedgerFollower
+from swarmlearn.tensors import blob_hash
 
 log = logging.getLogger("swarmlearn.sl")
 
@@ -79,6 +84,7 @@ class SLNode:
         # The swarm this SL verified is pinned in its data dir: an SN that rolled back or replaced that
         # history is refused (follower.error; the `sl` command then exits non-zero with that line).
         self.follower = LedgerFollower(self.sn, self.data_dir / PIN_FILE, self.background)
+        self.kept = KeptModels(self.data_dir / KEPT_MODELS_DIR, self.background)
         # By contract name; joined from the ML's RPC threads and read by them and by stop().
         self.engines: dict[str, RoundEngine] = {}
         self._engines_lock = threading.Lock()
@@ -107,6 +113,10 @@ class SLNode:
         self.address = f"{self.config.host}:{port}"
         self.sn.register("SL", self.address)
         self.follower.start()
+        # Our ledger copy must reach the SN's head before the kept models are checked against it.
+        self.follower.wait_index(self.sn.heartbeat(self.background.stopping))
+        self.kept.restore(self.blobs, self.follower)
+        self.kept.start()
         self.local_server = grpc.server(self.background.executor("ml-rpc", ML_RPC_WORKERS), options=options,
                                         interceptors=[_RequireToken(self.token)] if self.token else None)
         sl_pb2_grpc.add_SwarmLocalServicer_to_server(LocalService(self), self.local_server)
@@ -199,7 +209,7 @@ class SLNode:
         self.sn.submit("session_join", {"contract": name, "node": self.node_id, "min_peers": min_peers,
                                         "weightage": weightage, "merge_method": merge_method})
         engine = RoundEngine(self.node_id, name, self.sn, self.follower, self.blobs, self.fetcher,
-                             self.config.timeouts, self.liveness, background=self.background)
+                             self.config.timeouts, self.liveness, background=self.background, keep=self.kept.keep)
         with self._engines_lock:
             replaced = self.engines.get(name)
             self.engines[name] = engine
@@ -209,6 +219,143 @@ class SLNode:
         log.info("%s joined contract %s (min_peers %d, weightage %g, %s); latest merged round %d", self.node_id,
                  name, min_peers, weightage, merge_method, latest)
         return name, latest
+
+
+class KeptModels:
+    """The latest merged model of each contract this SL trains, kept in `folder` (the data dir's
+    `merged/`) as `<contract>.safetensors` with a `<contract>.json` beside it (contract, round, hash,
+    size, time), so that a swarm stopped as a whole resumes from its last merged round: at start the
+    SL serves them again, to its own ML's catch-up and to its peers'. Written by one thread of the SL's
+    Background, which finishes the pending writes when the SL stops; only the newest model of each
+    contract waits to be written."""
+
+    def __init__(self, folder: Path, background: Background):
+        self.folder = folder
+        self._background = background
+        self._pending: dict[str, tuple[int, str, bytes]] = {}
+        self._on_disk: dict[str, str] = {}  # contract -> hash of the model in its file
+        self._wake = threading.Condition()
+
+    def start(self) -> None:
+        self._background.start("keep-merged", self._write_pending)
+
+    def keep(self, contract: str, number: int, digest: str, blob: bytes) -> None:
+        """Called from the round threads with a merged model whose bytes hash to the ledger's `digest`."""
+        with self._wake:
+            if self._on_disk.get(contract) != digest:
+                self._pending[contract] = (number, digest, blob)
+                self._wake.notify()
+
+    def _write_pending(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending and not self._background.stopping.is_set():
+                    self._wake.wait(0.5)
+                if not self._pending:
+                    return
+                contract, (number, digest, blob) = self._pending.popitem()
+            if self._write(contract, number, digest, blob):
+                with self._wake:
+                    self._on_disk[contract] = digest
+
+    def _write(self, contract: str, number: int, digest: str, blob: bytes) -> bool:
+        blob_path, meta_path = kept_model_paths(self.folder, contract)
+        meta = {"contract": contract, "round": number, "hash": digest, "size": len(blob),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        try:
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _write_atomically(blob_path, blob)
+            _write_atomically(meta_path, json.dumps(meta, indent=1).encode())
+        except OSError as exc:
+            log.error("round %d: could not keep the merged model of contract %s in %s (%s); training goes on, "
+                      "but a swarm stopped as a whole would restart without it: free disk space or make %s "
+                      "writable", number, contract, blob_path, exc.strerror or exc, self.folder)
+            return False
+        log.debug("round %d: merged model %s of contract %s kept in %s", number, digest[:12], contract, blob_path)
+        return True
+
+    def restore(self, blobs: BlobStore, follower: LedgerFollower) -> None:
+        """Puts in `blobs` each kept model whose bytes match its .json and whose hash the ledger has
+        as a merged round of its contract; any other is left unused, with a warning naming it."""
+        if not self.folder.is_dir():
+            return
+        for meta_path in sorted(self.folder.glob("*.json")):
+            kept = self._read(meta_path)
+            if kept is None:
+                continue
+            meta, blob = kept
+            rounds = follower.read(lambda s: _merged_rounds(s, meta["contract"], meta["hash"]))
+            if rounds is None:
+                log.warning("%s: merged model %s is not a merged round of contract %s on the ledger (the contract "
+                            "was reset, or this data dir served another swarm); not used", meta_path,
+                            meta["hash"][:12], meta["contract"])
+                continue
+            number, latest = rounds
+            blobs.put(blob)
+            with self._wake:
+                self._on_disk[meta["contract"]] = meta["hash"]
+            log.info("kept merged model of round %d of contract %s (latest merged round %d) loaded from %s", number,
+                     meta["contract"], latest, meta_path.with_suffix(".safetensors"))
+
+    def _read(self, meta_path: Path) -> tuple[dict, bytes] | None:
+        """The .json's fields and its model's bytes, or None (said in a warning) when they do not agree."""
+        blob_path = meta_path.with_suffix(".safetensors")
+        try:
+            meta = json.loads(meta_path.read_text())
+            contract, digest = meta["contract"], meta["hash"]
+            if not isinstance(contract, str) or not isinstance(digest, str):
+                raise TypeError("contract and hash must be strings")
+            blob = blob_path.read_bytes()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: cannot use this kept merged model (%s); not used: the model comes from a peer, or "
+                        "the node starts from its own weights; delete it if it stays", meta_path, exc)
+            return None
+        if blob_hash(blob) != digest:
+            log.warning("%s: its bytes hash to %s, not to the %s its .json records (changed or damaged); not used: "
+                        "the model comes from a peer, or the node starts from its own weights", blob_path,
+                        blob_hash(blob)[:12], digest[:12])
+            return None
+        return meta, blob
+
+
+def kept_model_paths(folder: Path, contract: str) -> tuple[Path, Path]:
+    """The kept model of `contract` in `folder`, and its .json."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", contract)
+    if name != contract or name.startswith("."):  # two names must not share a file once made safe
+        name = f"{name.lstrip('.')}-{hashlib.sha256(contract.encode()).hexdigest()[:8]}"
+    return folder / f"{name}.safetensors", folder / f"{name}.json"
+
+
+def _merged_rounds(state, contract: str, digest: str) -> tuple[int, int] | None:
+    """(the round of `contract` merged as `digest`, its latest merged round), or None if none was."""
+    found = state.contracts.get(contract)
+    if found is None:
+        return None
+    number = next((r.number for r in found.rounds.values()
+                   if r.status == RoundStatus.MERGED and r.merged_hash == digest), None)
+    return None if number is None else (number, found.latest_merged_round or 0)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Writes `data` to `path`, readable by this user only, so that a crash leaves the old file or the
+    new one, never a part."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.unlink(missing_ok=True)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a power cut
+    finally:
+        os.close(folder)
 
 
 def _private_socket(data_dir: Path, node_id: str) -> Path:

@@ -138,7 +138,8 @@ class RoundEngine:
 
     def __init__(self, node_id: str, contract: str, sn: SNClient, follower: LedgerFollower, blobs: BlobStore,
                  fetcher: PeerFetcher, timeouts: Timeouts | None = None,
-                 liveness: Callable[[], dict[str, float]] | None = None, *, background: Background):
+                 liveness: Callable[[], dict[str, float]] | None = None, *, background: Background,
+                 keep: Callable[[str, int, str, bytes], None] | None = None):
         self.node_id = node_id
         self.contract_name = contract
         self.sn = sn
@@ -147,6 +148,9 @@ class RoundEngine:
         self.fetcher = fetcher
         self.t = timeouts or Timeouts()
         self.liveness = liveness or (lambda: {})
+        # Told (contract, round, hash, blob) of every merged model this SL takes, whose bytes hash to
+        # the ledger's merged hash: the SL keeps the latest on disk for a swarm restarted as a whole.
+        self._keep = keep or (lambda *merged: None)
         self._led: set[tuple[int, int]] = set()
         # Per round, blobs being pulled ahead of the merge, by hash.
         self._early: dict[int, dict[str, Future]] = {}
@@ -194,11 +198,29 @@ class RoundEngine:
         if not latest:
             return None
         try:
-            return self._take_merged(latest, time.monotonic(), False, b"")
+            taken = self._take_merged(latest, time.monotonic(), False, b"")
+            log.info("round %d: %s resumes from the latest merged model %s", latest, self.node_id, taken.hash[:12])
+            return taken
         except MergedModelGone as exc:
+            older = self._newest_held()
+            if older is not None:
+                log.warning("%s; %s resumes from the merged model of round %d, the newest it holds", exc,
+                            self.node_id, older.round)
+                return older
             log.warning("%s; %s starts from its own weights, merged with its peers' in the next round", exc,
                         self.node_id)
             return None
+
+    def _newest_held(self) -> RoundResult | None:
+        """The newest merged round whose model this SL holds (kept on disk by a swarm stopped as a
+        whole, whose last round was merged but not taken before the stop); None if it holds none."""
+        merged = self._read(lambda c: [r for r in c.rounds.values() if r.status == RoundStatus.MERGED])
+        for r in sorted(merged, key=lambda r: r.number, reverse=True):
+            blob = self.blobs.get(r.merged_hash)
+            if blob is not None:
+                return RoundResult(r.number, r.merged_hash, blob, list(r.participants), r.leader or "", 0.0,
+                                   False, r.final)
+        return None
 
     # ---------------------------------------------------------------------------- 1. check in
 
@@ -558,6 +580,7 @@ class RoundEngine:
                 log.warning("%s; %s keeps its own weights for this round", exc, self.node_id)
                 return RoundResult(r.number, self.blobs.put(own), own, list(r.participants), r.leader or "",
                                    seconds, False, r.final)
+        self._keep(self.contract_name, r.number, r.merged_hash, blob)
         return RoundResult(r.number, r.merged_hash, blob, list(r.participants), r.leader or "", seconds,
                            contributed and self.node_id in r.participants, r.final)
 

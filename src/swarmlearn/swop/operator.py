@@ -26,7 +26,7 @@ from pathlib import Path
 
 from swarmlearn import pki
 from swarmlearn.background import Background
-from swarmlearn.defaults import HEARTBEAT_EVERY, TOKEN_ENV
+from swarmlearn.defaults import HEARTBEAT_EVERY, KEPT_MODELS_DIR, TOKEN_ENV
 from swarmlearn.errors import ConfigError, Rejected, SwarmError
 from swarmlearn.ledger.model import Assignment, AssignmentStatus, PeerState
 from swarmlearn.ledger.pin import PIN_FILE
@@ -341,7 +341,7 @@ class Operator:
         for run in runs:
             if run.sl is not None:
                 run.sl.stop()
-                shutil.rmtree(self._node_dir(task, run.peer) / "sl", ignore_errors=True)
+                _remove_all_but(self._node_dir(task, run.peer) / "sl", KEPT_MODELS_DIR)
         with self._handles_lock:
             self.handles = [h for h in self.handles if h.poll() is None]
 
@@ -412,3 +412,15 @@ def ml_environment(own: Mapping[str, str], defaults: dict[str, str], layers: lis
 
 def _node_file(swop_file: Path, node: str, kind: str) -> Path:
     return Path(swop_file).with_name(f"sl-{node}-{kind}.pem")
+
+
+def _remove_all_but(folder: Path, kept: str) -> None:
+    """Empties a node's SL data dir but for `kept`: its latest merged models, from which a task run
+    again (or a whole swarm restarted) resumes instead of starting over."""
+    for item in folder.iterdir() if folder.is_dir() else ():
+        if item.name == kept:
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item, ignore_errors=True)
+        else:
+            item.unlink(missing_ok=True)
