@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import write_figures  # noqa: E402
 from bench._flagship import NODES, run_nodes  # noqa: E402
 from swarmlearn.datasets import pool, prepare  # noqa: E402
 from swarmlearn.merge import METHODS  # noqa: E402
@@ -100,9 +101,7 @@ def main() -> None:
         print(f"{split_name}: swarm (mean) {swarm:.3f}; pooled {pooled:.3f} (swarm - pooled "
               f"{100 * (swarm - pooled):+.1f} points; target >= -1 on IID); best local-only {best_local:.3f} "
               f"(swarm - best local {100 * (swarm - best_local):+.1f} points; target > 0)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"raw figures: {args.out}")
+    write_figures(args.out, report)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ bench/results/etcd.json (etcd-quick.json with --quick).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import write_figures  # noqa: E402
 from bench._swarm import LEDGERS, LocalSwarm  # noqa: E402
 from bench.round import run_cell  # noqa: E402
 from swarmlearn.sn.client import SNClient  # noqa: E402
@@ -245,9 +245,7 @@ def main() -> None:
     report["total_s"] = time.monotonic() - started
     print_table(report)
     print(f"total {report['total_s']:.0f} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"raw figures: {args.out}")
+    write_figures(args.out, report)
 
 
 if __name__ == "__main__":

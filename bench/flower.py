@@ -35,6 +35,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE / "flower"))
 import workload as wl  # noqa: E402
+from bench import write_figures  # noqa: E402
 from bench._swarm import LocalSwarm  # noqa: E402
 
 FLOWER_DIR = HERE / "flower"
@@ -361,9 +362,7 @@ def main() -> None:
     report[key] = {"workload": w.to_dict(), "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
                    "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]],
                    **results, "ratios": ratios(results)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"raw figures: {args.out}")
+    write_figures(args.out, report)
     if not args.keep:
         import shutil
 

@@ -12,7 +12,6 @@ loopback, swarm ...) so that drift in machine load hits both.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import write_figures  # noqa: E402
 from bench._flagship import run_nodes  # noqa: E402
 from swarmlearn.datasets import prepare  # noqa: E402
 
@@ -74,9 +74,7 @@ def main() -> None:
         print(f"{arm:>9} {s['steps']:>10} {s['rounds']:>7} {s['median_s']:>15.1f} "
               f"{s['min_s']:>7.1f}-{s['max_s']:<7.1f} {s['peak_rss_mb']:>15.0f}")
     print(f"swarm ÷ loopback training wall time: {report['ratio']:.3f} (target ≤ 1.05)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"raw figures: {args.out}")
+    write_figures(args.out, report)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ about 4 times over) are skipped and listed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import write_figures  # noqa: E402
 from bench._swarm import LEDGERS, LocalSwarm  # noqa: E402
 from swarmlearn.callback.core import SLChannel  # noqa: E402
 from swarmlearn.ledger.sqlite_store import SQLiteStore  # noqa: E402
@@ -208,9 +208,7 @@ def main() -> None:
     for skip in report["skipped"]:
         print(f"skipped {skip['peers']} peers x {skip['mb']} MB: {skip['why']}")
     print("ideal = bytes moved (leader pulls n-1 blobs, n-1 peers pull the merged one) ÷ measured bandwidth")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"raw figures: {args.out}")
+    write_figures(args.out, report)
     plot(report, args.out.with_suffix(".png"))
 
 

@@ -14,7 +14,6 @@ would never show an SL keeping old rounds' blobs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import write_figures  # noqa: E402
 from bench._swarm import LocalSwarm  # noqa: E402
 from bench.round import checkin_times, payload, run_rounds  # noqa: E402
 from swarmlearn.ledger.chain import verify_store  # noqa: E402
@@ -168,9 +168,7 @@ def main() -> None:
     print(f"ledger: {report['entries']} entries, {report['ledger_bytes'] / 1e6:.2f} MB of entries, "
           f"{report['ledger_file_bytes'] / 1e6:.2f} MB on disk (with the write-ahead log); full verify "
           f"{report['verify_s']:.2f} s ({report['entries'] / report['verify_s']:.0f} entries/s)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"raw figures: {args.out}")
+    write_figures(args.out, report)
 
 
 if __name__ == "__main__":

@@ -176,3 +176,23 @@ def start_sn(procs: Procs, certs: CertLayout, data_dir: Path, *extra: str) -> Ru
 @pytest.fixture
 def sn(procs, certs, tmp_path) -> RunningSN:
     return start_sn(procs, certs, tmp_path / "sn")
+
+
+def module_sn(certs: CertLayout, data_dir: Path):
+    """A sentinel SN for a module-scoped fixture to yield: started here, stopped by pid when the
+    fixture's generator ends (`yield from module_sn(...)`)."""
+    procs = Procs()
+    try:
+        yield start_sn(procs, certs, data_dir)
+    finally:
+        procs.stop_all()
+
+
+def wait_until(condition, timeout: float = 10.0, every: float = 0.01) -> bool:
+    """Whether `condition()` became true within `timeout` seconds (checked every `every` seconds)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every)
+    return True

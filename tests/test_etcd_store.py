@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import wait_until
 from swarmlearn.background import Background
 from swarmlearn.errors import HeadMoved, LedgerError
 from swarmlearn.ledger.entry import Entry, Tx
@@ -26,7 +27,7 @@ from swarmlearn.proto import etcd_pb2 as pb
 from swarmlearn.proto import etcd_pb2_grpc as rpc
 from swarmlearn.sn.liveness import ALIVE_FOLDER, CLOCK_SKEW, READ_MIN_KEYS, EtcdLiveness
 from test_store_conformance import (PROMPT, append_chain, collect, etcd_cluster, make_entry,  # noqa: F401
-                                    sn_tls, wait_until)
+                                    sn_tls)
 
 # A generous bound for "within a few seconds" on a slow, busy machine.
 FEW_SECONDS = 12.0

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import identity, run_swarm, start_sn
+from conftest import identity, run_swarm, start_sn, wait_until
 from swarmlearn.errors import Rejected, SNUnavailable
 from swarmlearn.ledger.signatures import sign_tx
 from swarmlearn.pki import Identity
@@ -225,7 +225,7 @@ def test_a_watch_that_rides_out_sn_restarts_keeps_one_canceller_thread(procs, ce
         follower.start()
         for name in ("before", "after-first-restart", "after-second-restart"):
             index = swci.submit("contract_create", {"name": name})
-            assert _wait_for(lambda: index in got), f"entry {index} not watched; got {got}"
+            assert wait_until(lambda: index in got, 20.0), f"entry {index} not watched; got {got}"
             if name != "after-second-restart":
                 sn.proc.kill()
                 time.sleep(1.0)  # the watch retries meanwhile, every half second
@@ -236,15 +236,6 @@ def test_a_watch_that_rides_out_sn_restarts_keeps_one_canceller_thread(procs, ce
     cancellers = [t for t, module in starts.started if module == "swarmlearn.sn.client"]
     assert len(cancellers) == 1, [t.name for t in cancellers]
     assert not follower.is_alive() and not cancellers[0].is_alive()
-
-
-def _wait_for(condition, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_a_stopped_sn_leaves_no_thread_behind_and_its_marker_holds_its_last_entry(certs, tmp_path):

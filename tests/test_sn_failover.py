@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import Procs, identity, identity_args, run_swarm, start_sn
+from conftest import identity, identity_args, module_sn, run_swarm, start_sn, wait_until
 from swarmlearn.errors import ConfigError, LedgerError, Rejected, SNUnavailable
 from swarmlearn.ledger.etcd_member import SETUP_HINT, start_cluster
 from swarmlearn.ledger.signatures import sign_tx
@@ -43,11 +43,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def live_sn(certs, tmp_path_factory):
     """One SN shared by the tests that only need something to answer."""
-    procs = Procs()
-    try:
-        yield start_sn(procs, certs, tmp_path_factory.mktemp("failover") / "sn")
-    finally:
-        procs.stop_all()
+    yield from module_sn(certs, tmp_path_factory.mktemp("failover") / "sn")
 
 
 @pytest.fixture
@@ -145,7 +141,7 @@ def test_killing_the_sn_moves_submits_and_the_ledger_watch_to_the_next_address(p
         assert submitter.address == second_address
         follower.wait_index(after, 20)
         head = submitter.query("info")["info"]["head_index"]
-        assert _wait_for(lambda: len(watched) > head), f"watched {len(watched)} entries of {head + 1}"
+        assert wait_until(lambda: len(watched) > head, 20.0), f"watched {len(watched)} entries of {head + 1}"
     finally:
         stop.set()
         follower.stop()
@@ -341,15 +337,6 @@ def ledger_rows(address: str, certs, count: int) -> list[tuple[int, str]]:
             if len(rows) == count:
                 stop.set()
     return rows
-
-
-def _wait_for(condition, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 
-from conftest import Procs, identity, start_sn
+from conftest import identity, module_sn
 from swarmlearn.errors import Rejected
 from swarmlearn.ledger.signatures import sign_tx
 from swarmlearn.pki import CertLayout, Identity, generate_host_certs
@@ -32,11 +32,7 @@ SLOT_FREED = 1.0  # a cancelled stream's handler ends, freeing its slot, within 
 
 @pytest.fixture(scope="module")
 def sn(certs, tmp_path_factory):
-    procs = Procs()
-    try:
-        yield start_sn(procs, certs, tmp_path_factory.mktemp("starvation") / "sn")
-    finally:
-        procs.stop_all()
+    yield from module_sn(certs, tmp_path_factory.mktemp("starvation") / "sn")
 
 
 def client(sn, certs, component: str, node: str | None = None, **kwargs) -> SNClient:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_until
 from swarmlearn.errors import HeadMoved
 from swarmlearn.ledger.entry import GENESIS_PREV_HASH, Entry, Signer, Tx
 from swarmlearn.ledger.etcd_member import SETUP_HINT, EtcdCluster, start_cluster
@@ -295,15 +296,6 @@ def collect(store: LedgerStore, start: int, stop: threading.Event, seen: list) -
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_watch_yields_past_and_later_entries_in_order_then_stops(store):

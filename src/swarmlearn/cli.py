@@ -504,7 +504,7 @@ def _serve_until_signalled(stop: Callable[[], None],
 
 @cli.group("ledger")
 def ledger() -> None:
-    """Inspect a ledger file."""
+    """Inspect, back up and restore a ledger."""
 
 
 def _open_ledger_file(path: Path):
@@ -564,6 +564,84 @@ def ledger_verify(path, etcd_endpoints, etcd_prefix, etcd_cert, etcd_key, etcd_c
     finally:
         store.close()
     click.echo(f"OK {report.entries} entries {report.head_hash}")
+
+
+def _etcd_store_or_none(etcd_endpoints: str | None, etcd_prefix: str,
+                        etcd_tls: tuple[Path | None, Path | None, Path | None]):
+    """The etcd store that --etcd-endpoints names (reached with the SNs' etcd identity), or None."""
+    if not etcd_endpoints:
+        if any(etcd_tls):
+            raise click.UsageError("--etcd-cert/--etcd-key/--etcd-cacert go with --etcd-endpoints; add it, or leave "
+                                   "them out for an SN's data dir")
+        return None
+    from swarmlearn.sn.server import EtcdLedger
+
+    return EtcdLedger.parse(etcd_endpoints, etcd_prefix, *etcd_tls).open_store()
+
+
+@ledger.command("backup")
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path), metavar="[DATA_DIR] OUT.db")
+@etcd_ledger_options
+@click.option("--force", is_flag=True, help="Replace OUT.db if it exists.")
+def ledger_backup(paths, etcd_endpoints, etcd_prefix, etcd_cert, etcd_key, etcd_cacert, force) -> None:
+    """Copy a ledger, every entry verified, into OUT.db: an SQLite file laid out as ledger.db, whatever
+    the store. DATA_DIR is an SN's data dir (or its ledger.db; the SN may be running: the copy is one
+    consistent snapshot); with --etcd-endpoints give OUT.db only: the ledger under --etcd-prefix is
+    copied up to its head at the start. Entries appended after the backup are not in it."""
+    from swarmlearn.ledger.backup import backup_etcd, backup_sqlite
+    from swarmlearn.sn.server import LEDGER_FILE
+
+    if len(paths) != (1 if etcd_endpoints else 2):
+        raise click.UsageError("give DATA_DIR OUT.db, or with --etcd-endpoints OUT.db only")
+    store = _etcd_store_or_none(etcd_endpoints, etcd_prefix, (etcd_cert, etcd_key, etcd_cacert))
+    if store is None:
+        source = paths[0] / LEDGER_FILE if paths[0].is_dir() else paths[0]
+        copy, where = backup_sqlite(source, paths[1], overwrite=force), str(source)
+    else:
+        try:
+            copy, where = backup_etcd(store, paths[0], overwrite=force), f"etcd ledger {store.prefix}"
+        finally:
+            store.close()
+    click.echo(f"backed up {copy.entries} entries of swarm {copy.swarm_id or '?'} from {where} to {paths[-1]}; "
+               f"head {copy.entries - 1} {copy.head_hash}")
+
+
+@ledger.command("restore")
+@click.argument("backup", type=click.Path(path_type=Path), metavar="BACKUP.db")
+@click.argument("data_dir", type=click.Path(path_type=Path), required=False, metavar="[DATA_DIR]")
+@etcd_ledger_options
+@click.option("--force", is_flag=True, help="Replace the ledger.db in DATA_DIR (kept as ledger.db.replaced-<time>).")
+def ledger_restore(backup, data_dir, etcd_endpoints, etcd_prefix, etcd_cert, etcd_key, etcd_cacert, force) -> None:
+    """Verify BACKUP.db (made by `swarm ledger backup`) and install it: as DATA_DIR/ledger.db of a stopped
+    SN (refused over an existing ledger.db without --force), or with --etcd-endpoints under an empty
+    --etcd-prefix (refused if the prefix holds any key). An SN or a follower that saw entries past the
+    backup refuses it: README, "The ledger is lost and restored from a backup"."""
+    from swarmlearn.ledger.backup import restore_etcd, restore_sqlite
+    from swarmlearn.sn.server import LEDGER_FILE, MARKER_FILE
+
+    if etcd_endpoints and (data_dir is not None or force):
+        raise click.UsageError("with --etcd-endpoints give BACKUP.db only (no DATA_DIR, no --force): an etcd ledger "
+                               "is restored into an empty --etcd-prefix")
+    store = _etcd_store_or_none(etcd_endpoints, etcd_prefix, (etcd_cert, etcd_key, etcd_cacert))
+    if store is None:
+        if data_dir is None:
+            raise click.UsageError("give BACKUP.db DATA_DIR (the SN's --data-dir), or --etcd-endpoints")
+        if data_dir.exists() and not data_dir.is_dir():
+            raise click.UsageError(f"{data_dir} is a file; give the SN's --data-dir, the folder ledger.db goes in")
+        copy = restore_sqlite(backup, data_dir / LEDGER_FILE, data_dir / MARKER_FILE, force=force)
+        where = str(data_dir / LEDGER_FILE)
+    else:
+        try:
+            copy, where = restore_etcd(backup, store), f"etcd ledger {store.prefix}"
+        finally:
+            store.close()
+    click.echo(f"restored {copy.entries} entries of swarm {copy.swarm_id or '?'} from {backup} into {where}; "
+               f"head {copy.entries - 1} {copy.head_hash}")
+    if copy.kept_as is not None:
+        click.echo(f"the ledger that was there is kept as {copy.kept_as}")
+    if copy.refused_by_marker is not None:
+        click.echo(f"warning: the SN will refuse this ledger: {copy.refused_by_marker}. Without a newer backup, see "
+                   f"README, \"The ledger is lost and restored from a backup\"", err=True)
 
 
 @ledger.command("show")

@@ -479,5 +479,42 @@ class EtcdStore(LedgerStore):
                            pb.RangeRequest(key=key, range_end=prefix_end(key), limit=limit), patience)
         return {kv.key[len(key):].decode(errors="replace"): bytes(kv.value) for kv in reply.kvs}, reply.more
 
+    # ------------------------------------------------------------------------------------ restoring a backup
+
+    def holds_keys(self) -> bool:
+        """Whether anything lies under <prefix>/: a ledger, keys beside it, or a restore cut short."""
+        key = f"{self.prefix}/".encode()
+        reply = self._range("look into", pb.RangeRequest(key=key, range_end=prefix_end(key), count_only=True))
+        return reply.count > 0
+
+    def put_restored(self, rows: list[StoredEntry]) -> None:
+        """Puts entries as a verified backup holds them, in one transaction that holds only while the ledger
+        has no head (no SN appended here meanwhile). At most MAX_TXN_OPS rows whose bodies fit in one
+        request (max_entry_bytes); the head is put last, with put_restored_head."""
+        puts = [pb.RequestOp(request_put=pb.PutRequest(key=self._entry_key(row.index), value=row.body))
+                for row in rows]
+        reply = self._call("restore", lambda stubs: stubs.kv.Txn,
+                           pb.TxnRequest(compare=[self._no_head()], success=puts))
+        if not reply.succeeded:
+            raise self._written_meanwhile()
+
+    def put_restored_head(self, index: int, digest: str) -> None:
+        """Puts the head over entries put_restored wrote, unless the ledger got a head meanwhile."""
+        value = f"{index} {digest}".encode()
+        reply = self._call("restore", lambda stubs: stubs.kv.Txn, pb.TxnRequest(
+            compare=[self._no_head()], success=[pb.RequestOp(request_put=pb.PutRequest(key=self._head_key,
+                                                                                      value=value))],
+            failure=[pb.RequestOp(request_range=pb.RangeRequest(key=self._head_key))]))
+        if reply.succeeded or reply.responses[0].response_range.kvs[0].value == value:
+            return  # put now, or by an earlier try whose reply was lost to a deadline
+        raise self._written_meanwhile()
+
+    def _no_head(self) -> pb.Compare:
+        return pb.Compare(key=self._head_key, target=pb.Compare.CREATE, result=pb.Compare.EQUAL, create_revision=0)
+
+    def _written_meanwhile(self) -> LedgerError:
+        return LedgerError(f"ledger {self.prefix} got a head while a backup was restored into it: an SN wrote there; "
+                           f"stop every SN of this prefix and restore into a new, empty --etcd-prefix")
+
     def close(self) -> None:
         self._members.close()
