@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from swarmlearn.errors import ConfigError, LedgerError
+from swarmlearn.files import sync_folder
 from swarmlearn.ledger.chain import ChainBroken, ChainVerifier
 from swarmlearn.ledger.pin import HistoryRefused, PinFile, check_marker
 from swarmlearn.ledger.sqlite_store import SQLiteStore
@@ -278,11 +279,7 @@ def _install(staged: Path, dest: Path) -> None:
     with open(staged, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(staged, dest)
-    folder = os.open(dest.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    sync_folder(dest.parent)
 
 
 def _holds_entries(ledger_path: Path) -> bool:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from swarmlearn.background import Background
 from swarmlearn.errors import LedgerError
+from swarmlearn.files import write_atomically
 
 log = logging.getLogger("swarmlearn.ledger")
 
@@ -139,20 +139,6 @@ class PinFile:
                 return
             with self._lock:
                 self._written = pin
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replaces `path` with `text` so that a reader or a crash sees the old file or the new one, never
-    a torn one. One fsync of a small file: callers write at most about once a second."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    # Owner-only whatever the umask: a pin anyone could rewrite would protect nothing.
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        os.fchmod(f.fileno(), 0o600)
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def check_marker(marker: Pin, head_index: int, hash_at, ledger_path: Path, marker_path: Path) -> None:

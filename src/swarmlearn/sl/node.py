@@ -26,6 +26,7 @@ from swarmlearn.background import Background
 from swarmlearn.defaults import (CHUNK, HEARTBEAT_EVERY, KEPT_MODELS_DIR, MAX_MESSAGE, SL_FS_PORT,
                                  SN_CONNECT_TIMEOUT, TOKEN_ENV, TOKEN_METADATA)
 from swarmlearn.errors import ConfigError, SwarmError
+from swarmlearn.files import write_atomically
 from swarmlearn.ledger.model import RoundStatus
 from swarmlearn.ledger.pin import PIN_FILE
 from swarmlearn.proto import sl_pb2, sl_pb2_grpc
@@ -264,8 +265,8 @@ class KeptModels:
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         try:
             self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _write_atomically(blob_path, blob)
-            _write_atomically(meta_path, json.dumps(meta, indent=1).encode())
+            write_atomically(blob_path, blob)
+            write_atomically(meta_path, json.dumps(meta, indent=1).encode())
         except OSError as exc:
             log.error("round %d: could not keep the merged model of contract %s in %s (%s); training goes on, "
                       "but a swarm stopped as a whole would restart without it: free disk space or make %s "
@@ -336,26 +337,6 @@ def _merged_rounds(state, contract: str, digest: str) -> tuple[int, int] | None:
     return None if number is None else (number, found.latest_merged_round or 0)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Writes `data` to `path`, readable by this user only, so that a crash leaves the old file or the
-    new one, never a part."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.unlink(missing_ok=True)
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a power cut
-    finally:
-        os.close(folder)
 
 
 def _private_socket(data_dir: Path, node_id: str) -> Path:
