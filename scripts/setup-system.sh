@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # Installs what the tests need from the system rather than from pip: etcd, the replicated ledger
-# store's server (Debian package etcd-server). Does nothing when `etcd` is already on PATH.
+# store's server (Debian package etcd-server), and Chromium with its matching driver (chromium,
+# chromium-driver) for the dashboard's browser tests. Installs only what is missing.
 set -euo pipefail
-if command -v etcd >/dev/null 2>&1; then
+packages=()
+command -v etcd >/dev/null 2>&1 || packages+=(etcd-server)
+{ [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || packages+=(chromium chromium-driver)
+if [ ${#packages[@]} -eq 0 ]; then
   exit 0
 fi
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then
   if ! command -v sudo >/dev/null 2>&1; then
-    echo "setup-system: etcd is not installed and installing it needs root; run as root:" \
-         "apt-get update && apt-get install -y etcd-server" >&2
+    echo "setup-system: ${packages[*]} not installed and installing needs root; run as root:" \
+         "apt-get update && apt-get install -y ${packages[*]}" >&2
     exit 1
   fi
   sudo="sudo"
 fi
-echo "setup-system: installing etcd-server (etcd is not on PATH)"
+echo "setup-system: installing ${packages[*]}"
 $sudo apt-get update
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y etcd-server
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y "${packages[@]}"

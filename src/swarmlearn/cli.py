@@ -75,6 +75,35 @@ def etcd_ledger_options(fn):
     return fn
 
 
+# HPE's `run-sn` flags that have no meaning here, each refused with the reason (not "no such option").
+HPE_REFUSED_SN_FLAGS = {
+    "--sn-api-service": "no reverse proxy in front of SNs; give --host-ip and --sn-api-port",
+    "--sn-p2p-service": "no reverse proxy in front of etcd members; give --host-ip and --sn-p2p-port",
+    "--sentinel-api-service": "no reverse proxy in front of SNs; give --sentinel-ip HOST[:PORT] and --sentinel-api-port",
+    "--sn-fs-port": "an SN serves no files (SLs serve their tensors on --sl-fs-port)",
+    "--apls-ip": "swarmlearn needs no licence server",
+    "--apls-port": "swarmlearn needs no licence server",
+}
+# HPE's SN environment variables about its Ethereum network: ignored here, with a warning.
+HPE_IGNORED_SN_ENV = {
+    "SN_START_MINING": "there is no mining: every SN's etcd member takes part in consensus",
+    "SN_ETH_PORT_EXT": "there is no Ethereum port: the etcd member's peer port is --sn-p2p-port",
+}
+
+
+def refused_options(refusals: dict[str, str]):
+    """Hidden options that, when given, stop the command with their one-line reason."""
+    def refuse(ctx, param, value):
+        if value is not None:
+            raise click.UsageError(f"{param.opts[0]} is not supported: {refusals[param.opts[0]]}", ctx)
+
+    def decorate(fn):
+        for flag in refusals:
+            fn = click.option(flag, hidden=True, expose_value=False, callback=refuse)(fn)
+        return fn
+    return decorate
+
+
 def sn_options(fn):
     """--sn-ip and --sn-api-port of the commands that talk to SNs (one, or several to move between)."""
     for option in reversed([
@@ -122,15 +151,21 @@ def cli() -> None:
 @click.option("--trust", type=click.Path(path_type=Path), multiple=True,
               help="Copy this CA certificate into capath too (trust is the union of capath).")
 @click.option("--force", is_flag=True, help="Replace existing keys of this host index.")
-def gen_cert(example, host_index, org, nodes, workspace, out, san, ca_cert, ca_key, trust, force) -> None:
+@click.option("--ledger", "ledger_ca", is_flag=True,
+              help="A ledger CA's certificates: only sn-<index> (for an SN and its etcd member; give --san <host IP> "
+                   "where the member listens), kept apart from the swarm's CA.")
+def gen_cert(example, host_index, org, nodes, workspace, out, san, ca_cert, ca_key, trust, force, ledger_ca) -> None:
     """Make a CA and a key + certificate for each of sn, swop, swci, ui, admin, and one sl per node.
 
     Each certificate says who it is: spiffe://<org>/<role>/<name>."""
-    from swarmlearn.pki import generate_host_certs, org_name
+    from swarmlearn.pki import COMPONENTS, generate_host_certs, org_name
 
+    if ledger_ca and nodes:
+        raise click.UsageError("--ledger issues sn certificates only; leave out --nodes")
     target = out or workspace / example / "cert"
     written = generate_host_certs(target, host_index, org=org or org_name(example),
-                                  nodes=[n for n in (nodes or "").split(",") if n] or None, sans=list(san),
+                                  nodes=[] if ledger_ca else [n for n in (nodes or "").split(",") if n] or None,
+                                  sans=list(san), components=("sn",) if ledger_ca else COMPONENTS,
                                   ca_cert_path=ca_cert, ca_key_path=ca_key, trust=list(trust), force=force)
     click.echo(f"wrote {len(written)} files to {target}:")
     for path in written:
@@ -138,9 +173,21 @@ def gen_cert(example, host_index, org, nodes, workspace, out, san, ca_cert, ca_k
 
 
 @cli.command("sn")
-@click.option("--sentinel", is_flag=True, help="Found the ledger (the first SN of a swarm).")
-@click.option("--host-ip", default="127.0.0.1", show_default=True, help="Address to serve the SN API on.")
+@click.option("--sentinel", is_flag=True, envvar="SN_I_AM_SENTINEL",
+              help="Found the ledger (the first SN of a swarm); also SN_I_AM_SENTINEL=true.")
+@click.option("--host-ip", default="127.0.0.1", show_default=True,
+              help="Address to serve the SN API on (and its own etcd member's client and peer URLs).")
 @click.option("--sn-api-port", type=int, default=defaults.SN_API_PORT, show_default=True, help="0 lets the OS choose.")
+@click.option("--sentinel-ip", help="Join the etcd cluster of a running SN (any SN of the swarm, not only the "
+                                    "sentinel): IP or IP:PORT, several separated by commas to try in turn.")
+@click.option("--sentinel-api-port", type=click.IntRange(1, 65535), default=defaults.SN_API_PORT, show_default=True,
+              help="SN API port of the --sentinel-ip entries that give none.")
+@click.option("--sn-p2p-port", type=click.IntRange(0, 65535),
+              help=f"Peer port of this SN's own etcd member (default {defaults.SN_P2P_PORT}; 0 lets it choose a "
+                   f"free one; a restart keeps the one it had).")
+@click.option("--etcd-client-port", type=click.IntRange(0, 65535),
+              help=f"Client port of this SN's own etcd member (default {defaults.ETCD_CLIENT_PORT}; 0: a free one).")
+@refused_options(HPE_REFUSED_SN_FLAGS)
 @identity_options
 @click.option("--data-dir", type=click.Path(path_type=Path), required=True, help="Where the ledger is kept.")
 @click.option("--node-id", help="Name of this SN on the ledger: must be its certificate's name (the default); "
@@ -150,23 +197,32 @@ def gen_cert(example, host_index, org, nodes, workspace, out, san, ca_cert, ca_k
                    "(its history is then abandoned; nodes that followed it will refuse this SN).")
 @etcd_ledger_options
 @click.option("--ledger", "ledger_kind", type=click.Choice(["sqlite", "etcd"]), default="sqlite", show_default=True,
-              help="sqlite: this SN's own ledger.db in --data-dir. etcd: a ledger several SNs share, held by the etcd "
-                   "cluster at --etcd-endpoints (reached with --etcd-cert/--etcd-key/--etcd-cacert).")
+              help="sqlite: this SN's own ledger.db in --data-dir. etcd: a ledger several SNs share in an etcd cluster: "
+                   "this SN's own member (in --data-dir/etcd; founded with --sentinel, joined with --sentinel-ip), or "
+                   "the cluster at --etcd-endpoints; reached with --etcd-cert/--etcd-key/--etcd-cacert.")
 @click.option("-v", "--verbose", is_flag=True)
-def sn(sentinel, host_ip, sn_api_port, key, cert, capath, data_dir, node_id, new_swarm, etcd_endpoints, etcd_prefix,
-       etcd_cert, etcd_key, etcd_cacert, ledger_kind, verbose) -> None:
+def sn(sentinel, host_ip, sn_api_port, sentinel_ip, sentinel_api_port, sn_p2p_port, etcd_client_port, key, cert,
+       capath, data_dir, node_id, new_swarm, etcd_endpoints, etcd_prefix, etcd_cert, etcd_key, etcd_cacert, ledger_kind,
+       verbose) -> None:
     """Run a Swarm Network node: hold the ledger and serve the SN API."""
     _logging(verbose)
     from swarmlearn.pki import Identity
     from swarmlearn.sn.server import EtcdLedger, start_sn
 
-    if ledger_kind == "etcd" and not etcd_endpoints:
-        raise click.UsageError("--ledger etcd needs --etcd-endpoints: the client URLs of the etcd cluster")
-    if ledger_kind == "sqlite" and (etcd_endpoints or etcd_cert or etcd_key or etcd_cacert):
+    for name, why in HPE_IGNORED_SN_ENV.items():
+        if os.environ.get(name):
+            click.echo(f"warning: {name} ignored: {why}", err=True)
+    etcd = None
+    if ledger_kind == "etcd":
+        etcd = EtcdLedger.parse(etcd_endpoints, etcd_prefix, etcd_cert, etcd_key, etcd_cacert,
+                                _member_plan(sentinel, host_ip, sentinel_ip, sentinel_api_port, sn_p2p_port,
+                                             etcd_client_port, etcd_endpoints))
+    elif etcd_endpoints or etcd_cert or etcd_key or etcd_cacert:
         raise click.UsageError("--etcd-endpoints and --etcd-cert/--etcd-key/--etcd-cacert are for --ledger etcd; add "
                                "--ledger etcd or leave them out")
-    etcd = (EtcdLedger.parse(etcd_endpoints, etcd_prefix, etcd_cert, etcd_key, etcd_cacert)
-            if ledger_kind == "etcd" else None)
+    elif sentinel_ip or sn_p2p_port is not None or etcd_client_port is not None:
+        raise click.UsageError("--sentinel-ip, --sn-p2p-port and --etcd-client-port are for SNs that share a ledger "
+                               "in etcd; add --ledger etcd (and --etcd-cert/--etcd-key/--etcd-cacert)")
     identity = Identity.load(key, cert, capath)
     server = start_sn(host=host_ip, port=sn_api_port, identity=identity, data_dir=data_dir, sentinel=sentinel,
                       node_id=node_id, new_swarm=new_swarm, etcd=etcd)
@@ -412,10 +468,12 @@ def admin_contract_limits(ctx, contract, max_min_peers, max_blob_bytes, max_metr
 @cli.command("policy")
 def policy() -> None:
     """Print the ledger's policy table: who may submit each kind of transaction."""
-    from swarmlearn.ledger.policy import policy_table
+    from swarmlearn.ledger.policy import join_cluster_row, policy_table
 
     for row in policy_table():
         click.echo(row)
+    click.echo("Beyond the ledger's transactions:")
+    click.echo(join_cluster_row())
 
 
 @cli.command("stop")
@@ -444,13 +502,15 @@ def stop(workspace) -> None:
 @click.option("--merge-method", type=click.Choice(list(MERGE_METHODS)))
 @click.option("--compare", is_flag=True, help="Also train each shard alone and all shards pooled, for the table.")
 @click.option("--keep", is_flag=True, help="Leave the SN, SWOP and nodes running after the run.")
+@click.option("--tensorboard", type=click.Path(path_type=Path),
+              help="Also write each node's metrics as TensorBoard event files, one run folder per node in this folder.")
 def run(example_dir, workspace, nodes, max_epochs, train_per_node, test_size, label_skew, sync_frequency,
-        merge_method, compare, keep) -> None:
+        merge_method, compare, keep, tensorboard) -> None:
     """Run an example end to end on this host: certificates, data, SN, SWOP and the SWCI script."""
     from swarmlearn.run import RunOptions, SwarmRun, format_table
 
     swarm_run = SwarmRun(RunOptions(example_dir, workspace, nodes, max_epochs, train_per_node, test_size, label_skew,
-                                    sync_frequency, merge_method, compare, keep),
+                                    sync_frequency, merge_method, compare, keep, tensorboard=tensorboard),
                          out=lambda line: click.echo(line))
     try:
         result = swarm_run.run()
@@ -461,6 +521,8 @@ def run(example_dir, workspace, nodes, max_epochs, train_per_node, test_size, la
     click.echo("")
     for line in format_table(result):
         click.echo(line)
+    if tensorboard:
+        click.echo(f"each node's metrics for TensorBoard: tensorboard --logdir {tensorboard}")
     if not result.ok:
         click.echo(f"the swarm task failed; node logs are in {result.project / 'runs'}", err=True)
         sys.exit(1)
@@ -479,6 +541,25 @@ def example_data(out, nodes, train_per_node, test_size, seed, label_skew) -> Non
 
     for path in prepare(out, nodes, train_per_node, test_size, seed, label_skew):
         click.echo(str(path))
+
+
+def _member_plan(sentinel: bool, host_ip: str, sentinel_ip: str | None, sentinel_api_port: int,
+                 sn_p2p_port: int | None, etcd_client_port: int | None, etcd_endpoints: str | None):
+    """What `swarm sn --ledger etcd` runs of its own: its etcd member (None with --etcd-endpoints)."""
+    from swarmlearn.sn.client import parse_sn_addresses
+    from swarmlearn.sn.cluster import MemberPlan
+
+    if etcd_endpoints:
+        if sentinel_ip or sn_p2p_port is not None or etcd_client_port is not None:
+            raise click.UsageError("--sentinel-ip, --sn-p2p-port and --etcd-client-port start and join this SN's own "
+                                   "etcd member; with --etcd-endpoints the SN uses a cluster you run: give one or the "
+                                   "other")
+        return None
+    if sentinel and sentinel_ip:
+        raise click.UsageError("--sentinel founds the swarm's etcd cluster and --sentinel-ip joins a running one: "
+                               "give one of them")
+    join_via = tuple(parse_sn_addresses(sentinel_ip, sentinel_api_port, "--sentinel-ip")) if sentinel_ip else ()
+    return MemberPlan(host_ip, etcd_client_port, sn_p2p_port, join_via, found=sentinel)
 
 
 def _serve_until_signalled(stop: Callable[[], None],
@@ -659,6 +740,24 @@ def ledger_show(path, start) -> None:
                        f"{json.dumps(payload, sort_keys=True)}")
     finally:
         store.close()
+
+
+@cli.command("ui")
+@sn_options
+@identity_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to serve the dashboard on. Beyond loopback it is served over HTTPS with --cert/--key "
+                   "and needs the login token printed at start.")
+@click.option("--port", type=click.IntRange(0, 65535), default=30306, show_default=True, help="0 lets the OS choose.")
+@click.option("--require-token", is_flag=True, help="Ask for the login token on loopback too.")
+@click.option("-v", "--verbose", is_flag=True)
+def ui(sn_ip, sn_api_port, key, cert, capath, host, port, require_token, verbose) -> None:
+    """A read-only web dashboard of the swarm (a `ui` identity): nodes, tasks, rounds, metric curves
+    and the ledger, followed live."""
+    from swarmlearn.ui.serve import UiOptions, serve
+
+    _logging(verbose)
+    serve(UiOptions(_sn_addresses(sn_ip, sn_api_port), key, cert, capath, host, port, require_token), announce_ready)
 
 
 def main() -> None:

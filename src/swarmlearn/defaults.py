@@ -9,6 +9,10 @@ ledger's payload bounds in ledger/payloads.py); what lives here is read by two o
 # Ports: the SN's API (every SL, SWOP, SWCI and UI calls it) and an SL's peer-to-peer tensor port.
 SN_API_PORT = 30304
 SL_FS_PORT = 30305
+# An SN's own etcd member (`swarm sn --ledger etcd` without --etcd-endpoints): its peer port, which other
+# members reach (HPE's SN peer-to-peer port, --sn-p2p-port), and its client port, which SNs reach.
+SN_P2P_PORT = 30303
+ETCD_CLIENT_PORT = 2379
 
 # Where a swarm's ledger lives in an etcd cluster (`swarm sn --ledger etcd --etcd-prefix`): one swarm per prefix.
 ETCD_PREFIX = "/swarmlearn"

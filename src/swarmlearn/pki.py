@@ -193,7 +193,7 @@ def generate_host_certs(
     this host's identities are trusted wherever that CA is), the one already in `out` for this index,
     or a new one for organization `org`. A reused CA keeps its own organization. Each component's
     certificate is named <component>-<index> (role = component); each of `nodes` gets an `sl`
-    certificate named after it (default: one node named node<index>). `trust` copies further CA
+    certificate named after it (default: one node named node<index>; [] for none). `trust` copies further CA
     certificates into capath: trust is the union of capath. Refuses to overwrite an existing key
     unless `force`. Writes all or nothing.
     """
@@ -202,7 +202,7 @@ def generate_host_certs(
     if not ORG_PATTERN.fullmatch(org):
         raise ConfigError(f"organization {org!r} must be 1-63 lower-case letters, digits, '.', '-' or '_' "
                           f"(it is the trust domain of spiffe://<organization>/...); pass another --org")
-    nodes = list(dict.fromkeys(nodes)) if nodes else [f"node{index}"]
+    nodes = list(dict.fromkeys(nodes)) if nodes is not None else [f"node{index}"]
     for name in nodes:
         if not NAME_PATTERN.fullmatch(name):
             raise ConfigError(f"node name {name!r} must be 1-63 letters, digits, '.', '-' or '_'; fix --nodes")

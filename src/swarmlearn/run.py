@@ -38,6 +38,7 @@ class RunOptions:
     compare: bool = False
     keep: bool = False
     seed: int = 42
+    tensorboard: Path | None = None  # each node's metrics as TensorBoard event files, in <tensorboard>/<node>
 
 
 @dataclass
@@ -76,6 +77,7 @@ class SwarmRun:
         self._prepare_project()
         try:
             sn_port = self._start_sn()
+            self._start_dashboard(sn_port)
             self._start_swop(sn_port)
             ok = self._run_swci(sn_port)
             result = self._collect(ok, sn_port)
@@ -167,9 +169,15 @@ class SwarmRun:
 
     def _spawn(self, name: str, *args: str) -> Handle:
         handle = self.runtime.start(Spec(name, [sys.executable, "-m", "swarmlearn.cli", *args], self.project,
-                                         _env(), self.runs / f"{name}.log"))
+                                         {**_env(), **self._tensorboard_env()}, self.runs / f"{name}.log"))
         self.handles.append(handle)
         return handle
+
+    def _tensorboard_env(self) -> dict[str, str]:
+        """Where the nodes' callbacks write TensorBoard events (the SWOP passes its environment on to them)."""
+        from swarmlearn.callback.core import TENSORBOARD_ENV
+
+        return {TENSORBOARD_ENV: str(Path(self.o.tensorboard).resolve())} if self.o.tensorboard else {}
 
     def _start_sn(self) -> int:
         sn = self._spawn("sn", "sn", "--sentinel", "--host-ip", "127.0.0.1", "--sn-api-port", "0",
@@ -180,6 +188,24 @@ class SwarmRun:
             return int(line.split("SN ready on ")[1].split()[0].rsplit(":", 1)[1])
         except (IndexError, ValueError):
             raise SwarmError(f"the SN announced {line!r}, which names no HOST:PORT") from None
+
+    def _start_dashboard(self, sn_port: int) -> None:
+        """`swarm ui` on 127.0.0.1 with the run's ui certificate: port 30306 when free, else one the OS
+        chooses. It prints its URL; a workspace without a ui certificate (made before there was one)
+        runs without it."""
+        from swarmlearn.ui.serve import UI_PORT, bind
+
+        if not self.certs.cert("ui").is_file():
+            self.out(f"dashboard: not started ({self.certs.cert('ui')} is missing; delete {self.certs.root} to have "
+                     f"certificates made anew)")
+            return
+        try:
+            bind("127.0.0.1", UI_PORT).close()
+            port = UI_PORT
+        except ConfigError:
+            port = 0
+        ui = self._spawn("ui", "ui", "--sn-ip", f"127.0.0.1:{sn_port}", *self._ids("ui"), "--port", str(port))
+        self.out(ui.wait_ready(READY_TIMEOUT))
 
     def _start_swop(self, sn_port: int) -> None:
         swop = self._spawn("swop", "swop", "--sn-ip", "127.0.0.1", "--sn-api-port", str(sn_port), "--usr-dir",

@@ -1,6 +1,6 @@
 """SwarmCallback for plain PyTorch training loops:
 
-    swarm = SwarmCallback(sync_frequency=16, min_peers=3, model=model)
+    swarm = SwarmCallback(sync_frequency=16, min_peers=3, model=model, val_data=(x_val, y_val))
     swarm.on_train_begin()
     for epoch in range(epochs):
         for x, y in loader:
@@ -8,13 +8,20 @@
             swarm.on_batch_end(batch_size=len(x), loss=loss.item())
         swarm.on_epoch_end(epoch)
     swarm.on_train_end()
+
+Every sync after training records the mean of the losses passed to on_batch_end since the last
+sync. With validation (`val_data`, or a `validate` function of the model returning {name: value}),
+each merged model is measured as soon as it is loaded, and that is recorded too.
 """
 
 from __future__ import annotations
 
 from swarmlearn.callback.core import FINAL_MESSAGE, SwarmCore
+from swarmlearn.errors import ConfigError
 
-__all__ = ["FINAL_MESSAGE", "SwarmCallback"]
+__all__ = ["FINAL_MESSAGE", "SwarmCallback", "measure"]
+
+DEFAULT_VAL_BATCH_SIZE = 64
 
 
 class SwarmCallback:
@@ -22,6 +29,10 @@ class SwarmCallback:
         if model is None and "model" not in kwargs:
             raise TypeError("SwarmCallback needs model=<your torch.nn.Module>")
         self.core = SwarmCore(model, sync_frequency=sync_frequency, min_peers=min_peers, **kwargs)
+        settings = self.core.settings
+        if settings.val_data is not None and settings.validate is None:
+            batches = _batches(settings.val_data, settings.val_batch_size or DEFAULT_VAL_BATCH_SIZE)
+            settings.validate = lambda m: measure(m, batches)
 
     @property
     def model(self):
@@ -31,11 +42,66 @@ class SwarmCallback:
         self.core.begin()
 
     def on_batch_end(self, batch_size: int = 1, loss: float | None = None) -> None:
-        self.core.report(loss=loss)
+        self.core.add_loss(loss)
         self.core.step(batch_size)
 
     def on_epoch_end(self, epoch: float | None = None, loss: float | None = None, metric: float | None = None) -> None:
-        self.core.report(epoch=epoch, loss=loss, metric=metric)
+        """`epoch` tags the entries recorded from now on. `loss` and `metric` are accepted for older
+        model.py files and not recorded: they describe the local model before the next merge."""
+        if epoch is not None:
+            self.core.epoch = float(epoch)
 
     def on_train_end(self) -> None:
         self.core.end()
+
+
+def _batches(data, batch_size: int):
+    """`val_data` as batches of (inputs, targets): a DataLoader as it is, a Dataset of such pairs, or
+    a pair (inputs, targets) of tensors or arrays with one row per sample."""
+    import torch
+    from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+    if isinstance(data, DataLoader):
+        return data
+    if isinstance(data, tuple) and len(data) == 2:
+        inputs, targets = (torch.as_tensor(part) for part in data)
+        if len(inputs) != len(targets):
+            raise ConfigError(f"val_data: {len(inputs)} inputs but {len(targets)} targets; give one target per input")
+        data = TensorDataset(inputs, targets)
+    if not isinstance(data, Dataset) and not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        raise ConfigError(f"val_data is a {type(data).__name__}; give a DataLoader, a Dataset of (input, target) "
+                          f"pairs or a tuple (inputs, targets), or pass validate=<function of the model>")
+    return DataLoader(data, batch_size=batch_size, shuffle=False)
+
+
+def measure(model, batches) -> dict[str, float]:
+    """The model on validation batches of (inputs, targets). Integer targets are classes: accuracy of
+    the highest output and mean cross-entropy; other targets: mean squared error (as metric "mse")."""
+    import torch
+    import torch.nn.functional as F
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    samples = correct = elements = 0
+    loss_sum = 0.0
+    classes = True
+    try:
+        with torch.no_grad():
+            for inputs, targets in batches:
+                outputs, targets = model(inputs.to(device)), targets.to(device)
+                classes = not targets.dtype.is_floating_point
+                if classes:
+                    loss_sum += F.cross_entropy(outputs, targets, reduction="sum").item()
+                    correct += (outputs.argmax(dim=-1) == targets).sum().item()
+                else:
+                    loss_sum += F.mse_loss(outputs.reshape(targets.shape), targets, reduction="sum").item()
+                samples += len(targets)
+                elements += targets.numel()
+    finally:
+        model.train(was_training)
+    if not samples:
+        raise ConfigError("val_data holds no samples")
+    if classes:
+        return {"accuracy": correct / samples, "loss": loss_sum / samples}
+    return {"mse": loss_sum / elements, "loss": loss_sum / elements}

@@ -159,9 +159,12 @@ def main() -> None:
     def compute_metrics(prediction):
         return scores(np.argmax(prediction.predictions, axis=-1), prediction.label_ids, num_labels)
 
+    # evaluate_merged: after every merge the Trainer measures the merged model on the test rows, and
+    # that (with the training loss since the last merge) is what the ledger, PERFDATA and the
+    # dashboard show for the round.
     swarm = SwarmCallback(sync_frequency=env("SYNC_FREQUENCY", 8, int), min_peers=env("MIN_PEERS", 3, int),
                           model=model, merge_method=env("MERGE_METHOD", "mean"),
-                          node_weightage=env("NODE_WEIGHTAGE", 1, float))
+                          node_weightage=env("NODE_WEIGHTAGE", 1, float), evaluate_merged=True)
     trainer = Trainer(model=model, args=args, train_dataset=Rows(train_texts, train_labels),
                       eval_dataset=Rows(test_texts, test_labels), data_collator=DataCollatorWithPadding(tokenizer),
                       compute_metrics=compute_metrics, callbacks=[swarm])

@@ -128,6 +128,7 @@ class _Stubs(NamedTuple):
     watch: rpc.WatchStub
     lease: rpc.LeaseStub
     maintenance: rpc.MaintenanceStub
+    cluster: rpc.ClusterStub
 
 
 class _Members:
@@ -147,7 +148,20 @@ class _Members:
             if channel is None:
                 channel = self._channels[position] = open_channel(self.endpoints[position], self._tls)
         return _Stubs(position, self.endpoints[position], rpc.KVStub(channel), rpc.WatchStub(channel),
-                      rpc.LeaseStub(channel), rpc.MaintenanceStub(channel))
+                      rpc.LeaseStub(channel), rpc.MaintenanceStub(channel), rpc.ClusterStub(channel))
+
+    def replace(self, endpoints: list[str]) -> None:
+        """Uses `endpoints` from now on (the cluster's members changed), keeping the member in use if
+        it is still one of them."""
+        with self._lock:
+            if endpoints == self.endpoints:
+                return
+            current = self.endpoints[self._current]
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()
+            self.endpoints = list(endpoints)
+            self._current = self.endpoints.index(current) if current in self.endpoints else 0
 
     def move_on(self, failed: _Stubs, error: grpc.RpcError) -> None:
         if len(self.endpoints) == 1:
@@ -478,6 +492,41 @@ class EtcdStore(LedgerStore):
         reply = self._call(f"read {folder}", lambda stubs: stubs.kv.Range,
                            pb.RangeRequest(key=key, range_end=prefix_end(key), limit=limit), patience)
         return {kv.key[len(key):].decode(errors="replace"): bytes(kv.value) for kv in reply.kvs}, reply.more
+
+    # ------------------------------------------------------------------------------------ the cluster's members
+
+    @property
+    def endpoints(self) -> list[str]:
+        return list(self._members.endpoints)
+
+    def use_endpoints(self, endpoints: list[str]) -> None:
+        """Talks to these members from now on (a member joined or left the cluster)."""
+        if endpoints:
+            self._members.replace(endpoints)
+
+    def members(self) -> list[pb.Member]:
+        return list(self._call("list the members of", lambda stubs: stubs.cluster.MemberList,
+                               pb.MemberListRequest()).members)
+
+    def add_learner(self, peer_url: str) -> pb.MemberAddResponse:
+        """Adds a member that will listen for its peers at `peer_url`, as a learner: it receives the log but
+        does not vote, so a member that never comes up costs the cluster nothing of its quorum."""
+        return self._call("add a member to", lambda stubs: stubs.cluster.MemberAdd,
+                          pb.MemberAddRequest(peerURLs=[peer_url], isLearner=True))
+
+    def promote(self, member_id: int) -> list[pb.Member]:
+        """Makes learner `member_id` a voting member; etcd refuses (FAILED_PRECONDITION, a LedgerError
+        here) while the learner is behind its leader."""
+        return list(self._call("promote a member of", lambda stubs: stubs.cluster.MemberPromote,
+                               pb.MemberPromoteRequest(ID=member_id)).members)
+
+    def remove_member(self, member_id: int) -> None:
+        self._call("remove a member from", lambda stubs: stubs.cluster.MemberRemove,
+                   pb.MemberRemoveRequest(ID=member_id))
+
+    def status(self) -> pb.StatusResponse:
+        """The Status of the member in use (its raft index, whether it is a learner)."""
+        return self._call("reach", lambda stubs: stubs.maintenance.Status, pb.StatusRequest())
 
     # ------------------------------------------------------------------------------------ restoring a backup
 

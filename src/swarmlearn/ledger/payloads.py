@@ -189,13 +189,20 @@ class RoundAbort(Payload):
     dropped: Annotated[list[Name], Field(max_length=MAX_LIST)] = []
 
 
+MetricsKind = Literal["train", "validation"]
+
+
 class Metrics(Payload):
     """A node's report about itself; the other keys are its metric values (numbers, strings, null),
-    bounded in size by the contract's max_metrics_bytes."""
+    bounded in size by the contract's max_metrics_bytes. `kind` "train": `loss` is the mean training
+    loss of the steps since the node's last sync of `round`; "validation": `metric` (named by
+    `metric_name`, with the validation `loss` where known) is the merged model of `round` measured on
+    the node's validation data. Reports of older callbacks carry no kind: read them as "train"."""
 
     model_config = ConfigDict(strict=True, extra="allow", frozen=True)
     contract: Name
     node: Name
+    kind: MetricsKind | None = None
 
 
 # ------------------------------------------------------------------------------ tasks and task runners

@@ -93,3 +93,30 @@ def policy_table() -> list[str]:
         roles = ", ".join(r.value.lower() for r in Role if r in rule.roles)
         rows.append(f"| `{kind.value}` | {roles} | {rule.says} |")
     return rows
+
+
+# One rule beyond the transactions: who may have an SN add an etcd member to the cluster that holds a
+# shared ledger (the SN API's JoinCluster, not a ledger entry). Whoever runs a member holds a copy of
+# the ledger and a vote on it, so only an SN the ledger already knows may add one, and only its own.
+JOIN_CLUSTER_ROLES = frozenset({SN})
+JOIN_CLUSTER_SAYS = ("an SN registered on the ledger with the caller's certificate, not revoked, adds its own etcd "
+                     "member (a learner, promoted once in sync)")
+
+
+def may_join_cluster(state, cert_fp: str) -> str | None:
+    """Why the caller holding certificate `cert_fp` may not add an etcd member; None if it may."""
+    if cert_fp in state.revoked:
+        return f"certificate {cert_fp[:12]} was revoked at ledger entry {state.revoked[cert_fp]}"
+    node = next((n for n in state.nodes.values() if n.cert_fp == cert_fp), None)
+    if node is None:
+        return (f"no node is registered on the ledger with certificate {cert_fp[:12]}; an SN registers itself "
+                f"(`swarm sn` does) before it joins")
+    if node.role not in JOIN_CLUSTER_ROLES:
+        return f"{node.node_id} is registered as {node.role}; only an SN runs an etcd member of the ledger"
+    return None
+
+
+def join_cluster_row() -> str:
+    """The rule as a row of the policy table's shape (the README shows it below the table)."""
+    roles = ", ".join(r.value.lower() for r in Role if r in JOIN_CLUSTER_ROLES)
+    return f"| `JoinCluster` (SN API call) | {roles} | {JOIN_CLUSTER_SAYS} |"

@@ -77,20 +77,22 @@ class SyncPart(_message.Message):
     def __init__(self, header: _Optional[_Union[SyncHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class MetricsRequest(_message.Message):
-    __slots__ = ("round", "loss", "metric", "epoch", "step", "metric_name")
+    __slots__ = ("round", "loss", "metric", "epoch", "step", "metric_name", "kind")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     METRIC_NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     round: int
     loss: float
     metric: float
     epoch: float
     step: int
     metric_name: str
-    def __init__(self, round: _Optional[int] = ..., loss: _Optional[float] = ..., metric: _Optional[float] = ..., epoch: _Optional[float] = ..., step: _Optional[int] = ..., metric_name: _Optional[str] = ...) -> None: ...
+    kind: str
+    def __init__(self, round: _Optional[int] = ..., loss: _Optional[float] = ..., metric: _Optional[float] = ..., epoch: _Optional[float] = ..., step: _Optional[int] = ..., metric_name: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class Empty(_message.Message):
     __slots__ = ()

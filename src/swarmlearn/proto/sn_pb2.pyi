@@ -1,6 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -69,3 +71,35 @@ class LedgerEntry(_message.Message):
     hash: str
     body: bytes
     def __init__(self, index: _Optional[int] = ..., hash: _Optional[str] = ..., body: _Optional[bytes] = ...) -> None: ...
+
+class JoinClusterRequest(_message.Message):
+    __slots__ = ("peer_url", "ledger_cert")
+    PEER_URL_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_CERT_FIELD_NUMBER: _ClassVar[int]
+    peer_url: str
+    ledger_cert: bytes
+    def __init__(self, peer_url: _Optional[str] = ..., ledger_cert: _Optional[bytes] = ...) -> None: ...
+
+class ClusterMember(_message.Message):
+    __slots__ = ("id", "name", "peer_urls", "client_urls", "is_learner")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PEER_URLS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_URLS_FIELD_NUMBER: _ClassVar[int]
+    IS_LEARNER_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    name: str
+    peer_urls: _containers.RepeatedScalarFieldContainer[str]
+    client_urls: _containers.RepeatedScalarFieldContainer[str]
+    is_learner: bool
+    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., peer_urls: _Optional[_Iterable[str]] = ..., client_urls: _Optional[_Iterable[str]] = ..., is_learner: _Optional[bool] = ...) -> None: ...
+
+class JoinClusterReply(_message.Message):
+    __slots__ = ("member_id", "cluster_id", "members")
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    member_id: int
+    cluster_id: int
+    members: _containers.RepeatedCompositeFieldContainer[ClusterMember]
+    def __init__(self, member_id: _Optional[int] = ..., cluster_id: _Optional[int] = ..., members: _Optional[_Iterable[_Union[ClusterMember, _Mapping]]] = ...) -> None: ...

@@ -54,6 +54,11 @@ class SwarmNetworkStub:
                 request_serializer=swarmlearn_dot_proto_dot_sn__pb2.WatchRequest.SerializeToString,
                 response_deserializer=swarmlearn_dot_proto_dot_sn__pb2.LedgerEntry.FromString,
                 _registered_method=True)
+        self.JoinCluster = channel.unary_unary(
+                '/swarmlearn.sn.SwarmNetwork/JoinCluster',
+                request_serializer=swarmlearn_dot_proto_dot_sn__pb2.JoinClusterRequest.SerializeToString,
+                response_deserializer=swarmlearn_dot_proto_dot_sn__pb2.JoinClusterReply.FromString,
+                _registered_method=True)
 
 
 class SwarmNetworkServicer:
@@ -83,6 +88,12 @@ class SwarmNetworkServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def JoinCluster(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SwarmNetworkServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +116,11 @@ def add_SwarmNetworkServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=swarmlearn_dot_proto_dot_sn__pb2.WatchRequest.FromString,
                     response_serializer=swarmlearn_dot_proto_dot_sn__pb2.LedgerEntry.SerializeToString,
+            ),
+            'JoinCluster': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinCluster,
+                    request_deserializer=swarmlearn_dot_proto_dot_sn__pb2.JoinClusterRequest.FromString,
+                    response_serializer=swarmlearn_dot_proto_dot_sn__pb2.JoinClusterReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +231,33 @@ class SwarmNetwork:
             '/swarmlearn.sn.SwarmNetwork/Watch',
             swarmlearn_dot_proto_dot_sn__pb2.WatchRequest.SerializeToString,
             swarmlearn_dot_proto_dot_sn__pb2.LedgerEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinCluster(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarmlearn.sn.SwarmNetwork/JoinCluster',
+            swarmlearn_dot_proto_dot_sn__pb2.JoinClusterRequest.SerializeToString,
+            swarmlearn_dot_proto_dot_sn__pb2.JoinClusterReply.FromString,
             options,
             channel_credentials,
             insecure,

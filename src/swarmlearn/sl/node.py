@@ -34,12 +34,19 @@ from swarmlearn.sl.round import RoundEngine, RoundResult, Timeouts
 from swarmlearn.sl.transport import BlobStore, PeerFetcher, PeerService
 from swarmlearn.sn.client import SNClient
 from swarmlearn.sn.follower import LedgerFollower
+from swarmlearn.sn.server import StreamSlots
 from swarmlearn.tensors import blob_hash
 
 log = logging.getLogger("swarmlearn.sl")
 
-# How long a blob request from a registered SL may wait for our ledger copy to show its entitlement.
-LEDGER_LAG_GRACE = 1.0
+# How long a blob request from a registered SL may wait for our ledger copy to show its entitlement
+# (our copy may trail the SN's: the asker just checked in or joined, or our watch stream is moving to
+# another SN after a partition). Each caller may have LEDGER_LAG_WAITS_PER_CALLER such waits under way,
+# and all callers together LEDGER_LAG_WAITS; beyond them a request is decided on our copy as it is, so
+# that one SL asking for what it may not have cannot hold our peer workers.
+LEDGER_LAG_GRACE = 2.0
+LEDGER_LAG_WAITS_PER_CALLER = 2
+LEDGER_LAG_WAITS = 8
 # On stop, how long the SL waits for its background threads (each notices the stop at once, or at
 # its next poll) before it names the ones still running in its log and exits anyway.
 STOP_THREADS_TIMEOUT = 5.0
@@ -90,6 +97,8 @@ class SLNode:
         self.engines: dict[str, RoundEngine] = {}
         self._engines_lock = threading.Lock()
         self._last_seen: tuple[float, dict[str, float]] = (0.0, {})
+        self._lag_waits = StreamSlots(total=LEDGER_LAG_WAITS, per_identity=LEDGER_LAG_WAITS_PER_CALLER,
+                                      kind="ledger-lag wait", server="SL", elsewhere="fetch from another peer")
         self.peer_server: grpc.Server | None = None
         self.local_server: grpc.Server | None = None
         self.address = ""
@@ -142,12 +151,12 @@ class SLNode:
         self.background.stopping.set()
         with self._engines_lock:
             engines = list(self.engines.values())
-        for name in [engine.contract_name for engine in engines]:
+        for engine in engines:
             try:
-                self.sn.submit("session_leave", {"contract": name, "node": self.node_id}, patience=2.0)
-                log.info("%s left contract %s", self.node_id, name)
+                engine.leave(patience=2.0)
+                log.info("%s left contract %s", self.node_id, engine.contract_name)
             except SwarmError as exc:
-                log.warning("could not leave contract %s: %s", name, exc)
+                log.warning("could not leave contract %s: %s", engine.contract_name, exc)
         for server in (self.local_server, self.peer_server):
             if server is not None:
                 server.stop(0.5).wait()
@@ -161,7 +170,8 @@ class SLNode:
     def fetch_refusal(self, caller_fp: str, digest: str) -> str | None:
         """Why the caller may not have blob `digest`, or None: a contribution goes only to the SLs that
         checked in to its round, a merged model only to its contract's active members. Our ledger copy may
-        trail the caller's by an entry or two (it just checked in), so a registered SL gets a moment."""
+        trail the caller's (it just checked in; our SN connection moved after a partition), so a
+        registered SL gets up to LEDGER_LAG_GRACE for our copy to show its right (see _lag_grace)."""
         def caller(state):
             node = next((n for n in state.nodes.values() if n.cert_fp == caller_fp), None)
             return node if node is not None and node.role == "SL" and caller_fp not in state.revoked else None
@@ -180,12 +190,24 @@ class SLNode:
             return False
 
         try:
-            if self.follower.wait_until(entitled, LEDGER_LAG_GRACE if self.follower.read(caller) else 0.0):
+            if self.follower.read(entitled) or (self.follower.read(caller) and self._lag_grace(caller_fp, entitled)):
                 return None
         except SwarmError:
             return "this SL is stopping"
         return (f"blob {digest[:12]} is served only to the SLs that checked in to its round (a merged model: to its "
                 f"contract's active members); the caller is not one of them")
+
+    def _lag_grace(self, caller_fp: str, entitled) -> bool:
+        """Waits, on the follower's condition (no lock held meanwhile), up to LEDGER_LAG_GRACE for our
+        ledger copy to show `entitled`; False at once when the caller has its share of such waits under
+        way already, or all callers together have theirs."""
+        ticket = self._lag_waits.acquire(caller_fp)
+        if isinstance(ticket, str):
+            return False
+        try:
+            return bool(self.follower.wait_until(entitled, LEDGER_LAG_GRACE))
+        finally:
+            self._lag_waits.release(ticket)
 
     def only_engine(self) -> RoundEngine | None:
         """The engine of the one contract our ML joined; None before it joined (or if it joined several)."""
@@ -207,10 +229,12 @@ class SLNode:
 
     def join(self, contract: str, min_peers: int, weightage: float, merge_method: str) -> tuple[str, int]:
         name = self.follower.read(lambda s: s.contract(contract).name)
-        self.sn.submit("session_join", {"contract": name, "node": self.node_id, "min_peers": min_peers,
-                                        "weightage": weightage, "merge_method": merge_method})
+        session = {"contract": name, "node": self.node_id, "min_peers": min_peers, "weightage": weightage,
+                   "merge_method": merge_method}
+        self.sn.submit("session_join", session)
         engine = RoundEngine(self.node_id, name, self.sn, self.follower, self.blobs, self.fetcher,
-                             self.config.timeouts, self.liveness, background=self.background, keep=self.kept.keep)
+                             self.config.timeouts, self.liveness, background=self.background, keep=self.kept.keep,
+                             session=session)
         with self._engines_lock:
             replaced = self.engines.get(name)
             self.engines[name] = engine
@@ -438,10 +462,16 @@ class LocalService(sl_pb2_grpc.SwarmLocalServicer):
 
     def Report(self, request, context):
         engine = self._engine(context)
+        kind = request.kind or "train"  # an older callback names no kind: its reports are of training
+        if kind not in ("train", "validation"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"metrics kind {kind[:40]!r} is neither train nor validation")
         # A diverged model reports NaN or Inf; JSON (and so the ledger) has no such numbers: null.
-        payload = {"contract": engine.contract_name, "node": self.node.node_id, "round": request.round,
-                   "loss": _finite(request.loss), "metric": _finite(request.metric),
-                   "metric_name": request.metric_name, "epoch": _finite(request.epoch), "step": request.step}
+        # What the ML did not set is unknown, also null.
+        payload = {"contract": engine.contract_name, "node": self.node.node_id, "kind": kind, "round": request.round,
+                   "step": request.step, "epoch": _finite_field(request, "epoch"),
+                   "loss": _finite_field(request, "loss")}
+        if kind == "validation" or request.HasField("metric"):
+            payload.update(metric=_finite_field(request, "metric"), metric_name=request.metric_name or "metric")
         try:
             self.node.sn.submit("metrics", payload)
         except SwarmError as exc:
@@ -449,8 +479,9 @@ class LocalService(sl_pb2_grpc.SwarmLocalServicer):
         return sl_pb2.Empty()
 
 
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+def _finite_field(request, name: str) -> float | None:
+    value = getattr(request, name)
+    return value if request.HasField(name) and math.isfinite(value) else None
 
 
 def _receive(parts) -> tuple[sl_pb2.SyncHeader, bytes]:

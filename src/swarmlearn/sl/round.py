@@ -10,7 +10,8 @@
    and hands it back.
 
 A node that was late for a round (closed without it) takes that round's merged model and contributes
-from the next one. Transport, storage and merging sit behind BlobStore, PeerFetcher and Merger.
+from the next one. A node the others evicted while it was cut off joins again and, like a late
+node, resumes from the latest merged model. Transport, storage and merging sit behind BlobStore, PeerFetcher and Merger.
 """
 
 from __future__ import annotations
@@ -115,6 +116,10 @@ class MinPeersTimeout(SwarmError):
     """Fewer than min_peers checked in within the min-peers timeout."""
 
 
+class OutOfSession(SwarmError):
+    """We are no longer an active member of the session (and did not leave it): evicted."""
+
+
 class MergedModelGone(SwarmError):
     """No peer serves a round's merged model (within the transfer budget)."""
 
@@ -139,7 +144,7 @@ class RoundEngine:
     def __init__(self, node_id: str, contract: str, sn: SNClient, follower: LedgerFollower, blobs: BlobStore,
                  fetcher: PeerFetcher, timeouts: Timeouts | None = None,
                  liveness: Callable[[], dict[str, float]] | None = None, *, background: Background,
-                 keep: Callable[[str, int, str, bytes], None] | None = None):
+                 keep: Callable[[str, int, str, bytes], None] | None = None, session: dict | None = None):
         self.node_id = node_id
         self.contract_name = contract
         self.sn = sn
@@ -151,6 +156,12 @@ class RoundEngine:
         # Told (contract, round, hash, blob) of every merged model this SL takes, whose bytes hash to
         # the ledger's merged hash: the SL keeps the latest on disk for a swarm restarted as a whole.
         self._keep = keep or (lambda *merged: None)
+        # The session_join payload this SL joined with: an SL evicted while it was cut off joins again
+        # with it (without one it cannot, and stops as before). Once it left on purpose it never does,
+        # and it joins again at most once per round (a node evicted again at once stops instead).
+        self._session = session
+        self._left = threading.Event()
+        self._rejoined_in: int | None = None
         self._led: set[tuple[int, int]] = set()
         # Per round, blobs being pulled ahead of the merge, by hash.
         self._early: dict[int, dict[str, Future]] = {}
@@ -161,6 +172,8 @@ class RoundEngine:
         except RuntimeError:  # the SL's Background closed: its ML hears why, not an internal error
             raise SwarmError(STOPPING) from None
         self._closed = threading.Event()
+        # A contract reset (started over) ends every session too: that is no eviction to join again after.
+        self._generation = self._read(lambda c: c.generation)
         # (round, node) whose declared size was found beyond bounds, so that it is said once.
         self._oversize_said: set[tuple[int, str]] = set()
 
@@ -169,16 +182,23 @@ class RoundEngine:
     def sync(self, blob: bytes, weight: float, final: bool = False) -> RoundResult:
         started = time.monotonic()
         digest = self.blobs.put(blob)
-        number = self._check_in(digest, weight, len(blob), final)
-        if number < 0:
-            return self._take_merged(-number, started, False, blob)
-        self._start_prefetch(number)
-        closed = self._wait_until_closed(number)
-        if self.node_id not in closed.participants:
-            log.info("round %d closed without %s; taking its merged model", number, self.node_id)
-            return self._take_merged(number, started, False, blob)
-        self._wait_until_merged(number, self._leader_timeout(closed))
-        return self._take_merged(number, started, True, blob)
+        try:
+            number = self._check_in(digest, weight, len(blob), final)
+            if number < 0:
+                return self._take_merged(-number, started, False, blob)
+            self._start_prefetch(number)
+            closed = self._wait_until_closed(number)
+            contributed = self.node_id in closed.participants
+            if not contributed:
+                log.info("round %d closed without %s; taking its merged model", number, self.node_id)
+            else:
+                self._wait_until_merged(number, self._leader_timeout(closed))
+            # Evicted while we were cut off, its merged model is no longer ours to have (_pull says
+            # so too, once our ledger copy shows it).
+            self._check_member()
+            return self._take_merged(number, started, contributed, blob)
+        except OutOfSession:
+            return self._join_again(blob, weight, final)
 
     def sync_final(self, blob: bytes, weight: float) -> RoundResult:
         """Contributes our final weights to every round until all peers have finished (the
@@ -234,8 +254,8 @@ class RoundEngine:
             index = self.sn.submit("checkin", payload)
         except Rejected:
             if self.node_id not in self._read(lambda c: c.active_members):
-                raise SwarmError(f"{self.node_id} is no longer in the training session of {self.contract_name} "
-                                 f"(it left or was evicted after missing rounds); restart it to rejoin") from None
+                raise OutOfSession(f"{self.node_id} is no longer in the training session of "
+                                   f"{self.contract_name}") from None
             if self.follower.wait_until(lambda s: self._contract(s).current_round > number, 5.0):
                 return -number
             raise
@@ -243,6 +263,47 @@ class RoundEngine:
         log.info("round %d: %s checked in %s (weight %g%s)", number, self.node_id, digest[:12], weight,
                  ", final" if final else "")
         return number
+
+    def _check_member(self) -> None:
+        """Raises OutOfSession when we are out of the session though we never left it."""
+        if not self._left.is_set() and self.node_id not in self._read(lambda c: c.active_members):
+            raise OutOfSession(f"{self.node_id} was evicted from the training session of {self.contract_name}")
+
+    def _join_again(self, blob: bytes, weight: float, final: bool) -> RoundResult:
+        """We are out of the session though we never left it: the others evicted us (absent from
+        their last two rounds while the SN heard nothing from us: a partition, a paused host). We join
+        again as we first did and resume, like a late node, from the latest merged model. A refused
+        join (no longer among the contract's peers, revoked) fails our training with its reason."""
+        if self._left.is_set() or self._session is None:
+            raise SwarmError(f"{self.node_id} is no longer in the training session of {self.contract_name} "
+                             f"(it left it); restart it to join again")
+        number, generation = self._read(lambda c: (c.current_round, c.generation))
+        if generation != self._generation:
+            raise SwarmError(f"contract {self.contract_name} was reset (started over) since {self.node_id} joined "
+                             f"it; restart it to join again")
+        if self._rejoined_in == number:
+            raise SwarmError(f"{self.node_id} was evicted from contract {self.contract_name} again in round {number}, "
+                             f"the round it joined again in; it stops rather than join again before a round "
+                             f"passes: check that its SL reaches the SN (it is taken for silent)")
+        try:
+            index = self.sn.submit("session_join", self._session)
+        except Rejected as exc:
+            raise SwarmError(f"{self.node_id} was evicted from contract {self.contract_name} at round {number} "
+                             f"and may not join again: {exc}") from None
+        self._rejoined_in = number
+        self.follower.wait_index(index)
+        latest = self._read(lambda c: c.latest_merged_round)
+        log.warning("%s was evicted from contract %s at round %d (absent from its last 2 rounds and silent); "
+                    "it joined again and resumes from %s", self.node_id, self.contract_name, number,
+                    f"merged round {latest}" if latest else "its own weights (no round merged yet)")
+        caught = self.catch_up()
+        return caught if caught is not None else self.sync(blob, weight, final)
+
+    def leave(self, patience: float) -> None:
+        """Leaves the training session on purpose (the SL stops, or gives up): this engine then never
+        joins it again by itself. Raises SwarmError when the ledger does not record it."""
+        self._left.set()
+        self.sn.submit("session_leave", {"contract": self.contract_name, "node": self.node_id}, patience=patience)
 
     def _start_prefetch(self, number: int) -> None:
         """If we lead `number` should every active member take part, pulls the others' blobs while
@@ -351,7 +412,7 @@ class RoundEngine:
         log.error("round %d: %s; %s gives up (min-peers timeout) and leaves contract %s", number, reason,
                   self.node_id, self.contract_name)
         try:
-            self.sn.submit("session_leave", {"contract": self.contract_name, "node": self.node_id}, patience=5.0)
+            self.leave(patience=5.0)
         except SwarmError as exc:
             log.warning("could not leave contract %s: %s", self.contract_name, exc)
         raise MinPeersTimeout(f"round {number}: {reason}; {self.node_id} stopped training (min-peers timeout). "
@@ -603,6 +664,7 @@ class RoundEngine:
                     continue
                 self.blobs.put(blob)
                 return blob
+            self._check_member()  # the peers refuse it to us
             if time.monotonic() > deadline:
                 raise MergedModelGone(f"round {r.number}: no peer served the merged model {r.merged_hash[:12]}")
             time.sleep(0.2)

@@ -344,6 +344,12 @@ class SNClient:
             return known["registered_at"]
         return self.submit("register_node", registration(self.identity, address, self.node_id, **info))
 
+    def join_cluster(self, peer_url: str, ledger_cert: bytes) -> sn_pb2.JoinClusterReply:
+        """Asks the SN to add this SN's etcd member (listening for its peers at `peer_url`, presenting
+        `ledger_cert`) to the ledger's cluster as a learner; returns the members after the addition."""
+        return self._call("JoinCluster", sn_pb2.JoinClusterRequest(peer_url=peer_url, ledger_cert=ledger_cert),
+                          "join the etcd cluster")
+
     def heartbeat(self, stop: threading.Event | None = None) -> int:
         """Tells the SN we are alive; returns the ledger head index. An unreachable SN is retried
         until our patience runs out or `stop` is set."""

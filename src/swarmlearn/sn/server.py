@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import logging
 import secrets
@@ -10,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -22,11 +24,16 @@ from swarmlearn.ledger.entry import SignedTx, Tx
 from swarmlearn.ledger.identities import issuer
 from swarmlearn.ledger.model import PROTOCOL_VERSION
 from swarmlearn.ledger.pin import HistoryRefused, Pin, PinFile, check_marker
+from swarmlearn.ledger.policy import may_join_cluster
 from swarmlearn.ledger.signatures import is_registered, registration, sign_tx
 from swarmlearn.ledger.sqlite_store import SQLiteStore
 from swarmlearn.ledger.store import LedgerStore
 from swarmlearn.proto import sn_pb2, sn_pb2_grpc
 from swarmlearn.sn.liveness import EtcdLiveness, Liveness, MemoryLiveness
+
+if TYPE_CHECKING:
+    from swarmlearn.ledger.etcd_member import EtcdMember
+    from swarmlearn.sn.cluster import MemberPlan
 
 log = logging.getLogger("swarmlearn.sn")
 
@@ -70,11 +77,14 @@ METRICS_PAGE_BYTES = 1024 * 1024
 KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 10_000
 CLIENT_PING_MIN_MS = 5_000
-# On stop, how long the SN waits for its watch streams to end (each notices within the store's
+# On stop, how long the SN waits for its watch streams to end (each notices within the chain's
 # half-second poll) before it closes the ledger under them.
 STOP_STREAMS_TIMEOUT = 2.0
 # Then how long it waits for its threads (each ends with its call) before it names the ones left.
 STOP_THREADS_TIMEOUT = 5.0
+# An SN running its own etcd member reads the cluster's members this often, so that its store fails
+# over to members that joined since it started.
+MEMBERS_REFRESH = 5.0
 
 
 def revocation(fingerprint: str, state) -> str | None:
@@ -243,8 +253,11 @@ class LedgerReach:
 
 
 class SNService(sn_pb2_grpc.SwarmNetworkServicer):
-    def __init__(self, chain: Chain, node_id: str, stopping: threading.Event, liveness: Liveness | None = None):
+    def __init__(self, chain: Chain, node_id: str, stopping: threading.Event, liveness: Liveness | None = None,
+                 etcd: EtcdLedger | None = None):
         self.chain = chain
+        self.etcd = etcd
+        self._joining = threading.Lock()  # one etcd member added at a time through this SN
         self.reach = LedgerReach(chain.store, shared=not isinstance(chain.store, SQLiteStore))
         self.node_id = node_id
         self.stopping = stopping
@@ -445,14 +458,19 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
         def revoked() -> str | None:
             return revocation(who, self.chain.state)
 
+        def over() -> bool:
+            return (ended.is_set() or self.stopping.is_set() or revoked() is not None
+                    or self.reach.out_of_reach() is not None)
+
         try:
-            # The RPC's end (client cancel, SN stop, broken connection) ends the store's watch within
-            # its poll; the slot is freed when this handler (and so its thread) is done. A revocation
-            # of the caller's certificate ends it too, within the same poll.
+            # Entries come from this SN's own chain as it folds them (its appends, and other SNs' through
+            # its one follower of the store), not from a store watch per stream. The RPC's end (client
+            # cancel, SN stop, broken connection) ends it within the chain's poll; the slot is freed when
+            # this handler (and so its thread) is done. A revocation of the caller's certificate, or a
+            # shared store out of reach, ends it too, within the same poll.
             context.add_callback(ended.set)
             self._require_ledger(context)
-            rows = self.chain.store.watch(request.from_index,
-                                          lambda: ended.is_set() or self.stopping.is_set() or revoked() is not None)
+            rows = self.chain.watch(request.from_index, over)
             try:
                 for row in rows:
                     if revoked() is not None:
@@ -465,8 +483,65 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
             refused = revoked()
             if refused is not None:
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, f"watch ended: {refused}")
+            if not (ended.is_set() or self.stopping.is_set()):
+                self._require_ledger(context)
         finally:
             self.streams.release(ticket)
+
+
+    def JoinCluster(self, request, context):
+        """Adds the calling SN's etcd member to the ledger's cluster as a learner (sn/cluster.py): only a
+        caller the policy admits (ledger/policy.may_join_cluster), with a bounded request."""
+        from swarmlearn.sn.cluster import ledger_cert_refusal, peer_url_refusal
+
+        fp = self._caller(context)
+        self._within_rate(context, self.submits, fp, "submits")
+        if self.etcd is None or self.etcd.member is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"SN {self.node_id} runs no etcd member of its own; join through an SN started with "
+                          f"--ledger etcd --sentinel or --sentinel-ip")
+        self._fold_latest(context)  # registered through another SN a moment ago?
+        refused = may_join_cluster(self.chain.state, fp)
+        if refused is not None:
+            log.warning("refused to add an etcd member for %s: %s", caller_name(context, fp), refused)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"join refused: {refused}")
+        why = peer_url_refusal(request.peer_url)
+        if why is not None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"join refused: {why}")
+        why = ledger_cert_refusal(bytes(request.ledger_cert), self.etcd.cacert)
+        if why is not None:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"join refused: {why}")
+        try:
+            return self._add_learner(request.peer_url, caller_name(context, fp), context)
+        except LedgerError as exc:
+            code = grpc.StatusCode.UNAVAILABLE if store_out_of_reach(exc) else grpc.StatusCode.FAILED_PRECONDITION
+            context.abort(code, f"SN {self.node_id} could not add the etcd member: {exc}")
+
+    def _add_learner(self, peer_url: str, who: str, context) -> sn_pb2.JoinClusterReply:
+        from swarmlearn.sn.cluster import MAX_MEMBERS
+
+        store = self.chain.store
+        with self._joining:
+            members = store.members()
+            same = [m for m in members if peer_url in m.peerURLs]
+            if same and same[0].isLearner and not same[0].name:
+                return _join_reply(same[0].ID, 0, members)  # a retry whose reply was lost: the same learner
+            if same:
+                context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                              f"join refused: member {same[0].name or same[0].ID} already listens at {peer_url}")
+            if len(members) >= MAX_MEMBERS:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"join refused: the cluster has {len(members)} members, the most an SN adds "
+                              f"({MAX_MEMBERS}); more slow every write and add no availability")
+            added = store.add_learner(peer_url)
+        log.info("added etcd member %x at %s for %s, as a learner", added.member.ID, peer_url, who)
+        return _join_reply(added.member.ID, added.header.cluster_id, added.members)
+
+
+def _join_reply(member_id: int, cluster_id: int, members) -> sn_pb2.JoinClusterReply:
+    return sn_pb2.JoinClusterReply(member_id=member_id, cluster_id=cluster_id, members=[
+        sn_pb2.ClusterMember(id=m.ID, name=m.name, peer_urls=list(m.peerURLs), client_urls=list(m.clientURLs),
+                             is_learner=m.isLearner) for m in members])
 
 
 @dataclass
@@ -483,6 +558,8 @@ class SNServer:
     background: Background
     marker: PinFile
     streams: StreamSlots | None = None
+    # The SN's own etcd member, stopped after the SN (it may hold the only copy the others need).
+    member: EtcdMember | None = None
 
     @property
     def address(self) -> str:
@@ -500,6 +577,8 @@ class SNServer:
         self.background.close(STOP_THREADS_TIMEOUT)
         self.marker.flush()  # the head acknowledged last, which the writer may not have reached
         self.chain.store.close()
+        if self.member is not None:
+            self.member.stop()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -517,14 +596,26 @@ class EtcdLedger:
     key: Path
     cacert: Path
     prefix: str = ETCD_PREFIX
+    # With a plan, the SN runs its own member (sn/cluster.py) and `endpoints` start as that member's.
+    member: MemberPlan | None = None
+
+    @property
+    def tls(self):
+        from swarmlearn.ledger.etcd_store import TLSFiles
+
+        return TLSFiles(self.cacert, self.cert, self.key)
 
     @classmethod
-    def parse(cls, endpoints: str, prefix: str, cert: Path | None, key: Path | None,
-              cacert: Path | None) -> EtcdLedger:
+    def parse(cls, endpoints: str | None, prefix: str, cert: Path | None, key: Path | None,
+              cacert: Path | None, member: MemberPlan | None = None) -> EtcdLedger:
         """From --etcd-endpoints (https://HOST:PORT or HOST:PORT, comma separated), --etcd-prefix and
-        --etcd-cert/--etcd-key/--etcd-cacert."""
-        urls = tuple(url.strip() for url in endpoints.split(",") if url.strip())
-        if not urls:
+        --etcd-cert/--etcd-key/--etcd-cacert; or, with `member` instead of endpoints, for an SN running
+        its own member."""
+        urls = tuple(url.strip() for url in (endpoints or "").split(",") if url.strip())
+        if member is not None and urls:
+            raise ConfigError("--etcd-endpoints names a cluster you run; leave it out for the SN to run its own "
+                              "member (--sentinel, or --sentinel-ip to join), or leave those out")
+        if not urls and member is None:
             raise ConfigError("--etcd-endpoints is empty; list the etcd cluster's client URLs, "
                               "e.g. https://10.0.0.1:2379,https://10.0.0.2:2379")
         for url in urls:
@@ -541,7 +632,7 @@ class EtcdLedger:
             raise ConfigError(f"{', '.join(missing)} missing: the etcd cluster is reached with an identity of its own, "
                               f"from a CA that issues to SNs only (e.g. `swarm gen-cert -e <swarm>-ledger --org "
                               f"<swarm>-ledger`), never with a certificate of the swarm's CA")
-        return cls(urls, Path(cert), Path(key), Path(cacert), prefix)
+        return cls(urls, Path(cert), Path(key), Path(cacert), prefix, member)
 
     def describe(self) -> str:
         return f"etcd ledger {self.prefix} at {','.join(self.endpoints)}"
@@ -571,6 +662,21 @@ class EtcdLedger:
         return EtcdStore(list(self.endpoints), self.prefix, TLSFiles(self.cacert, self.cert, self.key))
 
 
+def member_endpoints(members, own: str) -> list[str]:
+    """The client URLs the store uses: the SN's own member first, then every other voting member's."""
+    others = [url for m in members if not m.isLearner for url in m.clientURLs if url != own]
+    return [own, *others]
+
+
+def follow_members(store, own: str, stopping: threading.Event) -> None:
+    """Keeps the store's endpoints to the cluster's members (own first) until `stopping`."""
+    while not stopping.wait(MEMBERS_REFRESH):
+        try:
+            store.use_endpoints(member_endpoints(store.members(), own))
+        except LedgerError as exc:
+            log.debug("cannot list the etcd cluster's members: %s", exc)
+
+
 def follow_ledger(chain: Chain, stopping: threading.Event) -> None:
     """Folds the entries other SNs append to a shared ledger as soon as the store's watch brings them,
     so that this SN's Query, Heartbeat and the checks of its Submit see them, until `stopping`. Any
@@ -581,8 +687,7 @@ def follow_ledger(chain: Chain, stopping: threading.Event) -> None:
         try:
             for row in chain.store.watch(chain.state.head_index + 1, stopping.is_set):
                 if row.index > chain.state.head_index:  # else this SN appended it, or folded it already
-                    with chain.lock:
-                        chain.catch_up()
+                    chain.fold(row)
                 if retry is not None:
                     log.info("following the ledger again at entry %d", chain.state.head_index)
                     retry = None
@@ -758,13 +863,47 @@ def _serve(host: str, port: int, identity: pki.Identity, data_dir: Path, sentine
     if bound == 0:
         raise ConfigError(f"cannot listen on {host}:{port}: the port is in use or the address is not this "
                           f"host's; pick another --sn-api-port (0 lets the OS choose) or --host-ip")
+    member = None
+    if etcd is not None and etcd.member is not None:
+        member, etcd = _start_own_member(etcd, data_dir, node_id, identity, f"{host}:{bound}")
+    try:
+        return _serve_ledger(server, host, bound, identity, data_dir, sentinel, node_id, new_swarm, etcd, background,
+                             member)
+    except BaseException:
+        if member is not None:
+            member.stop()
+        raise
+
+
+def _start_own_member(etcd: EtcdLedger, data_dir: Path, node_id: str, identity: pki.Identity,
+                      address: str) -> tuple[EtcdMember, EtcdLedger]:
+    """Starts (founds, joins or restarts) the SN's own etcd member; returns it and the ledger on it."""
+    from swarmlearn.ledger.etcd_store import DEFAULT_MAX_ENTRY_BYTES
+    from swarmlearn.sn.cluster import start_own_member
+
+    etcd.check_apart_from(identity)  # before a member serves with that identity
+    member = start_own_member(etcd.member, Path(data_dir), node_id, etcd.tls, identity, address,
+                              DEFAULT_MAX_ENTRY_BYTES)
+    return member, dataclasses.replace(etcd, endpoints=(member.client_url,))
+
+
+def _serve_ledger(server: grpc.Server, host: str, bound: int, identity: pki.Identity, data_dir: Path,
+                  sentinel: bool, node_id: str, new_swarm: bool, etcd: EtcdLedger | None, background: Background,
+                  member: EtcdMember | None) -> SNServer:
     chain, marker = open_chain(data_dir, identity, node_id, f"{host}:{bound}", sentinel, new_swarm, etcd)
     marker.start(background)
     liveness = EtcdLiveness(chain.store, node_id, lambda: chain.state.nodes) if etcd else MemoryLiveness()
     liveness.start(background)
     if etcd:
         background.start("ledger-follower", follow_ledger, chain, background.stopping)
-    service = SNService(chain, node_id, background.stopping, liveness)
+    if member is not None:
+        # Fail over to the other members from the start, and to those that join later.
+        try:
+            chain.store.use_endpoints(member_endpoints(chain.store.members(), member.client_url))
+        except LedgerError as exc:
+            log.warning("cannot list the etcd cluster's members yet (%s); using this SN's own member", exc)
+        background.start("etcd-members", follow_members, chain.store, member.client_url, background.stopping)
+    service = SNService(chain, node_id, background.stopping, liveness, etcd)
     sn_pb2_grpc.add_SwarmNetworkServicer_to_server(service, server)
     server.start()
-    return SNServer(server, chain, node_id, host, bound, sentinel, background, marker, service.streams)
+    return SNServer(server, chain, node_id, host, bound, sentinel, background, marker, service.streams, member)
