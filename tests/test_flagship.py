@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,7 @@ def test_swarm_run_trains_the_flagship_end_to_end(procs, tmp_path):
     assert code == 0, run.output
     run._thread.join(5)
     assert "run_hf_task COMPLETE: 3 COMPLETE of 3" in run.output
+    assert re.search(r"swarm ui ready on http://127\.0\.0\.1:\d+/ ", run.output), run.output  # the dashboard's URL
     assert "acc before" in run.output and "swarm result: accuracy" in run.output
     assert "MB sent per node per round (adapters + head)" in run.output
     project = tmp_path / "ws" / "huggingface-peft"

@@ -271,13 +271,20 @@ def test_large_metrics_cannot_break_state_queries(sn, certs, tmp_path):
             pages += 1
         assert pages >= count * limit // METRICS_PAGE_BYTES
 
-        # What SWCI shows of them: each node's latest report.
+        # What SWCI shows of them: each node's latest training loss and latest validation metric, side by
+        # side (an entry without a kind, of an older callback, is a training loss), read incrementally.
         lines: list[str] = []
         host, port = sn.address.rsplit(":", 1)
         session = SwciSession(identity(certs, "swci"), tmp_path, out=lines.append, default_sn_port=int(port))
         try:
             for n, text in enumerate([f"CREATE CONTEXT t WITH IP {host}", "SWITCH CONTEXT t", "PERFDATA default"]):
                 session.execute(parse_line(text, n + 1))
+            assert lines[-1] == (f"{node}: training loss 0.25 (round 7) · no validation metric (no validation data "
+                                 f"given, or none measured yet)"), "\n".join(lines)
+            sl.submit("metrics", {"contract": "default", "node": node, "kind": "validation", "round": 8, "step": 40,
+                                  "epoch": 1.0, "metric": 0.875, "metric_name": "accuracy", "loss": 0.31})
+            session.execute(parse_line("PERFDATA default", 4))
         finally:
             session.close()
-        assert f"{node}: round 7 loss 0.25 metric None epoch None" in lines, "\n".join(lines)
+        assert lines[-1] == (f"{node}: training loss 0.25 (round 7) · validation accuracy 0.875 (round 8, "
+                             f"validation loss 0.31)"), "\n".join(lines)

@@ -1,6 +1,7 @@
 """The dashboard as a user sees it: a real headless Chromium (driven by Selenium, with the Debian
 packages' browser and driver) opens `swarm ui` while a real swarm trains: an SN, a SWOP whose three
-nodes train the tiny torch model, and the SWCI init script that assigns the task and waits for it.
+nodes train a tiny classifier that measures every merged model on its own validation data, and the
+SWCI init script that assigns the task and waits for it.
 One swarm and one browser for the module; the tests run in file order, following the run.
 
 Screenshots of every page land in the module's output folder and are copied to docs/img/ for the
@@ -48,11 +49,35 @@ def start_ui(procs: Procs, certs, sn: RunningSN, *extra: str) -> tuple[str, str]
     return line.split("swarm ui ready on ")[1].split()[0], line
 
 
-def slow_training_down(usr: Path) -> None:
-    """More steps, each a little slower: rounds merge over several seconds, for the page to follow."""
+# The nodes' model.py: the tiny classifier that gives validation data, so every merged model is
+# measured, with each step made slower (as a bigger model's would be) so that rounds merge over
+# several seconds, for the page to follow.
+VALIDATED_MODEL = Path(__file__).resolve().parent / "ml" / "tiny_validated_model.py"
+SLOWED_MODEL = f"""\
+import os, runpy, time
+
+import swarmlearn.torch
+
+
+class SlowerSteps(swarmlearn.torch.SwarmCallback):
+    def on_batch_end(self, *args, **kwargs):
+        super().on_batch_end(*args, **kwargs)
+        time.sleep(float(os.environ["STEP_SLEEP"]))
+
+
+swarmlearn.torch.SwarmCallback = SlowerSteps  # what the model imports when it starts
+runpy.run_path({str(VALIDATED_MODEL)!r}, run_name="__main__")
+"""
+STEPS, SYNC_FREQUENCY = 16, 4
+
+
+def validated_and_slower(usr: Path) -> None:
+    """The project's nodes train the validated model for STEPS steps of 0.4 s each."""
+    (usr / "model" / "model.py").write_text(SLOWED_MODEL)
     profile = usr / "swop" / "swop_profile.yaml"
-    text = profile.read_text().replace('STEPS: "8"', 'STEPS: "16", STEP_SLEEP: "0.4"')
-    assert 'STEP_SLEEP' in text, "test_swop_swci's profile changed: update slow_training_down"
+    text = profile.read_text().replace('STEPS: "8", SYNC_FREQUENCY : "4"',
+                                       f'STEPS: "{STEPS}", SYNC_FREQUENCY : "{SYNC_FREQUENCY}", STEP_SLEEP: "0.4"')
+    assert 'STEP_SLEEP' in text, "test_swop_swci's profile changed: update validated_and_slower"
     profile.write_text(text)
 
 
@@ -64,7 +89,7 @@ def run(certs, tmp_path_factory):
         sn = start_sn(procs, certs, work / "sn")
         url, _ = start_ui(procs, certs, sn)
         usr = make_project(work, certs)
-        slow_training_down(usr)
+        validated_and_slower(usr)
         start_swop(procs, certs, sn, usr)
         current = Run(procs, sn, url, usr, work / "screenshots")
         current.shots.mkdir()
@@ -138,6 +163,8 @@ def test_the_swarm_page_shows_the_sn_the_operator_and_the_training_nodes(run, br
 
     assert wait_until(all_seen_up, 90, every=0.1), rows(browser)
     assert "serving this dashboard" in row_of(browser, "sn-1")
+    # An SN heartbeats to no one: its heartbeat is when it last answered the dashboard's own question.
+    assert wait_until(lambda: " s ago" in row_of(browser, "sn-1"), 5, every=0.1), row_of(browser, "sn-1")
     screenshot(browser, run, "ui-swarm")
 
 
@@ -157,7 +184,8 @@ def test_rounds_appear_on_the_training_page_as_they_merge(run, browser):
             seen.append(count)
         time.sleep(0.1)
     wait_swci(run)
-    assert wait_until(lambda: merged() >= 4, 10, every=0.2)  # train begin, steps 4 and 8, train end
+    # Train begin, steps 4, 8, 12 and 16, train end.
+    assert wait_until(lambda: merged() >= 2 + STEPS // SYNC_FREQUENCY, 10, every=0.2)
     seen.append(merged())
     # One page load (no reload: the page's time origin is the same), and the count grew on it.
     assert browser.execute_script("return performance.timeOrigin") == loaded_at
@@ -165,29 +193,50 @@ def test_rounds_appear_on_the_training_page_as_they_merge(run, browser):
     screenshot(browser, run, "ui-training")
 
 
-def test_each_node_has_a_loss_curve_with_a_point_per_round_it_reported(run, browser, certs):
+def chart_points(browser, kind: str, contract: str) -> dict[str, list[tuple]]:
+    """Each trace of the page's `kind` chart of `contract` as its (x, y) points, by trace name."""
+    figure = browser.execute_script(
+        "const d = [...document.querySelectorAll('.chart')].find(c => c.dataset.kind === arguments[0] && "
+        "c.dataset.contract === arguments[1]); return d && d.data ? d.data.map(t => [t.name, t.x, t.y]) : null",
+        kind, contract)
+    return {name: list(zip(x, y)) for name, x, y in figure or []}
+
+
+def test_each_node_has_a_loss_point_per_sync_and_a_validation_point_per_merged_model(run, browser, certs):
     wait_swci(run)
     with SNClient(run.sn.address, identity(certs, "ui")) as client:
         contracts = client.query("contracts")["contracts"]
         (name,) = [n for n, c in contracts.items() if c["rounds"]]
         entries, _ = client.metrics(name)
-    merged = sum(1 for r in contracts[name]["rounds"].values() if r["status"] == "merged")
-    reported = {n: sorted({e["round"] for e in entries if e["node"] == n}) for n in NODES}
+    merged = sorted(int(n) for n, r in contracts[name]["rounds"].items() if r["status"] == "merged")
+    recorded = {(kind, node): [(e["round"], e[value]) for e in entries if e["node"] == node and e["kind"] == kind]
+                for kind, value in (("train", "loss"), ("validation", "metric")) for node in NODES}
 
-    def traces(kind: str) -> dict:
-        figure = browser.execute_script(
-            "const d = [...document.querySelectorAll('.chart')].find(c => c.dataset.kind === arguments[0] && "
-            "c.dataset.contract === arguments[1]); return d && d.data ? d.data.map(t => [t.name, t.x]) : null",
-            kind, name)
-        return {trace_name: list(x) for trace_name, x in figure or []}
+    def shown_as_recorded() -> bool:
+        loss, metric = chart_points(browser, "loss", name), chart_points(browser, "metric", name)
+        return all(loss.get(n) == recorded["train", n] and metric.get(n) == recorded["validation", n] for n in NODES)
 
-    assert wait_until(lambda: traces("loss") and all(traces("loss").get(n) == reported[n] for n in NODES), 10), \
-        (traces("loss"), reported)
+    browser.get(run.url + "training")
+    assert wait_until(shown_as_recorded, 10, every=0.2), (chart_points(browser, "loss", name),
+                                                          chart_points(browser, "metric", name), recorded)
+    assert len(merged) == 2 + STEPS // SYNC_FREQUENCY, merged
     for node in NODES:
-        # Every merge after training steps carries the node's loss: all but the one at train begin (no
-        # step yet) and the one at train end (16 steps, synced every 4: none since the last sync).
-        assert len(reported[node]) >= merged - 2 >= 3, (node, reported[node], merged)
-    assert set(traces("metric")) == set(NODES)
+        # Every merged model is measured on the node but the first: at train begin its sync only loads
+        # the swarm's starting model. So a validation curve has one point fewer than there are rounds.
+        assert [r for r, _ in recorded["validation", node]] == merged[1:], (node, recorded)
+        # The loss is of the steps each sync contributed (4, 8, 12, 16): none at train begin, none in
+        # the final round, which no step preceded.
+        assert [r for r, _ in recorded["train", node]] == merged[1:-1], (node, recorded)
+    axis = browser.execute_script("return document.querySelector('.chart').layout.xaxis.title.text")
+    assert axis == "merged round"
+
+    # The Swarm page shows each node's latest loss and latest validation metric side by side.
+    browser.get(run.url)
+    for node in NODES:
+        train_round, loss = recorded["train", node][-1]
+        validation_round, accuracy = recorded["validation", node][-1]
+        latest = f"loss {loss:.4g} (round {train_round}) · accuracy {accuracy:.4g} (round {validation_round})"
+        assert wait_until(lambda: latest in row_of(browser, node), 5, every=0.1), (latest, row_of(browser, node))
 
 
 def test_the_tasks_page_shows_the_task_complete(run, browser):

@@ -55,8 +55,9 @@ class SwciSession:
         self.exit_on_failure = False
         self.failed_tasks: list[str] = []
         self._clients: dict[str, SNClient] = {}
-        # Per (SN, contract): the ledger index metrics were read up to, and each node's latest entry.
-        self._metrics_read: dict[tuple[str, str], tuple[int, dict[str, dict]]] = {}
+        # Per (SN, contract): the ledger index metrics were read up to, and each node's latest entries
+        # ({"latest": any kind, "train": ..., "validation": ...}).
+        self._metrics_read: dict[tuple[str, str], tuple[int, dict[str, dict[str, dict]]]] = {}
         self.exited = False
         # The swarm this SWCI has seen, pinned as SL and SWOP pin it (ledger/pin.py), in USR_DIR/.swarm/.
         self.pin = PinFile(self.cwd / PIN_DIR / PIN_FILE)
@@ -151,12 +152,25 @@ class SwciSession:
         return self._sn().query(section)[section]
 
     def _latest_metrics(self, contract: str) -> dict[str, dict]:
-        """Each node's latest metrics entry of `contract`; reads only the entries added since last time."""
+        """Each node's latest metrics entry of `contract`, of any kind."""
+        return {node: kinds["latest"] for node, kinds in self._latest_by_kind(contract).items()}
+
+    def _latest_by_kind(self, contract: str) -> dict[str, dict[str, dict]]:
+        """Each node's latest entries of `contract`: "latest" of any kind, "train" and "validation"
+        where it recorded one. An entry without a kind (older callbacks) is a train entry, and a
+        validation one too where it carries a metric, as the dashboard reads it. Reads only the
+        entries added since last time."""
         sn = self._sn()
         read_to, latest = self._metrics_read.get((_key(sn), contract), (0, {}))
         entries, read_to = sn.metrics(contract, read_to)
         for m in entries:
-            latest[m["node"]] = m
+            kinds = latest.setdefault(m["node"], {})
+            kinds["latest"] = m
+            kind = m.get("kind")
+            if kind in (None, "train"):
+                kinds["train"] = m
+            if kind == "validation" or (kind is None and m.get("metric") is not None):
+                kinds["validation"] = m
         self._metrics_read[(_key(sn), contract)] = (read_to, latest)
         return latest
 
@@ -253,9 +267,10 @@ class SwciSession:
         self._sn().submit("contract_reset", {"name": name})
 
     def cmd_perfdata(self, name: str) -> None:
-        for node, m in sorted(self._latest_metrics(name).items()):
-            self.out(f"{node}: round {m.get('round')} loss {m.get('loss')} {m.get('metric_name', 'metric')} "
-                     f"{m.get('metric')} epoch {m.get('epoch')}")
+        """Per node, side by side: the latest training loss and the latest validation metric (of the
+        merged model of its round), each with its round, since the two kinds of entry alternate."""
+        for node, kinds in sorted(self._latest_by_kind(name).items()):
+            self.out(f"{node}: {_train_text(kinds.get('train'))} · {_validation_text(kinds.get('validation'))}")
 
     def cmd_create_task(self, file: str) -> None:
         from swarmlearn.swci.taskdef import load_taskdef
@@ -389,6 +404,25 @@ class SwciSession:
                               for n, m in sorted(latest.items()))
             parts.append(line + (f"; {steps}" if steps else ""))
         return "; ".join(parts)
+
+
+def _value(value) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "unknown"
+
+
+def _train_text(m: dict | None) -> str:
+    if m is None:
+        return "no training loss yet"
+    when = [f"round {m.get('round')}", *(f"{k} {m[k]:g}" for k in ("step", "epoch")
+                                         if isinstance(m.get(k), (int, float)))]
+    return f"training loss {_value(m.get('loss'))} ({', '.join(when)})"
+
+
+def _validation_text(m: dict | None) -> str:
+    if m is None:
+        return "no validation metric (no validation data given, or none measured yet)"
+    loss = f", validation loss {_value(m['loss'])}" if m.get("loss") is not None and m.get("kind") else ""
+    return f"validation {m.get('metric_name') or 'metric'} {_value(m.get('metric'))} (round {m.get('round')}{loss})"
 
 
 def _progress(a: dict, rounds: str) -> str:

@@ -1,7 +1,12 @@
 """Feeds a SwarmView from the SN(s): one Watch stream of the whole ledger (the client moves to the
 next SN when one stops answering), one small liveness query a second, and a chain verification of
 the entries received, at most once every VERIFY_EVERY seconds and cached in the view, so that no
-reader of the dashboard can make it (or an SN) walk the chain on demand."""
+reader of the dashboard can make it (or an SN) walk the chain on demand.
+
+The liveness query answers for every node that heartbeats or submits, as heard by any SN of a shared
+ledger. SNs do neither (they share the ledger through its store), so the dashboard asks each SN
+registered on the ledger for its small "info" itself, once a second, and shows how long ago each
+last answered as that SN's heartbeat: with several SNs, every one of them shows as up or gone."""
 
 from __future__ import annotations
 
@@ -21,6 +26,10 @@ VERIFY_EVERY = 60.0
 # The first verification waits this long after start, so that it covers the catch-up of a long ledger.
 FIRST_VERIFY_AFTER = 2.0
 LIVENESS_EVERY = 1.0
+# How long one SN's probe retries an SN that does not answer before it counts as a missed answer.
+SN_PROBE_PATIENCE = 1.0
+# SNs probed at most (one thread each): a swarm has a handful.
+MAX_SN_PROBES = 16
 
 
 class LedgerFollower:
@@ -33,6 +42,9 @@ class LedgerFollower:
         self.background = background
         self.verify_every = verify_every
         self._verifier = ChainVerifier()
+        # SN -> monotonic time it last answered the dashboard; written by its probe, read by _liveness.
+        self._sn_answered: dict[str, float] = {}
+        self._probed: set[str] = set()
 
     def start(self) -> None:
         self.background.start("watch", self._watch)
@@ -59,12 +71,46 @@ class LedgerFollower:
     def _liveness(self) -> None:
         stop = self.background.stopping
         while not stop.wait(LIVENESS_EVERY):
+            self._probe_new_sns()
             try:
                 reply = self.client.query("info")
             except SwarmError as exc:
                 self.view.trouble(f"no SN answers: {exc}")
                 continue
-            self.view.heard(reply.get("last_seen") or {}, self.client.address)
+            last_seen = dict(reply.get("last_seen") or {})
+            now = time.monotonic()
+            for sn, answered in list(self._sn_answered.items()):
+                last_seen[sn] = min(round(now - answered, 3), last_seen.get(sn, float("inf")))
+            self.view.heard(last_seen, self.client.address)
+
+    def _probe_new_sns(self) -> None:
+        with self.view.read():
+            sns = {n.node_id: n.address for n in self.view.state.nodes.values() if n.role == "SN" and n.address}
+        for sn, address in sorted(sns.items()):
+            if sn not in self._probed and len(self._probed) < MAX_SN_PROBES:
+                self._probed.add(sn)
+                self.background.start(f"probe-{sn}", self._probe, sn, address)
+
+    def _probe(self, sn: str, address: str) -> None:
+        """Asks SN `sn` at `address` (as registered on the ledger) for its info every LIVENESS_EVERY
+        seconds, noting each answer, until the background stops."""
+        stop = self.background.stopping
+        try:
+            client = SNClient(address, self.client.identity, unreachable_timeout=SN_PROBE_PATIENCE)
+        except SwarmError as exc:
+            log.warning("cannot ask SN %s at %s whether it is up: %s", sn, address, exc)
+            return
+        try:
+            while True:
+                try:
+                    client.query("info")
+                    self._sn_answered[sn] = time.monotonic()
+                except SwarmError as exc:
+                    log.debug("SN %s at %s did not answer: %s", sn, address, exc)
+                if stop.wait(LIVENESS_EVERY):
+                    return
+        finally:
+            client.close()
 
     def _verify_periodically(self) -> None:
         stop = self.background.stopping

@@ -56,12 +56,20 @@ def _node_state(view: SwarmView, node) -> str:
 
 
 def _last_metric(view: SwarmView, node_id: str) -> str:
-    for contract, nodes in view.curves.items():
-        last = nodes.get(node_id)
-        if last is not None and last.last is not None:
-            shown = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(last.last.items())
-                     if k in ("loss", "metric", "metric_name", "kind") and v is not None]
-            return _e(f"round {last.last.get('round')}: " + ", ".join(shown))
+    """The node's latest training loss and latest validation metric, each with its round: the two
+    kinds of entry alternate, so the last entry alone would hide one of them."""
+    for contract, nodes in sorted(view.curves.items()):
+        curves = nodes.get(node_id)
+        if curves is None or not (curves.train or curves.validation):
+            continue
+        parts = []
+        if curves.train:
+            t = curves.train[-1]
+            parts.append(f"loss {t.loss:.4g} (round {t.round})")
+        if curves.validation:
+            v = curves.validation[-1]
+            parts.append(f"{v.metric_name} {v.metric:.4g} (round {v.round})")
+        return _e(" · ".join(parts))
     return "—"
 
 
@@ -160,12 +168,15 @@ def training_main(view: SwarmView) -> str:
 
 
 def training_charts(view: SwarmView) -> list[dict]:
-    """Two Plotly figures per contract with metrics: each node's training loss and validation metric
-    by round (hover: epoch and step)."""
+    """Two Plotly figures per contract with metrics, both by merged round: each node's training loss
+    (the mean of the steps it contributed to that round; hover: epoch and step) and the validation
+    metric of that round's merged model as measured on the node. Neither has a point for the round
+    of a node's first sync: that sync only loads the swarm's model, after no training step."""
     charts = []
     for i, (name, nodes) in enumerate(sorted(view.curves.items())):
         loss, metric = [], []
         metric_name = "metric"
+        last_round = 1
         for node, curves in sorted(nodes.items()):
             loss.append({"type": "scatter", "mode": "lines+markers", "name": node,
                          "x": [p.round for p in curves.train], "y": [p.loss for p in curves.train],
@@ -175,16 +186,34 @@ def training_charts(view: SwarmView) -> list[dict]:
                            "x": [p.round for p in curves.validation], "y": [p.metric for p in curves.validation]})
             if curves.validation:
                 metric_name = curves.validation[-1].metric_name
-        charts.append(_figure(f"loss-{i}", "loss", name, f"{name}: training loss", "loss", loss))
-        charts.append(_figure(f"metric-{i}", "metric", name, f"{name}: validation {metric_name}", metric_name,
-                              metric))
+            last_round = max([last_round, *(p.round for p in curves.train), *(p.round for p in curves.validation)])
+        charts.append(_figure(f"loss-{i}", "loss", name, f"{name}: training loss", "loss", loss, last_round))
+        charts.append(_figure(f"metric-{i}", "metric", name, f"{name}: validation {metric_name}", metric_name, metric,
+                              last_round))
     return charts
 
 
-def _figure(chart_id: str, kind: str, contract: str, title: str, y_title: str, data: list[dict]) -> dict:
-    layout = {"title": {"text": title, "font": {"size": 13}, "x": 0.02, "xanchor": "left"}, "autosize": True, "margin": {"l": 50, "r": 10, "t": 40, "b": 40},
-              "xaxis": {"title": {"text": "round"}}, "yaxis": {"title": {"text": y_title}}, "height": 300,
-              "legend": {"orientation": "h"}, "uirevision": chart_id}
+def _round_step(last_round: int) -> int:
+    """Tick spacing for a round axis up to `last_round`: whole rounds (Plotly would label 2.5), about
+    ten ticks at most."""
+    magnitude = 1
+    while True:
+        for step in (magnitude, 2 * magnitude, 5 * magnitude):
+            if last_round <= 10 * step:
+                return step
+        magnitude *= 10
+
+
+def _figure(chart_id: str, kind: str, contract: str, title: str, y_title: str, data: list[dict],
+            last_round: int) -> dict:
+    layout = {"title": {"text": title, "font": {"size": 13}, "x": 0.02, "xanchor": "left"}, "autosize": True,
+              "margin": {"l": 50, "r": 10, "t": 40, "b": 70},
+              "xaxis": {"title": {"text": "merged round", "standoff": 4}, "dtick": _round_step(last_round),
+                        "tickformat": "d"},
+              "yaxis": {"title": {"text": y_title}}, "height": 330,
+              # At the figure's foot, below the axis title (at Plotly's default place it sits on it).
+              "legend": {"orientation": "h", "yref": "container", "y": 0, "yanchor": "bottom"},
+              "uirevision": chart_id}
     return {"id": chart_id, "kind": kind, "contract": contract, "data": data, "layout": layout}
 
 
