@@ -57,7 +57,7 @@ def test_a_node_evicted_while_paused_joins_again_and_trains_to_the_end(procs, ce
         watch.close()
     wait_ml(swarm, timeout=90)
 
-    sl_log = swarm.nodes[PAUSED].sl.output; print(everything(swarm))
+    sl_log = swarm.nodes[PAUSED].sl.output
     rejoins = REJOIN_LINE.findall(sl_log)
     assert len(rejoins) == 1, everything(swarm)
     merged_round = int(rejoins[0][1])

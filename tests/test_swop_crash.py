@@ -45,8 +45,11 @@ def start_swop(procs, certs, sn, usr):
 
 
 def swci(procs, certs, sn, usr: Path, script: str):
+    # The SWCI takes a SWOP silent for its SN patience plus 10 s for stopped: 2 s of patience keeps the
+    # wait for a killed SWOP short.
     return procs.swarm("swci", "--usr-dir", str(usr / "swci"), "--init-script-name", script,
-                       *identity_args(certs, "swci"), "--sn-api-port", sn.address.rsplit(":", 1)[1])
+                       *identity_args(certs, "swci"), "--sn-api-port", sn.address.rsplit(":", 1)[1],
+                       env={"SWARM_SN_PATIENCE": "2"})
 
 
 def ended(proc, timeout: float) -> int:

@@ -275,8 +275,9 @@ class RoundEngine:
         again as we first did and resume, like a late node, from the latest merged model. A refused
         join (no longer among the contract's peers, revoked) fails our training with its reason."""
         if self._left.is_set() or self._session is None:
+            why = "it left it" if self._left.is_set() else "evicted, and this engine does not know how it joined"
             raise SwarmError(f"{self.node_id} is no longer in the training session of {self.contract_name} "
-                             f"(it left it); restart it to join again")
+                             f"({why}); restart it to join again")
         number, generation = self._read(lambda c: (c.current_round, c.generation))
         if generation != self._generation:
             raise SwarmError(f"contract {self.contract_name} was reset (started over) since {self.node_id} joined "

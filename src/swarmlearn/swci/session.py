@@ -19,16 +19,18 @@ from swarmlearn.defaults import SN_API_PORT
 from swarmlearn.errors import SwarmError
 from swarmlearn.ledger.model import AssignmentStatus, PeerState, RoundStatus
 from swarmlearn.ledger.pin import PIN_FILE, HistoryRefused, Pin, PinFile, sn_refused
-from swarmlearn.sn.client import SNClient, parse_sn_addresses
+from swarmlearn.sn.client import SNClient, default_patience, parse_sn_addresses
 from swarmlearn.swci.script import USAGE, Command
 
 # The original waits this long for a task runner; we say what is going on all along.
 DEFAULT_TASK_TIMEOUT = 120 * 60
 WAIT_FOR_IP_TIMEOUT = 300.0
 PROGRESS_EVERY = 30.0
-# A SWOP heartbeats every second; one silent this long while its peers run has stopped (or lost the SN).
-# Ten beats, not two: a loaded host can stall a SWOP for seconds, and a false alarm ends a healthy task.
-SWOP_SILENT_AFTER = 10.0
+# A SWOP heartbeats every second, and one that reaches no SN for the SN patience (SWARM_SN_PATIENCE,
+# default 30 s) stops itself and its nodes. So a SWOP silent for longer than that plus this slack has
+# stopped, while one silent for less may only be cut off: a host partitioned for 20 s carries on when
+# it is back, and failing its task then would end a healthy training.
+SWOP_SILENT_SLACK = 10.0
 # The pin (see SwciSession._check_history) lives in USR_DIR/.swarm/ and is checked against the SN on
 # connecting and then at most this often, as commands run: one Query, and one entry read with Watch
 # when the ledger grew past the pinned head.
@@ -448,13 +450,14 @@ def _failure(runner: str, a: dict) -> str:
 def _silent_swop(runner: str, a: dict, last_seen: dict[str, float]) -> str | None:
     """Why the task cannot end well, if a SWOP whose peers still run has gone silent. (A SWOP the SN
     has not heard from since it started is given the benefit of the doubt.)"""
+    silent_after = default_patience() + SWOP_SILENT_SLACK
     running: dict[str, list[str]] = {}
     for peer, s in sorted(a["peer_status"].items()):
         if s["status"] in (PeerState.STARTING, PeerState.RUNNING):
             running.setdefault(s["swop"], []).append(peer)
     for swop, peers in sorted(running.items()):
         silent = last_seen.get(swop)
-        if silent is not None and silent > SWOP_SILENT_AFTER:
+        if silent is not None and silent > silent_after:
             return (f"task {a['task']} on {runner}: {swop} stopped while its nodes ran (not heard from for "
                     f"{silent:.0f} s); its peers {', '.join(peers)} stopped with it. Start `swarm swop` again, then "
                     f"RESET TASKRUNNER {runner} and ASSIGN TASK {a['task']} to run it afresh")
