@@ -1,11 +1,13 @@
 """Shared by benchmarks: a throw-away swarm on 127.0.0.1 — certificates, a sentinel SN and SL
 processes — started as a user would, and stopped by pid. Its ledger is the SN's SQLite file (the
-default) or, with ledger="etcd", a three-member etcd cluster on 127.0.0.1 with mutual TLS from a ledger
-CA of its own, which further SNs (start_sn(host=2), ...) can share."""
+default) or, with ledger="etcd", a three-member etcd cluster with mutual TLS from a ledger CA of its own,
+which further SNs (start_sn(host=2), ...) can share: its members on 127.0.0.1, or each in a network
+namespace of its own (etcd_hosts: emulated hosts of tests/netns.py, which this process must reach)."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -15,8 +17,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from swarmlearn.ledger.etcd_member import EtcdCluster, start_cluster
-from swarmlearn.ledger.etcd_store import EtcdStore, TLSFiles
+from swarmlearn.ledger.etcd_member import Bootstrap, EtcdCluster, EtcdMember, etcd_binary, member_args, start_cluster
+from swarmlearn.ledger.etcd_store import DEFAULT_MAX_ENTRY_BYTES, EtcdStore, TLSFiles
 from swarmlearn.ledger.sqlite_store import SQLiteStore
 from swarmlearn.ledger.store import LedgerStore
 from swarmlearn.callback.core import SLChannel
@@ -29,6 +31,41 @@ SWARM = [sys.executable, "-m", "swarmlearn.cli"]
 LEDGERS = ("sqlite", "etcd")
 ETCD_PREFIX = "/swarmlearn-bench"
 ETCD_MEMBERS = 3
+# A member in a namespace of its own has the host's ports to itself: etcd's usual ones.
+ETCD_CLIENT_PORT, ETCD_PEER_PORT = 2379, 2380
+
+
+@dataclass
+class NamespacedMember(EtcdMember):
+    """An etcd member run inside network namespace `namespace` (`ip netns exec` execs etcd in place,
+    so the pid recorded is etcd's own and stopping it by pid stays exact)."""
+
+    namespace: str = ""
+
+    def launch(self) -> None:
+        with open(self.log_path, "ab") as log_file:
+            self.popen = subprocess.Popen(["ip", "netns", "exec", self.namespace, etcd_binary(), *self.args],
+                                          stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+
+
+def start_cluster_on_hosts(base_dir: Path, tls: TLSFiles, hosts: list[tuple[str, str]]) -> EtcdCluster:
+    """One new etcd cluster with a member on each (namespace, address) of `hosts`; returns once every
+    member serves with a leader."""
+    base_dir.mkdir(parents=True, exist_ok=True)
+    members = [NamespacedMember(f"etcd{i}", base_dir / f"etcd{i}.data", ETCD_CLIENT_PORT, ETCD_PEER_PORT, host=ip,
+                                namespace=ns) for i, (ns, ip) in enumerate(hosts)]
+    bootstrap = Bootstrap(",".join(f"{m.name}={m.peer_url}" for m in members), "new",
+                          f"swarmlearn-bench-{secrets.token_hex(6)}")
+    cluster = EtcdCluster(members, tls, DEFAULT_MAX_ENTRY_BYTES)
+    try:
+        for member in members:
+            member.args = member_args(member, tls, base_dir / "trusted-ca.pem", DEFAULT_MAX_ENTRY_BYTES, bootstrap)
+            member.launch()
+        cluster.wait_ready()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
 
 
 @dataclass
@@ -56,10 +93,12 @@ class Process:
 
 
 class LocalSwarm:
-    def __init__(self, workdir: Path | None = None, ledger: str = "sqlite"):
+    def __init__(self, workdir: Path | None = None, ledger: str = "sqlite",
+                 etcd_hosts: list[tuple[str, str]] | None = None):
         if ledger not in LEDGERS:
             raise ValueError(f"ledger {ledger!r}: give one of {', '.join(LEDGERS)}")
         self.ledger = ledger
+        self.etcd_hosts = etcd_hosts  # (namespace, address) per etcd member; None: all on 127.0.0.1
         self.own_dir = workdir is None  # a temporary folder of ours is removed at stop
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="swarm-bench-"))
         self.certs = CertLayout(self.dir / "cert", 1)
@@ -110,13 +149,16 @@ class LocalSwarm:
         use: the etcd members serve and trust it, and the SNs reach them with it."""
         layout = CertLayout(self.dir / "cert-ledger", 1)
         if not layout.cert("sn").exists():
-            generate_host_certs(layout.root, 1, org="bench-ledger", components=("sn",))
+            generate_host_certs(layout.root, 1, org="bench-ledger", components=("sn",),
+                                sans=[ip for _, ip in self.etcd_hosts or []])
         return TLSFiles(layout.ca_cert, layout.cert("sn"), layout.key("sn"))
 
     def _ledger_args(self, host: int) -> list[str]:
         if self.ledger == "sqlite":
             return []
-        if self.etcd is None:
+        if self.etcd is None and self.etcd_hosts:
+            self.etcd = start_cluster_on_hosts(self.dir / "etcd", self.etcd_tls, self.etcd_hosts)
+        elif self.etcd is None:
             self.etcd = start_cluster(self.dir / "etcd", self.etcd_tls, size=ETCD_MEMBERS)
         urls = [f"https://{e}" for e in self.etcd.endpoints]
         first = (host - 1) % len(urls)  # each host's SN talks to its own member first

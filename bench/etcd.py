@@ -1,7 +1,12 @@
 """The ledger on a three-member etcd cluster versus the SN's SQLite file, side by side in one run:
 append latency, a 3-peer round's latency, and the failover of a client from a killed SN to another.
 
-    python -m bench etcd [--appends 300] [--rounds 40] [--kills 5] [--quick]
+    python -m bench etcd [--appends 300] [--rounds 40] [--kills 5] [--quick] [--hosts netns|loopback]
+
+The etcd cluster's three members run each in a network namespace of its own (an emulated host of
+tests/netns.py, on one bridge; this needs root and `ip`), and the benchmark with its SNs and SLs runs
+in the first of them, as an SN beside its own member on a host would. --hosts loopback (the fallback
+where namespaces cannot be made) puts the members on 127.0.0.1 instead.
 
   append    N signed `contract_create` submits, one at a time, from a SWCI client through one SN:
             the time of each Submit call (signature check, state machine, store, reply). Paced at
@@ -24,6 +29,7 @@ import logging
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -31,9 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tests"))  # netns.py: the emulated hosts of the multi-host tests
 from bench import write_figures  # noqa: E402
-from bench._swarm import LEDGERS, LocalSwarm  # noqa: E402
+from bench._swarm import ETCD_MEMBERS, LEDGERS, LocalSwarm  # noqa: E402
 from bench.round import run_cell  # noqa: E402
 from swarmlearn.sn.client import SNClient  # noqa: E402
 
@@ -78,9 +86,12 @@ def timed_appends(client: SNClient, count: int, start: int) -> list[float]:
     return times
 
 
-def append_latency(appends: int) -> dict:
+EtcdHosts = list[tuple[str, str]] | None  # (namespace, address) of each etcd member; None: 127.0.0.1
+
+
+def append_latency(appends: int, etcd_hosts: EtcdHosts) -> dict:
     """Per-submit milliseconds through one SN on each ledger, both swarms up, in alternating blocks."""
-    swarms = {ledger: LocalSwarm(ledger=ledger) for ledger in LEDGERS}
+    swarms = {ledger: LocalSwarm(ledger=ledger, etcd_hosts=etcd_hosts) for ledger in LEDGERS}
     clients: dict[str, SNClient] = {}
     times: dict[str, list[float]] = {ledger: [] for ledger in LEDGERS}
     try:
@@ -98,10 +109,10 @@ def append_latency(appends: int) -> dict:
     return {ledger: summary(values) for ledger, values in times.items()}
 
 
-def round_latency(rounds: int) -> dict:
+def round_latency(rounds: int, etcd_hosts: EtcdHosts) -> dict:
     """A 3-peer round's milliseconds on each ledger, both swarms up, in alternating blocks of rounds
     (each block after run_cell's 2 warm-up rounds)."""
-    swarms = {ledger: LocalSwarm(ledger=ledger) for ledger in LEDGERS}
+    swarms = {ledger: LocalSwarm(ledger=ledger, etcd_hosts=etcd_hosts) for ledger in LEDGERS}
     latencies: dict[str, list[float]] = {ledger: [] for ledger in LEDGERS}
     try:
         channels = {ledger: swarm.start_peers([f"node{i + 1}" for i in range(ROUND_PEERS)], ROUND_PEERS - 1)
@@ -175,8 +186,8 @@ def failover_once(swarm: LocalSwarm, hosts: dict[str, int], victim_host: int) ->
     return answered_at - killed_at, victim
 
 
-def failover(kills: int) -> dict:
-    swarm = LocalSwarm(ledger="etcd")
+def failover(kills: int, etcd_hosts: EtcdHosts) -> dict:
+    swarm = LocalSwarm(ledger="etcd", etcd_hosts=etcd_hosts)
     seconds, killed = [], []
     try:
         hosts = {swarm.start_sn(host): host for host in (1, 2, 3)}
@@ -211,6 +222,27 @@ def print_table(report: dict) -> None:
           f"max {f['max']:.2f} s; ≤ {FAILOVER_TARGET_S:.0f} s: {met}")
 
 
+def parse_etcd_hosts(spec: str) -> list[tuple[str, str]]:
+    hosts = [tuple(item.split("=", 1)) for item in spec.split(",") if item]
+    if len(hosts) != ETCD_MEMBERS or any(len(host) != 2 or not all(host) for host in hosts):
+        raise argparse.ArgumentTypeError(f"{spec!r}: give {ETCD_MEMBERS} NAMESPACE=ADDRESS, comma separated")
+    return hosts
+
+
+def run_in_hosts(argv: list[str]) -> int:
+    """Runs this benchmark again inside the first of ETCD_MEMBERS emulated hosts, with an etcd member
+    on each; removes the hosts when it ends (it stops every process it started there)."""
+    from netns import Hosts
+
+    hosts = Hosts.create(ETCD_MEMBERS)
+    try:
+        spec = ",".join(f"{host.ns}={host.ip}" for host in hosts)
+        return subprocess.call(hosts[0].command([sys.executable, "-m", "bench", "etcd", *argv, "--etcd-hosts", spec]),
+                               cwd=ROOT)
+    finally:
+        hosts.destroy()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--appends", type=int, default=300, help="submits per ledger (default 300)")
@@ -219,7 +251,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 50 appends, 5 rounds, 2 kills")
     parser.add_argument("--out", type=Path, default=None,
                         help="raw figures (default bench/results/etcd.json, etcd-quick.json with --quick)")
+    parser.add_argument("--hosts", choices=("netns", "loopback"), default="netns",
+                        help="etcd members each in a network namespace (default; needs root), or all on 127.0.0.1")
+    parser.add_argument("--etcd-hosts", type=parse_etcd_hosts, default=None, metavar="NS=IP,NS=IP,NS=IP",
+                        help="the members' namespaces and addresses, this process running where it reaches them "
+                             "(what --hosts netns passes to its run inside the first host)")
     args = parser.parse_args()
+    if args.hosts == "netns" and args.etcd_hosts is None:
+        from netns import missing_prerequisite
+
+        why_not = missing_prerequisite()
+        if why_not is None:
+            sys.exit(run_in_hosts(sys.argv[1:]))
+        print(f"etcd members on 127.0.0.1, not in namespaces: {why_not}", flush=True)
     if args.quick:
         args.appends, args.rounds, args.kills = 50, 5, 2
     if min(args.appends, args.rounds, args.kills) < 1:
@@ -227,18 +271,21 @@ def main() -> None:
     args.out = args.out or RESULTS / f"etcd{'-quick' if args.quick else ''}.json"
     # The client's one line per SN switch would interleave with the table; the switch is what is timed.
     logging.getLogger("swarmlearn.sn.client").setLevel(logging.ERROR)
-    print(f"SQLite: the SN's ledger file; etcd: three members on 127.0.0.1, mutual TLS; {args.appends} appends, "
+    members = (f"one per network namespace ({', '.join(ip for _, ip in args.etcd_hosts)})" if args.etcd_hosts
+               else "on 127.0.0.1")
+    print(f"SQLite: the SN's ledger file; etcd: {ETCD_MEMBERS} members {members}, mutual TLS; {args.appends} appends, "
           f"{args.rounds} rounds, {args.kills} kills; {os.cpu_count()} CPUs", flush=True)
     started = time.monotonic()
     report: dict = {"appends": args.appends, "rounds": args.rounds, "kills": args.kills, "cpus": os.cpu_count(),
-                    "submit_pace_s": SUBMIT_PACE, "append_block": APPEND_BLOCK, "round_block": ROUND_BLOCK}
-    report["append_ms"] = append_latency(args.appends)
+                    "submit_pace_s": SUBMIT_PACE, "append_block": APPEND_BLOCK, "round_block": ROUND_BLOCK,
+                    "etcd_members": members}
+    report["append_ms"] = append_latency(args.appends, args.etcd_hosts)
     print("  append: " + ", ".join(f"{k} median {v['median']:.1f} ms" for k, v in report["append_ms"].items()),
           flush=True)
-    report["round_ms"] = round_latency(args.rounds)
+    report["round_ms"] = round_latency(args.rounds, args.etcd_hosts)
     print("  round: " + ", ".join(f"{k} median {v['median']:.1f} ms" for k, v in report["round_ms"].items()),
           flush=True)
-    report["failover_s"] = failover(args.kills)
+    report["failover_s"] = failover(args.kills, args.etcd_hosts)
     report["round_ratio"] = report["round_ms"]["etcd"]["median"] / report["round_ms"]["sqlite"]["median"]
     report["round_target_met"] = report["round_ratio"] <= ROUND_TARGET
     report["failover_target_met"] = report["failover_s"]["max"] <= FAILOVER_TARGET_S

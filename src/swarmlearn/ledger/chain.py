@@ -160,17 +160,21 @@ class Chain:
             self.on_head(self.state.head_index, self.state.head_hash)
 
     def catch_up(self) -> int:
-        """Folds entries other writers appended since we last looked; returns how many."""
-        with self.lock:
-            count = 0
-            while rows := self.store.read_raw(self.state.head_index + 1, self.READ_BATCH):
-                for row in rows:
+        """Folds entries other writers appended since we last looked; returns how many. Called without
+        the chain's lock, it reads the store without holding it (on a shared store a read is a network
+        round trip, which submits need not wait for) and folds under it what no other thread folded
+        meanwhile."""
+        count = 0
+        while rows := self.store.read_raw(self.state.head_index + 1, self.READ_BATCH):
+            with self.lock:
+                fresh = [row for row in rows if row.index > self.state.head_index]
+                for row in fresh:
                     self.verifier.verify_next(row)
                     self.tail.add(row)
-                count += len(rows)
-            if count:
-                self._moved()
-            return count
+                if fresh:
+                    self._moved()
+            count += len(fresh)
+        return count
 
     def fold(self, row: StoredEntry) -> None:
         """Folds `row`, an entry the store holds (a store watch brought it), if it is the next one; reads
@@ -217,7 +221,7 @@ class Chain:
         folded, until `should_stop()` (looked at least every `poll` seconds): recent ones from its tail,
         older ones read from the store (up to the folded head). An entry past the head is yielded once
         folded, never before: what a Watch serves is what this SN's state holds."""
-        next_index = start
+        next_index = max(0, start)
         while not should_stop():
             rows = self.tail.rows_from(next_index, batch)
             if rows is None:
