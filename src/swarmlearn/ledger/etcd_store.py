@@ -138,17 +138,20 @@ class _Members:
         self.endpoints = list(endpoints)
         self._tls = tls
         self._channels: dict[int, grpc.Channel] = {}
+        self._stubs: dict[int, _Stubs] = {}  # made once per channel: every call of an SN asks for them
         self._current = 0
         self._lock = threading.Lock()
 
     def current(self) -> _Stubs:
         with self._lock:
             position = self._current
-            channel = self._channels.get(position)
-            if channel is None:
+            stubs = self._stubs.get(position)
+            if stubs is None:
                 channel = self._channels[position] = open_channel(self.endpoints[position], self._tls)
-        return _Stubs(position, self.endpoints[position], rpc.KVStub(channel), rpc.WatchStub(channel),
-                      rpc.LeaseStub(channel), rpc.MaintenanceStub(channel), rpc.ClusterStub(channel))
+                stubs = self._stubs[position] = _Stubs(
+                    position, self.endpoints[position], rpc.KVStub(channel), rpc.WatchStub(channel),
+                    rpc.LeaseStub(channel), rpc.MaintenanceStub(channel), rpc.ClusterStub(channel))
+            return stubs
 
     def replace(self, endpoints: list[str]) -> None:
         """Uses `endpoints` from now on (the cluster's members changed), keeping the member in use if
@@ -160,6 +163,7 @@ class _Members:
             for channel in self._channels.values():
                 channel.close()
             self._channels.clear()
+            self._stubs.clear()
             self.endpoints = list(endpoints)
             self._current = self.endpoints.index(current) if current in self.endpoints else 0
 
@@ -178,6 +182,7 @@ class _Members:
             for channel in self._channels.values():
                 channel.close()
             self._channels.clear()
+            self._stubs.clear()
 
 
 def describe(error: grpc.RpcError) -> str:
