@@ -410,3 +410,28 @@ def test_a_liveness_read_that_fails_is_served_from_the_last_read_without_waiting
         cluster.stop()
     warnings = [r.getMessage() for r in caplog.records if "cannot read the etcd cluster" in r.getMessage()]
     assert len(warnings) == 1, warnings
+
+
+# ------------------------------------------------------------------------------------ members joining
+
+
+def test_a_change_of_members_leaves_the_calls_in_flight_on_members_that_stay(open_store, etcd_cluster):
+    """An SN refreshes its store's member list as SNs join; a wait already running on a member that is
+    still one must not be cancelled by that (once, a join failed with "CANCELLED: Channel closed")."""
+    store = open_store()
+    append_chain(store, 2)
+    outcome: list[object] = []
+
+    def wait_past_head() -> None:
+        try:
+            outcome.append(store.wait_for(50, timeout=3.0))
+        except Exception as exc:  # noqa: BLE001 - the test reports whatever ended the wait
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait_past_head)
+    waiter.start()
+    time.sleep(0.5)  # the wait is on its watch stream now
+    store.use_endpoints([*etcd_cluster.endpoints, "127.0.0.1:9"])  # a member joined (port 9: discard)
+    waiter.join(timeout=10)
+    assert outcome == [False], f"the wait ended with {outcome!r}, not by its own timeout"
+    assert store.head()[0] == 1  # and calls after the change go on through the same member

@@ -12,11 +12,14 @@ run in file order; each one that kills something restarts it, and minority loss,
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +41,13 @@ PREFIX = "/swarmlearn"
 TASKRUNNER = "defaulttaskbb.taskdb.sml.hpe"
 ML_SCRIPT = Path(__file__).parent / "ml" / "multihost_model.py"
 FINISHED = "All peers and Swarm training rounds finished. Final Swarm model was loaded."
+PARTITION_SECONDS = 20.0
+# The ledger is read this long before the heal: the read takes a second or two (a Python in host 1).
+LEDGER_READ_AHEAD = 4.0
+# How long the majority trains on after the heal (counted from about when the cut starts): node3 needs
+# some seconds (5 on an idle machine) to reach an SN and join again, then takes part in rounds with them.
+TRAINING_AFTER_HEAL = 14.0
+RESUMED = re.compile(r"round (\d+): node3 resumes from the latest merged model ([0-9a-f]+)")
 
 PROFILE = """\
 groupname  : multihost
@@ -170,7 +180,8 @@ class Cluster:
         """Every given host's member verifies, and each one's head is on one chain: the ledger moves on
         while we ask (nodes leave, SWOPs report), so each head must be the entry at its index of the
         chain the last member serves."""
-        heads = {index: self.verify(index) for index in hosts}
+        with ThreadPoolExecutor(len(hosts)) as pool:  # each a process in its host: side by side
+            heads = dict(zip(hosts, pool.map(self.verify, hosts)))
         chain = self.entries(hosts[-1])
         for index, (count, head) in heads.items():
             assert count <= len(chain) and chain[count - 1]["hash"] == head, \
@@ -244,7 +255,8 @@ def make_usr(cluster: Cluster) -> None:
             capath=machine.swarm_certs.capath, ip=machine.host.ip, usr=usr))
 
 
-def start_swop(cluster: Cluster, index: int) -> Proc:
+def launch_swop(cluster: Cluster, index: int) -> Proc:
+    """Host `index`'s SWOP, started; wait for its ready line before assigning it a task."""
     machine = cluster.machines[index]
     certs = machine.swarm_certs
     cluster.procs.workspaces.append(machine.workspace)
@@ -253,8 +265,20 @@ def start_swop(cluster: Cluster, index: int) -> Proc:
         "--profile-file-name", f"host{machine.n}.yaml", "--workspace", str(machine.workspace),
         "--key", str(certs.key("swop")), "--cert", str(certs.cert("swop")), "--capath", str(certs.capath),
         "--sl-arg=--checkin-wait", "--sl-arg=1"]))
-    machine.swop.wait_for_line(f"SWOP swop-{machine.n} ready", timeout=60)
     return machine.swop
+
+
+def stop_side_by_side(procs: list[Proc | None]) -> None:
+    """SIGTERM to each running one (by pid), then waits for them all: hosts stop side by side rather
+    than one after another. What does not stop here is killed by Procs.stop_all after."""
+    running = [proc for proc in procs if proc is not None and proc.popen.poll() is None]
+    for proc in running:
+        os.kill(proc.popen.pid, signal.SIGTERM)
+    for proc in running:
+        try:
+            proc.popen.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 @pytest.fixture(scope="module")
@@ -264,6 +288,7 @@ def cluster(tmp_path_factory):
     base = tmp_path_factory.mktemp("multihost")
     with emulated_hosts(3) as hosts:
         procs = Procs()
+        machines: list[Machine] = []
         try:
             machines, ledger_ca = make_machines(hosts, base)
             made = Cluster(hosts, machines, ledger_ca, base / "usr", base, procs)
@@ -272,9 +297,14 @@ def cluster(tmp_path_factory):
                 made.start_sn(index)  # one at a time: each joins as a learner, then is promoted
             make_usr(made)
             for index in range(3):
-                start_swop(made, index)
+                launch_swop(made, index)
+            for machine in machines:
+                machine.swop.wait_for_line(f"SWOP swop-{machine.n} ready", timeout=60)
             yield made
         finally:
+            # The SWOPs (their nodes are done) go before the SNs they talk to, as a user would stop them.
+            stop_side_by_side([machine.swop for machine in machines])
+            stop_side_by_side([machine.sn for machine in machines])
             procs.stop_all()
 
 
@@ -332,29 +362,66 @@ class Training:
             ml_log = machine.sl_log(self.name).with_name("ml.log").read_text()
             assert FINISHED in ml_log, f"node{machine.n} did not load the final swarm model:\n{ml_log}"
 
-    def rounds(self, index: int = 0) -> tuple[list[int], list[int], list[dict]]:
-        """This run's rounds as host `index`'s etcd member serves them: the round of each merged entry,
-        of each round_abort entry, and the close_round payloads."""
-        entries = [e for e in self.cluster.entries(index) if e["payload"].get("contract") == self.name]
-        merged = [e["payload"]["round"] for e in entries if e["kind"] == "merged"]
-        aborted = [e["payload"]["round"] for e in entries if e["kind"] == "round_abort"]
-        return merged, aborted, [e["payload"] for e in entries if e["kind"] == "close_round"]
+    def entries(self, index: int = 0) -> list[dict]:
+        """This run's ledger entries (of its contract) as host `index`'s etcd member serves them."""
+        return [e for e in self.cluster.entries(index) if e["payload"].get("contract") == self.name]
 
-    def assert_no_round_lost_or_doubled(self, index: int = 0) -> list[dict]:
-        """One merged entry per round, rounds contiguous, none aborted; returns the close_round payloads."""
-        merged, aborted, closes = self.rounds(index)
+    def rounds(self, index: int = 0) -> LedgerRounds:
+        """This run's rounds as host `index`'s etcd member serves them."""
+        return LedgerRounds.of(self.entries(index))
+
+    def assert_no_round_lost_or_doubled(self, index: int = 0) -> LedgerRounds:
+        """One merged entry per round, rounds contiguous, none aborted."""
+        rounds = self.rounds(index)
+        merged = rounds.merged
         assert merged, f"no merged round of contract {self.name} on the ledger"
         assert sorted(merged) == list(range(min(merged), min(merged) + len(merged))), \
             f"merged rounds on the ledger are not one per round, contiguous (a round lost or doubled): {merged}"
-        assert not aborted, f"rounds aborted (lost) on the ledger: {aborted}"
-        return closes
+        assert not rounds.aborted, f"rounds aborted (lost) on the ledger: {rounds.aborted}"
+        return rounds
+
+
+@dataclass
+class LedgerRounds:
+    """One run's rounds as its ledger entries tell them."""
+
+    merged: list[int] = field(default_factory=list)  # the round of each merged entry, in ledger order
+    aborted: list[int] = field(default_factory=list)  # the round of each round_abort entry
+    participants: dict[int, set[str]] = field(default_factory=dict)  # of each closed round
+    merged_with: dict[int, set[str]] = field(default_factory=dict)  # the nodes whose models a merge took
+    hashes: dict[int, str] = field(default_factory=dict)  # each merged round's model
+
+    @classmethod
+    def of(cls, entries: list[dict]) -> LedgerRounds:
+        """A round closes with a close_round entry naming its participants, or on the check-in that
+        completes it (every active member in; no close_round entry then): its participants are then
+        every node that checked in. A merged entry names the participants its leader dropped."""
+        rounds = cls()
+        checked_in: dict[int, set[str]] = {}
+        for entry in entries:
+            payload, kind = entry["payload"], entry["kind"]
+            if kind == "checkin":
+                checked_in.setdefault(payload["round"], set()).add(payload["node"])
+            elif kind == "close_round":
+                rounds.participants[payload["round"]] = set(payload["participants"])
+            elif kind == "merged":
+                number = payload["round"]
+                participants = rounds.participants.setdefault(number, checked_in.get(number, set()))
+                rounds.merged.append(number)
+                rounds.merged_with[number] = participants - set(payload.get("dropped", []))
+                rounds.hashes[number] = payload["hash"]
+            elif kind == "round_abort":
+                rounds.aborted.append(payload["round"])
+        return rounds
 
 
 def train(cluster: Cluster, name: str, *, steps: int = 8, step_sleep: float = 0.0, min_peers: int = 3,
-          sync_frequency: int = 2) -> Training:
-    """Assigns a RUN_SWARM task `name` (on contract `name`) to the three hosts; returns while it runs."""
+          sync_frequency: int = 2, train_seconds: float = 0.0) -> Training:
+    """Assigns a RUN_SWARM task `name` (on contract `name`) to the three hosts; returns while it runs.
+    With `train_seconds`, each node also stops training that long after it began (ml/multihost_model.py)."""
     envvars = {"CONTRACT": name, "OUT_DIR": str(cluster.base / "out" / name), "STEPS": steps,
-               "STEP_SLEEP": step_sleep, "MIN_PEERS": min_peers, "SYNC_FREQUENCY": sync_frequency}
+               "STEP_SLEEP": step_sleep, "MIN_PEERS": min_peers, "SYNC_FREQUENCY": sync_frequency,
+               "TRAIN_SECONDS": train_seconds}
     (cluster.usr / "swci" / "taskdefs" / f"{name}.yaml").write_text(TASK.format(
         name=name, usr=cluster.usr, envvars=", ".join(f'"{k}": "{v}"' for k, v in envvars.items())))
     return Training(cluster, name, cluster.swci(SCRIPT.format(contract=name, name=name, taskrunner=TASKRUNNER)))
@@ -388,15 +455,16 @@ def test_three_hosts_train_to_the_end_with_one_model_that_every_member_verifies(
     run = train(cluster, "everyone")
     run.finish()
     run.assert_one_final_model()
-    closes = run.assert_no_round_lost_or_doubled()
-    assert all(sorted(c["participants"]) == ["node1", "node2", "node3"] for c in closes), \
-        f"a round closed without all three hosts: {closes}"
+    rounds = run.assert_no_round_lost_or_doubled()
+    short = {number: sorted(nodes) for number, nodes in rounds.participants.items()
+             if nodes != {"node1", "node2", "node3"}}
+    assert not short, f"rounds closed without all three hosts: {short}"
     cluster.verify_everywhere()
 
 
 @pytest.mark.parametrize("victim", [2, 0], ids=["host3-sn", "sentinel"])
 def test_killing_a_hosts_sn_mid_training_loses_no_round_and_its_node_fails_over(cluster, victim):
-    run = train(cluster, f"kill-sn{victim + 1}", steps=16, step_sleep=0.2)
+    run = train(cluster, f"kill-sn{victim + 1}", steps=12, step_sleep=0.2)
     machine = cluster.machines[victim]
     run.wait_for_sl_line(victim, f"round 2: node{machine.n} checked in")
     kill_sn_and_member(machine)
@@ -413,27 +481,72 @@ def test_killing_a_hosts_sn_mid_training_loses_no_round_and_its_node_fails_over(
     cluster.verify_everywhere()  # the restarted member serves the chain the others appended to
 
 
-def test_a_partitioned_host_waits_and_catches_up_from_the_latest_merged_model(cluster):
-    run = train(cluster, "partition", steps=30, step_sleep=0.3, min_peers=2, sync_frequency=3)
-    host3 = cluster.hosts[2]
-    run.wait_for_sl_line(2, "round 2: node3 checked in")
+@dataclass
+class Cut:
+    """Host 3 cut off for PARTITION_SECONDS: its SL's lines meanwhile, and this run's ledger as host 1's
+    member served it shortly before the heal, when node3 cannot have come back yet."""
+
+    lines: list[str]
+    heal_line: int  # the first line the SL logged after the heal
+    rounds: LedgerRounds
+    evicted: bool  # node3 was taken out of the session
+
+
+def cut_off_host3(run: Training) -> Cut:
+    """Sets host 3's veth down for PARTITION_SECONDS, then up again; its processes run on meanwhile."""
+    host3 = run.cluster.hosts[2]
     before = len(run.sl_log(2).splitlines())
     host3.partition()
+    heal_at = time.monotonic() + PARTITION_SECONDS
     try:
-        time.sleep(20)
+        time.sleep(PARTITION_SECONDS - LEDGER_READ_AHEAD)
+        entries = run.entries(0)
     finally:
+        time.sleep(max(0.0, heal_at - time.monotonic()))
         host3.heal()
-    during = run.sl_log(2).splitlines()[before:]
-    waiting = [line for line in during if "waiting" in line or "no SN answers" in line]
-    assert waiting, "node3, cut off for 20 s, logged no line saying it waits:\n" + "\n".join(during)
-    run.finish(timeout=150)
-    merged, _, closes = run.rounds(0)
-    without_node3 = {c["round"] for c in closes if "node3" not in c["participants"]}
-    assert without_node3 & set(merged), \
-        f"no round merged without node3 while it was cut off: the two-host majority did not go on: {closes}"
-    log = run.sl_log(2)
-    assert "resumes from the latest merged model" in log or "closed without node3; taking its merged model" in log, \
-        f"node3 did not catch up from the latest merged model after the heal:\n{log}"
+    lines = run.sl_log(2).splitlines()
+    evicted = any(e["kind"] == "session_evict" and e["payload"]["node"] == "node3" for e in entries)
+    return Cut(lines[before:], len(lines), LedgerRounds.of(entries), evicted)
+
+
+def node3_back(run: Training, cut: Cut) -> tuple[int, str]:
+    """The merged round node3 resumed from after the heal, and the hash prefix it logged. Cut off for
+    many rounds, it was evicted (absent from 2 rounds and silent) and must say it joined again first."""
+    assert cut.evicted, f"node3, cut off for {PARTITION_SECONDS:g} s, was not evicted from the session, so it " \
+                        f"cannot have joined again:\n{run.logs()}"
+    after = run.sl_log(2).splitlines()[cut.heal_line:]
+    rejoined = [i for i, line in enumerate(after)
+                if f"node3 was evicted from contract {run.name} at round" in line and "it joined again" in line]
+    assert rejoined, "node3, evicted while cut off, logged no line saying it joined again after the heal:\n" + \
+                     "\n".join(after)
+    taken = next(filter(None, map(RESUMED.search, after[rejoined[0]:])), None)
+    assert taken, "node3 joined again but did not resume from the latest merged model:\n" + "\n".join(after)
+    return int(taken.group(1)), taken.group(2)
+
+
+def test_a_partitioned_host_waits_and_catches_up_from_the_latest_merged_model(cluster):
+    # Training ends by the clock after the heal: the majority still trains when node3 is back, and
+    # node3, which then trains for what is left of that time, keeps no one waiting for the steps it missed.
+    run = train(cluster, "partition", steps=1000, step_sleep=0.3, min_peers=2, sync_frequency=3,
+                train_seconds=PARTITION_SECONDS + TRAINING_AFTER_HEAL)
+    run.wait_for_sl_line(2, "round 2: node3 checked in")
+    cut = cut_off_host3(run)
+    waiting = [line for line in cut.lines if "no SN answers" in line or "waiting" in line]
+    assert waiting, f"node3, cut off for {PARTITION_SECONDS:g} s, logged no line saying it waits:\n" + \
+                    "\n".join(cut.lines)
+    without_node3 = [number for number, nodes in cut.rounds.merged_with.items() if "node3" not in nodes]
+    assert without_node3, f"no round merged without node3 while it was cut off: the two-host majority did not " \
+                          f"go on:\n{run.logs()}"
+    run.finish()
+    resumed, resumed_hash = node3_back(run, cut)
+    latest = max(cut.rounds.merged)
+    assert resumed >= latest, f"node3 resumed from round {resumed}, older than round {latest}, merged while it " \
+                              f"was cut off: not the latest merged model"
+    rounds = run.rounds()
+    assert rounds.hashes.get(resumed, "").startswith(resumed_hash), \
+        f"node3 resumed from {resumed_hash}, not round {resumed}'s merged model {rounds.hashes.get(resumed)}"
+    rejoined_rounds = [number for number, nodes in rounds.merged_with.items() if number > resumed and "node3" in nodes]
+    assert rejoined_rounds, f"node3 took part in no merged round after the heal:\n{run.logs()}"
     run.assert_one_final_model()
     cluster.verify_everywhere()
 
@@ -468,8 +581,10 @@ def test_with_two_of_three_members_gone_no_entry_is_taken_and_service_resumes_wh
     for index in (1, 2):
         kill_sn_and_member(cluster.machines[index])
     only_sn1 = f"{cluster.machines[0].host.ip}:{SN_API_PORT}"
+    # SN 1 answers "no quorum" once its member has tried the cluster for etcd_store.QUORUM_TIMEOUT (5 s);
+    # a patience below that has the SWCI take that first answer rather than ask again.
     refused = cluster.swci("EXIT ON FAILURE\nCREATE CONTRACT without-quorum\nEXIT\n", only_sn1,
-                           env={"SWARM_SN_PATIENCE": "8"})
+                           env={"SWARM_SN_PATIENCE": "4"})
     code = refused.popen.wait(timeout=90)
     assert code != 0, f"an entry was taken with one etcd member of three:\n{refused.output}"
     assert "no quorum" in refused.output, f"the refusal does not say 'no quorum':\n{refused.output}"

@@ -3,7 +3,10 @@ this node's own synthetic data, trained on the contract CONTRACT (one per test, 
 never share rounds), its final weights saved as OUT_DIR/<node>/final.safetensors.
 
 Environment: NODE_ID and SWARM_SL_ADDR (from its SWOP), OUT_DIR, CONTRACT, and optionally STEPS,
-SYNC_FREQUENCY, MIN_PEERS, STEP_SLEEP (seconds per step: how long training lasts).
+SYNC_FREQUENCY, MIN_PEERS, STEP_SLEEP (seconds per step: how long training lasts) and TRAIN_SECONDS:
+training then also ends that long after it began, by the clock, so every node of a swarm ends at about
+the same time, a node cut off for a while included (it trains only for what is left of that time once
+it is back), instead of the others waiting for all the steps it missed.
 """
 
 import os
@@ -20,6 +23,7 @@ out = Path(os.environ["OUT_DIR"]) / node
 out.mkdir(parents=True, exist_ok=True)
 steps = int(os.environ.get("STEPS", "12"))
 step_sleep = float(os.environ.get("STEP_SLEEP", "0"))
+train_seconds = float(os.environ.get("TRAIN_SECONDS", "0"))
 seed = sum(map(ord, node))
 torch.manual_seed(seed)
 torch.set_num_threads(1)
@@ -33,7 +37,10 @@ swarm = SwarmCallback(sync_frequency=int(os.environ.get("SYNC_FREQUENCY", "2")),
                       training_contract=os.environ["CONTRACT"])
 
 swarm.on_train_begin()
+ends_at = time.monotonic() + train_seconds if train_seconds else float("inf")
 for step in range(steps):
+    if time.monotonic() >= ends_at:
+        break
     i = (step * 8) % len(x)
     loss = torch.nn.functional.mse_loss(model(x[i:i + 8]), y[i:i + 8])
     optimizer.zero_grad()

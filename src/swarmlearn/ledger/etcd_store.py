@@ -122,7 +122,6 @@ def prefix_end(key: bytes) -> bytes:
 
 
 class _Stubs(NamedTuple):
-    position: int
     endpoint: str
     kv: rpc.KVStub
     watch: rpc.WatchStub
@@ -132,38 +131,39 @@ class _Stubs(NamedTuple):
 
 
 class _Members:
-    """The cluster's client endpoints, one channel to each; calls go to the current member."""
+    """The cluster's client endpoints, one channel to each (opened on first use, with its stubs);
+    calls go to the current member."""
 
     def __init__(self, endpoints: list[str], tls: TLSFiles | None):
         self.endpoints = list(endpoints)
         self._tls = tls
-        self._channels: dict[int, grpc.Channel] = {}
-        self._stubs: dict[int, _Stubs] = {}  # made once per channel: every call of an SN asks for them
+        self._channels: dict[str, grpc.Channel] = {}
+        self._stubs: dict[str, _Stubs] = {}
         self._current = 0
         self._lock = threading.Lock()
 
     def current(self) -> _Stubs:
         with self._lock:
-            position = self._current
-            stubs = self._stubs.get(position)
+            endpoint = self.endpoints[self._current]
+            stubs = self._stubs.get(endpoint)
             if stubs is None:
-                channel = self._channels[position] = open_channel(self.endpoints[position], self._tls)
-                stubs = self._stubs[position] = _Stubs(
-                    position, self.endpoints[position], rpc.KVStub(channel), rpc.WatchStub(channel),
-                    rpc.LeaseStub(channel), rpc.MaintenanceStub(channel), rpc.ClusterStub(channel))
+                channel = self._channels[endpoint] = open_channel(endpoint, self._tls)
+                stubs = self._stubs[endpoint] = _Stubs(
+                    endpoint, rpc.KVStub(channel), rpc.WatchStub(channel), rpc.LeaseStub(channel),
+                    rpc.MaintenanceStub(channel), rpc.ClusterStub(channel))
             return stubs
 
     def replace(self, endpoints: list[str]) -> None:
         """Uses `endpoints` from now on (the cluster's members changed), keeping the member in use if
-        it is still one of them."""
+        it is still one of them. Only the channels of members that left are closed: calls in flight
+        on the others go on."""
         with self._lock:
             if endpoints == self.endpoints:
                 return
             current = self.endpoints[self._current]
-            for channel in self._channels.values():
-                channel.close()
-            self._channels.clear()
-            self._stubs.clear()
+            for gone in set(self._channels) - set(endpoints):
+                self._channels.pop(gone).close()
+                self._stubs.pop(gone, None)
             self.endpoints = list(endpoints)
             self._current = self.endpoints.index(current) if current in self.endpoints else 0
 
@@ -171,9 +171,9 @@ class _Members:
         if len(self.endpoints) == 1:
             return
         with self._lock:
-            if self._current != failed.position:
-                return  # another thread already moved on from it
-            self._current = (failed.position + 1) % len(self.endpoints)
+            if self.endpoints[self._current] != failed.endpoint:
+                return  # another thread already moved on from it (or the members changed)
+            self._current = (self._current + 1) % len(self.endpoints)
             nxt = self.endpoints[self._current]
         log.warning("etcd member %s did not answer (%s); switching to %s", failed.endpoint, describe(error), nxt)
 
