@@ -4,12 +4,13 @@ nodes train a tiny classifier that measures every merged model on its own valida
 SWCI init script that assigns the task and waits for it.
 One swarm and one browser for the module; the tests run in file order, following the run.
 
-Screenshots of every page land in the module's output folder and are copied to docs/img/ for the
-README."""
+Screenshots of every page land in the module's output folder; with SWARM_UPDATE_SCREENSHOTS=1 they
+are also copied to docs/img/ for the README (a test run leaves the tracked files alone otherwise)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -135,8 +136,9 @@ def viewport(driver, width: int, height: int) -> None:
 def screenshot(driver, run: Run, name: str) -> None:
     path = run.shots / f"{name}.png"
     driver.save_screenshot(str(path))
-    DOCS_IMG.mkdir(parents=True, exist_ok=True)
-    shutil.copy(path, DOCS_IMG / path.name)
+    if os.environ.get("SWARM_UPDATE_SCREENSHOTS") == "1":
+        DOCS_IMG.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, DOCS_IMG / path.name)
 
 
 def rows(driver) -> list[str]:

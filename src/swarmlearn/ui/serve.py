@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from swarmlearn.background import Background
-from swarmlearn.errors import ConfigError
+from swarmlearn.errors import CertificateError, ConfigError
 
 log = logging.getLogger("swarmlearn.ui")
 
@@ -43,6 +44,52 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def certificate_names(cert) -> list[str]:
+    """The host names and IP addresses a certificate is valid for (its subject alternative names)."""
+    from cryptography import x509
+
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [*sans.get_values_for_type(x509.DNSName), *(str(ip) for ip in sans.get_values_for_type(x509.IPAddress))]
+
+
+def _names_host(names: list[str], host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        wanted = host.lower().rstrip(".")
+        # A wildcard names one label: *.example.org covers dash.example.org, not example.org.
+        return any(n.lower() == wanted or (n.startswith("*.") and wanted.partition(".")[2] == n[2:].lower())
+                   for n in names)
+    return any(_is_address(n) and ipaddress.ip_address(n) == address for n in names)
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def require_served_name(cert, cert_path: Path, host: str) -> None:
+    """Beyond loopback, a browser opens https://HOST/ and refuses a certificate that does not name
+    HOST, so the dashboard refuses to start with one (a wildcard address such as 0.0.0.0 names no
+    host: whichever name browsers use is then the user's to put in the certificate)."""
+    bare = host.strip("[]")
+    if _is_address(bare) and ipaddress.ip_address(bare).is_unspecified:
+        return
+    names = certificate_names(cert)
+    if not _names_host(names, bare):
+        raise CertificateError(f"--cert {cert_path} does not name {host} (it names {', '.join(names) or 'nothing'}), "
+                               f"so browsers would refuse it: issue one that does from the swarm's CA into a new "
+                               f"folder (`swarm gen-cert --san {bare} --out NEW --ca-cert "
+                               f"CERTS/ca/capath/ca-I-cert.pem --ca-key CERTS/ca/ca-I-key.pem`) and give its "
+                               f"ui-I-key.pem and ui-I-cert.pem")
+
+
 def serve(options: UiOptions, announce) -> None:
     """Serves the dashboard until SIGINT/SIGTERM. `announce(line)` is called with the ready line (URL,
     and the login URL when a token is needed)."""
@@ -54,7 +101,10 @@ def serve(options: UiOptions, announce) -> None:
     from swarmlearn.ui.view import SwarmView
 
     identity = Identity.load(options.key, options.cert, options.capath)
+    identity.require_role("ui")
     tls = not is_loopback(options.host)
+    if tls:
+        require_served_name(identity.cert, options.cert, options.host)
     access = Access.for_host(options.host, options.require_token, tls)
     view = SwarmView()
     sock = bind(options.host, options.port)
