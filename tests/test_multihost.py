@@ -1,8 +1,10 @@
 """Three hosts, each an emulated machine (its own network namespace on one bridge, tests/netns.py), run
 what a user runs on three machines: an SN with its own etcd member (the SN starts it), a SWOP with one
 training node, all reaching the three SNs; an SWCI on host 1 assigns each training run. They train to
-the end with one model, survive the loss of any SN (the sentinel too), a host cut off for 20 s, and
-refuse entries without quorum; an SN with a ledger certificate of another CA cannot join.
+the end with one model (the tests' tiny torch model, and once the flagship, examples/huggingface-peft,
+on one shard of `swarm example-data` per host), survive the loss of any SN (the sentinel too), a host
+cut off for 20 s, and refuse entries without quorum; an SN with a ledger certificate of another CA
+cannot join.
 
 One cluster for the module (started once, stopped by pid, its namespaces removed at the end). Tests
 run in file order; each one that kills something restarts it, and minority loss, which leaves host
@@ -29,6 +31,7 @@ from safetensors.numpy import load_file
 
 from conftest import SWARM, Proc, Procs, run_swarm
 from netns import Host, Hosts, emulated_hosts
+from swarmlearn.defaults import DEFAULT_CONTRACT
 from swarmlearn.ledger.etcd_member import SETUP_HINT
 from swarmlearn.pki import CertLayout
 
@@ -40,6 +43,8 @@ ETCD_CLIENT_PORT = 2379
 PREFIX = "/swarmlearn"
 TASKRUNNER = "defaulttaskbb.taskdb.sml.hpe"
 ML_SCRIPT = Path(__file__).parent / "ml" / "multihost_model.py"
+# The flagship's model.py as users get it; it trains on the default contract (it names none).
+FLAGSHIP = Path(__file__).resolve().parent.parent / "examples" / "huggingface-peft" / "model" / "model.py"
 FINISHED = "All peers and Swarm training rounds finished. Final Swarm model was loaded."
 PARTITION_SECONDS = 20.0
 # The ledger is read this long before the heal: the read takes a second or two (a Python in host 1).
@@ -65,6 +70,7 @@ nodes :
         slport : 0
         usrhostname : node{n}
         privatedata : {{src: "{usr}/data/node{n}", mType: BIND}}
+        usrenvvars : [TRAIN_FILE : "N{n}.csv"]
 """
 
 TASK = """\
@@ -74,7 +80,7 @@ Author: multihost
 Prereq: ROOTTASK
 Outcome: multihost
 Body:
-    Command: model/model.py
+    Command: {command}
     Entrypoint: python3
     WorkingDir: /platform/swarm/usr
     Envvars: [{envvars}]
@@ -95,6 +101,14 @@ ASSIGN TASK {name} TO {taskrunner} WITH 3 PEERS
 WAIT FOR TASKRUNNER {taskrunner}
 EXIT
 """
+
+# The flagship trains on the default contract, which genesis made: there is none to create.
+FLAGSHIP_SCRIPT = SCRIPT.replace("CREATE CONTRACT {contract}\n", "")
+# The README's walk-through in miniature: 3 steps of 16 rows per node, a merge every 2 steps (3 merged
+# rounds: the initial weights, step 2, the last step); the model and data come from packages, offline.
+FLAGSHIP_ENV = {"MAX_EPOCHS": 1, "SYNC_FREQUENCY": 2, "MIN_PEERS": 3, "BATCH_SIZE": 16, "MAX_LENGTH": 64,
+                "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": 1, "TRANSFORMERS_OFFLINE": 1}
+FLAGSHIP_DATA = ["--nodes", "3", "--train-per-node", "48", "--test-size", "32"]
 
 # Run inside a host: the ledger's entries as that host's member serves them, one JSON line each.
 READ_LEDGER = """
@@ -244,6 +258,8 @@ def make_usr(cluster: Cluster) -> None:
     usr = cluster.usr
     (usr / "model").mkdir(parents=True)
     shutil.copy(ML_SCRIPT, usr / "model" / "model.py")
+    (usr / "flagship").mkdir()
+    shutil.copy(FLAGSHIP, usr / "flagship" / "model.py")
     (usr / "swop").mkdir()
     (usr / "swci" / "taskdefs").mkdir(parents=True)
     for index, machine in enumerate(cluster.machines):
@@ -318,6 +334,7 @@ class Training:
     cluster: Cluster
     name: str
     swci: Proc
+    contract: str = ""  # the contract its nodes train on: the task's name unless set
 
     @property
     def out(self) -> Path:
@@ -364,7 +381,8 @@ class Training:
 
     def entries(self, index: int = 0) -> list[dict]:
         """This run's ledger entries (of its contract) as host `index`'s etcd member serves them."""
-        return [e for e in self.cluster.entries(index) if e["payload"].get("contract") == self.name]
+        contract = self.contract or self.name
+        return [e for e in self.cluster.entries(index) if e["payload"].get("contract") == contract]
 
     def rounds(self, index: int = 0) -> LedgerRounds:
         """This run's rounds as host `index`'s etcd member serves them."""
@@ -422,9 +440,15 @@ def train(cluster: Cluster, name: str, *, steps: int = 8, step_sleep: float = 0.
     envvars = {"CONTRACT": name, "OUT_DIR": str(cluster.base / "out" / name), "STEPS": steps,
                "STEP_SLEEP": step_sleep, "MIN_PEERS": min_peers, "SYNC_FREQUENCY": sync_frequency,
                "TRAIN_SECONDS": train_seconds}
+    return assign(cluster, name, "model/model.py", envvars, SCRIPT.format(contract=name, name=name,
+                                                                         taskrunner=TASKRUNNER))
+
+
+def assign(cluster: Cluster, name: str, command: str, envvars: dict, script: str, contract: str = "") -> Training:
+    """Writes task `name` (running `command` with `envvars`) and has the SWCI run `script` on it."""
     (cluster.usr / "swci" / "taskdefs" / f"{name}.yaml").write_text(TASK.format(
-        name=name, usr=cluster.usr, envvars=", ".join(f'"{k}": "{v}"' for k, v in envvars.items())))
-    return Training(cluster, name, cluster.swci(SCRIPT.format(contract=name, name=name, taskrunner=TASKRUNNER)))
+        name=name, usr=cluster.usr, command=command, envvars=", ".join(f'"{k}": "{v}"' for k, v in envvars.items())))
+    return Training(cluster, name, cluster.swci(script), contract)
 
 
 def etcd_member_of(sn: Proc) -> psutil.Process | None:
@@ -460,6 +484,55 @@ def test_three_hosts_train_to_the_end_with_one_model_that_every_member_verifies(
              if nodes != {"node1", "node2", "node3"}}
     assert not short, f"rounds closed without all three hosts: {short}"
     cluster.verify_everywhere()
+
+
+def give_each_host_its_shard(cluster: Cluster) -> None:
+    """`swarm example-data` for three nodes; each host's private data folder keeps only its own shard
+    N<i>.csv (its profile's TRAIN_FILE) and the test rows, as on three real machines."""
+    made = cluster.base / "example-data"
+    result = run_swarm("example-data", "--out", str(made), *FLAGSHIP_DATA)
+    assert result.returncode == 0, f"swarm example-data failed: {result.stdout}{result.stderr}"
+    for machine in cluster.machines:
+        for name in (f"N{machine.n}.csv", "test_data.csv"):
+            shutil.copy(made / name, cluster.usr / "data" / f"node{machine.n}" / name)
+
+
+def final_adapters(run: Training) -> dict[int, dict]:
+    """Each node's saved final adapters and head: MODEL_DIR (its SWOP's workspace/<task>/models by
+    default) /node<i>/final, as model.py's save_pretrained wrote them."""
+    return {m.n: load_file(m.workspace / run.name / "models" / f"node{m.n}" / "final" / "adapter_model.safetensors")
+            for m in run.cluster.machines}
+
+
+def test_the_flagship_trains_across_three_hosts_and_ends_with_one_adapter_and_head(cluster):
+    give_each_host_its_shard(cluster)
+    name = "flagship"
+    run = assign(cluster, name, "flagship/model.py", FLAGSHIP_ENV,
+                 FLAGSHIP_SCRIPT.format(name=name, taskrunner=TASKRUNNER), contract=DEFAULT_CONTRACT)
+    run.finish(timeout=180)
+    finals = final_adapters(run)
+    names = sorted(finals[1])
+    assert any("lora_B" in n for n in names) and any("classifier" in n for n in names), \
+        f"node1's final adapter file holds no LoRA or no classifier head tensors: {names}"
+    for n in (2, 3):
+        assert sorted(finals[n]) == names, f"node{n} saved other tensors than node1: {sorted(finals[n])}"
+        differ = [t for t in names if finals[n][t].tobytes() != finals[1][t].tobytes()]
+        assert not differ, f"node{n} ended with other adapters/head than node1 ({differ[:3]}...):\n{run.logs()}"
+    for machine in cluster.machines:
+        ml_log = machine.sl_log(name).with_name("ml.log").read_text()
+        assert FINISHED in ml_log, f"node{machine.n} did not load the final swarm model:\n{ml_log}"
+    rounds = run.assert_no_round_lost_or_doubled()
+    assert len(rounds.merged) >= 2, f"the flagship merged only rounds {rounds.merged}: no merge during training"
+    last = max(rounds.merged)
+    validations = {e["payload"]["node"]: e["payload"] for e in run.entries()
+                   if e["kind"] == "metrics" and e["payload"].get("kind") == "validation"
+                   and e["payload"]["round"] == last}
+    assert set(validations) == {"node1", "node2", "node3"}, \
+        f"validation entries of the final merged round {last} on the ledger are from {sorted(validations)}, " \
+        f"not from all three nodes:\n{run.logs()}"
+    for node, report in validations.items():
+        assert report["metric_name"] == "accuracy" and 0.0 <= report["metric"] <= 1.0, \
+            f"{node}'s validation of round {last} is not an accuracy: {report}"
 
 
 @pytest.mark.parametrize("victim", [2, 0], ids=["host3-sn", "sentinel"])
