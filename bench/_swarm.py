@@ -7,7 +7,6 @@ namespace of its own (etcd_hosts: emulated hosts of tests/netns.py, which this p
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -17,8 +16,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from swarmlearn.ledger.etcd_member import Bootstrap, EtcdCluster, EtcdMember, etcd_binary, member_args, start_cluster
-from swarmlearn.ledger.etcd_store import DEFAULT_MAX_ENTRY_BYTES, EtcdStore, TLSFiles
+from swarmlearn.ledger.etcd_member import EtcdCluster, EtcdMember, etcd_binary, launch_new_cluster, start_cluster
+from swarmlearn.ledger.etcd_store import EtcdStore, TLSFiles
 from swarmlearn.ledger.sqlite_store import SQLiteStore
 from swarmlearn.ledger.store import LedgerStore
 from swarmlearn.callback.core import SLChannel
@@ -51,21 +50,9 @@ class NamespacedMember(EtcdMember):
 def start_cluster_on_hosts(base_dir: Path, tls: TLSFiles, hosts: list[tuple[str, str]]) -> EtcdCluster:
     """One new etcd cluster with a member on each (namespace, address) of `hosts`; returns once every
     member serves with a leader."""
-    base_dir.mkdir(parents=True, exist_ok=True)
     members = [NamespacedMember(f"etcd{i}", base_dir / f"etcd{i}.data", ETCD_CLIENT_PORT, ETCD_PEER_PORT, host=ip,
                                 namespace=ns) for i, (ns, ip) in enumerate(hosts)]
-    bootstrap = Bootstrap(",".join(f"{m.name}={m.peer_url}" for m in members), "new",
-                          f"swarmlearn-bench-{secrets.token_hex(6)}")
-    cluster = EtcdCluster(members, tls, DEFAULT_MAX_ENTRY_BYTES)
-    try:
-        for member in members:
-            member.args = member_args(member, tls, base_dir / "trusted-ca.pem", DEFAULT_MAX_ENTRY_BYTES, bootstrap)
-            member.launch()
-        cluster.wait_ready()
-    except BaseException:
-        cluster.stop()
-        raise
-    return cluster
+    return launch_new_cluster(members, base_dir, tls)
 
 
 @dataclass
@@ -160,7 +147,7 @@ class LocalSwarm:
             self.etcd = start_cluster_on_hosts(self.dir / "etcd", self.etcd_tls, self.etcd_hosts)
         elif self.etcd is None:
             self.etcd = start_cluster(self.dir / "etcd", self.etcd_tls, size=ETCD_MEMBERS)
-        urls = [f"https://{e}" for e in self.etcd.endpoints]
+        urls = self.etcd.client_urls
         first = (host - 1) % len(urls)  # each host's SN talks to its own member first
         tls = self.etcd.tls
         return ["--ledger", "etcd", "--etcd-endpoints", ",".join(urls[first:] + urls[:first]), "--etcd-prefix",

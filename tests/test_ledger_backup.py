@@ -16,7 +16,6 @@ every `swarm ledger` command a real process; followers run in the test's process
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import pytest
 
 from conftest import identity, run_swarm, start_sn
 from swarmlearn.ledger.entry import GENESIS_PREV_HASH, Entry
-from swarmlearn.ledger.etcd_member import SETUP_HINT, EtcdCluster, start_cluster
+from swarmlearn.ledger.etcd_member import EtcdCluster
 from swarmlearn.ledger.etcd_store import EtcdStore
 from swarmlearn.ledger.pin import PIN_FILE
 from swarmlearn.ledger.sqlite_store import SQLiteStore
@@ -32,7 +31,7 @@ from swarmlearn.sn.client import SNClient
 from swarmlearn.sn.server import LEDGER_FILE, MARKER_FILE, genesis_tx
 from test_rollback import follower, grow, refusal, restart, sn_refuses
 from test_sn_etcd import etcd_identity_args, ready, sn_args
-from test_store_conformance import sn_tls
+from test_store_conformance import etcd_cluster, sn_tls  # noqa: F401 (a fixture)
 
 
 def swarm_ok(*args: str) -> str:
@@ -74,18 +73,8 @@ def head_served(sn, certs) -> tuple[int, str]:
     return info["head_index"], info["head_hash"]
 
 
-@pytest.fixture(scope="module")
-def etcd_cluster(certs, tmp_path_factory) -> EtcdCluster:
-    """One etcd member for the module, stopped by pid at its end."""
-    if shutil.which("etcd") is None:
-        pytest.fail(f"etcd is not installed (no `etcd` on PATH): {SETUP_HINT}")
-    cluster = start_cluster(tmp_path_factory.mktemp("etcd"), sn_tls(certs))
-    yield cluster
-    cluster.stop()
-
-
 def endpoints(cluster: EtcdCluster) -> str:
-    return ",".join(f"https://{endpoint}" for endpoint in cluster.endpoints)
+    return ",".join(cluster.client_urls)
 
 
 def etcd_args(cluster: EtcdCluster, prefix: str) -> list[str]:

@@ -46,7 +46,7 @@ class SharedLedger:
 
     def endpoints(self, first: int = 0) -> str:
         """The cluster's client URLs, host `first`'s own member first (the one its SN talks to)."""
-        urls = [f"https://{e}" for e in self.cluster.endpoints]
+        urls = self.cluster.client_urls
         return ",".join(urls[first:] + urls[:first])
 
     def client(self, host: int, sn: int, component: str = "swci", node: str | None = None) -> SNClient:

@@ -168,7 +168,7 @@ def test_on_an_etcd_ledger_a_follower_and_a_submitter_move_to_the_other_sn_when_
     generate_host_certs(tmp_path / "cert2", 2, nodes=["node2"], ca_cert_path=certs.ca_cert, ca_key_path=certs.ca_key)
     cluster = start_cluster(tmp_path / "etcd", sn_tls(certs), size=3)
     try:
-        endpoints = ",".join(f"https://{e}" for e in cluster.endpoints)
+        endpoints = ",".join(cluster.client_urls)
         prefix = "/swarmlearn-test-failover"
         sn1 = ready(procs.swarm(*sn_args(endpoints, certs, tmp_path / "sn1", prefix, etcd_identity=cluster.tls), "--sentinel"), tmp_path / "sn1")
         sn2 = ready(procs.swarm(*sn_args(endpoints, CertLayout(tmp_path / "cert2", 2), tmp_path / "sn2", prefix,
@@ -213,7 +213,7 @@ def test_an_sn_cut_off_from_etcd_sends_its_clients_to_another_sn_and_a_stuck_sn_
         generate_host_certs(tmp_path / f"cert{host}", host, nodes=[f"node{host}"], ca_cert_path=certs.ca_cert,
                             ca_key_path=certs.ca_key)
     cluster = start_cluster(tmp_path / "etcd", sn_tls(certs), size=3)
-    urls = [f"https://{e}" for e in cluster.endpoints]
+    urls = cluster.client_urls
     prefix = "/swarmlearn-test-cut-off"
     try:
         sn1 = ready(procs.swarm(*sn_args(urls[0], certs, tmp_path / "sn1", prefix, etcd_identity=cluster.tls), "--sentinel"), tmp_path / "sn1")

@@ -159,6 +159,11 @@ class EtcdCluster:
     def endpoints(self) -> list[str]:
         return [member.endpoint for member in self.members]
 
+    @property
+    def client_urls(self) -> list[str]:
+        """The members' client URLs, as `swarm sn --etcd-endpoints` takes them."""
+        return [member.client_url for member in self.members]
+
     def wait_ready(self, timeout: float = READY_TIMEOUT, members: list[EtcdMember] | None = None) -> None:
         """Returns once each running member (or each of `members`) answers Status with a leader."""
         deadline = time.monotonic() + timeout
@@ -178,35 +183,40 @@ def start_cluster(base_dir: Path, tls: TLSFiles, size: int = 1,
     base_dir = Path(base_dir)
     base_dir.mkdir(parents=True, exist_ok=True)
     for attempt in range(1, START_ATTEMPTS + 1):
-        cluster = _configure(base_dir / f"try{attempt}", TLSFiles(*tls), size, max_entry_bytes)
-        for member in cluster.members:
-            member.launch()
+        try_dir = base_dir / f"try{attempt}"
+        ports = set()
+        while len(ports) < 2 * size:
+            ports.add(free_port())
+        ports = sorted(ports)
+        members = [EtcdMember(f"etcd{i}", try_dir / f"etcd{i}.data", ports[2 * i], ports[2 * i + 1])
+                   for i in range(size)]
         try:
-            cluster.wait_ready()
-            return cluster
-        except BaseException as exc:
-            clash = any("address already in use" in m.log_tail(50) for m in cluster.members)
-            cluster.stop()
-            if not isinstance(exc, LedgerError) or not clash or attempt == START_ATTEMPTS:
+            return launch_new_cluster(members, try_dir, TLSFiles(*tls), max_entry_bytes)
+        except LedgerError:
+            clash = any("address already in use" in m.log_tail(50) for m in members)
+            if not clash or attempt == START_ATTEMPTS:
                 raise
     raise AssertionError("unreachable")
 
 
-def _configure(base_dir: Path, tls: TLSFiles, size: int, max_entry_bytes: int) -> EtcdCluster:
-    ports = set()
-    while len(ports) < 2 * size:
-        ports.add(free_port())
-    ports = sorted(ports)
-    members = [EtcdMember(f"etcd{i}", base_dir / f"etcd{i}.data", ports[2 * i], ports[2 * i + 1])
-               for i in range(size)]
+def launch_new_cluster(members: list[EtcdMember], base_dir: Path, tls: TLSFiles,
+                       max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES) -> EtcdCluster:
+    """Starts `members` (none started before, wherever each launches) as the founders of one new
+    cluster, and returns once each serves with a leader; on failure every one is stopped."""
     initial = ",".join(f"{m.name}={m.peer_url}" for m in members)
     # A token of its own keeps this cluster's members from ever joining another test's.
-    token = f"swarmlearn-{secrets.token_hex(6)}"
+    bootstrap = Bootstrap(initial, "new", f"swarmlearn-{secrets.token_hex(6)}")
     base_dir.mkdir(parents=True, exist_ok=True)
-    for member in members:
-        member.args = member_args(member, tls, base_dir / "trusted-ca.pem", max_entry_bytes,
-                                  Bootstrap(initial, "new", token))
-    return EtcdCluster(members, tls, max_entry_bytes)
+    cluster = EtcdCluster(members, tls, max_entry_bytes)
+    try:
+        for member in members:
+            member.args = member_args(member, tls, base_dir / "trusted-ca.pem", max_entry_bytes, bootstrap)
+            member.launch()
+        cluster.wait_ready()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
 
 
 @dataclass(frozen=True)
