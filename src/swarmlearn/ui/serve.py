@@ -16,6 +16,9 @@ log = logging.getLogger("swarmlearn.ui")
 UI_PORT = 30306
 # How long a stop waits for open pages' event streams before closing them.
 SHUTDOWN_GRACE = 1.0
+# Open connections at once (each open page holds one event stream, re-rendered on every change of the
+# view); beyond this uvicorn answers 503, so no reader can make the dashboard render for thousands.
+MAX_CONNECTIONS = 64
 
 
 @dataclass
@@ -112,7 +115,7 @@ def serve(options: UiOptions, announce) -> None:
     try:
         start_following(options.sn_addresses, identity, view, background)
         config = uvicorn.Config(make_app(view, access), log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=SHUTDOWN_GRACE,
+                                timeout_graceful_shutdown=SHUTDOWN_GRACE, limit_concurrency=MAX_CONNECTIONS,
                                 ssl_keyfile=str(options.key) if tls else None,
                                 ssl_certfile=str(options.cert) if tls else None)
         server = uvicorn.Server(config)
