@@ -1,9 +1,11 @@
 """`python -m bench <name> [args...]` runs bench/<name>.py; `python -m bench` lists them.
-`python -m bench all [--quick]` runs the issue's set (round, overhead, accuracy, flower) one after
-the other, each as its own process, and says how long each took."""
+`python -m bench all [--quick]` runs the issues' set (ALL: those of them present in bench/) one after
+the other, each as its own process, and says how long each took; with --quick, whether the whole
+smoke run stayed within QUICK_BUDGET_S."""
 
 from __future__ import annotations
 
+import os
 import runpy
 import subprocess
 import sys
@@ -11,19 +13,26 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-ALL = ["round", "overhead", "accuracy", "flower"]
+ALL = ["round", "overhead", "accuracy", "flower", "wan", "startup", "query", "memory"]
+QUICK_BUDGET_S = 120  # issue 14: `all --quick` must stay a smoke test
 
 
 def run_all(extra: list[str]) -> int:
     took, failed = {}, []
-    for name in ALL:
+    present = [name for name in ALL if (HERE / f"{name}.py").exists()]
+    for name in present:
         print(f"\n=== python -m bench {name} {' '.join(extra)}", flush=True)
         started = time.monotonic()
         code = subprocess.call([sys.executable, "-m", "bench", name, *extra], cwd=HERE.parent)
         took[name] = time.monotonic() - started
         if code:
             failed.append(f"{name} (exit {code})")
-    print("\n" + ", ".join(f"{n} {s:.0f} s" for n, s in took.items()) + f"; all {sum(took.values()):.0f} s")
+    total = sum(took.values())
+    print("\n" + ", ".join(f"{n} {s:.0f} s" for n, s in took.items()) + f"; all {total:.0f} s"
+          + (f" (budget {QUICK_BUDGET_S} s: {'met' if total <= QUICK_BUDGET_S else 'missed'}; load average "
+             f"{os.getloadavg()[0]:.1f})" if "--quick" in extra else ""))
+    if absent := [name for name in ALL if name not in present]:
+        print("not in bench/, so not run: " + ", ".join(absent))
     if failed:
         print("failed: " + ", ".join(failed))
     return 1 if failed else 0

@@ -2,7 +2,9 @@
 processes — started as a user would, and stopped by pid. Its ledger is the SN's SQLite file (the
 default) or, with ledger="etcd", a three-member etcd cluster with mutual TLS from a ledger CA of its own,
 which further SNs (start_sn(host=2), ...) can share: its members on 127.0.0.1, or each in a network
-namespace of its own (etcd_hosts: emulated hosts of tests/netns.py, which this process must reach)."""
+namespace of its own (etcd_hosts: emulated hosts of tests/netns.py, which this process must reach).
+The SN and SLs, too, can each run on an emulated host (`on=`: they serve on its address; give the
+hosts' addresses as `sans` so that the certificates name them)."""
 
 from __future__ import annotations
 
@@ -81,7 +83,7 @@ class Process:
 
 class LocalSwarm:
     def __init__(self, workdir: Path | None = None, ledger: str = "sqlite",
-                 etcd_hosts: list[tuple[str, str]] | None = None):
+                 etcd_hosts: list[tuple[str, str]] | None = None, sans: list[str] | None = None):
         if ledger not in LEDGERS:
             raise ValueError(f"ledger {ledger!r}: give one of {', '.join(LEDGERS)}")
         self.ledger = ledger
@@ -89,7 +91,8 @@ class LocalSwarm:
         self.own_dir = workdir is None  # a temporary folder of ours is removed at stop
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="swarm-bench-"))
         self.certs = CertLayout(self.dir / "cert", 1)
-        generate_host_certs(self.certs.root, 1)
+        self.sans = sans or []  # further addresses the processes serve on, which peers dial and check
+        generate_host_certs(self.certs.root, 1, sans=self.sans)
         self.processes: list[Process] = []
         self.etcd: EtcdCluster | None = None
         self.sns: dict[str, Process] = {}  # SN address -> its process
@@ -102,7 +105,7 @@ class LocalSwarm:
             return self.certs.key(component), self.certs.cert(component)
         node = node or "node1"
         if not self.certs.node_cert(node).exists():  # each training node has a certificate of its own
-            generate_host_certs(self.certs.root, 1, nodes=[node], components=())
+            generate_host_certs(self.certs.root, 1, nodes=[node], components=(), sans=self.sans)
         return self.certs.node_key(node), self.certs.node_cert(node)
 
     def identity(self, component: str, node: str | None = None) -> Identity:
@@ -113,10 +116,12 @@ class LocalSwarm:
         key, cert = self._files(component, node)
         return ["--key", str(key), "--cert", str(cert), "--capath", str(self.certs.capath)]
 
-    def _start(self, *args: str) -> Process:
+    def _start(self, *args: str, on=None) -> Process:
+        """`swarm *args`, here or on emulated host `on` (a tests/netns.py Host), serving on its address;
+        `ip netns exec` execs in place, so the pid is still the process's own."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        p = Process(subprocess.Popen([*SWARM, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=env))
+        command = [*SWARM, *args] if on is None else on.command([*SWARM, *args, "--host-ip", on.ip])
+        p = Process(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
         self.processes.append(p)
         return p
 
@@ -154,23 +159,27 @@ class LocalSwarm:
                 ETCD_PREFIX, "--etcd-cert", str(tls.cert), "--etcd-key", str(tls.key), "--etcd-cacert", str(tls.ca),
                 "--host-ip", "127.0.0.1"]
 
-    def start_sn(self, host: int = 1) -> str:
+    def start_sn(self, host: int = 1, on=None) -> str:
         """Host 1's SN is the sentinel; with ledger="etcd", hosts 2, 3, ... start SNs on the same ledger.
-        Returns its address; the first SN's is also `sn_address`, the one SLs are given."""
+        `on`: the emulated host to run it on (SQLite ledger only). Returns its address; the first SN's is
+        also `sn_address`, the one SLs are given."""
+        if on is not None and self.ledger != "sqlite":
+            raise ValueError("an SN on an emulated host (on=) needs the SQLite ledger; etcd_hosts places etcd members")
         certs = self.host_certs(host)
         ids = ["--key", str(certs.key("sn")), "--cert", str(certs.cert("sn")), "--capath", str(certs.capath)]
         data_dir = self.dir / ("sn" if host == 1 else f"sn{host}")
         sn = self._start("sn", *(["--sentinel"] if host == 1 else []), "--sn-api-port", "0", *ids,
-                         "--data-dir", str(data_dir), *self._ledger_args(host))
+                         "--data-dir", str(data_dir), *self._ledger_args(host), on=on)
         address = sn.wait_line("SN ready on ").split("SN ready on ")[1].split()[0]
         self.sns[address] = sn
         self.sn_address = self.sn_address or address
         return address
 
-    def start_sl(self, node_id: str, *extra: str) -> str:
+    def start_sl(self, node_id: str, *extra: str, on=None) -> str:
+        """An SL process for `node_id`, here or on emulated host `on`; returns its ML channel's address."""
         host, port = self.sn_address.rsplit(":", 1)
         sl = self._start("sl", "--sn-ip", host, "--sn-api-port", port, "--sl-fs-port", "0", *self._ids("sl", node_id),
-                         "--node-id", node_id, "--data-dir", str(self.dir / f"sl-{node_id}"), *extra)
+                         "--node-id", node_id, "--data-dir", str(self.dir / f"sl-{node_id}"), *extra, on=on)
         self.sl_addresses[node_id] = sl.wait_line("SWARM_SL_ADDR=").split("SWARM_SL_ADDR=")[1]
         self.sls[node_id] = sl
         return self.sl_addresses[node_id]

@@ -4,6 +4,7 @@ and `swarm run examples/huggingface-peft` end to end at a small size."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 
 from conftest import SWARM
 from swarmlearn.datasets import load_reviews, prepare
+from swarmlearn.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "huggingface-peft"
 # How long the end-to-end run may take. pytest-timeout is set above it, so that on a hang this test's
@@ -50,7 +52,9 @@ def test_data_split_is_deterministic_stratified_and_disjoint(tmp_path):
 def test_label_skewed_shards_lean_different_ways(tmp_path):
     shards = [rows(p) for p in prepare(tmp_path, nodes=3, train_per_node=300, test_size=100, label_skew=0.8)[:3]]
     positives = [sum(label for _, label in s) / len(s) for s in shards]
-    assert positives[0] > 0.8 and positives[2] < 0.3
+    assert positives[0] > 0.85 and positives[1] < 0.15 and positives[2] > 0.85  # every node leans, in turn
+    with pytest.raises(ConfigError, match="label skew 1.5"):
+        prepare(tmp_path, nodes=3, train_per_node=300, test_size=100, label_skew=1.5)
 
 
 def run_model(tmp_path: Path, data: dict[str, str], **env: str) -> subprocess.CompletedProcess:
@@ -92,7 +96,7 @@ def test_swarm_run_trains_the_flagship_end_to_end(procs, tmp_path):
 
     procs.workspaces.append(tmp_path / "ws" / "huggingface-peft" / "runs")
     run = procs.start([*SWARM, "run", str(EXAMPLE), "--workspace", str(tmp_path / "ws"), "--train-per-node", "64",
-                       "--test-size", "64", "--sync-frequency", "2"])
+                       "--test-size", "64", "--sync-frequency", "2"])  # the baselines train beside it by default
     try:
         code = run.popen.wait(timeout=RUN_WAIT_S)
     except subprocess.TimeoutExpired:
@@ -101,9 +105,21 @@ def test_swarm_run_trains_the_flagship_end_to_end(procs, tmp_path):
     run._thread.join(5)
     assert "run_hf_task COMPLETE: 3 COMPLETE of 3" in run.output
     assert re.search(r"swarm ui ready on http://127\.0\.0\.1:\d+/ ", run.output), run.output  # the dashboard's URL
-    assert "acc before" in run.output and "swarm result: accuracy" in run.output
     assert "MB sent per node per round (adapters + head)" in run.output
     project = tmp_path / "ws" / "huggingface-peft"
+    # The comparison: each node alone, the swarm, all shards pooled (accuracies at this size mean nothing).
+    table = run.output[run.output.rindex("\nmodel ") :]
+    for label in (r"node1 alone, on its own shard \(\d+ % fresh\)", r"node2 alone, on its own shard \(\d+ % fresh\)",
+                  r"node3 alone, on its own shard \(\d+ % fresh\)", r"swarm \(every node ends with this same model\)",
+                  r"all shards pooled: the centralized reference"):
+        assert re.search(label + r" +[01]\.\d{3} ", table), (label, table)
+    assert re.search(r"on 64 test reviews, ±0\.\d{3} is noise", table), table
+    assert re.search(r"the swarm (beats|trails) the best node alone by", table), table
+    plot = project / "result.png"
+    assert f"result.png: {plot}" in table
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+    alone = json.loads((project / "baselines" / "node1" / "metrics.json").read_text())
+    assert [step for step, _ in alone["curve"]] == list(range(2, alone["steps"] + 1, 2))  # where the swarm merges
     finals = [project / "saved_models" / f"node{i}" / "final" for i in (1, 2, 3)]
     tensors = [load_file(f / "adapter_model.safetensors") for f in finals]
     assert set(tensors[0]) and all(set(t) == set(tensors[0]) for t in tensors)

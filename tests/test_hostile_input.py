@@ -30,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from swarmlearn.errors import ConfigError, Rejected
+from swarmlearn.errors import ConfigError, Rejected, SwarmError
 from swarmlearn.ledger import LedgerState, Signer, Tx
 from swarmlearn.ledger.model import leader_order
 from swarmlearn.swci.script import parse_script
@@ -310,9 +310,8 @@ def test_the_state_machine_refuses_hostile_payloads_or_applies_them_whole(txs):
 # ------------------------------------------------------------------------ the running services
 
 SN_METHODS = ["Submit", "Heartbeat", "Query", "Watch"]
-SL_PEER_METHODS = ["Fetch"]
-SL_LOCAL_METHODS = ["Join", "Sync", "Report"]
-STREAMING_RESPONSE = {"Watch", "Fetch"}
+SL_PEER_METHODS = ["Fetch", "FetchMerged"]
+STREAMING_RESPONSE = {"Watch", "Fetch", "FetchMerged"}
 
 
 def raw_call(channel: grpc.Channel, service: str, method: str, body: bytes, timeout: float = 5.0):
@@ -430,52 +429,38 @@ def test_the_sn_answers_hostile_requests_with_a_status_and_stays_up(services):
 
 @pytest.mark.slow
 def test_an_sl_answers_hostile_requests_from_peers_and_from_its_ml_and_stays_up(services):
+    """The peer API over gRPC; the ML's local channel (frames, not gRPC) has its own hostile-frame test
+    in test_sl_local_channel.py, and here only its refusal of an unknown contract."""
     from swarmlearn.callback.core import SLChannel
     from swarmlearn.proto import sl_pb2
 
     sn, node, ident = services
     peer = grpc.secure_channel(_sl_peer_address(sn, ident), ident.channel_credentials())
-    local = grpc.insecure_channel(node.ml_addr)
     hostile_parts = {
         "random bytes": b"\x0a\xff\xff\xff\xff\x0f\x00",
         "truncated field": b"\x0a\x05ab",
         "empty": b"",
         "bad varint": b"\x08" + b"\xff" * 11,
-        "a sync with data but no header": sl_pb2.SyncPart(data=b"tensors").SerializeToString(),
-        "a sync whose header lies about the size": sl_pb2.SyncPart(
-            header=sl_pb2.SyncHeader(size=10**12, weight=1)).SerializeToString(),
     }
     try:
         for method in SL_PEER_METHODS:
             for name, body in hostile_parts.items():
                 assert_clear_refusal(raw_call(peer, "swarmlearn.sl.SwarmPeer", method, body), f"peer {method} {name}")
-        for method in SL_LOCAL_METHODS:
-            for name, body in hostile_parts.items():
-                assert_clear_refusal(raw_call(local, "swarmlearn.sl.SwarmLocal", method, body),
-                                     f"local {method} with {name}")
-        for value in (float("nan"), float("inf")):  # a diverged model: recorded as null, not an error
-            diverged = sl_pb2.MetricsRequest(round=1, loss=value, metric=value, epoch=value).SerializeToString()
-            assert raw_call(local, "swarmlearn.sl.SwarmLocal", "Report", diverged) is None
-        bad_join = sl_pb2.JoinRequest(contract="no-such-contract", min_peers=2, weightage=1.0).SerializeToString()
-        exc = raw_call(local, "swarmlearn.sl.SwarmLocal", "Join", bad_join)
-        assert exc is not None and exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "no-such-contract" in \
-            exc.details()
 
         @settings(max_examples=30, deadline=5000, suppress_health_check=list(HealthCheck))
-        @given(target=st.sampled_from([("peer", "Fetch"), ("local", "Join"), ("local", "Sync"), ("local", "Report")]),
-               body=st.binary(max_size=200))
-        def fuzz(target, body):
-            where, method = target
-            channel, service = (peer, "swarmlearn.sl.SwarmPeer") if where == "peer" else \
-                (local, "swarmlearn.sl.SwarmLocal")
-            if method == "Join":
-                return  # a random Join that parses could really join; Join's refusals are checked above
-            assert_clear_refusal(raw_call(channel, service, method, body), f"{where} {method} with {body!r}")
+        @given(body=st.binary(max_size=200))
+        def fuzz(body):
+            assert_clear_refusal(raw_call(peer, "swarmlearn.sl.SwarmPeer", "Fetch", body), f"peer Fetch with {body!r}")
 
         fuzz()
+        ml = SLChannel(node.ml_addr, ready_timeout=5)
+        try:
+            with pytest.raises(SwarmError, match="no-such-contract"):
+                ml.join("no-such-contract", 2, 1.0, "mean")
+        finally:
+            ml.close()
     finally:
         peer.close()
-        local.close()
     assert node.sl.popen.poll() is None, node.sl.output
     # Still serving: the ML channel joins, and a fetch of a blob of no round the caller took part in is
     # a clean PERMISSION_DENIED (whether the blob exists is not the caller's to learn).

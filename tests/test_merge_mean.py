@@ -99,3 +99,43 @@ def test_integer_tensors_are_not_averaged():
     merged = get_merger("mean").merge(peers)
     assert merged["step"].array == 11
     assert merged["w"].array[0] == np.float32(0.75)
+
+
+def test_a_norm_outlier_taken_back_out_of_the_running_sums_leaves_the_mean_of_the_others():
+    from swarmlearn.merge.base import contribution_norm
+    rng = np.random.default_rng(31)
+    models = [small_model(rng) for _ in range(4)]
+    outlier = small_model(rng, scale=50.0)  # an outlier by the norm rule, yet small enough to subtract
+    peers = [contribution(f"node-{i}", float(i + 1), **m) for i, m in enumerate(models)]
+    bad = contribution("mallory", 2.5, **outlier)
+    acc = get_merger("mean").accumulator()
+    for c in [*peers[:2], bad, *peers[2:]]:
+        acc.add(c, contribution_norm(c.tensors))
+    assert acc.subtract(bad)
+    merged = acc.result()
+    want = get_merger("mean").merge(peers)
+    for name in ("layer.weight", "layer.bias"):
+        assert np.allclose(merged[name].array, want[name].array, rtol=1e-6, atol=0), name
+
+
+def test_a_boosted_contribution_is_not_subtracted_so_that_the_merge_is_built_again_without_it():
+    from swarmlearn.merge.base import contribution_norm
+    rng = np.random.default_rng(32)
+    peers = [contribution(f"node-{i}", 1.0, **small_model(rng)) for i in range(3)]
+    boosted = contribution("mallory", 1.0, **small_model(rng, scale=1e9))
+    acc = get_merger("mean").accumulator()
+    for c in [*peers, boosted]:
+        acc.add(c, contribution_norm(c.tensors))
+    assert not acc.subtract(boosted)  # its rounding error would swamp the others' values
+
+
+def test_the_mean_accumulator_holds_one_float64_sum_per_tensor_whatever_the_number_of_peers():
+    from swarmlearn.merge.base import contribution_norm
+    rng = np.random.default_rng(33)
+    acc = get_merger("mean").accumulator()
+    for i in range(20):
+        c = contribution(f"node-{i}", 1.0, **small_model(rng))
+        acc.add(c, contribution_norm(c.tensors))
+    held = sum(a.nbytes for a in acc.sums.values())
+    assert held == sum(np.zeros(s, dtype=np.float64).nbytes for s in [(3, 4), (4,)])
+    assert all(not h.tensors for h in [acc.heaviest])  # no contribution's tensors are kept alive

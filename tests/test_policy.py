@@ -54,6 +54,7 @@ EXPECTED = {
     "merged": {"sl"},
     "round_abort": {"sl"},
     "metrics": {"sl"},
+    "checkpoint": {"sn"},
 }
 
 # One plausible payload per kind; whether it passes the kind's own check does not matter here.
@@ -83,6 +84,7 @@ PAYLOADS = {
     "merged": {"contract": CONTRACT, "round": 1, "hash": "h"},
     "round_abort": {"contract": CONTRACT, "round": 1},
     "metrics": {"contract": CONTRACT, "node": "n", "loss": 1.0},
+    "checkpoint": {"index": 0, "state_hash": "ab" * 32},
 }
 
 

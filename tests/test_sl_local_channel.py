@@ -12,17 +12,17 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
 from conftest import identity_args, run_swarm, start_sn
 from swarm_harness import ML_DIR, Node, Swarm, start_sl, stuck_sync, wait_ml
+from swarmlearn.callback import frames
 from swarmlearn.callback.core import SLChannel
 from swarmlearn.errors import ConfigError, SwarmError
-from swarmlearn.proto import sl_pb2, sl_pb2_grpc
-from swarmlearn.defaults import TOKEN_METADATA
 from swarmlearn.swci.taskdef import load_taskdef
 from swarmlearn.swop.profile import load_profile
 from swarmlearn.tensors import Tensor, encode
@@ -33,6 +33,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def raw_connection(address: str):
+    """A bare socket to an SL's ML channel, speaking frames by hand."""
+    sock = frames.connect(address, timeout=5)
+    sock.settimeout(10)
+    try:
+        yield sock
+    finally:
+        sock.close()
 
 
 def start_tcp_sl(procs, certs, sn, node_id: str, work: Path) -> tuple[Node, str]:
@@ -52,19 +63,20 @@ def test_ml_channel_over_tcp_needs_the_node_secret(procs, certs, sn, tmp_path, m
     node2 = start_sl(procs, certs, sn, "node2", tmp_path, "--checkin-wait", "1")
     assert len(token) >= 32
 
-    # Anyone else who reaches the port is refused on every call, streaming ones included.
+    # Anyone else who reaches the port is refused before any request, and the connection closed.
     for wrong in ("", "x" * len(token), token[:-1]):
-        channel = SLChannel(node1.ml_addr, ready_timeout=5, token=wrong)
         with pytest.raises(SwarmError, match="SWARM_SL_TOKEN"):
-            channel.join("default", 2, 1.0, "mean")
-        with pytest.raises(SwarmError, match="SWARM_SL_TOKEN"):
-            channel.sync(encode({"w": Tensor("F32", np.ones(4, dtype=np.float32))}), 1.0)
-        channel.close()
-    with grpc.insecure_channel(node1.ml_addr) as raw:
-        with pytest.raises(grpc.RpcError) as refused:
-            sl_pb2_grpc.SwarmLocalStub(raw).Report(sl_pb2.MetricsRequest(round=1), timeout=5,
-                                                   metadata=((TOKEN_METADATA, "guess"),))
-        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            SLChannel(node1.ml_addr, ready_timeout=5, token=wrong)
+    with raw_connection(node1.ml_addr) as raw:  # a request without the hello that carries the secret
+        frames.send(raw, {"op": "report", "round": 1})
+        reply, _ = frames.receive(raw)
+        assert reply["ok"] is False and reply["code"] == "invalid"
+        with pytest.raises(frames.FrameError, match="closed"):
+            frames.receive(raw)
+    with raw_connection(node1.ml_addr) as raw:
+        frames.send(raw, {"op": "hello", "protocol": frames.PROTOCOL, "token": "guess"})
+        reply, _ = frames.receive(raw)
+        assert reply["code"] == "unauthenticated" and "SWARM_SL_TOKEN" in reply["error"]
 
     # Its own ML, given the secret through the environment as the SWOP does, trains with its peer.
     out = tmp_path / "out"
@@ -154,3 +166,80 @@ def test_oversized_yaml_is_refused_naming_the_file(sn, certs, tmp_path):
     assert "huge.yaml" in output and "1 MiB" in output, output
     listed = [line.split()[0] for line in result.stdout.splitlines() if "RUN_SWARM" in line]
     assert listed == ["t1"], output
+
+
+def hostile_reply(address: str, prefix: bytes, body: bytes = b"", hello: bool = True) -> dict:
+    """Sends raw bytes (after a proper hello, unless told not to); returns the SL's answer."""
+    with raw_connection(address) as raw:
+        if hello:
+            frames.send(raw, {"op": "hello", "protocol": frames.PROTOCOL})
+            assert frames.receive(raw)[0]["ok"] is True
+        raw.sendall(prefix + body)
+        return frames.receive(raw)[0]
+
+
+def test_the_ml_channel_answers_hostile_frames_clearly_and_stays_up(procs, certs, sn, tmp_path):
+    node = start_sl(procs, certs, sn, "node1", tmp_path)
+    address = node.ml_addr
+    ml = SLChannel(address, ready_timeout=5)
+    ml.join("default", 1, 1.0, "mean")
+
+    # Lengths are checked before anything is read: a frame declaring 4 GiB is refused at once.
+    for prefix, body, said in (
+            (b"HTTP" + bytes(8), b"", "bad magic"),
+            (frames.PREFIX.pack(frames.MAGIC, 0xFFFFFFFF, 0), b"", "beyond"),
+            (frames.PREFIX.pack(frames.MAGIC, 2, 0xFFFFFFFF), b"{}", "beyond"),
+            (frames.PREFIX.pack(frames.MAGIC, 5, 0), b"\xff{}[]", "not JSON"),
+            (frames.PREFIX.pack(frames.MAGIC, 2, 0), b"[]", "not a JSON object")):
+        reply = hostile_reply(address, prefix, body)
+        assert reply["ok"] is False and said in reply["error"], reply
+    stranger = b'{"op":"hello","protocol":99}'
+    reply = hostile_reply(address, frames.PREFIX.pack(frames.MAGIC, len(stranger), 0), stranger, hello=False)
+    assert "protocol 99" in reply["error"]
+
+    with raw_connection(address) as raw:
+        frames.send(raw, {"op": "hello", "protocol": frames.PROTOCOL})
+        frames.receive(raw)
+        # Requests that are wrong but well framed are refused one by one on a connection that goes on.
+        for request, said in (({"op": "shutdown"}, "unknown request"),
+                              ({"op": "join", "min_peers": "two"}, "'min_peers' is str"),
+                              ({"op": "report", "round": 1, "loss": "low"}, "'loss' is str"),
+                              ({"op": "report", "round": 1, "secret": 1}, "unknown field 'secret'"),
+                              ({"op": "report", "kind": "gossip"}, "neither train nor validation")):
+            frames.send(raw, request)
+            reply, _ = frames.receive(raw)
+            assert reply["ok"] is False and said in reply["error"], (request, reply)
+        frames.send(raw, {"op": "report", "round": 1, "loss": float("nan"), "metric": float("inf")})
+        assert frames.receive(raw)[0]["ok"] is True  # a diverged model: recorded as null, not an error
+        # A sync whose size lies: more than any blob may be, or cut short by another request.
+        frames.send(raw, {"op": "sync", "size": 10 ** 12, "weight": 1.0})
+        assert "blob size" in frames.receive(raw)[0]["error"]
+    with raw_connection(address) as raw:
+        frames.send(raw, {"op": "hello", "protocol": frames.PROTOCOL})
+        frames.receive(raw)
+        frames.send(raw, {"op": "sync", "size": 100, "weight": 1.0}, b"x" * 10)
+        frames.send(raw, {"op": "report", "round": 1})
+        assert "blob truncated: 10 of 100 bytes" in frames.receive(raw)[0]["error"]
+
+    # Callers beyond MAX_CONNECTIONS are turned away at once; once they leave, the channel serves again.
+    from swarmlearn.sl.local_channel import MAX_CONNECTIONS
+
+    idle = [frames.connect(address, timeout=5) for _ in range(MAX_CONNECTIONS - 1)]  # ml holds one
+    with raw_connection(address) as extra:
+        reply, _ = frames.receive(extra)
+        assert reply["code"] == "busy" and str(MAX_CONNECTIONS) in reply["error"]
+    for sock in idle:
+        sock.close()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            second = SLChannel(address, ready_timeout=5)
+            break
+        except SwarmError:
+            assert time.monotonic() < deadline, "the channel stayed busy after its callers left"
+            time.sleep(0.2)
+    merged, blob = ml.sync(encode({"w": Tensor("F32", np.ones(4, dtype=np.float32))}), 1.0)
+    assert merged.round >= 1 and merged.contributed and len(blob) > 8
+    second.close()
+    ml.close()
+    assert node.sl.popen.poll() is None, node.sl.output

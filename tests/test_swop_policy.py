@@ -336,3 +336,17 @@ def test_a_command_with_quoted_arguments_is_split_as_a_shell_would(tmp_path):
     unbalanced = {**body, "Command": 'model.py --note "two words'}
     assert "cannot be split into arguments" in policy.refusal("RUN_SWARM", unbalanced, "spiffe://test/swci/swci-1",
                                                               "spiffe://test/swci/swci-1")
+
+
+def test_a_container_working_dir_is_allowed_and_what_it_leads_to_is_still_checked(tmp_path):
+    policy = policy_for(tmp_path)
+    usr = tmp_path / "usr"
+    root = f"/tmp/swarmlearn-absent-{tmp_path.name}"  # the original's /tmp/test: no folder of this host
+    body = run_body(usr, WorkingDir=f"{root}/test", PrivateContent=f"{root}/test/app-data",
+                    Envvars={"DATA_DIR": "app-data", "MODEL_DIR": "model"},
+                    SharedContent=[{"Src": str(usr / "model"), "Tgt": f"{root}/test/model", "MType": "BIND"}])
+    assert policy.refusal("RUN_SWARM", body, OURS, OURS) is None
+    why = policy.refusal("RUN_SWARM", {**body, "Command": "../../../etc/model.py"}, OURS, OURS)
+    assert why.startswith("the script /etc/model.py lies outside the folders")
+    why = policy.refusal("RUN_SWARM", {**body, "Envvars": {"DATA_DIR": "model/../../../../home"}}, OURS, OURS)
+    assert why.startswith("Envvars DATA_DIR /home lies outside the folders")

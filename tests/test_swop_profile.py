@@ -151,6 +151,8 @@ def test_notes_say_what_is_accepted_but_not_done(tmp_path):
         "resourcemgr DOCKER: no Docker engine is used; nodes run as local processes",
         "apls: there is no licence server; ignored",
         "network host-1-net: nodes share this host's network; ignored",
+        "apisrv.locator.service api-service: a container service name; ignored, the SLs reach the SN at apisrv's "
+        "host and port (~: the SWOP's own SN)",
         "container settings ignored (nodes are processes): sllabels, usrcontaineropts.shm_size, usrnetworkopts",
     ]
 
@@ -304,3 +306,33 @@ nodes:
         f'{path}:3: nodes[0]: write this entry as "- slnodedef:" with its keys indented under it',
         f'{path}:7: nodes[1].slnodedef.identity[0]: write this entry as "- attribute:" with its keys indented under it',
     ]
+
+
+SPIRE = """\
+groupname: demo
+apisrv: {locator: {host: ~, port: ~, service: ~}}
+nodes:
+    - slnodedef:
+        idx: 0
+        identity:
+            - attribute: {aType: SPIFFE_SOCKETPATH, mType: BIND, src: /tmp/spire-agent/agent.sock,
+                          tgt: /tmp/spire-agent/agent.sock}
+        slhostname: sl-1
+        usrhostname: ml-1
+"""
+
+
+def test_a_spire_socket_is_said_to_be_replaced_by_gen_cert_files(tmp_path):
+    notes = load_profile(write(tmp_path, SPIRE)).notes()
+
+    assert notes == ["node ml-1: identity SPIFFE_SOCKETPATH /tmp/spire-agent/agent.sock is not read; its SL uses "
+                     "KEY/CERT/CAPATH files, else gen-cert's sl-ml-1-{key,cert}.pem beside the SWOP's certificate "
+                     "and the SWOP's CA folder"]  # and `service: ~` says nothing
+
+
+def test_how_paths_and_builds_are_handled_is_the_operators_choice(tmp_path):
+    profile = load_profile(write(tmp_path, SPIRE + "pathmapping: rewrite\nbuildfromsource: true\n"))
+    assert profile.pathmapping == "rewrite" and profile.buildfromsource is True
+    assert load_profile(write(tmp_path, SPIRE)).pathmapping == "auto"
+    (line,) = [e for e in problems(write(tmp_path, SPIRE + "pathmapping: docker\n")) if "pathmapping" in e]
+    assert "'auto', 'mounts' or 'rewrite'" in line

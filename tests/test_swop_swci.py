@@ -176,6 +176,9 @@ def test_init_script_builds_and_runs_a_three_node_task_to_completion(procs, cert
     assert "run_task COMPLETE" in result.stdout
     assert "round" in result.stdout and "merged" in result.stdout  # progress says how training goes
     assert "resourcemgr" in swop.output and "apls" in swop.output  # one line each on what we ignore
+    # the build made the image's own environment, and the run task (Prereq: the build) ran its ML there
+    assert f"its ML runs in environment user-env ({usr / 'runs' / 'envs' / 'user-env' / 'bin' / 'python'})" \
+        in swop.output
     runs = usr / "runs" / "run_task"
     finals = [load_file(tmp_path / "out" / f"node{i}" / "final.safetensors") for i in (1, 2, 3)]
     for name in finals[0]:

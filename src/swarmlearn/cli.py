@@ -117,6 +117,21 @@ def sn_options(fn):
     return fn
 
 
+def full_replay_option(fn):
+    """--full-replay: this process's ledger followers fold from entry 0 and check every checkpoint,
+    rather than start from the SN's snapshot (sn/follower.py says what each trusts)."""
+    def enable(ctx, param, value):
+        if value:
+            from swarmlearn.sn.follower import replay_from_genesis
+
+            replay_from_genesis()
+
+    return click.option("--full-replay", is_flag=True, expose_value=False, callback=enable,
+                        help="Fold the ledger from its first entry, checking every checkpoint's state hash, instead "
+                             "of starting from the SN's snapshot (which trusts the SN that signed its checkpoint)."
+                        )(fn)
+
+
 def _sn_addresses(sn_ip: tuple[str, ...], sn_api_port: int) -> list[str]:
     """--sn-ip entries as "HOST:PORT" addresses; ConfigError naming --sn-ip for a bad entry."""
     from swarmlearn.sn.client import parse_sn_addresses
@@ -257,6 +272,7 @@ def sn(sentinel, host_ip, sn_api_port, sentinel_ip, sentinel_api_port, sn_p2p_po
                    "fails with that reason (also SWARM_MIN_PEERS_TIMEOUT; default: wait as long as it takes).")
 @click.option("--waiting-log-every", type=click.FloatRange(min=0, min_open=True), default=defaults.WAITING_LOG_EVERY, hidden=True,
               envvar="SWARM_WAITING_LOG_EVERY", help="Seconds between 'waiting for peers' log lines.")
+@full_replay_option
 @click.option("-v", "--verbose", is_flag=True)
 def sl(sn_ip, sn_api_port, host_ip, sl_fs_port, key, cert, capath, node_id, ml_addr, data_dir, checkin_wait,
        leader_timeout, connect_timeout, min_peers_timeout, waiting_log_every, verbose) -> None:
@@ -308,6 +324,7 @@ def _resolve(usr_dir: Path, name: Path, subdir: str) -> Path:
 @click.option("--sl-arg", "sl_args", multiple=True, help="Extra option passed to every `swarm sl` (repeatable).")
 @click.option("--node-id", help="Name of this SWOP on the ledger: must be its certificate's name (the default); "
                                 "for a role-less certificate, the name an admin mapped it to.")
+@full_replay_option
 @click.option("-v", "--verbose", is_flag=True)
 def swop(sn_ip, sn_api_port, usr_dir, profile_file_name, key, cert, capath, workspace, keep_nodes, sl_args, node_id,
          verbose) -> None:
@@ -345,6 +362,7 @@ def swop(sn_ip, sn_api_port, usr_dir, profile_file_name, key, cert, capath, work
                    "created and switched to before the script runs; without it, the script creates its contexts.")
 @click.option("--sn-api-port", type=click.IntRange(1, 65535), default=defaults.SN_API_PORT, show_default=True,
               help="SN port of --sn-ip entries and commands that name only an IP (CREATE CONTEXT ... WITH IP <ip>).")
+@full_replay_option
 def swci(usr_dir, init_script_name, key, cert, capath, sn_ip, sn_api_port) -> None:
     """Run the Swarm Command Interface: an init script, or commands typed at a prompt."""
     from swarmlearn.pki import Identity
@@ -493,24 +511,27 @@ def stop(workspace) -> None:
 @click.argument("example_dir", type=click.Path(path_type=Path))
 @click.option("--workspace", type=click.Path(path_type=Path), default=DEFAULT_WORKSPACE, show_default=True)
 @click.option("--nodes", type=int, default=3, show_default=True)
-@click.option("--max-epochs", type=float, default=2, show_default=True)
-@click.option("--train-per-node", type=int, default=480, show_default=True, help="Training reviews per node.")
-@click.option("--test-size", type=int, default=300, show_default=True)
-@click.option("--label-skew", type=float, default=0.0, show_default=True,
-              help="0: IID shards; up to 1: label-skewed (non-IID) shards.")
+@click.option("--max-epochs", type=float, default=1, show_default=True)
+@click.option("--train-per-node", type=int, default=960, show_default=True, help="Training reviews per node.")
+@click.option("--test-size", type=int, default=1000, show_default=True)
+@click.option("--label-skew", type=float, default=0.8, show_default=True,
+              help="0: IID shards; up to 1: each shard leans to one class (odd nodes fresh, even nodes rotten).")
 @click.option("--sync-frequency", type=int, help="Optimizer steps between merges (default: the example's).")
 @click.option("--merge-method", type=click.Choice(list(MERGE_METHODS)))
-@click.option("--compare", is_flag=True, help="Also train each shard alone and all shards pooled, for the table.")
+@click.option("--no-baselines", is_flag=True,
+              help="Skip training each shard alone and all shards pooled beside the swarm (the comparison).")
+@click.option("--compare", is_flag=True, hidden=True, help="No effect: the comparison is the default now.")
 @click.option("--keep", is_flag=True, help="Leave the SN, SWOP and nodes running after the run.")
 @click.option("--tensorboard", type=click.Path(path_type=Path),
               help="Also write each node's metrics as TensorBoard event files, one run folder per node in this folder.")
 def run(example_dir, workspace, nodes, max_epochs, train_per_node, test_size, label_skew, sync_frequency,
-        merge_method, compare, keep, tensorboard) -> None:
+        merge_method, no_baselines, compare, keep, tensorboard) -> None:
     """Run an example end to end on this host: certificates, data, SN, SWOP and the SWCI script."""
     from swarmlearn.run import RunOptions, SwarmRun, format_table
 
     swarm_run = SwarmRun(RunOptions(example_dir, workspace, nodes, max_epochs, train_per_node, test_size, label_skew,
-                                    sync_frequency, merge_method, compare, keep, tensorboard=tensorboard),
+                                    sync_frequency, merge_method, baselines=not no_baselines, keep=keep,
+                                    tensorboard=tensorboard),
                          out=lambda line: click.echo(line))
     try:
         result = swarm_run.run()
@@ -750,6 +771,7 @@ def ledger_show(path, start) -> None:
                    "and needs the login token printed at start.")
 @click.option("--port", type=click.IntRange(0, 65535), default=30306, show_default=True, help="0 lets the OS choose.")
 @click.option("--require-token", is_flag=True, help="Ask for the login token on loopback too.")
+@full_replay_option
 @click.option("-v", "--verbose", is_flag=True)
 def ui(sn_ip, sn_api_port, key, cert, capath, host, port, require_token, verbose) -> None:
     """A read-only web dashboard of the swarm (a `ui` identity): nodes, tasks, rounds, metric curves

@@ -51,12 +51,21 @@ def load_reviews(file: str = FULL) -> list[tuple[str, int]]:
 
 
 def split(reviews: list[tuple[str, int]], nodes: int, train_per_node: int, test_size: int, seed: int = 42,
-          label_skew: float = 0.0) -> Split:
-    """A stratified test set, then `nodes` disjoint shards of `train_per_node` each.
+          label_skew: float = 0.0, last_node_rows: int | None = None) -> Split:
+    """A stratified test set, then `nodes` disjoint shards of `train_per_node` each (the last one of
+    `last_node_rows` where given: quantity skew).
 
-    label_skew 0 gives each shard the overall class balance (IID); up to 1 it tilts shard i towards
-    positives or negatives, from most positive (first node) to most negative (last node).
+    label_skew 0 gives each shard the overall class balance (IID). Above 0 the nodes lean in pairs:
+    node1 towards fresh, node2 towards rotten, node3 fresh, node4 rotten, ..., each by `label_skew`
+    of the way from the overall share to that class alone (1: single-class shards). With an odd
+    number of nodes the last one has no partner and stays balanced, so that the union of all shards
+    keeps the overall balance.
     """
+    sizes = [train_per_node] * nodes
+    if last_node_rows is not None:
+        if last_node_rows < 1:
+            raise ConfigError(f"the last node's shard of {last_node_rows} reviews: give it at least 1")
+        sizes[-1] = last_node_rows
     rng = np.random.default_rng(seed)
     by_label = {lab: [r for r in reviews if r[1] == lab] for lab in (0, 1)}
     for lab in by_label:
@@ -66,15 +75,13 @@ def split(reviews: list[tuple[str, int]], nodes: int, train_per_node: int, test_
     test_pos = round(test_size * share)
     test = by_label[1][:test_pos] + by_label[0][:test_size - test_pos]
     pools = {1: by_label[1][test_pos:], 0: by_label[0][test_size - test_pos:]}
-    needed = nodes * train_per_node
-    if test_size + needed > len(reviews):
-        raise ConfigError(f"{nodes} nodes x {train_per_node} + {test_size} test snippets exceed the "
-                          f"{len(reviews)} available; lower --train-per-node or --nodes")
+    if test_size + sum(sizes) > len(reviews):
+        raise ConfigError(f"{sum(sizes)} training + {test_size} test snippets exceed the {len(reviews)} available; "
+                          f"lower --train-per-node or --nodes")
     shards = []
-    for i in range(nodes):
-        tilt = 0.0 if nodes == 1 else label_skew * (0.5 - i / (nodes - 1))
-        pos = min(len(pools[1]), max(0, round(train_per_node * min(1.0, max(0.0, share + tilt)))))
-        neg = train_per_node - pos
+    for i, size in enumerate(sizes):
+        pos = min(len(pools[1]), round(size * positive_share(i, nodes, share, label_skew)))
+        neg = size - pos
         if neg > len(pools[0]):
             raise ConfigError(f"not enough negative snippets left for node {i + 1}; lower --label-skew")
         shard = pools[1][:pos] + pools[0][:neg]
@@ -83,6 +90,16 @@ def split(reviews: list[tuple[str, int]], nodes: int, train_per_node: int, test_
         shards.append([shard[j] for j in order])
     order = rng.permutation(len(test))
     return Split(shards, [test[j] for j in order])
+
+
+def positive_share(node_index: int, nodes: int, share: float, label_skew: float) -> float:
+    """The share of fresh reviews in the shard of node `node_index` (0-based), see split()."""
+    if not 0.0 <= label_skew <= 1.0:
+        raise ConfigError(f"label skew {label_skew}: give a number from 0 (IID shards) to 1 (single-class shards)")
+    if nodes % 2 == 1 and node_index == nodes - 1:
+        return share  # the odd node out: no partner leaning the other way
+    leaning_to = 1.0 if node_index % 2 == 0 else 0.0
+    return share + label_skew * (leaning_to - share)
 
 
 def write_csv(path: Path, rows: list[tuple[str, int]]) -> None:
@@ -96,11 +113,11 @@ def write_csv(path: Path, rows: list[tuple[str, int]]) -> None:
 
 
 def prepare(out: Path, nodes: int = 3, train_per_node: int = 480, test_size: int = 500, seed: int = 42,
-            label_skew: float = 0.0) -> list[Path]:
+            label_skew: float = 0.0, last_node_rows: int | None = None) -> list[Path]:
     """Writes N1.csv .. Nn.csv and test_data.csv (columns text,label) into `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    s = split(load_reviews(), nodes, train_per_node, test_size, seed, label_skew)
+    s = split(load_reviews(), nodes, train_per_node, test_size, seed, label_skew, last_node_rows)
     paths = []
     for i, shard in enumerate(s.shards, start=1):
         paths.append(out / f"N{i}.csv")

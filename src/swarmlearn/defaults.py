@@ -38,6 +38,10 @@ STALE_AFTER = 5.0
 WAITING_LOG_EVERY = 10.0
 ELECTION_GRACE = 1.0
 
+# The most bytes of blobs (check-ins, merged models) an SL keeps to serve; beyond it the oldest go
+# (the newest is always kept).
+BLOB_STORE_BYTES = 2 << 30
+
 # Tensors travel in chunks of 1 MiB; the biggest single message we accept is a chunk plus framing.
 CHUNK = 1 << 20
 MAX_MESSAGE = CHUNK + (64 << 10)

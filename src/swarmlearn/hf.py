@@ -15,6 +15,7 @@ from __future__ import annotations
 from transformers import TrainerCallback
 
 from swarmlearn.callback.core import FINAL_MESSAGE, SwarmCore
+from swarmlearn.errors import ConfigError
 
 __all__ = ["FINAL_MESSAGE", "SwarmCallback", "evaluation_values"]
 
@@ -35,14 +36,23 @@ class SwarmCallback(TrainerCallback):
         self._logged_step = 0
         self._evaluation_due: int | None = None  # the round whose merged model the Trainer evaluates next
 
+    @property
+    def logger(self):
+        """The logger this callback writes to (the original's `.logger`): set its level as you like."""
+        return self.core.log
+
     def on_train_begin(self, args, state, control, model=None, eval_dataloader=None, **kwargs):
         if self.core.model is None:
             self.core.model = model
         if self.evaluate_merged is None:
             self.evaluate_merged = args.eval_strategy != "no" or eval_dataloader is not None
-        if self.core.settings.val_data is not None:
-            self.core.log.info("val_data is not used with the Trainer: the merged models are measured on its "
-                               "eval_dataset")
+        settings = self.core.settings
+        if settings.val_data is not None or settings.loss_function or settings.metric_function:
+            self.core.log.info("adsValData/lossFunction/metricFunction are not used with the Trainer: the merged "
+                               "models are measured on its eval_dataset with its compute_metrics")
+        if settings.adaptive_sync and not self.evaluate_merged:
+            raise ConfigError("useAdaptiveSync adapts the sync interval to the merged model's validation loss: give "
+                              "the Trainer an eval_dataset and an eval_strategy (or evaluate_merged=True)")
         self._logged_step = state.global_step
         self.core.begin()
 

@@ -29,10 +29,12 @@ class SwarmCallback:
         if model is None and "model" not in kwargs:
             raise TypeError("SwarmCallback needs model=<your torch.nn.Module>")
         self.core = SwarmCore(model, sync_frequency=sync_frequency, min_peers=min_peers, **kwargs)
-        settings = self.core.settings
-        if settings.val_data is not None and settings.validate is None:
-            batches = _batches(settings.val_data, settings.val_batch_size or DEFAULT_VAL_BATCH_SIZE)
-            settings.validate = lambda m: measure(m, batches)
+        use_validation_data(self.core)
+
+    @property
+    def logger(self):
+        """The logger this callback writes to (the original's `.logger`): set its level as you like."""
+        return self.core.log
 
     @property
     def model(self):
@@ -53,6 +55,29 @@ class SwarmCallback:
 
     def on_train_end(self) -> None:
         self.core.end()
+
+
+def use_validation_data(core: SwarmCore) -> None:
+    """Makes `val_data` the validation of each merged model: measured with the loss and metric
+    classes the settings name (torch.nn's loss, torchmetrics' metric or a built-in one), else with
+    `measure`'s defaults. Adaptive sync needs such a validation."""
+    settings = core.settings
+    if settings.val_data is not None and settings.validate is None:
+        batches = _batches(settings.val_data, settings.val_batch_size or DEFAULT_VAL_BATCH_SIZE)
+        if settings.loss_function or settings.metric_function:
+            from swarmlearn.callback.functions import ValidationFunctions
+
+            functions = ValidationFunctions(settings.loss_function, settings.loss_function_args,
+                                            settings.metric_function, settings.metric_function_args)
+            settings.validate = lambda m: functions.measure(m, batches)
+        else:
+            settings.validate = lambda m: measure(m, batches)
+    elif settings.loss_function or settings.metric_function:
+        raise ConfigError("lossFunction/metricFunction measure the merged model on adsValData (val_data): give "
+                          "adsValData=<a DataLoader of (inputs, targets)> too")
+    if settings.adaptive_sync and settings.validate is None:
+        raise ConfigError("useAdaptiveSync adapts the sync interval to the merged model's validation loss: give "
+                          "adsValData (val_data) and adsValBatchSize, or a validate function")
 
 
 def _batches(data, batch_size: int):

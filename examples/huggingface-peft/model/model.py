@@ -10,6 +10,10 @@ Environment (all optional but NODE_ID):
   MAX_EPOCHS [1]  MIN_PEERS [3]  SYNC_FREQUENCY [8]  BATCH_SIZE [16]  LEARNING_RATE [1e-3]
   MAX_LENGTH [128]  TEXT_COLUMN [text]  LABEL_COLUMN [label]  NUM_LABELS [from the data]
   MERGE_METHOD [mean]  NODE_WEIGHTAGE [1]  SWARM_LOOPBACK=1 trains alone (no swarm).
+  MAX_STEPS [from MAX_EPOCHS]  optimizer steps per node, whatever its shard's size (a small shard is
+                   gone through more often): nodes of unequal shards then merge at the same steps.
+  EVAL_ROWS [all]  the merged models (and, alone, the model at the same steps) are measured on the
+                   first EVAL_ROWS test rows; the final model always on all of them.
 """
 
 from __future__ import annotations
@@ -88,6 +92,36 @@ def scores(predictions: np.ndarray, labels: np.ndarray, num_labels: int) -> dict
     return {"accuracy": float(np.mean(predictions == labels)), "f1": float(np.mean(f1s))}
 
 
+def curve_callback(sync_frequency: int, alone: bool):
+    """A Trainer callback that keeps the accuracy of each evaluation during training, as its
+    `points` ([step, accuracy] pairs). Alone (SWARM_LOOPBACK), it has the model evaluated where a
+    swarm node would merge, every SYNC_FREQUENCY steps and at the last, so that a node alone and the
+    swarm are measured at the same steps."""
+    from transformers import TrainerCallback
+
+    class Curve(TrainerCallback):
+        def __init__(self):
+            self.points: list[list[float]] = []
+            self.training = False
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.training = True
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if alone and (state.global_step % sync_frequency == 0 or state.global_step >= state.max_steps):
+                control.should_evaluate = True
+            return control
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if self.training and metrics and "eval_accuracy" in metrics:
+                self.points.append([state.global_step, metrics["eval_accuracy"]])
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.training = False
+
+    return Curve()
+
+
 def main() -> None:
     torch.manual_seed(env("SEED", 42, int))
     if not torch.cuda.is_available():
@@ -138,9 +172,13 @@ def main() -> None:
     max_length = env("MAX_LENGTH", 128, int)
 
     class Rows(torch.utils.data.Dataset):
-        def __init__(self, texts, labels):
+        def __init__(self, texts, labels, by_length=False):
             self.encodings = tokenizer(texts, truncation=True, max_length=max_length)
             self.labels = labels
+            if by_length:  # evaluation only: batches of like lengths pad little, and order does not matter
+                order = sorted(range(len(labels)), key=lambda i: len(self.encodings["input_ids"][i]))
+                self.encodings = {k: [v[i] for i in order] for k, v in self.encodings.items()}
+                self.labels = [labels[i] for i in order]
 
         def __len__(self):
             return len(self.labels)
@@ -150,6 +188,7 @@ def main() -> None:
 
     use_cuda = torch.cuda.is_available()
     args = TrainingArguments(output_dir=str(model_dir / NODE_ID / "trainer"), num_train_epochs=env("MAX_EPOCHS", 1, float),
+                             max_steps=env("MAX_STEPS", -1, int),
                              per_device_train_batch_size=env("BATCH_SIZE", 16, int), per_device_eval_batch_size=64,
                              learning_rate=env("LEARNING_RATE", 1e-3, float), weight_decay=0.01,
                              logging_steps=4, save_strategy="no", report_to="none", use_cpu=not use_cuda,
@@ -162,18 +201,23 @@ def main() -> None:
     # evaluate_merged: after every merge the Trainer measures the merged model on the test rows, and
     # that (with the training loss since the last merge) is what the ledger, PERFDATA and the
     # dashboard show for the round.
-    swarm = SwarmCallback(sync_frequency=env("SYNC_FREQUENCY", 8, int), min_peers=env("MIN_PEERS", 3, int),
+    sync_frequency = env("SYNC_FREQUENCY", 8, int)
+    swarm = SwarmCallback(sync_frequency=sync_frequency, min_peers=env("MIN_PEERS", 3, int),
                           model=model, merge_method=env("MERGE_METHOD", "mean"),
                           node_weightage=env("NODE_WEIGHTAGE", 1, float), evaluate_merged=True)
+    eval_rows = env("EVAL_ROWS", len(test_texts), int)
+    curve = curve_callback(sync_frequency, alone=swarm.core.loopback)
     trainer = Trainer(model=model, args=args, train_dataset=Rows(train_texts, train_labels),
-                      eval_dataset=Rows(test_texts, test_labels), data_collator=DataCollatorWithPadding(tokenizer),
-                      compute_metrics=compute_metrics, callbacks=[swarm])
+                      eval_dataset=Rows(test_texts[:eval_rows], test_labels[:eval_rows], by_length=True),
+                      data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,
+                      callbacks=[swarm, curve])
     before = trainer.evaluate()
-    print(f"{NODE_ID}: before training: accuracy {before['eval_accuracy']:.3f} f1 {before['eval_f1']:.3f}", flush=True)
+    print(f"{NODE_ID}: before training: accuracy {before['eval_accuracy']:.3f} f1 {before['eval_f1']:.3f} "
+          f"({eval_rows} test rows)", flush=True)
     started = time.time()
     trainer.train()
     seconds = time.time() - started
-    after = trainer.evaluate()
+    after = trainer.evaluate(Rows(test_texts, test_labels, by_length=True))
     print(f"{NODE_ID}: after training: accuracy {after['eval_accuracy']:.3f} f1 {after['eval_f1']:.3f} "
           f"({seconds:.0f} s)", flush=True)
 
@@ -185,6 +229,7 @@ def main() -> None:
                "after": {"accuracy": after["eval_accuracy"], "f1": after["eval_f1"]}, "train_seconds": seconds,
                "rounds": core.rounds, "bytes_per_round": core.bytes_sent // max(1, core.rounds),
                "steps": core.total_steps, "train_rows": len(train_texts), "loopback": core.loopback,
+               "test_rows": len(test_texts), "eval_rows": eval_rows, "curve": curve.points,
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     (model_dir / NODE_ID / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(f"{NODE_ID}: saved the final adapters to {final}", flush=True)

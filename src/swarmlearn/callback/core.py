@@ -1,5 +1,10 @@
-"""What both SwarmCallbacks share: the conversation with this node's SL, and moving the model's
+"""What every SwarmCallback shares: the conversation with this node's SL, and moving the model's
 tensors in and out as safetensors bytes.
+
+The channel to the SL (SLChannel) is framed JSON and raw bytes over a local socket
+(callback/frames.py), and tensors are encoded by swarmlearn.tensors with numpy alone: the ML side
+needs neither gRPC, nor protobuf, nor the safetensors package, so it runs in the environments the
+original product's examples pin (protobuf 3.15.6, old numpy).
 
 For a PEFT model only the trainable tensors travel (adapters and the `modules_to_save` head), read
 and written with PEFT's own state-dict functions, so the names match on every node and loading the
@@ -11,83 +16,31 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import grpc
-
-from swarmlearn.defaults import CHUNK, MAX_MESSAGE, TOKEN_ENV, TOKEN_METADATA
+from swarmlearn.callback import frames
+from swarmlearn.callback.adaptive import AdaptiveSync
+from swarmlearn.callback.original_env import describe as describe_sl_environment
+from swarmlearn.callback.settings import CAMEL_CASE, SwarmSettings, settings_from
+from swarmlearn.defaults import TOKEN_ENV
 from swarmlearn.errors import ConfigError, SwarmError
-from swarmlearn.merge import METHODS
+
+__all__ = ["CAMEL_CASE", "FINAL_MESSAGE", "SLChannel", "SwarmCore", "SwarmSettings", "TorchWeights"]
 
 FINAL_MESSAGE = "All peers and Swarm training rounds finished. Final Swarm model was loaded."
 
 # Where the ML writes its metrics as TensorBoard event files, one run folder per node (`swarm run
 # --tensorboard DIR` sets it for every node; the SWOP passes its environment on).
 TENSORBOARD_ENV = "SWARM_TENSORBOARD_DIR"
-
-# The original product's keyword names, accepted so that existing model.py files run unchanged. Its
-# adaptive-sync validation set is the validation data here: the merged model is measured on it.
-CAMEL_CASE = {"syncFrequency": "sync_frequency", "minPeers": "min_peers", "trainingContract": "training_contract",
-              "nodeWeightage": "node_weightage", "mergeMethod": "merge_method", "totalEpochs": "total_epochs",
-              "useAdaptiveSync": None, "adsValData": "val_data", "adsValBatchSize": "val_batch_size",
-              "checkinModelOnTrainEnd": "checkin_model_on_train_end", "hfMode": "hf_mode"}
+# How long join and report may take before the SL counts as gone (a sync waits for its round).
+CALL_TIMEOUT = 60.0
 
 
 def loopback_enabled() -> bool:
     return os.environ.get("SWARM_LOOPBACK", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def normalize_kwargs(kwargs: dict) -> dict:
-    out = {}
-    for key, value in kwargs.items():
-        if key in CAMEL_CASE:
-            if CAMEL_CASE[key] is None:
-                continue  # adaptive sync is not implemented; a fixed sync_frequency is used
-            key = CAMEL_CASE[key]
-        out[key] = value
-    return out
-
-
-@dataclass
-class SwarmSettings:
-    sync_frequency: int = 16
-    min_peers: int = 2
-    training_contract: str = "default"
-    node_weightage: float = 1
-    merge_method: str = "mean"
-    total_epochs: int | None = None
-    adapters_only: bool | None = None
-    checkin_model_on_train_end: str = "snapshot"
-    hf_mode: str | None = None
-    logger: logging.Logger | None = None
-    # Validation of each merged model: a callable taking the model and returning {name: value} (its
-    # first name other than "loss" is the metric), or data the framework's callback measures.
-    validate: Callable[[object], dict] | None = None
-    val_data: object = None
-    val_batch_size: int | None = None
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.sync_frequency, int) or self.sync_frequency < 1:
-            raise ConfigError(f"sync_frequency must be a whole number of steps >= 1, got {self.sync_frequency!r}")
-        if not isinstance(self.min_peers, int) or self.min_peers < 1:
-            raise ConfigError(f"min_peers must be a whole number >= 1, got {self.min_peers!r}")
-        if not 0 < float(self.node_weightage) <= 100:
-            raise ConfigError(f"node_weightage must be in (0, 100], got {self.node_weightage!r}")
-        if self.merge_method not in METHODS:
-            raise ConfigError(f"merge_method {self.merge_method!r} is not one of {', '.join(METHODS)}")
-        if self.checkin_model_on_train_end not in ("snapshot", "inactive", "active"):
-            raise ConfigError("checkin_model_on_train_end must be snapshot, inactive or active")
-        if self.validate is not None and not callable(self.validate):
-            raise ConfigError(f"validate must be a function of the model returning {{name: value}}, got "
-                              f"{type(self.validate).__name__}")
-        if self.val_batch_size is not None and (not isinstance(self.val_batch_size, int) or self.val_batch_size < 1):
-            raise ConfigError(f"val_batch_size must be a whole number >= 1, got {self.val_batch_size!r}")
-        if self.hf_mode is not None and self.adapters_only is None:
-            self.adapters_only = self.hf_mode == "peft"
 
 
 def _is_peft(model) -> bool:
@@ -125,66 +78,151 @@ def load_tensors(model, tensors: dict, adapters_only: bool | None) -> None:
             raise SwarmError(f"merged model has tensors this model lacks, e.g. {unexpected[0]}")
 
 
+def torch_to_blob(tensors: dict) -> bytes:
+    """torch tensors as safetensors bytes (bfloat16 carried as its raw 16-bit patterns)."""
+    import numpy as np
+    import torch
+
+    from swarmlearn.tensors import Tensor, encode, tensor
+
+    out = {}
+    for name, t in tensors.items():
+        if t.dtype == torch.bfloat16:
+            out[name] = Tensor("BF16", t.view(torch.int16).numpy().view(np.uint16))
+        else:
+            out[name] = tensor(t.numpy())
+    return encode(out)
+
+
+def blob_to_torch(blob: bytes) -> dict:
+    import numpy as np
+    import torch
+
+    from swarmlearn.tensors import decode
+
+    out = {}
+    for name, t in decode(blob).items():
+        if t.dtype == "BF16":
+            out[name] = torch.from_numpy(t.array.view(np.int16).copy()).view(torch.bfloat16)
+        else:
+            out[name] = torch.from_numpy(t.array.copy())
+    return out
+
+
+class TorchWeights:
+    """A torch model's tensors in and out (whole state dict, trainable only, or PEFT adapters)."""
+
+    def __init__(self, model, adapters_only: bool | None):
+        self.model = model
+        self.adapters_only = adapters_only
+
+    def blob(self) -> bytes:
+        return torch_to_blob(model_tensors(self.model, self.adapters_only))
+
+    def load(self, blob: bytes) -> None:
+        load_tensors(self.model, blob_to_torch(blob), self.adapters_only)
+
+
+@dataclass(frozen=True)
+class Joined:
+    node_id: str
+    contract: str
+    latest_merged_round: int
+
+
+@dataclass(frozen=True)
+class Merged:
+    """The SL's answer to a sync: the round merged, its merged hash, who took part and led, how long
+    it took, whether it was the swarm's last, and whether our tensors were part of it."""
+
+    round: int
+    hash: str
+    participants: list = field(default_factory=list)
+    leader: str = ""
+    seconds: float = 0.0
+    swarm_finished: bool = False
+    contributed: bool = False
+
+
 class SLChannel:
     """The ML side of the local channel to this node's SL: join, sync blobs, report metrics. Knows
-    nothing of torch, so stand-ins (benchmarks, other frameworks) can use it too."""
+    nothing of torch, so stand-ins (benchmarks, other frameworks) can use it too. One connection,
+    one request at a time."""
 
     def __init__(self, address: str, ready_timeout: float = 30.0, token: str | None = None):
-        from swarmlearn.proto import sl_pb2, sl_pb2_grpc
-
         self.address = address
-        self.pb = sl_pb2
-        # An SL serving its ML on TCP wants its secret with every call (SWARM_SL_TOKEN, from its ready line).
+        # An SL serving its ML on TCP wants its secret (SWARM_SL_TOKEN, from its ready line).
         token = os.environ.get(TOKEN_ENV) if token is None else token
-        self._metadata = ((TOKEN_METADATA, token),) if token else None
-        self._channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_MESSAGE),
-                                                                ("grpc.max_send_message_length", MAX_MESSAGE)])
-        self._stub = sl_pb2_grpc.SwarmLocalStub(self._channel)
+        self._sock = _connect_when_ready(address, ready_timeout)
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=ready_timeout)
-        except grpc.FutureTimeoutError:
-            self._channel.close()
-            raise SwarmError(f"no SL answers at SWARM_SL_ADDR={address}; is `swarm sl` running?") from None
+            reply = self._call({"op": "hello", "protocol": frames.PROTOCOL, "token": token or ""}, CALL_TIMEOUT)
+        except SwarmError:
+            self._sock.close()
+            raise
+        self.node_id = reply.get("node_id", "")
 
-    def join(self, contract: str, min_peers: int, weightage: float, merge_method: str):
-        return self._call(self._stub.Join, self.pb.JoinRequest(contract=contract, min_peers=min_peers,
-                                                                weightage=weightage, merge_method=merge_method))
+    def join(self, contract: str, min_peers: int, weightage: float, merge_method: str) -> Joined:
+        reply = self._call({"op": "join", "contract": contract, "min_peers": min_peers, "weightage": weightage,
+                            "merge_method": merge_method}, CALL_TIMEOUT)
+        return Joined(str(reply.get("node_id", "")), str(reply.get("contract", "")),
+                      int(reply.get("latest_merged_round") or 0))
 
-    def sync(self, blob: bytes, weight: float, final: bool = False, catch_up: bool = False):
-        """Sends our tensors; returns (reply header, merged blob) once the round is over."""
-        header = self.pb.SyncHeader(weight=weight, size=len(blob), final=final, catch_up=catch_up)
-
-        def parts():
-            yield self.pb.SyncPart(header=header)
-            for start in range(0, len(blob), CHUNK):
-                yield self.pb.SyncPart(data=blob[start:start + CHUNK])
-
-        reply, chunks = None, []
+    def sync(self, blob: bytes, weight: float, final: bool = False, catch_up: bool = False) -> tuple[Merged, bytes]:
+        """Sends our tensors; returns (what the SL says of the round, merged blob) once it is over."""
         try:
-            for part in self._stub.Sync(parts(), metadata=self._metadata):
-                if part.HasField("header"):
-                    reply = part.header
-                else:
-                    chunks.append(part.data)
-        except grpc.RpcError as exc:
-            raise SwarmError(f"sync with SL failed: {exc.details() or exc.code().name}") from None
-        return reply, b"".join(chunks)
+            self._sock.settimeout(None)  # a round waits for its peers as long as the SL does
+            frames.send_blob(self._sock, {"op": "sync", "weight": weight, "final": final, "catch_up": catch_up}, blob)
+            header, first = frames.receive(self._sock)
+            _raise_refusal("sync", header)
+            merged = frames.receive_blob(self._sock, header, first)
+        except (OSError, frames.FrameError) as exc:
+            raise SwarmError(f"sync with SL failed: {_lost(exc)}") from None
+        fields = {k: header[k] for k in Merged.__dataclass_fields__ if k in header}
+        return Merged(**fields), merged
 
     def report(self, kind: str, round_no: int, step: int, metric_name: str = "", **values: float | None) -> None:
         """Records a metrics entry of `kind` ("train" or "validation"); values given as None are
         unknown and left unset."""
         known = {k: float(v) for k, v in values.items() if v is not None}
-        self._call(self._stub.Report, self.pb.MetricsRequest(kind=kind, round=round_no, step=step,
-                                                             metric_name=metric_name, **known))
+        self._call({"op": "report", "kind": kind, "round": round_no, "step": step, "metric_name": metric_name,
+                    **known}, CALL_TIMEOUT)
 
     def close(self) -> None:
-        self._channel.close()
+        self._sock.close()
 
-    def _call(self, method, request):
+    def _call(self, request: dict, timeout: float) -> dict:
         try:
-            return method(request, timeout=60, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise SwarmError(f"SL refused {type(request).__name__}: {exc.details() or exc.code().name}") from None
+            self._sock.settimeout(timeout)
+            frames.send(self._sock, request)
+            reply, _ = frames.receive(self._sock)
+        except (OSError, frames.FrameError) as exc:
+            raise SwarmError(f"SL did not answer {request['op']}: {_lost(exc)}") from None
+        _raise_refusal(request["op"], reply)
+        return reply
+
+
+def _connect_when_ready(address: str, timeout: float) -> socket.socket:
+    """Connects, retrying while the SL is not listening yet (it prints its address once it is)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return frames.connect(address, timeout=max(0.1, deadline - time.monotonic()))
+        except (ConnectionRefusedError, FileNotFoundError, socket.timeout) as exc:
+            if time.monotonic() >= deadline:
+                raise SwarmError(f"no SL answers at SWARM_SL_ADDR={address} ({_lost(exc)}); is `swarm sl` "
+                                 f"running?") from None
+            time.sleep(0.1)
+        except OSError as exc:
+            raise SwarmError(f"cannot reach the SL at SWARM_SL_ADDR={address}: {_lost(exc)}") from None
+
+
+def _raise_refusal(op: str, reply: dict) -> None:
+    if reply.get("ok") is not True:
+        raise SwarmError(f"SL refused {op}: {str(reply.get('error') or 'no reason given')[:500]}")
+
+
+def _lost(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, frames.FrameError) else (getattr(exc, "strerror", None) or type(exc).__name__)
 
 
 class MeanLoss:
@@ -245,11 +283,17 @@ def _number(name: str, value) -> float | None:
 
 
 class SwarmCore:
-    def __init__(self, model, **kwargs):
+    """The swarm side of a SwarmCallback, whatever the framework: `weights` moves the model's tensors
+    in and out (TorchWeights for a torch model unless the callback gives another)."""
+
+    def __init__(self, model, weights=None, default_logger: str = "swarmlearn.ml", **kwargs):
         self.model = model
-        self.settings = SwarmSettings(**normalize_kwargs(kwargs))
-        self.log = self.settings.logger or logging.getLogger("swarmlearn.ml")
+        self.settings = settings_from(kwargs)
+        self.log = self.settings.logger or logging.getLogger(default_logger)
         self.loopback = loopback_enabled()
+        self._weights = weights
+        self.sync_interval = self.settings.sync_frequency
+        self.adaptive = AdaptiveSync(self.settings.sync_frequency) if self.settings.adaptive_sync else None
         self.steps_since_sync = 0
         self.samples_since_sync = 0
         self.total_steps = 0
@@ -263,14 +307,24 @@ class SwarmCore:
         # then): the train entry waits for report_train().
         self.loss_after_sync = False
         self.finished = False
+        self.swarm_finished = False
         self.node_id = os.environ.get("NODE_ID", "")
         self._train_due: tuple[int, int, float | None] | None = None
         self._sl: SLChannel | None = None
         self._tensorboard: TensorBoardLog | None = None
 
+    @property
+    def weights(self):
+        if self._weights is None:
+            self._weights = TorchWeights(self.model, self.settings.adapters_only)
+        return self._weights
+
     # ---------------------------------------------------------------------------- lifecycle
 
     def begin(self) -> None:
+        note = describe_sl_environment(os.environ)
+        if note:
+            self.log.info(note)
         if self.loopback:
             self.log.info("SWARM_LOOPBACK is set: training alone, every swarm call is a no-op")
             return
@@ -292,14 +346,15 @@ class SwarmCore:
         self.sync(catch_up=True)
 
     def step(self, samples: int, last: bool = False) -> None:
-        """Counts one optimizer step; syncs every sync_frequency steps, or makes the node's final
-        contribution when the caller knows this was its `last` step."""
+        """Counts one optimizer step; syncs every sync interval (syncFrequency, or what adaptive sync
+        made of it), or makes the node's final contribution when the caller knows this was its
+        `last` step."""
         self.total_steps += 1
         self.steps_since_sync += 1
         self.samples_since_sync += samples
         if last:
             self.finish()
-        elif not self.loopback and self.steps_since_sync >= self.settings.sync_frequency:
+        elif not self.loopback and not self.finished and self.steps_since_sync >= self.sync_interval:
             self.sync()
 
     def add_loss(self, loss: float | None, steps: int = 1) -> None:
@@ -332,18 +387,17 @@ class SwarmCore:
     # ---------------------------------------------------------------------------- a sync
 
     def sync(self, final: bool = False, catch_up: bool = False) -> None:
-        from safetensors.torch import load, save
-
         started = time.monotonic()
         trained = self.steps_since_sync > 0
-        blob = save(model_tensors(self.model, self.settings.adapters_only))
+        blob = self.weights.blob()
         weight = float(self.settings.node_weightage) * self.samples_since_sync
         h, merged = self._sl.sync(blob, weight, final=final, catch_up=catch_up)
-        load_tensors(self.model, load(merged), self.settings.adapters_only)
+        self.weights.load(merged)
         self.bytes_sent += len(blob)
         self.bytes_received += len(merged)
         self.rounds += 1
         self.last_round = h.round
+        self.swarm_finished = h.swarm_finished
         self.steps_since_sync = 0
         self.samples_since_sync = 0
         self.log.info("round %d: %s model %s from %d peers (leader %s) loaded after %.2f s, %.1f KB each way",
@@ -372,22 +426,32 @@ class SwarmCore:
         round_no, step, epoch = self._train_due
         self._train_due = None
         loss = self.train_loss.take()
-        self.log.info("round %d: %s at step %d, mean training loss since its last sync %s", round_no, self.node_id,
-                      step, "unknown" if loss is None else f"{loss:.4f}")
-        self._record("train", round_no, step, epoch=epoch, loss=loss)
+        total = self.settings.total_epochs
+        progress = f", epoch {epoch:g} of {total} ({min(100.0, 100 * epoch / total):.0f}%)" \
+            if total and epoch is not None else ""
+        self.log.info("round %d: %s at step %d%s, mean training loss since its last sync %s", round_no, self.node_id,
+                      step, progress, "unknown" if loss is None else f"{loss:.4f}")
+        self._record("train", round_no, step, epoch=epoch, loss=loss, total_epochs=total)
         if self._tensorboard is not None:
             self._tensorboard.scalar("train/loss", loss, step)
 
     def report_validation(self, round_no: int, values: dict) -> None:
-        """Records the merged model of `round_no` measured on this node's validation data."""
+        """Records the merged model of `round_no` measured on this node's validation data; with
+        adaptive sync, its loss sets the interval to the next sync."""
         name, metric, loss = validation_values(values)
         self.log.info("round %d: %s measures the merged model: %s %s%s", round_no, self.node_id, name, metric,
                       "" if loss is None else f", loss {loss:.4f}")
-        self._record("validation", round_no, self.total_steps, name, epoch=self.epoch, metric=metric, loss=loss)
+        self._record("validation", round_no, self.total_steps, name, epoch=self.epoch, metric=metric, loss=loss,
+                     total_epochs=self.settings.total_epochs)
         if self._tensorboard is not None:
             self._tensorboard.scalar(f"validation/{name}", metric, self.total_steps)
             if name != "loss":
                 self._tensorboard.scalar("validation/loss", loss, self.total_steps)
+        if self.adaptive is not None:
+            before, self.sync_interval = self.sync_interval, self.adaptive.after_merge(loss)
+            if self.sync_interval != before:
+                self.log.info("round %d: adaptive sync: validation loss %s, next sync after %d steps (was %d)",
+                              round_no, "unknown" if loss is None else f"{loss:.4f}", self.sync_interval, before)
 
     def _record(self, kind: str, round_no: int, step: int, metric_name: str = "", **values: float | None) -> None:
         # A diverged model's NaN is recorded (the SL writes it as null): it is news, not an error.

@@ -13,6 +13,7 @@ import hashlib
 import json
 import secrets
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from swarmlearn.errors import LedgerError
@@ -50,20 +51,33 @@ class Tx:
     nonce: str = field(default_factory=lambda: secrets.token_hex(16))
     # The signer's wall clock, kept as data for people; the state machine never reads it.
     time: float = 0.0
+    # The last ledger index at which it may be recorded (its validity window; ledger/state.py). Once the
+    # ledger is past it the transaction can never be recorded, so the ledger forgets its id. None: a
+    # transaction of a node from before windows (it never expires, and its id is kept for good).
+    valid_until: int | None = None
 
     def to_obj(self) -> dict:
-        return {
+        obj = {
             "kind": self.kind,
             "payload": self.payload,
             "signer": self.signer.to_obj(),
             "nonce": self.nonce,
             "time": self.time,
         }
+        if self.valid_until is not None:  # absent rather than null: older transactions keep their bytes
+            obj["valid_until"] = self.valid_until
+        return obj
 
     def signing_bytes(self) -> bytes:
+        return self._signing_bytes
+
+    # Made once per object: signing, the id, replay checks and the entry hash all ask for them, again
+    # and again per append (the fields are frozen; the payload is never changed once signed).
+    @cached_property
+    def _signing_bytes(self) -> bytes:
         return canonical_json(self.to_obj())
 
-    @property
+    @cached_property
     def id(self) -> str:
         return sha256_hex(self.signing_bytes())
 
@@ -79,6 +93,7 @@ class Tx:
                 signer=Signer(node=signer["node"], cert_fp=signer["cert_fp"]),
                 nonce=obj["nonce"],
                 time=obj["time"],
+                valid_until=obj.get("valid_until"),
             )
         except (KeyError, TypeError) as exc:
             raise LedgerError(f"transaction lacks field {exc}") from None
@@ -88,6 +103,8 @@ class Tx:
             raise LedgerError("transaction signer must have string node and cert_fp")
         if not isinstance(tx.time, (int, float)):
             raise LedgerError("transaction time must be a number")
+        if "valid_until" in obj and not _is_index(tx.valid_until):
+            raise LedgerError("transaction valid_until must be a ledger index (a whole number from 0 to 2**63-1)")
         return tx
 
     @classmethod
@@ -108,6 +125,10 @@ class Tx:
         if canonical != data:
             raise LedgerError("transaction bytes are not in canonical form (sorted keys, no spaces)")
         return tx
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
 @dataclass(frozen=True)
@@ -133,9 +154,17 @@ class Entry:
 
     def body_bytes(self) -> bytes:
         """What a store keeps for this entry, byte for byte."""
-        return canonical_json(self.to_obj())
+        return self._body_bytes
 
-    @property
+    @cached_property
+    def _body_bytes(self) -> bytes:
+        # canonical_json(self.to_obj()), with the transaction's canonical bytes (made already, for its
+        # signature) put in place rather than made again: "tx" is the last of the sorted keys.
+        head = canonical_json({"index": self.index, "prev_hash": self.prev_hash,
+                               "signature": base64.b64encode(self.signature).decode()})
+        return head[:-1] + b',"tx":' + self.tx.signing_bytes() + b"}"
+
+    @cached_property
     def hash(self) -> str:
         return sha256_hex(self.body_bytes())
 

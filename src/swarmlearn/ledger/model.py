@@ -40,6 +40,7 @@ class Kind(StrEnum):
     MERGED = "merged"
     ROUND_ABORT = "round_abort"
     METRICS = "metrics"
+    CHECKPOINT = "checkpoint"
 
 
 class Role(StrEnum):
@@ -171,6 +172,9 @@ class Round:
     # The signers' clocks at close and merge, kept as data for people (round durations).
     closed_time: float = 0.0
     merged_time: float = 0.0
+    # node -> {"train": ..., "validation": ...}: the last report of each kind about this round, in
+    # summary (ledger/metrics.py); every report stays on the ledger.
+    metrics: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -182,7 +186,12 @@ class Contract:
     rounds: dict[int, Round] = field(default_factory=dict)
     current_round: int = 1
     latest_merged_round: int | None = None
+    # The newest metrics reports as recorded, at most metrics.RECENT_REPORTS (for followers that draw
+    # curves as entries arrive); older ones are read from the ledger (the SN's "metrics" query).
     metrics: list[dict] = field(default_factory=list)
+    metrics_recorded: int = 0  # reports recorded in all
+    # node -> {"latest": ..., "train": ..., "validation": ...}: its last report of any kind and of each.
+    latest_metrics: dict[str, dict] = field(default_factory=dict)
     # The node ids admitted to this contract's training; None admits every registered SL (the
     # default contract, and contracts created without a list).
     peers: list[str] | None = None

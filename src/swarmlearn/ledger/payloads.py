@@ -251,6 +251,15 @@ class RunnerOnly(Payload):
     runner: Name
 
 
+# ------------------------------------------------------------------------------ checkpoints
+
+class Checkpoint(Payload):
+    """The SHA-256 of the snapshot of the state folded through entry `index` (ledger/snapshot.py)."""
+
+    index: Count
+    state_hash: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
 def parse(model: type[Payload], kind: str, payload: dict) -> Payload:
     """The payload as `model`, or Rejected naming the first field that does not fit."""
     try:

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 from swarmlearn.ledger import contracts as C
 from swarmlearn.ledger import identities as I
+from swarmlearn.ledger import metrics as M
 from swarmlearn.ledger import payloads as P
+from swarmlearn.ledger import snapshot as S
 from swarmlearn.ledger import tasks as T
 from swarmlearn.ledger.model import Kind, Role
 
@@ -81,8 +83,11 @@ POLICY: dict[Kind, Rule] = {
     Kind.MERGED: _rule(P.Merged, {SL}, C, Kind.MERGED, "the round's leader posts the merged hash"),
     Kind.ROUND_ABORT: _rule(P.RoundAbort, {SL}, C, Kind.ROUND_ABORT,
                             "the leader (or a participant, when none can replace it) aborts"),
-    Kind.METRICS: _rule(P.Metrics, {SL}, C, Kind.METRICS,
-                        "a member reports its own metrics, within the contract's size limit"),
+    # Checked as a contract's other member reports; kept in the state as summaries (ledger/metrics.py).
+    Kind.METRICS: Rule(P.Metrics, frozenset({SL}), C.validate_metrics, M.apply_metrics,
+                       "a member reports its own metrics, within the contract's size limit"),
+    Kind.CHECKPOINT: _rule(P.Checkpoint, {SN}, S, Kind.CHECKPOINT,
+                           "the appending SN states the hash of the state at the entry before (snapshots)"),
 }
 
 

@@ -62,8 +62,13 @@ class SQLiteStore(LedgerStore):
         return (row[0], row[1]) if row else None
 
     def append_if_head_is(self, expected_hash: str | None, entry: Entry) -> None:
-        body = entry.body_bytes()
-        digest = entry.hash
+        self.append_all_if_head_is(expected_hash, [entry])
+
+    def append_all_if_head_is(self, expected_hash: str | None, entries: list[Entry]) -> None:
+        """Appends `entries` (consecutive, the first following the head) in one transaction, only if the
+        head's hash is `expected_hash`: all or none, on disk (one fsync for all) before it returns. An
+        SN commits the submits that queued up during the last fsync together this way (ledger/chain.py)."""
+        rows = [(entry.index, entry.hash, entry.body_bytes()) for entry in entries]
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -73,10 +78,12 @@ class SQLiteStore(LedgerStore):
                 row = self._db.execute("SELECT idx, hash FROM entries ORDER BY idx DESC LIMIT 1").fetchone()
                 head_hash = row[1] if row else None
                 head_index = row[0] if row else -1
-                if head_hash != expected_hash or entry.index != head_index + 1:
+                if head_hash != expected_hash or rows[0][0] != head_index + 1:
                     raise HeadMoved(f"ledger head is {head_index}:{(head_hash or '-')[:12]}, "
                                     f"not {(expected_hash or '-')[:12]}")
-                self._db.execute("INSERT INTO entries (idx, hash, body) VALUES (?, ?, ?)", (entry.index, digest, body))
+                if [index for index, _, _ in rows] != list(range(head_index + 1, head_index + 1 + len(rows))):
+                    raise LedgerError(f"{self.path}: entries to append are not consecutive from {head_index + 1}")
+                self._db.executemany("INSERT INTO entries (idx, hash, body) VALUES (?, ?, ?)", rows)
                 self._db.execute("COMMIT")
             except BaseException as exc:
                 # A failed write (disk full, I/O error) may already have rolled the transaction back.

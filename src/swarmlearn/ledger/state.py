@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 from swarmlearn import pki
 from swarmlearn.errors import AlreadyRecorded, Rejected
-from swarmlearn.ledger import payloads
+from swarmlearn.ledger import payloads, snapshot
 from swarmlearn.ledger.entry import Entry, Tx
 from swarmlearn.ledger.identities import signer_role
 from swarmlearn.ledger.policy import POLICY, Rule
@@ -23,6 +23,11 @@ from swarmlearn.ledger.model import DEFAULT_ALIAS, Contract, Kind, Node, Task, T
 # Deeper payloads are refused: every entry is kept in the state, and the state is served as JSON
 # through recursive encoders that a payload nested hundreds of levels deep would break for good.
 MAX_PAYLOAD_DEPTH = 16
+# The longest validity window a transaction may ask for, in ledger entries past the next index. The ids
+# of windowed transactions are kept (replay protection) only until their window closes, so seen_tx
+# holds at most this many of them however long the ledger grows. Clients ask for half (sn/client.py),
+# which leaves room for an SN of a shared ledger that is behind the head they saw.
+MAX_VALIDITY_WINDOW = 20_000
 
 
 def _depth(value, limit: int = MAX_PAYLOAD_DEPTH + 1) -> int:
@@ -57,6 +62,9 @@ class LedgerState:
     tasks: dict[str, Task] = field(default_factory=dict)
     taskrunners: dict[str, TaskRunner] = field(default_factory=dict)
     seen_tx: dict[str, int] = field(default_factory=dict)  # transaction id -> entry index
+    # valid_until -> ids of the recorded transactions whose window closes there: forgotten from seen_tx
+    # once the head reaches it (a replay is then refused as expired instead).
+    expiring: dict[int, list[str]] = field(default_factory=dict)
 
     # ---------------------------------------------------------------------------------- entry point
 
@@ -72,7 +80,7 @@ class LedgerState:
         if checked is None or checked.tx is not entry.tx or checked.head_index != self.head_index:
             checked = self.check_tx(entry.tx)
         checked.rule.apply(self, entry.tx, checked.payload, entry.index)
-        self.seen_tx[entry.tx.id] = entry.index
+        self._recorded(entry.tx, entry.index)
         if entry.index == 0:
             self.genesis_hash = entry.hash
         self.head_index = entry.index
@@ -87,11 +95,32 @@ class LedgerState:
     def apply_tx(self, tx: Tx, index: int) -> None:
         checked = self.check_tx(tx)
         checked.rule.apply(self, tx, checked.payload, index)
+        self._recorded(tx, index)
+
+    def _recorded(self, tx: Tx, index: int) -> None:
+        """Remembers `tx` as recorded at `index` until its window closes, and forgets the transactions
+        whose window closes at `index`: none of them can be recorded from the next index on."""
         self.seen_tx[tx.id] = index
+        if tx.valid_until is not None:
+            self.expiring.setdefault(tx.valid_until, []).append(tx.id)
+        for expired in self.expiring.pop(index, ()):
+            del self.seen_tx[expired]
+
+    def _within_window(self, tx: Tx) -> None:
+        if tx.valid_until is None:
+            return  # a transaction of a node from before windows: its id is kept for good
+        next_index = self.head_index + 1
+        if next_index > tx.valid_until:
+            raise Rejected(f"{tx.kind} of {tx.signer.node} expired: it was valid until ledger entry "
+                           f"{tx.valid_until} and the next entry is {next_index}; sign it again")
+        if tx.valid_until > next_index + MAX_VALIDITY_WINDOW:
+            raise Rejected(f"{tx.kind} of {tx.signer.node} asks to stay valid until ledger entry {tx.valid_until}, "
+                           f"more than {MAX_VALIDITY_WINDOW} entries past the next one ({next_index})")
 
     def _validate(self, tx: Tx):
         if tx.id in self.seen_tx:
             raise AlreadyRecorded(tx.id, self.seen_tx[tx.id])
+        self._within_window(tx)
         try:
             kind = Kind(tx.kind)
         except ValueError:
@@ -145,7 +174,7 @@ class LedgerState:
                              "ca_fingerprints": self.ca_fingerprints,
                              "cas": {fp: {"org": c.org, "roles": c.roles, "added_at": c.added_at}
                                      for fp, c in self.cas.items()},
-                             "revoked": self.revoked},
+                             "revoked": dict(self.revoked)},  # a copy: the SN writes JSON outside its lock
             "nodes": lambda: {k: {**asdict(v), "spiffe_id": v.spiffe_id} for k, v in self.nodes.items()},
             "contracts": lambda: {k: _contract_obj(v) for k, v in self.contracts.items()},
             "tasks": lambda: {k: asdict(v) for k, v in self.tasks.items()},
@@ -158,12 +187,28 @@ class LedgerState:
         return {section: sections[section]()}
 
 
+    # ------------------------------------------------------------------------------------ snapshots
+
+    def to_snapshot(self) -> dict[str, Any]:
+        """Every field, as JSON data in one deterministic form (ledger/snapshot.py); from_snapshot reads
+        it back into an equal state, which folds the entries that follow as this one would."""
+        return snapshot.state_to_obj(self)
+
+    @classmethod
+    def from_snapshot(cls, obj: Any) -> LedgerState:
+        """The state to_snapshot made `obj` from; snapshot.SnapshotError naming the field otherwise."""
+        return snapshot.state_from_obj(cls, obj)
+
+
 def _contract_obj(c: Contract) -> dict:
-    # Metrics grow with every round: they are read page by page with the SN's metrics query.
+    # Metrics grow with every round: they are read page by page with the SN's metrics query (and each
+    # round's summaries, kept in the state, would double a long run's reply).
     obj = asdict(replace(c, metrics=[]))
     del obj["metrics"]
-    obj["metrics_count"] = len(c.metrics)
+    obj["metrics_count"] = c.metrics_recorded
     obj["rounds"] = {str(k): v for k, v in obj["rounds"].items()}
+    for r in obj["rounds"].values():
+        del r["metrics"]
     obj["min_peers"] = c.min_peers
     return obj
 

@@ -1,7 +1,9 @@
 """The interface every merge method implements, and the checks every contribution passes first.
 
-A method sees the participants' tensor sets one at a time (so `mean` holds about two models in
-memory, whatever the number of peers) and returns the merged set. Contributions are validated first
+A method sees the participants' tensor sets one at a time and returns the merged set. A method that
+can (`mean`) also offers an `Accumulator`: the leader then adds each contribution as it arrives and
+holds about two models, whatever the number of peers; the others (medians) need every contribution at
+once, and say so (`Merger.holds`). Contributions are validated first
 (same keys, shapes and dtypes as the first one, finite values, a parameter norm in line with the
 others') and a bad one is refused with the node's name; the round goes on with the rest. Finite but
 runaway values are the norm check's and the robust methods' business: no absolute bound fits every model.
@@ -108,12 +110,39 @@ def norm_outliers(norms: dict[str, float], factor: float = NORM_OUTLIER_FACTOR) 
     return refused
 
 
+class Accumulator(ABC):
+    """A merge built one contribution at a time, for methods that need not see every contribution
+    at once: the leader adds each as it arrives and passes its checks, keeps only its norm, and takes
+    back (subtracts) one found to be a norm outlier once every contribution is in."""
+
+    @abstractmethod
+    def add(self, c: Contribution) -> None:
+        """Folds a validated contribution in."""
+
+    @abstractmethod
+    def subtract(self, c: Contribution) -> bool:
+        """Takes back a contribution added before; False when that cannot be done exactly enough
+        (the caller then builds the merge again from the contributions it keeps)."""
+
+    @abstractmethod
+    def result(self) -> dict[str, Tensor]:
+        """The merged tensor set; raises MergeError when nothing is left in it."""
+
+
 class Merger(ABC):
     name: str
+    # What the leader holds while this method merges, for its log line and the docs: "two models"
+    # (an accumulator and the contribution being added) or "every contribution".
+    holds: str = "every contribution"
 
     @abstractmethod
     def merge(self, contributions: Iterable[Contribution]) -> dict[str, Tensor]:
         """Merges already-validated contributions of identical structure."""
+
+    def accumulator(self) -> Accumulator | None:
+        """An incremental form of this merge, or None when the method needs every contribution at
+        once (medians): the leader then holds them all until it merges."""
+        return None
 
 
 def normalized_weights(weights: list[float]) -> np.ndarray:

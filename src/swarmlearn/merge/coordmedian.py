@@ -28,9 +28,14 @@ class CoordMedian(Merger):
     less than half of the weight cannot drag any coordinate outside the range of the others' values.
     Unlike the paper's (unweighted) median, peers count by weight, and with an even split the lower
     middle value is taken rather than the average of the two, so each coordinate is one peer's own value.
+
+    Memory: a median needs every contribution at once, so the leader holds all of them (peers x the
+    model, decoded in place from their bytes) until it merges, plus peers x one tensor in float64
+    while it merges that tensor; its log says so each round.
     """
 
     name = "coordmedian"
+    holds = "every contribution (decoded) until it merges, and one tensor of all of them in float64"
 
     def merge(self, contributions: Iterable[Contribution]) -> dict[str, Tensor]:
         return merge_each_tensor(contributions, weighted_median_columns)

@@ -47,10 +47,12 @@ class GeoMedian(Merger):
     and a small one's merged value follows their weights, while per tensor every block gets its own
     robust centre, and the half-the-weight breakdown point holds for each tensor and so for the model.
     It also keeps memory at peers x one tensor in float64, not peers x the whole model, for each of up
-    to MAX_ITERATIONS passes.
+    to MAX_ITERATIONS passes. The contributions themselves are all held (peers x the model, decoded in
+    place from their bytes) until the merge, as for any median; the leader's log says so each round.
     """
 
     name = "geomedian"
+    holds = "every contribution (decoded) until it merges, and one tensor of all of them in float64"
 
     def merge(self, contributions: Iterable[Contribution]) -> dict[str, Tensor]:
         return merge_each_tensor(contributions, weiszfeld)

@@ -20,6 +20,16 @@ class Chunk(_message.Message):
     total_size: int
     def __init__(self, data: _Optional[bytes] = ..., total_size: _Optional[int] = ...) -> None: ...
 
+class MergedRequest(_message.Message):
+    __slots__ = ("contract", "round", "wait_seconds")
+    CONTRACT_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    contract: str
+    round: int
+    wait_seconds: float
+    def __init__(self, contract: _Optional[str] = ..., round: _Optional[int] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+
 class JoinRequest(_message.Message):
     __slots__ = ("contract", "min_peers", "weightage", "merge_method")
     CONTRACT_FIELD_NUMBER: _ClassVar[int]

@@ -39,6 +39,11 @@ class SwarmPeerStub:
                 request_serializer=swarmlearn_dot_proto_dot_sl__pb2.FetchRequest.SerializeToString,
                 response_deserializer=swarmlearn_dot_proto_dot_sl__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.FetchMerged = channel.unary_stream(
+                '/swarmlearn.sl.SwarmPeer/FetchMerged',
+                request_serializer=swarmlearn_dot_proto_dot_sl__pb2.MergedRequest.SerializeToString,
+                response_deserializer=swarmlearn_dot_proto_dot_sl__pb2.Chunk.FromString,
+                _registered_method=True)
 
 
 class SwarmPeerServicer:
@@ -50,12 +55,23 @@ class SwarmPeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchMerged(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SwarmPeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Fetch': grpc.unary_stream_rpc_method_handler(
                     servicer.Fetch,
                     request_deserializer=swarmlearn_dot_proto_dot_sl__pb2.FetchRequest.FromString,
+                    response_serializer=swarmlearn_dot_proto_dot_sl__pb2.Chunk.SerializeToString,
+            ),
+            'FetchMerged': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchMerged,
+                    request_deserializer=swarmlearn_dot_proto_dot_sl__pb2.MergedRequest.FromString,
                     response_serializer=swarmlearn_dot_proto_dot_sl__pb2.Chunk.SerializeToString,
             ),
     }
@@ -85,6 +101,33 @@ class SwarmPeer:
             target,
             '/swarmlearn.sl.SwarmPeer/Fetch',
             swarmlearn_dot_proto_dot_sl__pb2.FetchRequest.SerializeToString,
+            swarmlearn_dot_proto_dot_sl__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchMerged(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/swarmlearn.sl.SwarmPeer/FetchMerged',
+            swarmlearn_dot_proto_dot_sl__pb2.MergedRequest.SerializeToString,
             swarmlearn_dot_proto_dot_sl__pb2.Chunk.FromString,
             options,
             channel_credentials,

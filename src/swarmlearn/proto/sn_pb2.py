@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19swarmlearn/proto/sn.proto\x12\rswarmlearn.sn\")\n\x08SignedTx\x12\n\n\x02tx\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"*\n\x0bSubmitReply\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\"#\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"K\n\x0eHeartbeatReply\x12\x12\n\nhead_index\x18\x01 \x01(\x03\x12\x11\n\thead_hash\x18\x02 \x01(\t\x12\x12\n\nsn_node_id\x18\x03 \x01(\t\"E\n\x0cQueryRequest\x12\x0f\n\x07section\x18\x01 \x01(\t\x12\x10\n\x08\x63ontract\x18\x02 \x01(\t\x12\x12\n\nfrom_index\x18\x03 \x01(\x04\"4\n\nQueryReply\x12\x12\n\nhead_index\x18\x01 \x01(\x03\x12\x12\n\nstate_json\x18\x02 \x01(\x0c\"\"\n\x0cWatchRequest\x12\x12\n\nfrom_index\x18\x01 \x01(\x04\"8\n\x0bLedgerEntry\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\";\n\x12JoinClusterRequest\x12\x10\n\x08peer_url\x18\x01 \x01(\t\x12\x13\n\x0bledger_cert\x18\x02 \x01(\x0c\"e\n\rClusterMember\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tpeer_urls\x18\x03 \x03(\t\x12\x13\n\x0b\x63lient_urls\x18\x04 \x03(\t\x12\x12\n\nis_learner\x18\x05 \x01(\x08\"h\n\x10JoinClusterReply\x12\x11\n\tmember_id\x18\x01 \x01(\x04\x12\x12\n\ncluster_id\x18\x02 \x01(\x04\x12-\n\x07members\x18\x03 \x03(\x0b\x32\x1c.swarmlearn.sn.ClusterMember2\xf2\x02\n\x0cSwarmNetwork\x12=\n\x06Submit\x12\x17.swarmlearn.sn.SignedTx\x1a\x1a.swarmlearn.sn.SubmitReply\x12K\n\tHeartbeat\x12\x1f.swarmlearn.sn.HeartbeatRequest\x1a\x1d.swarmlearn.sn.HeartbeatReply\x12?\n\x05Query\x12\x1b.swarmlearn.sn.QueryRequest\x1a\x19.swarmlearn.sn.QueryReply\x12\x42\n\x05Watch\x12\x1b.swarmlearn.sn.WatchRequest\x1a\x1a.swarmlearn.sn.LedgerEntry0\x01\x12Q\n\x0bJoinCluster\x12!.swarmlearn.sn.JoinClusterRequest\x1a\x1f.swarmlearn.sn.JoinClusterReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19swarmlearn/proto/sn.proto\x12\rswarmlearn.sn\")\n\x08SignedTx\x12\n\n\x02tx\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"*\n\x0bSubmitReply\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\"#\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"K\n\x0eHeartbeatReply\x12\x12\n\nhead_index\x18\x01 \x01(\x03\x12\x11\n\thead_hash\x18\x02 \x01(\t\x12\x12\n\nsn_node_id\x18\x03 \x01(\t\"E\n\x0cQueryRequest\x12\x0f\n\x07section\x18\x01 \x01(\t\x12\x10\n\x08\x63ontract\x18\x02 \x01(\t\x12\x12\n\nfrom_index\x18\x03 \x01(\x04\"4\n\nQueryReply\x12\x12\n\nhead_index\x18\x01 \x01(\x03\x12\x12\n\nstate_json\x18\x02 \x01(\x0c\"1\n\x0cWatchRequest\x12\x12\n\nfrom_index\x18\x01 \x01(\x04\x12\r\n\x05\x62\x61tch\x18\x02 \x01(\r\"g\n\x0bLedgerEntry\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12-\n\tfollowing\x18\x04 \x03(\x0b\x32\x1a.swarmlearn.sn.LedgerEntry\"\x11\n\x0fSnapshotRequest\"j\n\rSnapshotChunk\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12.\n\ncheckpoint\x18\x03 \x01(\x0b\x32\x1a.swarmlearn.sn.LedgerEntry\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\";\n\x12JoinClusterRequest\x12\x10\n\x08peer_url\x18\x01 \x01(\t\x12\x13\n\x0bledger_cert\x18\x02 \x01(\x0c\"e\n\rClusterMember\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tpeer_urls\x18\x03 \x03(\t\x12\x13\n\x0b\x63lient_urls\x18\x04 \x03(\t\x12\x12\n\nis_learner\x18\x05 \x01(\x08\"h\n\x10JoinClusterReply\x12\x11\n\tmember_id\x18\x01 \x01(\x04\x12\x12\n\ncluster_id\x18\x02 \x01(\x04\x12-\n\x07members\x18\x03 \x03(\x0b\x32\x1c.swarmlearn.sn.ClusterMember2\xbe\x03\n\x0cSwarmNetwork\x12=\n\x06Submit\x12\x17.swarmlearn.sn.SignedTx\x1a\x1a.swarmlearn.sn.SubmitReply\x12K\n\tHeartbeat\x12\x1f.swarmlearn.sn.HeartbeatRequest\x1a\x1d.swarmlearn.sn.HeartbeatReply\x12?\n\x05Query\x12\x1b.swarmlearn.sn.QueryRequest\x1a\x19.swarmlearn.sn.QueryReply\x12\x42\n\x05Watch\x12\x1b.swarmlearn.sn.WatchRequest\x1a\x1a.swarmlearn.sn.LedgerEntry0\x01\x12J\n\x08Snapshot\x12\x1e.swarmlearn.sn.SnapshotRequest\x1a\x1c.swarmlearn.sn.SnapshotChunk0\x01\x12Q\n\x0bJoinCluster\x12!.swarmlearn.sn.JoinClusterRequest\x1a\x1f.swarmlearn.sn.JoinClusterReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,15 +44,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QUERYREPLY']._serialized_start=316
   _globals['_QUERYREPLY']._serialized_end=368
   _globals['_WATCHREQUEST']._serialized_start=370
-  _globals['_WATCHREQUEST']._serialized_end=404
-  _globals['_LEDGERENTRY']._serialized_start=406
-  _globals['_LEDGERENTRY']._serialized_end=462
-  _globals['_JOINCLUSTERREQUEST']._serialized_start=464
-  _globals['_JOINCLUSTERREQUEST']._serialized_end=523
-  _globals['_CLUSTERMEMBER']._serialized_start=525
-  _globals['_CLUSTERMEMBER']._serialized_end=626
-  _globals['_JOINCLUSTERREPLY']._serialized_start=628
-  _globals['_JOINCLUSTERREPLY']._serialized_end=732
-  _globals['_SWARMNETWORK']._serialized_start=735
-  _globals['_SWARMNETWORK']._serialized_end=1105
+  _globals['_WATCHREQUEST']._serialized_end=419
+  _globals['_LEDGERENTRY']._serialized_start=421
+  _globals['_LEDGERENTRY']._serialized_end=524
+  _globals['_SNAPSHOTREQUEST']._serialized_start=526
+  _globals['_SNAPSHOTREQUEST']._serialized_end=543
+  _globals['_SNAPSHOTCHUNK']._serialized_start=545
+  _globals['_SNAPSHOTCHUNK']._serialized_end=651
+  _globals['_JOINCLUSTERREQUEST']._serialized_start=653
+  _globals['_JOINCLUSTERREQUEST']._serialized_end=712
+  _globals['_CLUSTERMEMBER']._serialized_start=714
+  _globals['_CLUSTERMEMBER']._serialized_end=815
+  _globals['_JOINCLUSTERREPLY']._serialized_start=817
+  _globals['_JOINCLUSTERREPLY']._serialized_end=921
+  _globals['_SWARMNETWORK']._serialized_start=924
+  _globals['_SWARMNETWORK']._serialized_end=1370
 # @@protoc_insertion_point(module_scope)

@@ -57,20 +57,40 @@ class QueryReply(_message.Message):
     def __init__(self, head_index: _Optional[int] = ..., state_json: _Optional[bytes] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
-    __slots__ = ("from_index",)
+    __slots__ = ("from_index", "batch")
     FROM_INDEX_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     from_index: int
-    def __init__(self, from_index: _Optional[int] = ...) -> None: ...
+    batch: int
+    def __init__(self, from_index: _Optional[int] = ..., batch: _Optional[int] = ...) -> None: ...
 
 class LedgerEntry(_message.Message):
-    __slots__ = ("index", "hash", "body")
+    __slots__ = ("index", "hash", "body", "following")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWING_FIELD_NUMBER: _ClassVar[int]
     index: int
     hash: str
     body: bytes
-    def __init__(self, index: _Optional[int] = ..., hash: _Optional[str] = ..., body: _Optional[bytes] = ...) -> None: ...
+    following: _containers.RepeatedCompositeFieldContainer[LedgerEntry]
+    def __init__(self, index: _Optional[int] = ..., hash: _Optional[str] = ..., body: _Optional[bytes] = ..., following: _Optional[_Iterable[_Union[LedgerEntry, _Mapping]]] = ...) -> None: ...
+
+class SnapshotRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SnapshotChunk(_message.Message):
+    __slots__ = ("index", "size", "checkpoint", "data")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    size: int
+    checkpoint: LedgerEntry
+    data: bytes
+    def __init__(self, index: _Optional[int] = ..., size: _Optional[int] = ..., checkpoint: _Optional[_Union[LedgerEntry, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class JoinClusterRequest(_message.Message):
     __slots__ = ("peer_url", "ledger_cert")

@@ -54,6 +54,11 @@ class SwarmNetworkStub:
                 request_serializer=swarmlearn_dot_proto_dot_sn__pb2.WatchRequest.SerializeToString,
                 response_deserializer=swarmlearn_dot_proto_dot_sn__pb2.LedgerEntry.FromString,
                 _registered_method=True)
+        self.Snapshot = channel.unary_stream(
+                '/swarmlearn.sn.SwarmNetwork/Snapshot',
+                request_serializer=swarmlearn_dot_proto_dot_sn__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=swarmlearn_dot_proto_dot_sn__pb2.SnapshotChunk.FromString,
+                _registered_method=True)
         self.JoinCluster = channel.unary_unary(
                 '/swarmlearn.sn.SwarmNetwork/JoinCluster',
                 request_serializer=swarmlearn_dot_proto_dot_sn__pb2.JoinClusterRequest.SerializeToString,
@@ -88,6 +93,13 @@ class SwarmNetworkServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Snapshot(self, request, context):
+        """NOT_FOUND while the SN holds no checkpoint yet: follow the ledger from entry 0 then.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def JoinCluster(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -116,6 +128,11 @@ def add_SwarmNetworkServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=swarmlearn_dot_proto_dot_sn__pb2.WatchRequest.FromString,
                     response_serializer=swarmlearn_dot_proto_dot_sn__pb2.LedgerEntry.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_stream_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=swarmlearn_dot_proto_dot_sn__pb2.SnapshotRequest.FromString,
+                    response_serializer=swarmlearn_dot_proto_dot_sn__pb2.SnapshotChunk.SerializeToString,
             ),
             'JoinCluster': grpc.unary_unary_rpc_method_handler(
                     servicer.JoinCluster,
@@ -231,6 +248,33 @@ class SwarmNetwork:
             '/swarmlearn.sn.SwarmNetwork/Watch',
             swarmlearn_dot_proto_dot_sn__pb2.WatchRequest.SerializeToString,
             swarmlearn_dot_proto_dot_sn__pb2.LedgerEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/swarmlearn.sn.SwarmNetwork/Snapshot',
+            swarmlearn_dot_proto_dot_sn__pb2.SnapshotRequest.SerializeToString,
+            swarmlearn_dot_proto_dot_sn__pb2.SnapshotChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,10 +5,8 @@ user may enter, or a TCP port that serves only callers presenting this SL's secr
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import logging
-import math
 import os
 import re
 import secrets
@@ -23,14 +21,14 @@ import grpc
 
 from swarmlearn import pki
 from swarmlearn.background import Background
-from swarmlearn.defaults import (CHUNK, HEARTBEAT_EVERY, KEPT_MODELS_DIR, MAX_MESSAGE, SL_FS_PORT,
-                                 SN_CONNECT_TIMEOUT, TOKEN_ENV, TOKEN_METADATA)
+from swarmlearn.defaults import HEARTBEAT_EVERY, KEPT_MODELS_DIR, MAX_MESSAGE, SL_FS_PORT, SN_CONNECT_TIMEOUT
 from swarmlearn.errors import ConfigError, SwarmError
 from swarmlearn.files import write_atomically
 from swarmlearn.ledger.model import RoundStatus
 from swarmlearn.ledger.pin import PIN_FILE
-from swarmlearn.proto import sl_pb2, sl_pb2_grpc
-from swarmlearn.sl.round import RoundEngine, RoundResult, Timeouts
+from swarmlearn.proto import sl_pb2_grpc
+from swarmlearn.sl.local_channel import LocalChannel
+from swarmlearn.sl.round import RoundEngine, Timeouts
 from swarmlearn.sl.transport import BlobStore, PeerFetcher, PeerService
 from swarmlearn.sn.client import SNClient
 from swarmlearn.sn.follower import LedgerFollower
@@ -50,14 +48,13 @@ LEDGER_LAG_WAITS = 8
 # On stop, how long the SL waits for its background threads (each notices the stop at once, or at
 # its next poll) before it names the ones still running in its log and exits anyway.
 STOP_THREADS_TIMEOUT = 5.0
-# Worker threads for calls from peers (blob downloads) and from our own ML (join, sync, report).
+# Worker threads for calls from peers (blob downloads); our own ML's channel is sl/local_channel.py.
 # One peer may hold at most PEER_STREAMS_PER_CALLER of the peer workers (sl/transport.py). The peer
 # server admits PEER_RPC_QUEUED calls beyond its workers to wait for one and refuses any more with
 # RESOURCE_EXHAUSTED: their fetcher asks another peer, or again, rather than wait in a queue that
 # its stall limit would cut off anyway.
 PEER_RPC_WORKERS = 32
 PEER_RPC_QUEUED = 32
-ML_RPC_WORKERS = 8
 
 
 @dataclass
@@ -100,7 +97,7 @@ class SLNode:
         self._lag_waits = StreamSlots(total=LEDGER_LAG_WAITS, per_identity=LEDGER_LAG_WAITS_PER_CALLER,
                                       kind="ledger-lag wait", server="SL", elsewhere="fetch from another peer")
         self.peer_server: grpc.Server | None = None
-        self.local_server: grpc.Server | None = None
+        self.local_channel: LocalChannel | None = None
         self.address = ""
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -117,7 +114,8 @@ class SLNode:
         self.peer_server = grpc.server(self.background.executor("peer-rpc", PEER_RPC_WORKERS), options=options,
                                        maximum_concurrent_rpcs=PEER_RPC_WORKERS + PEER_RPC_QUEUED)
         sl_pb2_grpc.add_SwarmPeerServicer_to_server(
-            PeerService(self.blobs, self.fetch_refusal, workers=PEER_RPC_WORKERS), self.peer_server)
+            PeerService(self.blobs, self.fetch_refusal, workers=PEER_RPC_WORKERS, merged_refusal=self.merged_refusal,
+                        stopping=self.background.stopping), self.peer_server)
         port = _bind(self.peer_server, f"{self.config.host}:{self.config.fs_port}",
                      self.config.identity.server_credentials(), "--sl-fs-port")
         self.address = f"{self.config.host}:{port}"
@@ -127,16 +125,11 @@ class SLNode:
         self.follower.wait_index(self.sn.heartbeat(self.background.stopping))
         self.kept.restore(self.blobs, self.follower)
         self.kept.start()
-        self.local_server = grpc.server(self.background.executor("ml-rpc", ML_RPC_WORKERS), options=options,
-                                        interceptors=[_RequireToken(self.token)] if self.token else None)
-        sl_pb2_grpc.add_SwarmLocalServicer_to_server(LocalService(self), self.local_server)
         if not self.ml_addr:
             self.ml_addr = f"unix:{_private_socket(self.data_dir, self.node_id)}"
-        if self.ml_addr.startswith("unix:"):
-            Path(self.ml_addr[5:]).unlink(missing_ok=True)
-        _bind(self.local_server, self.ml_addr, None, "--ml-addr")
+        self.local_channel = LocalChannel(self, self.ml_addr, self.token)
+        self.ml_addr = self.local_channel.start()
         self.peer_server.start()
-        self.local_server.start()
         self.sn.keep_alive(self.background, HEARTBEAT_EVERY)
         log.info("SL %s serving peers on %s, its ML on %s", self.node_id, self.address, self.ml_addr)
 
@@ -157,9 +150,10 @@ class SLNode:
                 log.info("%s left contract %s", self.node_id, engine.contract_name)
             except SwarmError as exc:
                 log.warning("could not leave contract %s: %s", engine.contract_name, exc)
-        for server in (self.local_server, self.peer_server):
-            if server is not None:
-                server.stop(0.5).wait()
+        if self.local_channel is not None:
+            self.local_channel.stop()
+        if self.peer_server is not None:
+            self.peer_server.stop(0.5).wait()
         for engine in engines:
             engine.close()
         self.follower.stop()
@@ -196,6 +190,28 @@ class SLNode:
             return "this SL is stopping"
         return (f"blob {digest[:12]} is served only to the SLs that checked in to its round (a merged model: to its "
                 f"contract's active members); the caller is not one of them")
+
+    def merged_refusal(self, caller_fp: str, contract: str, number: int) -> str | None:
+        """Why the caller may not wait here for round `number`'s merged model, or None: only an active
+        member of the contract that checked in to that round may (our ledger copy gets the same grace
+        as in fetch_refusal)."""
+        def caller(state):
+            node = next((n for n in state.nodes.values() if n.cert_fp == caller_fp), None)
+            return node if node is not None and node.role == "SL" and caller_fp not in state.revoked else None
+
+        def entitled(state) -> bool:
+            node, found = caller(state), state.contracts.get(contract)
+            r = found.rounds.get(number) if found is not None else None
+            return (node is not None and r is not None and node.node_id in r.checkins
+                    and node.node_id in found.members and found.members[node.node_id].active)
+
+        try:
+            if self.follower.read(entitled) or (self.follower.read(caller) and self._lag_grace(caller_fp, entitled)):
+                return None
+        except SwarmError:
+            return "this SL is stopping"
+        return (f"the merged model of round {number} of {contract[:64]!r} is served here only to that round's "
+                f"participants; the caller is not one of them")
 
     def _lag_grace(self, caller_fp: str, entitled) -> bool:
         """Waits, on the follower's condition (no lock held meanwhile), up to LEDGER_LAG_GRACE for our
@@ -384,32 +400,6 @@ def _private_socket(data_dir: Path, node_id: str) -> Path:
     return folder / "ml.sock"
 
 
-class _RequireToken(grpc.ServerInterceptor):
-    """Refuses every call on the ML channel that does not carry this SL's secret (compared in
-    constant time) as TOKEN_METADATA."""
-
-    def __init__(self, token: str):
-        self._token = token.encode()
-
-    def intercept_service(self, continuation, details):
-        handler = continuation(details)
-        given = next((v for k, v in details.invocation_metadata or () if k == TOKEN_METADATA), "")
-        if handler is None or hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._token):
-            return handler
-
-        def refuse(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          f"this SL's ML channel needs its secret: set {TOKEN_ENV} to the value in the SL's "
-                          f"ready line")
-
-        kind = {(False, False): grpc.unary_unary_rpc_method_handler,
-                (False, True): grpc.unary_stream_rpc_method_handler,
-                (True, False): grpc.stream_unary_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler}
-        return kind[(handler.request_streaming, handler.response_streaming)](
-            refuse, handler.request_deserializer, handler.response_serializer)
-
-
 def _bind(server: grpc.Server, address: str, credentials, flag: str) -> int:
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
@@ -419,90 +409,3 @@ def _bind(server: grpc.Server, address: str, credentials, flag: str) -> int:
         raise ConfigError(f"cannot listen on {address}: the port is in use, the address is not this host's or the "
                           f"socket path is not writable; pick another {flag}")
     return port
-
-
-class LocalService(sl_pb2_grpc.SwarmLocalServicer):
-    """What the ML process asks of its SL. Only the SL's own ML reaches this channel (private socket
-    folder, or the SL's secret on TCP)."""
-
-    def __init__(self, node: SLNode):
-        self.node = node
-
-    def _engine(self, context) -> RoundEngine:
-        engine = self.node.only_engine()
-        if engine is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "join a contract first (SwarmCallback does this)")
-        return engine
-
-    def Join(self, request, context):
-        try:
-            name, latest = self.node.join(request.contract or "default", request.min_peers or 1,
-                                          request.weightage or 1.0, request.merge_method or "mean")
-        except SwarmError as exc:  # refused by the ledger, SN unreachable, or this SL is stopping
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        return sl_pb2.JoinReply(node_id=self.node.node_id, contract=name, latest_merged_round=latest)
-
-    def Sync(self, request_iterator, context):
-        engine = self._engine(context)
-        try:
-            header, blob = _receive(request_iterator)
-        except SwarmError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        try:
-            if header.catch_up:
-                result = engine.catch_up() or engine.sync(blob, header.weight)
-            elif header.final:
-                result = engine.sync_final(blob, header.weight)
-            else:
-                result = engine.sync(blob, header.weight)
-        except SwarmError as exc:
-            log.error("sync failed: %s", exc)
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        yield from _send(result)
-
-    def Report(self, request, context):
-        engine = self._engine(context)
-        kind = request.kind or "train"  # an older callback names no kind: its reports are of training
-        if kind not in ("train", "validation"):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"metrics kind {kind[:40]!r} is neither train nor validation")
-        # A diverged model reports NaN or Inf; JSON (and so the ledger) has no such numbers: null.
-        # What the ML did not set is unknown, also null.
-        payload = {"contract": engine.contract_name, "node": self.node.node_id, "kind": kind, "round": request.round,
-                   "step": request.step, "epoch": _finite_field(request, "epoch"),
-                   "loss": _finite_field(request, "loss")}
-        if kind == "validation" or request.HasField("metric"):
-            payload.update(metric=_finite_field(request, "metric"), metric_name=request.metric_name or "metric")
-        try:
-            self.node.sn.submit("metrics", payload)
-        except SwarmError as exc:
-            log.warning("metrics not recorded: %s", exc)
-        return sl_pb2.Empty()
-
-
-def _finite_field(request, name: str) -> float | None:
-    value = getattr(request, name)
-    return value if request.HasField(name) and math.isfinite(value) else None
-
-
-def _receive(parts) -> tuple[sl_pb2.SyncHeader, bytes]:
-    header = None
-    chunks: list[bytes] = []
-    for part in parts:
-        if part.HasField("header"):
-            header = part.header
-        else:
-            chunks.append(part.data)
-    blob = b"".join(chunks)
-    if header is None or len(blob) != header.size:
-        raise SwarmError("sync request lacks its header or is truncated")
-    return header, blob
-
-
-def _send(result: RoundResult):
-    yield sl_pb2.SyncPart(header=sl_pb2.SyncHeader(
-        round=result.round, hash=result.hash, size=len(result.blob), participants=result.participants,
-        leader=result.leader, seconds=result.seconds, swarm_finished=result.swarm_finished,
-        contributed=result.contributed))
-    view = memoryview(result.blob)
-    for start in range(0, len(result.blob), CHUNK):
-        yield sl_pb2.SyncPart(data=bytes(view[start:start + CHUNK]))

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import CancelledError, Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
@@ -31,23 +31,30 @@ from swarmlearn.errors import Rejected, SwarmError
 from swarmlearn.ledger.model import Checkin, Contract, Round, RoundStatus, leader_order
 from swarmlearn.ledger.state import LedgerState
 from swarmlearn.merge import get_merger
-from swarmlearn.merge.base import (BadContribution, Contribution, check_contribution, contribution_norm,
-                                   norm_outliers)
+from swarmlearn.merge.base import (Accumulator, BadContribution, Contribution, Merger, check_contribution,
+                                   contribution_norm, norm_outliers)
 from swarmlearn.sl.transport import BlobStore, FetchError, PeerFetcher
 from swarmlearn.sn.client import SNClient
 from swarmlearn.sn.follower import LedgerFollower
-from swarmlearn.tensors import BlobError, decode, encode
+from swarmlearn.tensors import BlobError, Tensor, decode, encode
 
 log = logging.getLogger("swarmlearn.sl")
 
 # The node that will lead a round pulls its peers' blobs as their check-ins appear, up to this many
-# bytes per round; beyond it the leader fetches at merge time, a window at a time, as before.
-PREFETCH_BYTES = 256 << 20
+# bytes per round (each held until merged: the bound keeps a large model's leader at about two models);
+# beyond it the leader fetches at merge time, a window at a time.
+PREFETCH_BYTES = 64 << 20
 # Threads per contract, in pools of the SL's Background reused round after round: blobs pulled
 # ahead of the merge, and blobs loaded (read or fetched, then decoded) while the merge runs, each
 # at most this many at once. One more thread watches the filling round for check-ins to prefetch.
 PREFETCH_WORKERS = 4
 MERGE_WINDOW = 4
+# ...and no more bytes than this loading ahead at once (one blob at least), so that a leader of a large
+# model holds about two models (the merge's sums and the contribution being added), not a window of them.
+MERGE_WINDOW_BYTES = 64 << 20
+# Each participant asks for a round's merged model from its parent in a tree rooted at the leader, in
+# which every node serves at most this many others (32 peers: the leader serves 8, they the rest).
+MERGED_FANOUT = 8
 # What the ML hears when its call meets an SL that is stopping (its pools take no more work).
 STOPPING = "this SL is stopping"
 
@@ -163,6 +170,8 @@ class RoundEngine:
         self._left = threading.Event()
         self._rejoined_in: int | None = None
         self._led: set[tuple[int, int]] = set()
+        # Per round, our request for its merged model, made as soon as it closed (see _start_merged_pull).
+        self._merged_early: dict[int, Future] = {}
         # Per round, blobs being pulled ahead of the merge, by hash.
         self._early: dict[int, dict[str, Future]] = {}
         try:
@@ -192,6 +201,7 @@ class RoundEngine:
             if not contributed:
                 log.info("round %d closed without %s; taking its merged model", number, self.node_id)
             else:
+                self._start_merged_pull(closed, len(blob))
                 self._wait_until_merged(number, self._leader_timeout(closed))
             # Evicted while we were cut off, its merged model is no longer ours to have (_pull says
             # so too, once our ledger copy shows it).
@@ -359,7 +369,8 @@ class RoundEngine:
         self._closed.set()
         for futures in list(self._early.values()):
             for future in list(futures.values()):
-                future.cancel()
+                if future is not None:  # None: taken by the merge
+                    future.cancel()
 
     # ---------------------------------------------------------------------------- 2. close
 
@@ -536,41 +547,25 @@ class RoundEngine:
         order = sorted(r.participants, key=lambda n: n != self.node_id)
 
         early = self._early.get(r.number, {})
+        largest = max([size for size in sizes.values() if size] or [1])
 
         def load(node: str) -> Contribution:
             checkin = r.checkins[node]
             blob = self.blobs.get(checkin.hash)
             if blob is None:
-                blob = self._fetch_once(addresses.get(node, ""), checkin, sizes[node], early.get(checkin.hash),
-                                        deadline)
+                # Taken once: a prefetched blob is not held past its merge (a reload fetches it again).
+                prefetched, early[checkin.hash] = early.get(checkin.hash), None
+                blob = self._fetch_once(addresses.get(node, ""), checkin, sizes[node], prefetched, deadline)
             return Contribution(node, checkin.weight, decode(blob))
 
         def drop(node: str, reason: str) -> None:
             log.warning("round %d: dropped %s from the merge: %s", r.number, node, reason)
             dropped.append(node)
 
-        def valid() -> Iterator[Contribution]:
-            # Every contribution is checked before any is merged: the norm rule compares each one
-            # with the others', so the valid ones are held until all are in (for adapters, little).
-            reference, kept = None, []
-            for node, outcome in _prefetched(order, load, self._merge_pool, MERGE_WINDOW):
-                try:
-                    c = outcome()
-                    check_contribution(c, reference)
-                except (FetchError, BlobError, BadContribution) as exc:
-                    drop(node, exc.reason if isinstance(exc, BadContribution) else str(exc))
-                    continue
-                reference = reference or c.tensors
-                kept.append(c)
-            outliers = norm_outliers({c.node: contribution_norm(c.tensors) for c in kept})
-            for c in kept:
-                if c.node in outliers:
-                    drop(c.node, outliers[c.node])
-                else:
-                    yield c
-
+        contributions = _Contributions(order, load, drop, self._merge_pool,
+                                       max(1, min(MERGE_WINDOW, MERGE_WINDOW_BYTES // largest)))
         try:
-            merged = get_merger(method).merge(valid())
+            merged = self._merge(r.number, get_merger(method), contributions)
         except SwarmError as exc:
             log.error("round %d: cannot merge: %s", r.number, exc)
             return
@@ -587,7 +582,10 @@ class RoundEngine:
                 log.warning("round %d: abort not accepted: %s", r.number, exc)
             return
         blob = encode(merged)
-        digest = self.blobs.put(blob)
+        del merged
+        # Labelled before it is posted: the participants already waiting for it get it while the
+        # entry is written (they check its hash against the ledger).
+        digest = self.blobs.put(blob, label=(self.contract_name, r.number))
         try:
             self.sn.submit("merged", {"contract": self.contract_name, "round": r.number, "hash": digest,
                                       "size": len(blob), "dropped": dropped})
@@ -596,6 +594,45 @@ class RoundEngine:
             return
         log.info("round %d: %s merged %d peers with %s in %.3f s -> %s", r.number, self.node_id, kept, method,
                  time.monotonic() - started, digest[:12])
+
+    def _merge(self, number: int, merger: Merger, contributions: _Contributions) -> dict[str, Tensor]:
+        """Merges the valid contributions. A method with an accumulator (`mean`) folds each one in as
+        it arrives and passes its checks, keeping only its norm, so the leader holds about two models
+        whatever the number of peers; a norm outlier, known once all are in, is taken back out (its blob
+        loaded again), or the merge is built again from the others. Other methods hold every valid
+        contribution until all are in, and say so."""
+        acc = merger.accumulator()
+        if acc is None:
+            log.info("round %d: %s holds %s: %d contributions", number, merger.name, merger.holds,
+                     len(contributions.order))
+            held = list(contributions.valid())
+            outliers = norm_outliers({c.node: norm for c, norm in held})
+            for node, reason in outliers.items():
+                contributions.drop(node, reason)
+            return merger.merge(c for c, _ in held if c.node not in outliers)
+        norms: dict[str, float] = {}
+        for c, norm in contributions.valid():
+            acc.add(c, norm)
+            norms[c.node] = norm
+            del c
+        outliers = norm_outliers(norms)
+        for node, reason in outliers.items():
+            contributions.drop(node, reason)
+        if outliers and not all(self._taken_back(acc, contributions, node) for node in outliers):
+            log.info("round %d: merging again without %s", number, ", ".join(outliers))
+            acc = merger.accumulator()
+            for c, norm in contributions.valid([n for n in contributions.order if n in norms and n not in outliers]):
+                acc.add(c, norm)
+        return acc.result()
+
+    @staticmethod
+    def _taken_back(acc: Accumulator, contributions: _Contributions, node: str) -> bool:
+        """Subtracts `node`'s contribution, loaded again, from `acc`; False when that cannot be done."""
+        try:
+            return acc.subtract(contributions.load(node))
+        except (FetchError, BlobError, SwarmError) as exc:
+            log.info("%s's contribution could not be loaded again (%s)", node, exc)
+            return False
 
     def _fetch_once(self, address: str, checkin: Checkin, size: int | None, early: Future | None,
                     deadline: float) -> bytes:
@@ -630,7 +667,7 @@ class RoundEngine:
         if r.status == RoundStatus.ABORTED:
             return RoundResult(r.number, self.blobs.put(own), own, list(r.participants), r.leader or "", seconds,
                                False, False)
-        blob = self.blobs.get(r.merged_hash)
+        blob = self.blobs.get(r.merged_hash) or self._early_merged(r, len(own))
         if blob is None:
             try:
                 blob = self._pull(r, len(own))
@@ -645,6 +682,55 @@ class RoundEngine:
         self._keep(self.contract_name, r.number, r.merged_hash, blob)
         return RoundResult(r.number, r.merged_hash, blob, list(r.participants), r.leader or "", seconds,
                            contributed and self.node_id in r.participants, r.final)
+
+    def _start_merged_pull(self, r: Round, own: int) -> None:
+        """Asks, as soon as round `r` closed, for its merged model, from our parent in a tree of the
+        participants rooted at the leader (each node serves at most MERGED_FANOUT others), so that it
+        comes as soon as it is posted rather than a ledger hop and a request later, and no node serves
+        the whole swarm. What arrives is kept for our own children and checked against the ledger's
+        merged hash before use (_early_merged); on any failure we pull it as before (_pull)."""
+        order = [r.leader, *[n for n in r.participants if n != r.leader]]
+        if not r.leader or self.node_id not in order[1:]:
+            return
+        parent = order[(order.index(self.node_id) - 1) // MERGED_FANOUT]
+        address = self.follower.read(lambda s: s.nodes[parent].address if parent in s.nodes else "")
+        limit = blob_limit(own, self._max_blob_bytes())
+        timeout = self._leader_timeout(r) + self.t.grace
+        label = (self.contract_name, r.number)
+
+        def pull() -> tuple[str, bytes]:
+            blob = self.fetcher.fetch_merged(address, self.contract_name, r.number, timeout, limit, self.t.stall,
+                                             self.t.min_rate)
+            return self.blobs.put(blob, label=label), blob
+
+        for old in [n for n in self._merged_early if n < r.number]:
+            self._merged_early.pop(old).cancel()
+        try:
+            self._merged_early[r.number] = self._early_pool.submit(pull)
+        except RuntimeError:
+            pass  # the SL is stopping
+
+    def _early_merged(self, r: Round, own: int) -> bytes | None:
+        """Round `r`'s merged model as our early request got it, if its bytes hash to the ledger's
+        merged hash; waits for a transfer under way only as long as the bytes take at the assumed rate
+        (plus the grace), so that a silent parent costs little before we pull it ourselves."""
+        future = self._merged_early.pop(r.number, None)
+        if future is None:
+            return None
+        size = min(r.merged_size or blob_limit(own, self._max_blob_bytes()), blob_limit(own, self._max_blob_bytes()))
+        try:
+            digest, blob = future.result(timeout=self.t.grace + size / self.t.leader_bytes_per_second)
+        except FutureTimeout:
+            log.debug("round %d: merged model not in yet from our parent; pulling it", r.number)
+            return None
+        except (SwarmError, CancelledError) as exc:
+            log.debug("round %d: merged model not from our parent: %s", r.number, exc)
+            return None
+        if digest != r.merged_hash:
+            log.warning("round %d: the merged model we were sent hashes to %s, not to the %s on the ledger; "
+                        "pulling it again", r.number, digest[:12], r.merged_hash[:12])
+            return None
+        return blob
 
     def _pull(self, r: Round, own: int) -> bytes:
         """The merged blob from the leader, or from any participant that already holds it; no bigger
@@ -663,7 +749,7 @@ class RoundEngine:
                 except FetchError as exc:
                     log.debug("round %d: merged model not from %s: %s", r.number, node, exc)
                     continue
-                self.blobs.put(blob)
+                self.blobs.put(blob, label=(self.contract_name, r.number))  # for the peers waiting on us
                 return blob
             self._check_member()  # the peers refuse it to us
             if time.monotonic() > deadline:
@@ -685,6 +771,34 @@ class RoundEngine:
     def _ended_round(self, state: LedgerState, number: int) -> Round | None:
         r = self._contract(state).rounds.get(number)
         return r if r is not None and r.status in (RoundStatus.MERGED, RoundStatus.ABORTED) else None
+
+
+class _Contributions:
+    """A round's contributions as the leader loads and checks them, our own first (the reference the
+    others must match), up to `window` loading ahead."""
+
+    def __init__(self, order: list[str], load: Callable[[str], Contribution], drop: Callable[[str, str], None],
+                 pool: Executor, window: int):
+        self.order = order
+        self.load = load
+        self.drop = drop
+        self._pool = pool
+        self._window = window
+        self._reference: dict[str, Tensor] | None = None
+
+    def valid(self, nodes: list[str] | None = None) -> Iterator[tuple[Contribution, float]]:
+        """Yields each valid contribution with its norm; a bad one is dropped, by name, with why."""
+        for node, outcome in _prefetched(self.order if nodes is None else nodes, self.load, self._pool,
+                                         self._window):
+            try:
+                c = outcome()
+                check_contribution(c, self._reference)
+            except (FetchError, BlobError, BadContribution) as exc:
+                self.drop(node, exc.reason if isinstance(exc, BadContribution) else str(exc))
+                continue
+            if self._reference is None:
+                self._reference = c.tensors
+            yield c, contribution_norm(c.tensors)
 
 
 def _prefetched(nodes: list[str], load: Callable[[str], Contribution], pool: Executor, window: int):

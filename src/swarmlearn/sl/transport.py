@@ -14,7 +14,7 @@ import grpc
 
 from swarmlearn import pki
 from swarmlearn.background import Background
-from swarmlearn.defaults import CHUNK, MAX_MESSAGE
+from swarmlearn.defaults import BLOB_STORE_BYTES, CHUNK, MAX_MESSAGE
 from swarmlearn.errors import SwarmError
 from swarmlearn.proto import sl_pb2, sl_pb2_grpc
 from swarmlearn.sn.server import StreamSlots, caller_name
@@ -27,6 +27,9 @@ log = logging.getLogger("swarmlearn.sl")
 # room for several contracts, while one peer reading slowly, or not at all, holds at most a quarter
 # of the SL's 32 peer-RPC workers and cannot starve the others' fetches.
 PEER_STREAMS_PER_CALLER = 8
+# The longest an SL holds a peer's request for a merged model it does not have yet (whatever the
+# peer asks for): a round's leader timeout at the default, with 20 MB/s, for about 1 GB of blobs.
+MERGED_WAIT_MAX = 60.0
 
 
 class FetchError(SwarmError):
@@ -34,41 +37,82 @@ class FetchError(SwarmError):
 
 
 class BlobStore:
-    """Blobs by SHA-256, newest kept; old ones are dropped beyond `capacity` blobs."""
+    """Blobs by SHA-256, newest kept: the oldest are dropped once they hold more than `budget` bytes
+    in all or number more than `max_blobs` (the newest blob is kept even alone over the budget: a
+    round's blob is bounded by its contract's max_blob_bytes, and the SL cannot serve what it dropped).
+    A blob may be labelled, e.g. (contract, round) for a round's merged model, so that a peer can ask
+    for it before its hash is known and be answered as soon as it is here (`wait_labelled`)."""
 
-    def __init__(self, capacity: int = 64):
-        self.capacity = capacity
+    def __init__(self, budget: int = BLOB_STORE_BYTES, max_blobs: int = 64):
+        self.budget = budget
+        self.max_blobs = max_blobs
+        self.held = 0  # bytes of all blobs held
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
-        self._lock = threading.Lock()
+        self._labels: OrderedDict[tuple, str] = OrderedDict()
+        self._changed = threading.Condition()
 
-    def put(self, blob: bytes) -> str:
+    def put(self, blob: bytes, label: tuple | None = None) -> str:
         digest = blob_hash(blob)
-        with self._lock:
+        with self._changed:
+            if digest not in self._blobs:
+                self.held += len(blob)
             self._blobs[digest] = blob
             self._blobs.move_to_end(digest)
-            while len(self._blobs) > self.capacity:
-                self._blobs.popitem(last=False)
+            while len(self._blobs) > 1 and (self.held > self.budget or len(self._blobs) > self.max_blobs):
+                self.held -= len(self._blobs.popitem(last=False)[1])
+            if label is not None:
+                self._labels[label] = digest
+                self._labels.move_to_end(label)
+                while len(self._labels) > self.max_blobs:
+                    self._labels.popitem(last=False)
+                self._changed.notify_all()
         return digest
 
     def get(self, digest: str) -> bytes | None:
-        with self._lock:
+        with self._changed:
             return self._blobs.get(digest)
+
+    def wait_labelled(self, label: tuple, timeout: float, stopping: threading.Event | None = None) -> bytes | None:
+        """The blob labelled `label`, waiting up to `timeout` seconds for it (or until `stopping`);
+        None if it does not come (or was dropped since)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                digest = self._labels.get(label)
+                if digest is not None:
+                    return self._blobs.get(digest)
+                left = deadline - time.monotonic()
+                if left <= 0 or (stopping is not None and stopping.is_set()):
+                    return None
+                self._changed.wait(min(left, 0.5))
 
 
 class PeerService(sl_pb2_grpc.SwarmPeerServicer):
-    """Serves blobs by hash. Each caller is known by the fingerprint of its verified certificate: it
-    may have `per_caller` streams open at once (more are refused RESOURCE_EXHAUSTED), and with
-    `refusal` (the SL gives one) gets only what it is entitled to: `refusal(fingerprint, digest)`
-    returns why not, or None. `workers` is the server's number of RPC threads."""
+    """Serves blobs by hash, and a round's merged model by (contract, round) as soon as this SL holds
+    it. Each caller is known by the fingerprint of its verified certificate: it may have `per_caller`
+    streams open at once (more are refused RESOURCE_EXHAUSTED; a wait for a merged model holds one), and
+    gets only what it is entitled to: `refusal(fingerprint, digest)` and `merged_refusal(fingerprint,
+    contract, round)` return why not, or None (the SL gives both). `workers` is the server's number of
+    RPC threads; `stopping` ends the waits when the SL stops."""
 
     def __init__(self, blobs: BlobStore, refusal: Callable[[str, str], str | None] | None = None,
-                 per_caller: int = PEER_STREAMS_PER_CALLER, workers: int = 32):
+                 per_caller: int = PEER_STREAMS_PER_CALLER, workers: int = 32,
+                 merged_refusal: Callable[[str, str, int], str | None] | None = None,
+                 stopping: threading.Event | None = None):
         self.blobs = blobs
         self.refusal = refusal
+        self.merged_refusal = merged_refusal
+        self.stopping = stopping
         self.streams = StreamSlots(total=workers, per_identity=per_caller, kind="blob", server="SL",
                                    elsewhere="fetch the blob from another peer that holds it")
 
     def Fetch(self, request, context):
+        yield from self._streamed(context, lambda caller: self._by_hash(request, context, caller))
+
+    def FetchMerged(self, request, context):
+        yield from self._streamed(context, lambda caller: self._merged(request, context, caller))
+
+    def _streamed(self, context, find: Callable[[str], bytes]):
         peer = pki.peer_certificate(context)
         caller = peer[1] if peer else ""
         ticket = self.streams.acquire(caller)
@@ -76,11 +120,11 @@ class PeerService(sl_pb2_grpc.SwarmPeerServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"blob stream of {caller_name(context, caller)} refused: {ticket}")
         try:
-            yield from self._serve(request, context, caller)
+            yield from _chunks(find(caller))
         finally:
             self.streams.release(ticket)
 
-    def _serve(self, request, context, caller: str):
+    def _by_hash(self, request, context, caller: str) -> bytes:
         if self.refusal is not None:
             why = self.refusal(caller, request.hash)
             if why:
@@ -88,10 +132,27 @@ class PeerService(sl_pb2_grpc.SwarmPeerServicer):
         blob = self.blobs.get(request.hash)
         if blob is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no blob {request.hash[:12]} here")
-        view = memoryview(blob)
-        yield sl_pb2.Chunk(data=bytes(view[:CHUNK]), total_size=len(blob))
-        for start in range(CHUNK, len(blob), CHUNK):
-            yield sl_pb2.Chunk(data=bytes(view[start:start + CHUNK]))
+        return blob
+
+    def _merged(self, request, context, caller: str) -> bytes:
+        if self.merged_refusal is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this SL serves merged models by hash only")
+        why = self.merged_refusal(caller, request.contract, request.round)
+        if why:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+        wait = min(max(request.wait_seconds, 0.0), MERGED_WAIT_MAX)
+        blob = self.blobs.wait_labelled((request.contract, request.round), wait, self.stopping)
+        if blob is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no merged model of round {request.round} here within "
+                                                     f"{wait:g} s; fetch it by hash once the ledger has it")
+        return blob
+
+
+def _chunks(blob: bytes):
+    view = memoryview(blob)
+    yield sl_pb2.Chunk(data=bytes(view[:CHUNK]), total_size=len(blob))
+    for start in range(CHUNK, len(blob), CHUNK):
+        yield sl_pb2.Chunk(data=bytes(view[start:start + CHUNK]))
 
 
 @dataclass(eq=False)
@@ -155,23 +216,48 @@ class PeerFetcher:
         bytes per second (a peer trickling bytes must not hold a leader for its whole budget)."""
         if not address:
             raise FetchError("peer has no registered address")
+        blob, expected = self._receive(lambda stub: stub.Fetch(sl_pb2.FetchRequest(hash=digest), timeout=timeout),
+                                       address, digest[:12], timeout, size, stall, min_rate, watch_at_once=True)
+        return _checked(blob, expected, digest)
+
+    def fetch_merged(self, address: str, contract: str, number: int, timeout: float, size: int,
+                     stall: float | None = None, min_rate: float = 0.0) -> bytes:
+        """Round `number`'s merged model from the SL at `address`, which answers as soon as it holds
+        it (waiting at most `timeout`). The bytes are NOT checked: the caller compares their hash with
+        the ledger's. Bounded like `fetch`, except that the stall and rate limits count from the
+        first byte (the wait before it is the point)."""
+        if not address:
+            raise FetchError("peer has no registered address")
+        request = sl_pb2.MergedRequest(contract=contract, round=number, wait_seconds=timeout)
+        blob, expected = self._receive(lambda stub: stub.FetchMerged(request, timeout=timeout), address,
+                                       f"round {number}'s merged model", timeout, size, stall, min_rate,
+                                       watch_at_once=False)
+        if expected is not None and len(blob) != expected:
+            raise FetchError(f"got {len(blob)} of {expected} bytes")
+        return blob
+
+    def _receive(self, call: Callable, address: str, what: str, timeout: float, size: int | None,
+                 stall: float | None, min_rate: float, watch_at_once: bool) -> tuple[bytes, int | None]:
+        """Reads one blob stream: (its bytes, the size its first chunk announced)."""
         parts: list[bytes] = []
         expected = None
         transfer = None
         try:
-            stream = self._stub(address).Fetch(sl_pb2.FetchRequest(hash=digest), timeout=timeout)
+            stream = call(self._stub(address))
             now = time.monotonic()
             transfer = _Transfer(stream, stall or 0.0, min_rate, now, now)
-            if stall:
+            if stall and watch_at_once:
                 self._watch(transfer)
             for chunk in stream:
                 if expected is None:
                     expected = chunk.total_size
+                    if stall and not watch_at_once:
+                        transfer.started = transfer.last = time.monotonic()
+                        self._watch(transfer)
                 transfer.received += len(chunk.data)
                 if size and max(expected, transfer.received) > size:
                     stream.cancel()
-                    raise FetchError(f"peer sends more than the {size} bytes the ledger declares for "
-                                     f"{digest[:12]}")
+                    raise FetchError(f"peer sends more than the {size} bytes the ledger declares for {what}")
                 parts.append(chunk.data)
                 transfer.last = time.monotonic()
         except grpc.RpcError as exc:
@@ -187,7 +273,7 @@ class PeerFetcher:
             if transfer is not None:
                 with self._watched:
                     self._transfers.discard(transfer)
-        return _checked(b"".join(parts), expected, digest)
+        return b"".join(parts), expected
 
     def _watch(self, transfer: _Transfer) -> None:
         """Puts `transfer` under the watchdog, started with the first transfer that asks for one and

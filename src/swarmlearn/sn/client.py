@@ -22,8 +22,9 @@ from swarmlearn import pki
 from swarmlearn.background import Background
 from swarmlearn.errors import (AlreadyRecorded, ConfigError, LedgerError, Rejected, SNLimitReached, SNUnavailable,
                                SwarmError)
-from swarmlearn.ledger.entry import Entry, SignedTx
-from swarmlearn.ledger.signatures import is_registered, registration, sign_tx
+from swarmlearn.ledger.entry import Entry, SignedTx, Signer, Tx
+from swarmlearn.ledger.signatures import is_registered, registration
+from swarmlearn.ledger.state import MAX_VALIDITY_WINDOW
 from swarmlearn.ledger.store import StoredEntry
 from swarmlearn.proto import sn_pb2, sn_pb2_grpc
 
@@ -108,6 +109,13 @@ REFUSAL_MARK = "refuses new entries"
 LEDGER_OUT_OF_REACH = "cannot reach its ledger"
 # How often a watch's canceller looks whether its caller asked it to stop.
 CANCEL_POLL = 0.25
+# The most entries a watch asks the SN to put in one message (sn/server.py bounds it too).
+WATCH_BATCH = 256
+# A transaction this client signs stays valid for this many ledger entries past the head it saw last
+# (from any reply), then is refused as expired and forgotten by the ledger (ledger/state.py). A swarm of
+# dozens of peers appends a few hundred entries a second, so a submit retried for the whole SN
+# patience stays inside it; half the most the ledger allows leaves room for an SN that lags behind.
+VALIDITY_WINDOW = MAX_VALIDITY_WINDOW // 2
 # Never set: waiting on it is a sleep, for calls made without a stop event.
 _NEVER = threading.Event()
 
@@ -138,6 +146,7 @@ class SNClient:
         self._vouched: set[int] = set()
         self._refused: dict[int, str] = {}
         self._closed = False
+        self._head_seen: int | None = None  # the highest ledger index an SN's reply showed us
 
     @property
     def address(self) -> str:
@@ -324,14 +333,29 @@ class SNClient:
         """Signs and submits a transaction; returns its entry index. A retry after a lost reply is
         recognised by the SN as the same transaction and answers with the entry already made.
         `patience` bounds how long an unreachable SN is retried (default: unreachable_timeout)."""
-        return self.submit_signed(sign_tx(self.identity, self.node_id, kind, payload), patience)
+        return self.submit_signed(self.sign(kind, payload), patience)
+
+    def sign(self, kind: str, payload: dict) -> SignedTx:
+        """A transaction of this client's node, signed, valid for VALIDITY_WINDOW entries past the head
+        seen last (asked of the SN first when this client has seen none)."""
+        if self._head_seen is None:
+            self.query("head")
+        tx = Tx(kind=kind, payload=payload, signer=Signer(self.node_id, self.identity.fingerprint), time=time.time(),
+                valid_until=self._head_seen + 1 + VALIDITY_WINDOW)
+        return SignedTx(tx, self.identity.sign(tx.signing_bytes()))
+
+    def _saw_head(self, index: int) -> None:
+        if self._head_seen is None or index > self._head_seen:
+            self._head_seen = index
 
     def submit_signed(self, signed: SignedTx, patience: float | None = None) -> int:
         request = sn_pb2.SignedTx(tx=signed.tx.signing_bytes(), signature=signed.signature)
         try:
-            return self._call("Submit", request, signed.tx.kind, patience).index
+            index = self._call("Submit", request, signed.tx.kind, patience).index
         except AlreadyRecorded as exc:
-            return exc.index
+            index = exc.index
+        self._saw_head(index)
+        return index
 
     def register(self, role: str, address: str = "", **info) -> int:
         """Enters the ledger as this client's node (its certificate's name, or the name an admin mapped
@@ -353,8 +377,10 @@ class SNClient:
     def heartbeat(self, stop: threading.Event | None = None) -> int:
         """Tells the SN we are alive; returns the ledger head index. An unreachable SN is retried
         until our patience runs out or `stop` is set."""
-        return self._call("Heartbeat", sn_pb2.HeartbeatRequest(node_id=self.node_id), "heartbeat",
+        head = self._call("Heartbeat", sn_pb2.HeartbeatRequest(node_id=self.node_id), "heartbeat",
                           stop=stop).head_index
+        self._saw_head(head)
+        return head
 
     def keep_alive(self, background: Background, every: float) -> threading.Thread:
         """Heartbeats every `every` seconds, in a thread of `background`, until it closes, so that
@@ -371,11 +397,19 @@ class SNClient:
 
         return background.start("heartbeat", beat)
 
-    def query(self, section: str = "all") -> dict:
-        """The folded state of one section (all, info, nodes, contracts, tasks, taskrunners); contracts
-        carry "metrics_count", and `metrics` reads the metrics themselves."""
-        reply = self._call("Query", sn_pb2.QueryRequest(section=section), f"query {section}")
+    def query(self, section: str = "all", name: str = "") -> dict:
+        """The folded state of one section (all, info, nodes, contracts, tasks, taskrunners, head);
+        contracts carry "metrics_count", and `metrics` reads the metrics themselves. `name`: what a
+        narrow section is about (see `taskrunner`)."""
+        reply = self._call("Query", sn_pb2.QueryRequest(section=section, contract=name), f"query {section}")
+        self._saw_head(reply.head_index)
         return json.loads(reply.state_json)
+
+    def taskrunner(self, name: str = "default") -> dict:
+        """What a wait for task runner `name` shows, in a reply that does not grow with the ledger:
+        "taskrunner" (the runner and its assignment, without its history), "training" (per contract
+        with a merged round: that round, and each node's latest metrics summary) and "last_seen"."""
+        return self.query("taskrunner", name)
 
     def metrics(self, contract: str = "default", from_index: int = 0) -> tuple[list[dict], int]:
         """The metrics entries of `contract` recorded at ledger index `from_index` or later, read page by
@@ -384,12 +418,11 @@ class SNClient:
         while True:
             request = sn_pb2.QueryRequest(section="metrics", contract=contract, from_index=from_index)
             reply = self._call("Query", request, f"metrics of contract {contract}")
+            self._saw_head(reply.head_index)
             page = json.loads(reply.state_json)["metrics"]
             entries += page["entries"]
-            if entries:
-                from_index = max(from_index, entries[-1]["index"] + 1)
-            if page["next"] is None:
-                return entries, from_index
+            if page["next"] is None:  # read up to the head the page was made at: next time, only newer ones
+                return entries, max(from_index, reply.head_index + 1)
             from_index = page["next"]
 
     def watch(self, from_index: int = 0, stop: threading.Event | None = None, *, raw: bool = False,
@@ -406,18 +439,37 @@ class SNClient:
         background: the component's owner of threads; one thread of it per call, however often the
         watch reconnects, cancels the open stream once `stop` is set (without one, the watch owns
         that thread itself), and the watch joins it when it ends."""
+        for batch in self.watch_batches(from_index, stop, raw=raw, on_connect=on_connect, background=background):
+            yield from batch
+
+    def watch_batches(self, from_index: int = 0, stop: threading.Event | None = None, *, raw: bool = False,
+                      on_connect: Callable[[int], None] | None = None,
+                      background: Background | None = None) -> Iterator[list[Entry]] | Iterator[list[StoredEntry]]:
+        """As watch(), but entries come in lists, as the SN sends them: one entry while this client keeps
+        up, several after a burst (a follower folds them under one lock, and wakes its waiters once)."""
         stop = stop or threading.Event()
         owner = background or Background("sn-watch")
         canceller = _StreamCanceller(stop, owner)
+        batches = self._follow(from_index, stop, raw, on_connect, canceller)
         try:
-            yield from self._follow(from_index, stop, raw, on_connect, canceller)
+            for batch in batches:
+                self._saw_head(batch[-1].index)
+                yield batch
         finally:
+            batches.close()  # its stream is cancelled now, not when the generator is collected
             canceller.close()
             if background is None:
                 owner.close(CANCEL_POLL * 4)
 
+    def snapshot(self) -> Iterator[sn_pb2.SnapshotChunk]:
+        """The chunks of the SN's latest snapshot (ledger/snapshot.py), in order, as it sends them.
+        gRPC's NOT_FOUND (the SN holds no checkpoint yet) and UNIMPLEMENTED (an SN from before
+        snapshots) come through as grpc.RpcError, raised while iterating; an SN that stays
+        unreachable, as SNUnavailable."""
+        return self._call("Snapshot", sn_pb2.SnapshotRequest(), "snapshot")
+
     def _follow(self, from_index: int, stop: threading.Event, raw: bool, on_connect: Callable[[int], None] | None,
-                canceller: _StreamCanceller) -> Iterator[Entry] | Iterator[StoredEntry]:
+                canceller: _StreamCanceller) -> Iterator[list[Entry]] | Iterator[list[StoredEntry]]:
         cursor = _Cursor(from_index)
         outage: _Outage | None = None
         refusals = _StreamRefusals()
@@ -438,9 +490,10 @@ class SNClient:
                 if not self._admits(index, stub, on_connect):
                     continue
                 overlap = cursor.last_hash is not None
-                stream = stub.Watch(sn_pb2.WatchRequest(from_index=cursor.next_index - (1 if overlap else 0)))
+                stream = stub.Watch(sn_pb2.WatchRequest(from_index=cursor.next_index - (1 if overlap else 0),
+                                                        batch=WATCH_BATCH))
                 canceller.follow(stream)
-                yield from _entries(stream, cursor, overlap, address, raw, answered)
+                yield from _batches(stream, cursor, overlap, address, raw, answered)
             except grpc.RpcError as exc:
                 if stop.is_set() or exc.code() == grpc.StatusCode.CANCELLED:
                     return
@@ -570,33 +623,47 @@ class _Outage:
                      time.monotonic() - self.since, self.lost)
 
 
-def _entries(stream, cursor: _Cursor, overlap: bool, address: str, raw: bool,
-             answered: Callable[[], None]) -> Iterator[Entry] | Iterator[StoredEntry]:
-    """The entries of one Watch stream, checked against `cursor` and advancing it. With `overlap`,
-    the stream starts with the last entry already yielded, which must be the one this watch saw: an
-    SN now holding another entry there serves another history (replaced, or another swarm's)."""
+def _batches(stream, cursor: _Cursor, overlap: bool, address: str, raw: bool,
+             answered: Callable[[], None]) -> Iterator[list[Entry]] | Iterator[list[StoredEntry]]:
+    """The entries of one Watch stream, a list per message, checked against `cursor` and advancing it.
+    With `overlap`, the stream starts with the last entry already yielded, which must be the one this
+    watch saw: an SN now holding another entry there serves another history (replaced, or another
+    swarm's)."""
     for msg in stream:
         answered()
-        if overlap:
-            overlap = False
-            if msg.index != cursor.next_index - 1 or msg.hash != cursor.last_hash:
-                raise LedgerError(f"SN {address} now serves another entry {cursor.next_index - 1} "
-                                  f"({msg.hash[:12]}) than the one this node received "
-                                  f"({cursor.last_hash[:12]}): its history was replaced; stop this node and "
-                                  f"restore the SN's ledger, or use another SN of the swarm")
-            continue
-        row = StoredEntry(msg.index, msg.hash, bytes(msg.body))
-        if row.index != cursor.next_index:
-            raise LedgerError(f"SN {address} sent entry {row.index} when {cursor.next_index} was next")
-        if raw:
-            item = row
-        else:
-            item = row.entry()
-            if item.index != cursor.next_index or item.hash != msg.hash:
-                raise LedgerError(f"SN {address} sent entry {item.index} out of order or altered")
-        cursor.next_index += 1
-        cursor.last_hash = row.hash
-        yield item
+        batch = []
+        for part in (msg, *msg.following):
+            if overlap:
+                overlap = False
+                _check_overlap(part, cursor, address)
+                continue
+            batch.append(_next_entry(part, cursor, address, raw))
+        if batch:
+            yield batch
+
+
+def _check_overlap(msg, cursor: _Cursor, address: str) -> None:
+    if msg.index != cursor.next_index - 1 or msg.hash != cursor.last_hash:
+        raise LedgerError(f"SN {address} now serves another entry {cursor.next_index - 1} "
+                          f"({msg.hash[:12]}) than the one this node received "
+                          f"({cursor.last_hash[:12]}): its history was replaced; stop this node and "
+                          f"restore the SN's ledger, or use another SN of the swarm")
+
+
+def _next_entry(msg, cursor: _Cursor, address: str, raw: bool) -> Entry | StoredEntry:
+    """The entry `msg` carries, which must be the one `cursor` expects next; advances the cursor."""
+    row = StoredEntry(msg.index, msg.hash, bytes(msg.body))
+    if row.index != cursor.next_index:
+        raise LedgerError(f"SN {address} sent entry {row.index} when {cursor.next_index} was next")
+    if raw:
+        item = row
+    else:
+        item = row.entry()
+        if item.index != cursor.next_index or item.hash != msg.hash:
+            raise LedgerError(f"SN {address} sent entry {item.index} out of order or altered")
+    cursor.next_index += 1
+    cursor.last_hash = row.hash
+    return item
 
 
 class _StreamCanceller:

@@ -3,14 +3,37 @@
 The state machine is pure, so folding the same entries gives every SL the state the SN has. Round
 logic waits on this copy ("until round 7 is closed") instead of polling the SN.
 
-Nothing the SN sends is trusted: every entry goes through the ChainVerifier the SN itself uses (hash,
-link, signature, state machine), and the follower pins the swarm (ledger/pin.py): the genesis hash
-of its first contact and the highest entry it verified. An SN whose ledger has another genesis, is
-shorter than that entry, or holds another entry there is refused, and so is the ledger from then on.
+Every entry the SN streams goes through the ChainVerifier the SN itself uses (hash, link, signature,
+state machine), and the follower pins the swarm (ledger/pin.py): the genesis hash of its first
+contact and the highest entry it verified. An SN whose ledger has another genesis, is shorter than
+that entry, or holds another entry there is refused, and so is the ledger from then on.
+
+Start-up from a snapshot (the default; --full-replay folds from entry 0 instead). The follower asks
+the SN for the snapshot of its latest checkpoint (the state folded through entry k, and checkpoint
+entry k+1 naming its SHA-256) and uses it only if (snapshot.accept_snapshot): the checkpoint entry is
+intact and canonical, its state_hash is the SHA-256 of the bytes received, it is signed by an SN
+certificate that a CA of this node's own --capath issued, and the state ends at entry k with the hash
+the checkpoint links to; the checkpoint is then folded like any entry, and every entry after it is
+verified as from genesis. With a pin, the snapshot must hold the pinned swarm's genesis, and a pinned
+entry at or before k must be an ancestor of the snapshot: the entries from it to k are read and their
+hashes and links checked (not their signatures nor their meaning).
+
+What that trusts, compared with folding from genesis: from genesis, every entry's signature and
+every transaction's legality is checked here, so no SN can make this node believe a state the
+entries' signers did not produce. From a snapshot, entries 0..k are not checked here at all: the
+state at k is believed because one SN certificate of the swarm's CAs signed its hash. A holder of
+any SN key (a compromised or buggy SN) could thus hand this node a fabricated state at k (a node
+registered that never was, a round merged with another hash); it cannot forge anything after k, nor
+rewrite history this node pinned. SNs check every checkpoint against their own fold, so a bad one
+appears only if an SN key signs it. --full-replay removes that trust: it folds from genesis and
+checks every checkpoint's hash against its own state, refusing the ledger at the first mismatch.
+Any failure to get or accept a snapshot (an SN without one yet, an older SN, a bad one) makes the
+follower fold from genesis, with one log line.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -19,16 +42,35 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
+import grpc
+
 from swarmlearn.background import Background
 from swarmlearn.errors import LedgerError, SwarmError
-from swarmlearn.ledger.chain import ChainVerifier
+from swarmlearn.ledger.chain import ChainBroken, ChainVerifier
+from swarmlearn.ledger.entry import sha256_hex
 from swarmlearn.ledger.pin import Pin, PinFile, sn_refused
+from swarmlearn.ledger.snapshot import MAX_SNAPSHOT_BYTES, Snapshot, SnapshotError, accept_snapshot
 from swarmlearn.ledger.state import LedgerState
 from swarmlearn.ledger.store import StoredEntry
 from swarmlearn.sn.client import SNClient
 
 log = logging.getLogger("swarmlearn.sl")
 T = TypeVar("T")
+
+# Whether followers made without saying otherwise fold from genesis: set once per process by the
+# --full-replay of `swarm sl`, `swarm swop`, `swarm swci` and `swarm ui` (replay_from_genesis).
+_FULL_REPLAY = False
+
+
+def replay_from_genesis(enabled: bool = True) -> None:
+    """Makes this process's followers fold the ledger from entry 0 and check every checkpoint on the way,
+    instead of starting from the SN's snapshot (the --full-replay flag)."""
+    global _FULL_REPLAY
+    _FULL_REPLAY = enabled
+
+
+def full_replay_default() -> bool:
+    return _FULL_REPLAY
 
 
 class LedgerFollower:
@@ -38,11 +80,16 @@ class LedgerFollower:
     (any LedgerError: a broken chain, a bad signature, a rollback) is kept in `error`, raised to every
     waiter and returned by failure(), which the component's command watches to stop and exit non-zero.
     Its threads (following the stream; writing the pin) belong to `background`, the component's owner
-    of threads (without one, the follower owns its own); stop() ends the follower and writes the pin."""
+    of threads (without one, the follower owns its own); stop() ends the follower and writes the pin.
+    full_replay: fold from entry 0 checking every checkpoint (default: the process's --full-replay)
+    rather than start from the SN's snapshot (see the module's notes for what each trusts)."""
 
-    def __init__(self, sn: SNClient, pin_file: Path | None = None, background: Background | None = None):
+    def __init__(self, sn: SNClient, pin_file: Path | None = None, background: Background | None = None,
+                 full_replay: bool | None = None):
         self.sn = sn
-        self.verifier = ChainVerifier()
+        self.full_replay = _FULL_REPLAY if full_replay is None else full_replay
+        self.verifier = ChainVerifier(check_checkpoints=self.full_replay)
+        self.started_from: int | None = None  # the snapshot's index, once started from one
         self.changed = threading.Condition()
         self.error: Exception | None = None
         self.pin = PinFile(pin_file) if pin_file is not None else None
@@ -78,13 +125,10 @@ class LedgerFollower:
                 self._pinned = self.pin.load()
             if self._pinned is not None:
                 self.sn.expect_ledger(self._pinned.genesis_hash)
-            for row in self.sn.watch(0, self._stop, raw=True, on_connect=self._check_length,
-                                     background=self._background):
-                self._check_pin(row)
-                with self.changed:
-                    self.verifier.verify_next(row)
-                    self.changed.notify_all()
-                self._advance_pin(row)
+            start = 0 if self.full_replay else self._start_from_snapshot()
+            for rows in self.sn.watch_batches(start, self._stop, raw=True, on_connect=self._check_length,
+                                              background=self._background):
+                self._fold(rows)
         except SwarmError as exc:
             if isinstance(exc, LedgerError):
                 log.error("refusing the ledger of SN %s: %s", self.sn.address, exc)
@@ -93,6 +137,97 @@ class LedgerFollower:
             with self.changed:
                 self.error = exc
                 self.changed.notify_all()
+
+    def _fold(self, rows: list[StoredEntry]) -> None:
+        """Verifies and folds a batch the SN sent, under one hold of the lock, and wakes the waiters
+        once for all of it (every waiter re-reads the state when woken: once per entry of a burst
+        of 32 check-ins was most of a follower's work). Entries folded before a refused one stay
+        folded, and their waiters are woken, before the refusal is raised."""
+        for row in rows:
+            self._check_pin(row)
+        folded = None
+        try:
+            with self.changed:
+                try:
+                    for row in rows:
+                        self.verifier.verify_next(row)
+                        folded = row
+                finally:
+                    self.changed.notify_all()
+        finally:
+            if folded is not None:
+                self._advance_pin(folded)
+
+    # ------------------------------------------------------------------------------ the snapshot
+
+    def _start_from_snapshot(self) -> int:
+        """Folds the SN's snapshot and its checkpoint if they hold up; returns the index to follow the
+        ledger from (0 when there is none to use, or it did not hold up). A stand-in for the SN client
+        (a test's) serves no snapshot."""
+        if not isinstance(self.sn, SNClient):
+            return 0
+        try:
+            snap = fetch_snapshot(self.sn)
+        except SnapshotError as exc:
+            log.warning("folding the ledger from entry 0: the snapshot of SN %s is refused: %s", self.sn.address, exc)
+            return 0
+        if snap is None:
+            return 0
+        try:
+            state, certs = accept_snapshot(snap, self.sn.identity.cas, LedgerState)
+            self._check_snapshot_pin(state, snap)
+        except SnapshotError as exc:
+            log.warning("folding the ledger from entry 0: the snapshot of SN %s is refused: %s", self.sn.address, exc)
+            return 0
+        with self.changed:
+            self.verifier.start_from(state, certs)
+            try:
+                self.verifier.verify_next(snap.checkpoint)
+            except ChainBroken as exc:
+                log.warning("folding the ledger from entry 0: the checkpoint of SN %s does not fold onto its "
+                            "snapshot: %s", self.sn.address, exc)
+                self.verifier = ChainVerifier()
+                return 0
+            self.started_from = snap.index
+            self.changed.notify_all()
+        self._check_pin(snap.checkpoint)
+        self._advance_pin(snap.checkpoint)
+        log.info("started from the snapshot of entry %d (checkpoint %s by %s)", snap.index,
+                 snap.state_hash[:12], snap.checkpoint.entry().tx.signer.node)
+        return snap.checkpoint.index + 1
+
+    def _check_snapshot_pin(self, state: LedgerState, snap: Snapshot) -> None:
+        """A snapshot of another swarm, or of a history that does not hold the pinned entry, is refused
+        as the SN serving it would be (sn_refused); an entry pinned after the checkpoint is checked
+        in the tail, as it arrives."""
+        pinned = self._pinned
+        if pinned is None:
+            return
+        if state.genesis_hash != pinned.genesis_hash:
+            raise sn_refused("genesis", self.sn.address, pinned, self._pin_path, served=state.genesis_hash or "")
+        if pinned.head_index <= snap.index:
+            last = self._walk_links(pinned.head_index, snap.index)
+            if last != state.head_hash:
+                raise sn_refused("differs", self.sn.address, pinned, self._pin_path, served=last or "")
+
+    def _walk_links(self, first: int, last: int) -> str | None:
+        """Reads entries `first`..`last` and checks each one's hash and its link to the one before, and
+        the first against the pin; returns the hash of `last` (hashes only: cheap, and enough to show
+        that the pinned entry is an ancestor of the snapshot's head)."""
+        previous = None
+        stop = threading.Event()
+        for row in self.sn.watch(first, stop, raw=True, background=self._background):
+            if sha256_hex(row.body) != row.hash:
+                raise SnapshotError(f"entry {row.index}: its bytes do not match its hash")
+            if row.index == first and row.hash != self._pinned.head_hash:
+                raise sn_refused("differs", self.sn.address, self._pinned, self._pin_path, served=row.hash)
+            if previous is not None and _prev_hash(row) != previous:
+                raise SnapshotError(f"entry {row.index} does not link to entry {row.index - 1}")
+            previous = row.hash
+            if row.index >= last:
+                stop.set()
+                break
+        return previous
 
     def failure(self, timeout: float) -> Exception | None:
         """Waits up to `timeout` seconds for the ledger to be lost or refused; returns why, or None while
@@ -125,7 +260,8 @@ class LedgerFollower:
 
     def _advance_pin(self, row: StoredEntry) -> None:
         if self._pinned is None:  # first contact: the swarm is the one whose genesis this is
-            self._pinned = Pin(row.hash, row.index, row.hash, str((self.state.genesis or {}).get("swarm_id", "")))
+            self._pinned = Pin(self.state.genesis_hash, row.index, row.hash,
+                               str((self.state.genesis or {}).get("swarm_id", "")))
         elif row.index > self._pinned.head_index:
             self._pinned = replace(self._pinned, head_index=row.index, head_hash=row.hash)
         else:
@@ -161,3 +297,43 @@ class LedgerFollower:
         with self.changed:
             return fn(self.state)
 
+
+
+def _prev_hash(row: StoredEntry) -> str | None:
+    try:
+        found = json.loads(row.body).get("prev_hash")
+    except (ValueError, AttributeError):
+        return None
+    return found if isinstance(found, str) else None
+
+
+def fetch_snapshot(sn: SNClient) -> Snapshot | None:
+    """The snapshot of the SN's latest checkpoint, or None when it has none (NOT_FOUND), serves none (an
+    SN from before snapshots) or cannot send it (then the follower folds from entry 0 anyway). Raises
+    SnapshotError for a reply that is not a snapshot (chunks out of shape, or over MAX_SNAPSHOT_BYTES)."""
+    try:
+        chunks = iter(sn.snapshot())
+        first = next(chunks, None)
+        if first is None or not first.HasField("checkpoint"):
+            raise SnapshotError("the first chunk carries no checkpoint")
+        if first.size > MAX_SNAPSHOT_BYTES:
+            raise SnapshotError(f"it is {first.size} bytes, more than the {MAX_SNAPSHOT_BYTES} a follower takes")
+        parts, received = [first.data], len(first.data)
+        for chunk in chunks:
+            received += len(chunk.data)
+            if received > first.size:
+                raise SnapshotError(f"it sends more than the {first.size} bytes it announced")
+            parts.append(chunk.data)
+    except grpc.RpcError as exc:
+        level = logging.DEBUG if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED) else logging.INFO
+        log.log(level, "folding the ledger from entry 0: no snapshot from SN %s (%s: %s)", sn.address,
+                exc.code().name, (exc.details() or "").splitlines()[0] if exc.details() else "")
+        return None
+    except SwarmError as exc:
+        log.info("folding the ledger from entry 0: no snapshot from SN %s (%s)", sn.address, exc)
+        return None
+    if received != first.size:
+        raise SnapshotError(f"it sent {received} of the {first.size} bytes it announced")
+    row = first.checkpoint
+    data = b"".join(parts)
+    return Snapshot(first.index, data, sha256_hex(data), StoredEntry(row.index, row.hash, bytes(row.body)))

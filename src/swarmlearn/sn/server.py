@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -26,6 +26,7 @@ from swarmlearn.ledger.model import PROTOCOL_VERSION
 from swarmlearn.ledger.pin import HistoryRefused, Pin, PinFile, check_marker
 from swarmlearn.ledger.policy import may_join_cluster
 from swarmlearn.ledger.signatures import is_registered, registration, sign_tx
+from swarmlearn.ledger.snapshot import CHECKPOINT_EVERY
 from swarmlearn.ledger.sqlite_store import SQLiteStore
 from swarmlearn.ledger.store import LedgerStore
 from swarmlearn.proto import sn_pb2, sn_pb2_grpc
@@ -69,9 +70,11 @@ READ_BURST = 100
 # Certificates whose issuer this SN has checked against the ledger's CAs (one signature check each).
 TRUST_CACHE_SIZE = 4096
 # A reply must fit gRPC's default 4 MiB message limit with room for its framing. Metrics, the one
-# section that grows with every round, are served in pages of at most METRICS_PAGE_BYTES.
+# section that grows with every round, are read from the ledger's entries and served in pages of at
+# most METRICS_PAGE_BYTES, each made from at most METRICS_PAGE_ENTRIES entries read.
 MAX_REPLY_BYTES = 4 * 1024 * 1024 - 64 * 1024
 METRICS_PAGE_BYTES = 1024 * 1024
+METRICS_PAGE_ENTRIES = 5000
 # The SN pings idle connections, so a client that vanished without closing its connection frees
 # its watch stream within KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS.
 KEEPALIVE_TIME_MS = 30_000
@@ -82,6 +85,13 @@ CLIENT_PING_MIN_MS = 5_000
 STOP_STREAMS_TIMEOUT = 2.0
 # Then how long it waits for its threads (each ends with its call) before it names the ones left.
 STOP_THREADS_TIMEOUT = 5.0
+# A Watch asked for batches gets at most this many entries, of at most this many bytes together (one
+# larger entry goes alone), per message: within gRPC's 4 MiB message limit. A follower that keeps up
+# gets one entry per message anyway; one behind (a burst of check-ins) gets what it missed in one.
+WATCH_BATCH_ENTRIES = 256
+WATCH_BATCH_BYTES = 1 << 20
+# A snapshot is served in chunks of this many bytes (well inside gRPC's 4 MiB message limit).
+SNAPSHOT_CHUNK_BYTES = 1 << 20
 # An SN running its own etcd member reads the cluster's members this often, so that its store fails
 # over to members that joined since it started.
 MEMBERS_REFRESH = 5.0
@@ -175,19 +185,56 @@ class CallBudget:
             return (1.0 - tokens) / self.rate
 
 
-def metrics_page(metrics: list[dict], from_index: int, budget: int = METRICS_PAGE_BYTES) -> tuple[list[dict], int | None]:
-    """The metrics entries recorded at ledger index `from_index` or later, as many as fit `budget`
-    bytes of JSON, and the index to ask from for the next page (None: this page reaches the end)."""
+def metrics_page(store: LedgerStore, names: set[str], from_index: int, head: int, budget: int = METRICS_PAGE_BYTES,
+                 reads: int = METRICS_PAGE_ENTRIES) -> tuple[list[dict], int | None]:
+    """The metrics entries about a contract (named in their payload as one of `names`) recorded at
+    ledger index `from_index` or later, up to `head`, read from `store`: as many as fit `budget` bytes
+    of JSON within `reads` entries read, and the index to ask from for the next page (None: this page
+    reaches `head`). Each is as the state once kept it: node, index, the signer's time and its values."""
     page: list[dict] = []
-    used = 0
-    for i in range(bisect.bisect_left(metrics, from_index, key=lambda m: m["index"]), len(metrics)):
-        m = metrics[i]
-        size = len(json.dumps(m, sort_keys=True))
-        if page and used + size > budget:
-            return page, m["index"]
-        page.append(m)
-        used += size
-    return page, None
+    used, index = 0, max(0, from_index)
+    last = min(head, from_index + reads - 1)
+    while index <= last:
+        rows = store.read_raw(index, min(1000, last - index + 1))
+        if not rows:
+            break
+        for row in rows:
+            if b'"kind":"metrics"' in row.body:  # the transaction's kind, or a payload's: parsed to tell
+                m = _metrics_entry(row, names)
+                size = len(json.dumps(m, sort_keys=True)) if m is not None else 0
+                if page and used + size > budget:
+                    return page, row.index
+                if m is not None:
+                    page.append(m)
+                    used += size
+            index = row.index + 1
+    return page, (index if index <= head else None)
+
+
+def _metrics_entry(row, names: set[str]) -> dict | None:
+    tx = row.entry().tx
+    if tx.kind != "metrics" or tx.payload.get("contract") not in names:
+        return None
+    values = {k: v for k, v in tx.payload.items() if k not in ("contract", "node") and not (k == "kind" and v is None)}
+    return {"node": tx.payload.get("node"), "index": row.index, "time": tx.time, **values}
+
+
+def taskrunner_progress(state, name: str) -> dict:
+    """What a SWCI waiting for task runner `name` shows, and no more: the runner and its assignment, and
+    per contract the last merged round and each node's latest metrics summary. Its size does not grow
+    with the ledger."""
+    runner = state.taskrunner(name)
+    training = {}
+    for contract in state.contracts.values():
+        merged = contract.latest_merged
+        if merged is None:
+            continue
+        training[contract.name] = {
+            "round": {"number": merged.number, "participants": list(merged.participants), "leader": merged.leader,
+                      "closed_time": merged.closed_time, "merged_time": merged.merged_time},
+            "latest": {node: kinds["latest"] for node, kinds in contract.latest_metrics.items() if "latest" in kinds}}
+    runner_obj = {k: v for k, v in dataclasses.asdict(runner).items() if k != "history"}
+    return {"taskrunner": runner_obj, "training": training}
 
 
 # An SN whose shared store (etcd) has not answered for LEDGER_REACH_GRACE seconds answers UNAVAILABLE
@@ -283,15 +330,15 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
         caller is answered PERMISSION_DENIED. The TLS handshake only proved that a CA in this SN's
         --capath issued it: the swarm also wants that CA trusted on the ledger, the certificate not
         revoked, and a swarm identity in it (its SPIFFE URI, or an admin's map-cert)."""
-        peer = pki.peer_certificate(context)
+        peer = pki.peer_identity(context)  # parsed, fingerprinted and read once per certificate
         if peer is None:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           "no client certificate was presented; connect with the --cert and --key of a swarm node")
-        cert, fp = peer
+        cert, fp, ident = peer
         refused = revocation(fp, self.chain.state)
         if refused is not None:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, refused)
-        if not self._known_caller(cert, fp):
+        if not self._known_caller(cert, fp, ident):
             # A CA trusted, or a certificate mapped, through another SN of a shared ledger a moment ago
             # may not be folded here yet.
             self._fold_latest(context)
@@ -301,15 +348,14 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
                           f"certificate {fp[:12]} ({pki.pki_subject(cert)}) is not issued by a CA this swarm trusts "
                           f"on its ledger; use a certificate of a trusted CA, or have an admin run `swarm admin "
                           f"trust-ca` for its CA")
-        if pki.swarm_id(cert) is None and fp not in state.cert_map:
+        if ident is None and fp not in state.cert_map:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"certificate {fp[:12]} ({pki.pki_subject(cert)}) carries no swarm role and name; "
                           f"{pki.REISSUE_HINT}")
         return fp
 
-    def _known_caller(self, cert, fp: str) -> bool:
-        return self._issued_by_trusted_ca(cert, fp) and (pki.swarm_id(cert) is not None or
-                                                         fp in self.chain.state.cert_map)
+    def _known_caller(self, cert, fp: str, ident: pki.SwarmId | None) -> bool:
+        return self._issued_by_trusted_ca(cert, fp) and (ident is not None or fp in self.chain.state.cert_map)
 
     def _fold_latest(self, context) -> None:
         """Folds what other writers appended to the store since this SN last looked. A broken chain is
@@ -415,13 +461,12 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
         section = request.section or "all"
         self._require_ledger(context)
         self._fold_latest(context)
-        with self.chain.lock:
-            try:
-                head, body = self._section_json(request, section)
-            except KeyError as exc:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc.args[0]))
-            except Rejected as exc:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            head, body = self._section_json(request, section)
+        except KeyError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc.args[0]))
+        except Rejected as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         # Liveness changes between polls of one head, so it is added to the section's JSON, not kept in it.
         body = body[:-1] + b', "last_seen": ' + json.dumps(self._seen_ago(), sort_keys=True).encode() + b"}"
         if len(body) > MAX_REPLY_BYTES:
@@ -431,22 +476,34 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
         return sn_pb2.QueryReply(head_index=head, state_json=body)
 
     def _section_json(self, request, section: str) -> tuple[int, bytes]:
-        """The ledger head and the JSON object of `section` at it, made once per head and kept until
-        the head moves (one per section); called holding the chain's lock."""
-        state = self.chain.state
-        made_for = ((state.head_index, request.contract, request.from_index) if section == "metrics"
-                    else (state.head_index,))
-        kept = self._bodies.get(section)
-        if kept is None or kept[0] != made_for:
-            obj = self._metrics(request, state) if section == "metrics" else state.to_obj(section)
-            kept = self._bodies[section] = (made_for, json.dumps(obj, sort_keys=True).encode())
-        return state.head_index, kept[1]
-
-    @staticmethod
-    def _metrics(request, state) -> dict:
-        contract = state.contract(request.contract or "default")
-        entries, following = metrics_page(contract.metrics, request.from_index)
-        return {"metrics": {"contract": contract.name, "entries": entries, "next": following}}
+        """The ledger head and the JSON object of `section` at it, made once per head (and name asked
+        about) and kept until the head moves, one per section. Under the chain's lock only the state is
+        read, into new objects (the whole section's asdict copy, or the narrow answer); the JSON is
+        made outside it, and metrics are read from the store outside it, so submits never wait for a
+        reply to be written."""
+        with self.chain.lock:
+            state = self.chain.state
+            head = state.head_index
+            made_for = (head, request.contract, request.from_index)
+            kept = self._bodies.get(section)
+            if kept is not None and kept[0] == made_for:
+                return head, kept[1]
+            if section == "metrics":
+                contract = state.contract(request.contract or "default")
+                names = {contract.name} | ({"default"} if state.genesis and contract.name == state.genesis.get(
+                    "default_contract") else set())
+            elif section == "head":
+                obj = {"head": {"head_index": head, "head_hash": state.head_hash}}
+            elif section == "taskrunner":
+                obj = taskrunner_progress(state, request.contract or "default")
+            else:
+                obj = state.to_obj(section)
+        if section == "metrics":
+            entries, following = metrics_page(self.chain.store, names, request.from_index, head)
+            obj = {"metrics": {"contract": contract.name, "entries": entries, "next": following}}
+        body = json.dumps(obj, sort_keys=True).encode()
+        self._bodies[section] = (made_for, body)
+        return head, body
 
     def Watch(self, request, context):
         who = self._caller(context)
@@ -470,12 +527,13 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
             # shared store out of reach, ends it too, within the same poll.
             context.add_callback(ended.set)
             self._require_ledger(context)
-            rows = self.chain.watch(request.from_index, over)
+            batch = min(max(1, request.batch), WATCH_BATCH_ENTRIES)
+            batches = self.chain.watch_batches(request.from_index, over, batch, max_bytes=WATCH_BATCH_BYTES)
             try:
-                for row in rows:
+                for rows in batches:
                     if revoked() is not None:
                         break
-                    yield sn_pb2.LedgerEntry(index=row.index, hash=row.hash, body=row.body)
+                    yield _entries_message(rows)
             except LedgerError as exc:
                 # Clients take UNAVAILABLE for an outage and follow the ledger through another SN.
                 self.reach.failed(exc)
@@ -488,6 +546,33 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
         finally:
             self.streams.release(ticket)
 
+
+    def Snapshot(self, request, context):
+        """The snapshot of this SN's latest checkpoint (ledger/snapshot.py), made when it folded that
+        checkpoint, in chunks. A read: counted against the caller's read rate, and it holds one of the
+        caller's stream slots while it is sent."""
+        who = self._caller(context)
+        self._within_rate(context, self.reads, who, "queries and heartbeats")
+        self._require_ledger(context)
+        snap = self.chain.verifier.latest_snapshot
+        if snap is None:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"SN {self.node_id} holds no checkpoint yet (one is written every "
+                          f"{self.chain.checkpoint_every} entries); follow the ledger from entry 0")
+        ticket = self.streams.acquire(who)
+        if isinstance(ticket, str):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"snapshot for {caller_name(context, who)} refused: {ticket}")
+        try:
+            row = snap.checkpoint
+            yield sn_pb2.SnapshotChunk(index=snap.index, size=len(snap.data), data=snap.data[:SNAPSHOT_CHUNK_BYTES],
+                                       checkpoint=sn_pb2.LedgerEntry(index=row.index, hash=row.hash, body=row.body))
+            for offset in range(SNAPSHOT_CHUNK_BYTES, len(snap.data), SNAPSHOT_CHUNK_BYTES):
+                if self.stopping.is_set():
+                    return
+                yield sn_pb2.SnapshotChunk(data=snap.data[offset:offset + SNAPSHOT_CHUNK_BYTES])
+        finally:
+            self.streams.release(ticket)
 
     def JoinCluster(self, request, context):
         """Adds the calling SN's etcd member to the ledger's cluster as a learner (sn/cluster.py): only a
@@ -536,6 +621,13 @@ class SNService(sn_pb2_grpc.SwarmNetworkServicer):
             added = store.add_learner(peer_url)
         log.info("added etcd member %x at %s for %s, as a learner", added.member.ID, peer_url, who)
         return _join_reply(added.member.ID, added.header.cluster_id, added.members)
+
+
+def _entries_message(rows: list) -> sn_pb2.LedgerEntry:
+    """One Watch message: the first of `rows`, carrying the rest (if any) in `following`."""
+    first = rows[0]
+    return sn_pb2.LedgerEntry(index=first.index, hash=first.hash, body=first.body, following=[
+        sn_pb2.LedgerEntry(index=row.index, hash=row.hash, body=row.body) for row in rows[1:]])
 
 
 def _join_reply(member_id: int, cluster_id: int, members) -> sn_pb2.JoinClusterReply:
@@ -724,14 +816,26 @@ def open_chain(data_dir: Path, identity: pki.Identity, node_id: str, address: st
     store: LedgerStore = etcd.open_store(identity) if etcd else SQLiteStore(data_dir / LEDGER_FILE)
     where = etcd.describe() if etcd else str(data_dir / LEDGER_FILE)
     try:
-        chain = Chain(store)
+        chain = Chain(store, checkpoint_every())
         _check_history(chain, data_dir, marker.load(), traces, new_swarm, where)
         _join_chain(chain, identity, node_id, address, sentinel, where)
         _keep_marker(chain, marker)
+        chain.sign_checkpoint = lambda payload: sign_tx(identity, node_id, "checkpoint", payload)
     except BaseException:
         store.close()
         raise
     return chain, marker
+
+
+def checkpoint_every() -> int:
+    """How many entries apart this SN writes checkpoints: CHECKPOINT_EVERY, or SWARM_CHECKPOINT_EVERY
+    (tests write them a few dozen entries apart)."""
+    value = os.environ.get("SWARM_CHECKPOINT_EVERY", "")
+    if not value:
+        return CHECKPOINT_EVERY
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"SWARM_CHECKPOINT_EVERY={value!r} is not a whole number of entries (at least 1)")
+    return int(value)
 
 
 def _check_history(chain: Chain, data_dir: Path, marker: Pin | None, traces: list[str], new_swarm: bool,

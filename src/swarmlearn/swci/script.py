@@ -26,16 +26,28 @@ def _p(template: str) -> re.Pattern:
     return re.compile(rf"^\s*{regex}\s*$", re.IGNORECASE)
 
 
+# Lines whose last field is free text (a value, a line of YAML) and so may hold spaces.
+_FREE_TEXT = {
+    "set_context_env": re.compile(r"^\s*SET\s+CONTEXT\s+ENV\s+(?P<rest>\S.*?)\s*$", re.IGNORECASE),
+    # One space separates the index from the line, whose own indentation is kept: it is YAML.
+    "append_task_body": re.compile(r"^\s*APPEND\s+TASK\s+BODY\s+(?P<name>\S+)\s+(?P<idx>\S+)(?: (?P<content>.*))?$",
+                                   re.IGNORECASE),
+}
+
 # (command name, pattern). Order matters where one pattern is a prefix of another.
 GRAMMAR: list[tuple[str, re.Pattern]] = [(name, _p(t)) for name, t in [
     ("exit_on_failure", "EXIT ON FAILURE {mode?}"),
     ("exit", "EXIT"),
-    ("wait_for_ip", "WAIT FOR IP {ip} {port?}"),
-    ("wait_for_service", "WAIT FOR SERVICE {service?}"),
+    ("wait_for_ip", "WAIT FOR IP {ip} {port?} {retries?}"),
+    ("wait_for_service", "WAIT FOR SERVICE {service?} {retries?}"),
     ("create_context", "CREATE CONTEXT {name} WITH IP {ip} {port?}"),
+    ("create_context_service", "CREATE CONTEXT {name} WITH SERVICE {service}"),
     ("switch_context", "SWITCH CONTEXT {name}"),
     ("list_contexts", "LIST CONTEXTS"),
     ("get_context_info", "GET CONTEXT INFO {name?}"),
+    ("get_context_version", "GET CONTEXT VERSION"),
+    ("list_context_env", "LIST CONTEXT ENV {name?}"),
+    ("get_context_env", "GET CONTEXT ENV {first} {second?}"),
     ("create_contract", "CREATE CONTRACT {name} WITH PEERS {nodes}"),
     ("create_contract", "CREATE CONTRACT {name}"),
     ("list_contracts", "LIST CONTRACTS"),
@@ -44,6 +56,7 @@ GRAMMAR: list[tuple[str, re.Pattern]] = [(name, _p(t)) for name, t in [
     ("reset_contract", "RESET CONTRACT {name}"),
     ("perfdata", "PERFDATA {name}"),
     ("create_task", "CREATE TASK FROM {file}"),
+    ("create_task_inline", "CREATE TASK {task_type} {name} {author} {prereq} {outcome}"),
     ("finalize_task", "FINALIZE TASK {name}"),
     ("delete_task", "DELETE TASK {name}"),
     ("list_tasks", "LIST TASKS"),
@@ -52,9 +65,11 @@ GRAMMAR: list[tuple[str, re.Pattern]] = [(name, _p(t)) for name, t in [
     ("create_taskrunner", "CREATE TASKRUNNER {name}"),
     ("assign_task_all", "ASSIGN TASK {task} TO {runner} WITH ALL PEERS"),
     ("assign_task", "ASSIGN TASK {task} TO {runner} WITH {peers} PEERS"),
+    ("assign_task_target", "ASSIGN TASK {task} TO {runner} TARGET {swop}"),
     ("wait_for_taskrunner", "WAIT FOR TASKRUNNER {runner} {timeout?}"),
     ("get_taskrunner_status", "GET TASKRUNNER STATUS {runner}"),
     ("get_taskrunner_status", "GET TASKRUNNER INFO {runner}"),
+    ("get_taskrunner_peer_status", "GET TASKRUNNER PEER STATUS {runner} {peer}"),
     ("get_taskrunner_status", "GET TASKRUNNER PEER STATUS {runner}"),
     ("list_taskrunners", "LIST TASKRUNNERS"),
     ("list_taskrunner_peers", "LIST TASKRUNNER PEERS {runner?}"),
@@ -65,16 +80,18 @@ GRAMMAR: list[tuple[str, re.Pattern]] = [(name, _p(t)) for name, t in [
     ("pwd", "pwd()"),
     ("ls", "ls()"),
     ("help", "HELP"),
-]]
+]] + list(_FREE_TEXT.items())
 
-USAGE = """Commands (keywords case-insensitive):
-  EXIT ON FAILURE [ON|OFF]            WAIT FOR IP <ip> [port]          EXIT
-  CREATE CONTEXT <n> WITH IP <ip>[:port][,<ip>[:port]...] [port]   SWITCH CONTEXT <n>   LIST CONTEXTS   GET CONTEXT INFO [<n>]
+USAGE = """Commands (keywords case-insensitive; a host may be an IP or a name: DNS, the hosts file, the SN's nodes):
+  EXIT ON FAILURE [ON|OFF]   EXIT   WAIT FOR IP <host> [port] [retries]   WAIT FOR SERVICE <host[:port]> [retries]
+  CREATE CONTEXT <n> WITH IP <host>[:port][,<host>[:port]...] [port]   CREATE CONTEXT <n> WITH SERVICE <host[:port]>
+  SWITCH CONTEXT <n>   LIST CONTEXTS   GET CONTEXT INFO [<n>]   GET CONTEXT VERSION
+  LIST CONTEXT ENV [<n>]   GET CONTEXT ENV [<n>] <env>   SET CONTEXT ENV [<n>] <env> <value>
   CREATE CONTRACT <n> [WITH PEERS a,b]   LIST CONTRACTS   GET CONTRACT INFO <n>   RESET CONTRACT <n>   PERFDATA <contract>
-  CREATE TASK FROM <file.yaml>   FINALIZE TASK <n>   DELETE TASK <n>   LIST TASKS
-  GET TASK INFO <n>   GET TASK BODY <n>
-  CREATE TASKRUNNER <n>   ASSIGN TASK <task> TO <runner> WITH <N|ALL> PEERS
-  WAIT FOR TASKRUNNER <runner> [timeout-seconds]   GET TASKRUNNER STATUS <runner>
+  CREATE TASK FROM <file.yaml>   CREATE TASK <type> <n> <author> <prereq> <outcome>   APPEND TASK BODY <n> <line-no> <yaml line>
+  FINALIZE TASK <n>   DELETE TASK <n>   LIST TASKS   GET TASK INFO <n>   GET TASK BODY <n>
+  CREATE TASKRUNNER <n>   ASSIGN TASK <task> TO <runner> WITH <N|ALL> PEERS   ASSIGN TASK <task> TO <runner> TARGET <swop>
+  WAIT FOR TASKRUNNER <runner> [timeout-seconds]   GET TASKRUNNER STATUS <runner>   GET TASKRUNNER PEER STATUS <runner> [<swop-index|swop>]
   LIST TASKRUNNERS   LIST TASKRUNNER PEERS [<runner>]   RESET TASKRUNNER <runner>
   LIST NODES   SLEEP <seconds>   cd <dir>   pwd()   ls()   HELP"""
 
@@ -98,6 +115,7 @@ def parse_line(text: str, line: int, source: str = "<prompt>") -> Command | None
             args = {k: v for k, v in m.groupdict().items() if v is not None}
             if "ip" in args:
                 _check_sn_addresses(args, f"{source}:{line}")
+            _check_numbers(args, f"{source}:{line}")
             return Command(line, stripped, name, args)
     raise ConfigError(f"{source}:{line}: unknown command {stripped!r}; HELP lists the commands")
 
@@ -115,6 +133,23 @@ def _check_sn_addresses(args: dict[str, str], where: str) -> None:
         sn_address_parts(args["ip"], "IP")
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _check_numbers(args: dict[str, str], where: str) -> None:
+    """`[retries]` and APPEND TASK BODY's line number are whole numbers from 1; `WITH SERVICE
+    host[:port]` is one address. Checked when the script is read."""
+    from swarmlearn.sn.client import sn_address_parts
+
+    for field, what in (("retries", "retries"), ("idx", "the body line number")):
+        value = args.get(field)
+        if value is not None and not (value.isdigit() and int(value) >= 1):
+            raise ConfigError(f"{where}: {what} {value!r}: give a whole number from 1")
+    if args.get("service") is not None:
+        try:
+            if len(sn_address_parts(args["service"], "SERVICE")) != 1:
+                raise ConfigError(f"SERVICE: {args['service']!r}: name one service, host[:port]")
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
 
 
 def parse_script(path: Path) -> list[Command]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from swarmlearn import pki
 from swarmlearn.defaults import SN_API_PORT
 from swarmlearn.errors import SwarmError
-from swarmlearn.ledger.model import AssignmentStatus, PeerState, RoundStatus
+from swarmlearn.ledger.model import AssignmentStatus, PeerState
 from swarmlearn.ledger.pin import PIN_FILE, HistoryRefused, Pin, PinFile, sn_refused
 from swarmlearn.sn.client import SNClient, default_patience, parse_sn_addresses
 from swarmlearn.swci.script import USAGE, Command
@@ -25,6 +25,12 @@ from swarmlearn.swci.script import USAGE, Command
 # The original waits this long for a task runner; we say what is going on all along.
 DEFAULT_TASK_TIMEOUT = 120 * 60
 WAIT_FOR_IP_TIMEOUT = 300.0
+# WAIT FOR IP/SERVICE <host> [port] [retries]: each of the original's retries waits this long.
+RETRY_EVERY = 5.0
+# SET CONTEXT ENV SWCI_TASK_MAX_WAIT_TIME <minutes>: the original's limit of WAIT FOR TASKRUNNER.
+TASK_WAIT_ENV = "SWCI_TASK_MAX_WAIT_TIME"
+# The lines an inline task's header takes before its Body: in the file it is checked as.
+_INLINE_HEADER_LINES = 6
 PROGRESS_EVERY = 30.0
 # A SWOP heartbeats every second, and one that reaches no SN for the SN patience (SWARM_SN_PATIENCE,
 # default 30 s) stops itself and its nodes. So a SWOP silent for longer than that plus this slack has
@@ -41,6 +47,14 @@ PIN_READ_TIMEOUT = 10.0
 
 class TaskFailed(SwarmError):
     pass
+
+
+class HostUnknown(SwarmError):
+    """No source knows a host name; `can_change` when an SN this SWCI talks to may register it later."""
+
+    def __init__(self, message: str, can_change: bool):
+        super().__init__(message)
+        self.can_change = can_change
 
 
 class SwciSession:
@@ -64,6 +78,11 @@ class SwciSession:
         # The swarm this SWCI has seen, pinned as SL and SWOP pin it (ledger/pin.py), in USR_DIR/.swarm/.
         self.pin = PinFile(self.cwd / PIN_DIR / PIN_FILE)
         self._pin_checked: dict[str, float] = {}
+        # Kept in this SWCI, as in the original: each context's SET CONTEXT ENV variables, and the
+        # APPEND TASK BODY lines (by line number) of tasks not yet finalized.
+        self.usr_dir = self.cwd
+        self.context_env: dict[str, dict[str, str]] = {}
+        self.body_lines: dict[str, dict[int, str]] = {}
 
     # ------------------------------------------------------------------------------ driving
 
@@ -147,15 +166,59 @@ class SwciSession:
 
     def _address(self, ip: str, port: str | None) -> str:
         """`ip` (one SN or several, IP[:PORT] separated by commas) as "IP:PORT,IP:PORT"; `port`, else
-        --sn-api-port, for entries without one."""
-        return ",".join(parse_sn_addresses(ip, int(port) if port else self.default_sn_port, "IP"))
+        --sn-api-port, for entries without one. A host name (the original's container names: `sn1`)
+        becomes the address the hosts file or the SN's node registry gives it (HostUnknown if none)."""
+        addresses = parse_sn_addresses(ip, int(port) if port else self.default_sn_port, "IP")
+        return ",".join(self._resolved(address) for address in addresses)
+
+    def _resolved(self, address: str) -> str:
+        """"sn1:30304" -> "10.0.0.5:30304". A name in a hosts file (HOSTS_FILE in --usr-dir or the folder
+        above it: what the user wrote wins) or in the node registry of an SN this SWCI already talks to
+        becomes that IP; a name this host's resolver knows stays a name, so that TLS checks the
+        certificate against the name the user wrote."""
+        from swarmlearn import hostnames
+
+        host, _, port = address.rpartition(":")
+        if hostnames.resolve(host, use_dns=False) is not None:  # an IP
+            return address
+        for hosts in self._hosts_files():
+            try:
+                found = hostnames.read_hosts(hosts).get(host.lower())
+            except ValueError as exc:
+                raise SwarmError(str(exc)) from None
+            if found is not None:
+                return f"{found}:{port}"
+        registry = self._known_nodes()
+        found = hostnames.resolve(host, registry=registry, use_dns=False) if registry else None
+        if found is not None:
+            return f"{found}:{port}"
+        if hostnames.resolve(host) is not None:
+            return address
+        raise HostUnknown(f"no host is known as {host}: write `<IP> {host}` in {self._hosts_files()[0]}, start "
+                          f"`swarm swci` with --sn-ip <an SN> so that its node registry can name it, or write the "
+                          f"SN's IP", can_change=registry is not None)
+
+    def _hosts_files(self) -> list[Path]:
+        from swarmlearn.hostnames import HOSTS_FILE
+
+        return [self.usr_dir / HOSTS_FILE, self.usr_dir.parent / HOSTS_FILE]
+
+    def _known_nodes(self) -> dict | None:
+        """The node registry of an SN this SWCI already talks to (the current context's first); None
+        when it talks to none yet."""
+        keys = list(self._clients)
+        if self.current is not None:
+            current = ",".join(parse_sn_addresses(self.contexts[self.current], None, "SN address"))
+            keys.sort(key=lambda key: key != current)
+        for key in keys:
+            try:
+                return self._clients[key].query("nodes")["nodes"]
+            except SwarmError:
+                continue
+        return None
 
     def _state(self, section: str) -> dict:
         return self._sn().query(section)[section]
-
-    def _latest_metrics(self, contract: str) -> dict[str, dict]:
-        """Each node's latest metrics entry of `contract`, of any kind."""
-        return {node: kinds["latest"] for node, kinds in self._latest_by_kind(contract).items()}
 
     def _latest_by_kind(self, contract: str) -> dict[str, dict[str, dict]]:
         """Each node's latest entries of `contract`: "latest" of any kind, "train" and "validation"
@@ -198,7 +261,12 @@ class SwciSession:
         time.sleep(_number(seconds, "SLEEP"))
 
     def cmd_cd(self, path: str) -> None:
-        target = (self.cwd / path).resolve()
+        from swarmlearn.swop.paths import CONTAINER_USR_DIR
+
+        # The original's SWCI saw its usr dir at /platform/swarm/usr: that is the --usr-dir here, even
+        # where a SWOP's bind mounts left an empty folder of that name on this host.
+        inside = os.path.relpath(os.path.normpath(path), CONTAINER_USR_DIR) if path.startswith("/") else ".."
+        target = (self.usr_dir / inside if not inside.startswith("..") else self.cwd / path).resolve()
         if not target.is_dir():
             # The original's scripts `cd` into the container path where the usr dir is mounted.
             self.out(f"{path} is not a folder here; staying in {self.cwd} (the --usr-dir)")
@@ -212,23 +280,45 @@ class SwciSession:
         for entry in sorted(os.listdir(self.cwd)):
             self.out(entry)
 
-    def cmd_wait_for_ip(self, ip: str, port: str | None = None) -> None:
-        address = self._address(ip, port)
+    def cmd_wait_for_ip(self, ip: str, port: str | None = None, retries: str | None = None) -> None:
+        """Waits for the SN at `ip` (an IP or a host name) to accept our TLS handshake: up to `retries`
+        tries of RETRY_EVERY seconds each, as in the original, else WAIT_FOR_IP_TIMEOUT. A name nobody
+        knows fails at once, unless an SN this SWCI talks to may yet register it."""
+        deadline = time.monotonic() + (int(retries) * RETRY_EVERY if retries else WAIT_FOR_IP_TIMEOUT)
+        while True:
+            try:
+                address = self._address(ip, port)
+                break
+            except HostUnknown as exc:
+                if not exc.can_change or time.monotonic() + RETRY_EVERY > deadline:
+                    raise
+                time.sleep(RETRY_EVERY)
         client = SNClient(address, self.identity)
         try:
-            client.wait_ready(WAIT_FOR_IP_TIMEOUT)
-            self.out(f"SN at {client.address} is up")
+            client.wait_ready(max(1.0, deadline - time.monotonic()))
+            self.out(f"SN at {client.address} is up" + ("" if address.startswith(ip) else f" ({ip})"))
         finally:
             client.close()
 
-    def cmd_wait_for_service(self, service: str | None = None) -> None:
-        self._sn().wait_ready(WAIT_FOR_IP_TIMEOUT)
+    def cmd_wait_for_service(self, service: str | None = None, retries: str | None = None) -> None:
+        """WAIT FOR SERVICE <host[:port]>: as WAIT FOR IP (there is no reverse proxy: the name is
+        resolved as a host). Without a service: the current context's SNs."""
+        if service is None:
+            self._sn().wait_ready(WAIT_FOR_IP_TIMEOUT)
+            return
+        self.cmd_wait_for_ip(service, None, retries)
 
     def cmd_create_context(self, name: str, ip: str, port: str | None = None) -> None:
         address = self._address(ip, port)
         self._client(address)
         self.contexts[name] = address
         self.out(f"context {name}: SN at {address}")
+
+    def cmd_create_context_service(self, name: str, service: str) -> None:
+        """The original reaches an SN through a reverse proxy by its service name; here SNs are reached
+        directly: the name is resolved as a host (hosts file, the SN's node registry, DNS)."""
+        self.cmd_create_context(name, service)
+        self.out(f"note: no reverse proxy here: service {service} is the SN at {self.contexts[name]}")
 
     def cmd_switch_context(self, name: str) -> None:
         if name not in self.contexts:
@@ -284,10 +374,14 @@ class SwciSession:
             self.out(f"note: {note}")
 
     def cmd_finalize_task(self, name: str) -> None:
+        if name in self.body_lines:  # written with APPEND TASK BODY: checked whole, then added at once
+            self._sn().submit("task_append", {"name": name, "body": self._appended_body(name)})
+            del self.body_lines[name]
         self._sn().submit("task_finalize", {"name": name})
 
     def cmd_delete_task(self, name: str) -> None:
         self._sn().submit("task_delete", {"name": name})
+        self.body_lines.pop(name, None)
 
     def cmd_list_tasks(self) -> None:
         for name, t in self._state("tasks").items():
@@ -352,6 +446,149 @@ class SwciSession:
     def cmd_reset_taskrunner(self, runner: str) -> None:
         self._sn().submit("taskrunner_reset", {"runner": runner})
 
+    # ---------------------------------------------- the original's context env, inline tasks, targets
+
+    def _context_name(self, name: str | None) -> str:
+        name = name or self.current
+        if name is None:
+            raise SwarmError("no context: CREATE CONTEXT <name> WITH IP <sn-ip> first, or name the context")
+        if name not in self.contexts:
+            raise SwarmError(f"no context {name}; LIST CONTEXTS shows them")
+        return name
+
+    def cmd_list_context_env(self, name: str | None = None) -> None:
+        for env, value in sorted(self.context_env.get(self._context_name(name), {}).items()):
+            self.out(f"{env}={value}")
+
+    def cmd_get_context_env(self, first: str, second: str | None = None) -> None:
+        """GET CONTEXT ENV [<context>] <env>"""
+        name, env = (first, second) if second is not None else (None, first)
+        name = self._context_name(name)
+        if env not in self.context_env.get(name, {}):
+            raise SwarmError(f"context {name} has no variable {env}; SET CONTEXT ENV {name} {env} <value> sets it")
+        self.out(f"{env}={self.context_env[name][env]}")
+
+    def cmd_set_context_env(self, rest: str) -> None:
+        """SET CONTEXT ENV [<context>] <env> <value>: the first word names a context only when one has
+        that name and two more words follow; the value is the rest of the line. SWCI_TASK_MAX_WAIT_TIME
+        (minutes, as in the original) bounds WAIT FOR TASKRUNNER in that context."""
+        words = rest.split(None, 2)
+        name = words[0] if len(words) == 3 and words[0] in self.contexts else None
+        env_and_value = rest.split(None, 1)[1] if name else rest
+        if len(env_and_value.split(None, 1)) != 2:
+            raise SwarmError("SET CONTEXT ENV [<context>] <env> <value>: give the variable's name and its value")
+        env, value = env_and_value.split(None, 1)
+        if env == TASK_WAIT_ENV:
+            _number(value, TASK_WAIT_ENV)
+        self.context_env.setdefault(self._context_name(name), {})[env] = value
+
+    def _task_wait_limit(self) -> float:
+        """Seconds WAIT FOR TASKRUNNER waits without a timeout of its own: the context's (or this
+        process's) SWCI_TASK_MAX_WAIT_TIME in minutes, else DEFAULT_TASK_TIMEOUT."""
+        minutes = self.context_env.get(self.current or "", {}).get(TASK_WAIT_ENV) or os.environ.get(TASK_WAIT_ENV)
+        return _number(minutes, TASK_WAIT_ENV) * 60 if minutes else DEFAULT_TASK_TIMEOUT
+
+    def cmd_get_context_version(self) -> None:
+        from swarmlearn import __version__
+
+        genesis = self._state("info").get("genesis") or {}
+        self.out(f"context {self.current}: SN ledger protocol {genesis.get('protocol', 'unknown')}, swarm "
+                 f"{genesis.get('swarm_id', 'unknown')}; this SWCI: swarmlearn {__version__}")
+
+    def cmd_create_task_inline(self, task_type: str, name: str, author: str, prereq: str, outcome: str) -> None:
+        """CREATE TASK <type> <name> <author> <prereq> <outcome>: on the ledger with an empty body, which
+        APPEND TASK BODY lines fill and FINALIZE TASK checks and adds whole."""
+        from swarmlearn.swci.taskdef import BODIES
+
+        if task_type.upper() not in BODIES:
+            raise SwarmError(f"CREATE TASK {task_type} {name}: the task type must be one of {', '.join(BODIES)}")
+        self._sn().submit("task_create", {"name": name, "type": task_type.upper(), "author": author,
+                                          "prereq": prereq, "outcome": outcome, "body": {}})
+        self.body_lines[name] = {}
+        self.out(f"task {name} created: APPEND TASK BODY {name} <line> <text> for each line of its Body, then "
+                 f"FINALIZE TASK {name}")
+
+    def cmd_append_task_body(self, name: str, idx: str, content: str = "") -> None:
+        """Adds or replaces line `idx` of the Body of a task that is not finalized (YAML text, as the
+        lines of a taskdef's Body)."""
+        task = self._task(name)
+        if task["finalized"]:
+            raise SwarmError(f"task {name} is finalized; its body can no longer change")
+        if task["body"]:
+            raise SwarmError(f"task {name} was created with its Body (CREATE TASK FROM a file): change the file, "
+                             f"DELETE TASK {name} and CREATE TASK FROM it again")
+        self.body_lines.setdefault(name, {})[int(idx)] = content
+
+    def _appended_body(self, name: str) -> dict:
+        """The Body that task `name`'s APPEND TASK BODY lines make, checked as a taskdef is: errors name
+        the line (`APPEND TASK BODY <name> <line>`) where they are."""
+        import re
+        import tempfile
+
+        from swarmlearn.swci.taskdef import load_taskdef
+
+        task, lines = self._task(name), self.body_lines[name]
+        order = sorted(lines)
+        header = {"Name": name, "TaskType": task["type"], "Author": task["author"], "Prereq": task["prereq"],
+                  "Outcome": task["outcome"]}
+        text = "".join(f"{key}: {json.dumps(value)}\n" for key, value in header.items()) + "Body:\n"
+        text += "".join(f"    {lines[i]}\n" for i in order) if order else "    {}\n"
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / f"{name}.yaml"
+            path.write_text(text)
+            try:
+                taskdef = load_taskdef(path)
+            except SwarmError as exc:
+                def where(m: re.Match) -> str:
+                    at = int(m.group(1)) - _INLINE_HEADER_LINES - 1
+                    return f"APPEND TASK BODY {name} {order[at]}:" if 0 <= at < len(order) else f"task {name}:"
+                raise SwarmError(re.sub(rf"{re.escape(str(path))}:(\d+):", where, str(exc))
+                                 .replace(f"{path}:", f"task {name}:")) from None
+        note = taskdef.note()
+        if note:
+            self.out(f"note: {note}")
+        return taskdef.to_ledger_payload()["body"]
+
+    def _swop_of(self, runner: str, r: dict, which: str) -> str:
+        """A SWOP of the runner by name, or by its index in LIST TASKRUNNER PEERS (from 0)."""
+        swops = list(r.get("swops", {}))
+        if which in swops:
+            return which
+        if which.isdigit() and int(which) < len(swops):
+            return swops[int(which)]
+        raise SwarmError(f"task runner {runner} has no SWOP {which}: give an index from 0 to {len(swops) - 1} or one of "
+                         f"{', '.join(swops) or '(none yet)'}; LIST TASKRUNNER PEERS {runner} shows them")
+
+    def cmd_assign_task_target(self, task: str, runner: str, swop: str) -> None:
+        """ASSIGN TASK <task> TO <runner> TARGET <swop>: the task for that SWOP alone. Done when the SWOP is
+        the runner's only one; with several, the ledger cannot yet hold an assignment for one of them, so
+        it is refused with the way to get the same."""
+        r = self._runner(runner)
+        target = self._swop_of(runner, r, swop)
+        others = [s for s in r.get("swops", {}) if s != target]
+        if others:
+            raise SwarmError(f"ASSIGN TASK {task} TO {runner} TARGET {target}: {runner} also has {', '.join(others)}, "
+                             f"and an assignment here goes to whichever SWOPs claim its peers. Give {target}'s profile a "
+                             f"task runner of its own (taskrunner: <name>; CREATE TASKRUNNER <name>) and ASSIGN TASK "
+                             f"{task} TO <name> WITH ALL PEERS")
+        self.cmd_assign_task_all(task, runner)
+        self.out(f"task {task} assigned to {target}, the only SWOP of {runner}")
+
+    def cmd_get_taskrunner_peer_status(self, runner: str, peer: str) -> None:
+        """One SWOP's part of the runner's task: the peers it started, each with its state."""
+        r = self._runner(runner)
+        swop = self._swop_of(runner, r, peer)
+        a = r["assignment"]
+        if a is None:
+            self.out(f"{swop} of {runner}: no task assigned")
+            return
+        mine = {p: s for p, s in a["peer_status"].items() if s["swop"] == swop}
+        self.out(f"{swop} of {runner}: task {a['task']} {a['status']}, {len(mine)} peers started by it")
+        for name, s in sorted(mine.items()):
+            code = "" if s["exit_code"] is None else f" exit {s['exit_code']}"
+            detail = [line for line in (s["detail"] or "").splitlines() if line.strip()]
+            self.out(f"  {name}: {s['status']}{code}" + (f": {detail[-1].strip()}" if detail else ""))
+
     def cmd_list_nodes(self) -> None:
         state = self._sn().query("nodes")
         seen = state.get("last_seen", {})
@@ -362,15 +599,17 @@ class SwciSession:
     def cmd_wait_for_taskrunner(self, runner: str, timeout: str | None = None) -> None:
         """Waits until the runner's task ends, saying what happens: peers starting, running, rounds
         merged; on FAILED shows the failing peers' exit codes and last log lines."""
-        limit = _number(timeout, "timeout") if timeout else DEFAULT_TASK_TIMEOUT
+        limit = _number(timeout, "timeout") if timeout else self._task_wait_limit()
         started = time.monotonic()
         last_line, last_progress = "", started
         while True:
-            r, last_seen = self._runner_and_liveness(runner)
-            a = r["assignment"]
+            # One narrow query per poll: the runner and the training's last merged rounds, answered by
+            # the SN from its folded state in a reply that does not grow with the ledger.
+            view = self._sn().taskrunner(runner)
+            a, last_seen = view["taskrunner"]["assignment"], view.get("last_seen", {})
             if a is None:
                 raise SwarmError(f"task runner {runner} has no task assigned; ASSIGN TASK <task> TO {runner} first")
-            line = _progress(a, self._rounds_line())
+            line = _progress(a, _rounds_line(view["training"]))
             now = time.monotonic()
             if line != last_line or now - last_progress >= PROGRESS_EVERY:
                 self.out(f"[{now - started:5.0f} s] {runner}: {line}")
@@ -389,23 +628,20 @@ class SwciSession:
                 raise TaskFailed(f"task {a['task']} on {runner} did not end within {limit:.0f} s: {line}")
             time.sleep(self.poll)
 
-    def _rounds_line(self) -> str:
-        """The training so far, per contract: the last merged round (participants, leader, how long
-        its merge took) and each node's latest step and epoch."""
-        parts = []
-        for c in self._state("contracts").values():
-            merged = [r for r in c["rounds"].values() if r["status"] == RoundStatus.MERGED]
-            if not merged:
-                continue
-            last = max(merged, key=lambda r: r["number"])
-            took = max(0.0, last["merged_time"] - last["closed_time"])
-            line = (f"round {last['number']} merged ({','.join(last['participants'])}, leader {last['leader']}, "
-                    f"{took:.2f} s)")
-            latest = self._latest_metrics(c["name"])
-            steps = ", ".join(f"{n} step {m.get('step')} epoch {float(m.get('epoch') or 0):.2f}"
-                              for n, m in sorted(latest.items()))
-            parts.append(line + (f"; {steps}" if steps else ""))
-        return "; ".join(parts)
+
+def _rounds_line(training: dict[str, dict]) -> str:
+    """The training so far, per contract (as the SN's "taskrunner" query gives it): the last merged round
+    (participants, leader, how long its merge took) and each node's latest step and epoch."""
+    parts = []
+    for c in training.values():
+        last = c["round"]
+        took = max(0.0, last["merged_time"] - last["closed_time"])
+        line = (f"round {last['number']} merged ({','.join(last['participants'])}, leader {last['leader']}, "
+                f"{took:.2f} s)")
+        steps = ", ".join(f"{n} step {m.get('step')} epoch {float(m.get('epoch') or 0):.2f}"
+                          for n, m in sorted(c["latest"].items()))
+        parts.append(line + (f"; {steps}" if steps else ""))
+    return "; ".join(parts)
 
 
 def _value(value) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from swarmlearn import pki
+from swarmlearn import hostnames, pki
 from swarmlearn.background import Background
 from swarmlearn.defaults import HEARTBEAT_EVERY, KEPT_MODELS_DIR, TOKEN_ENV
 from swarmlearn.errors import ConfigError, Rejected, SwarmError
@@ -33,8 +33,8 @@ from swarmlearn.ledger.pin import PIN_FILE
 from swarmlearn.ledger.state import LedgerState
 from swarmlearn.sn.client import SNClient
 from swarmlearn.sn.follower import LedgerFollower
+from swarmlearn.swop import envs, paths
 from swarmlearn.swop.policy import PYTHON_NAMES, TaskPolicy
-from swarmlearn.swop.policy import mapped as _mapped, shared_content as _shared_content
 from swarmlearn.swop.runtime import Handle, ProcessRuntime, Runtime, Spec, record_self, unrecord
 
 log = logging.getLogger("swarmlearn.swop")
@@ -97,6 +97,7 @@ class Operator:
         self._stopped = False
         self.pid_file: Path | None = None
         self.stopping = threading.Event()
+        self.bind_mounts = False  # how ML processes see container paths: set by start() (swop/paths.py)
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -104,6 +105,7 @@ class Operator:
         for note in self.profile.notes():
             log.info("profile: %s", note)
         log.info("policy: %s", self.policy.describe())
+        log.info("paths: %s", self._choose_path_mapping())
         self.sn.wait_ready()
         index = self.sn.register("SWOP", "", capacity=len(self.nodes))
         self.follower.start()
@@ -232,8 +234,7 @@ class Operator:
     # ------------------------------------------------------------------------------ RUN_SWARM
 
     def _run_swarm(self, task, nodes, generation: int) -> None:
-        body = task.body
-        mapping = _shared_content(body.get("SharedContent"))
+        python = self._task_python(task)
         runs: list[NodeRun] = []
         try:
             for node in nodes:
@@ -248,12 +249,26 @@ class Operator:
                 ready = line.split("SWARM_SL_ADDR=", 1)[1]
                 address, _, token = ready.partition(f" {TOKEN_ENV}=")  # a socket path may hold spaces
                 sl_env = {"SWARM_SL_ADDR": address, **({TOKEN_ENV: token} if token else {})}
-                run.ml = self._start_ml(task.name, node, body, mapping, sl_env)
+                run.ml = self._start_ml(task.name, node, task.body, sl_env, python)
                 self._report(generation, run.peer, PeerState.RUNNING, None)
                 run.reported = PeerState.RUNNING
             self._watch(task.name, runs, generation)
         finally:
             self._clean_up(task.name, runs)
+
+    def _task_python(self, task) -> str:
+        """The Python a RUN_SWARM task's ML runs with: that of the environment its Prereq built (the
+        image the build task's Outcome names), else the SWOP's own."""
+        prereq = self.follower.read(lambda s: s.tasks.get(task.prereq))
+        if prereq is None or prereq.type != "MAKE_USER_CONTAINER":
+            return sys.executable
+        env = envs.environment_for(self.workspace, prereq.outcome or prereq.name)
+        if not env.ready:
+            raise SwarmError(f"task {task.name} runs in {env.image}, which task {prereq.name} builds, but it is not "
+                             f"built on {self.node_id}: ASSIGN TASK {prereq.name} to {self.runner} with as many "
+                             f"peers as there are SWOPs, wait for it, then assign {task.name}")
+        log.info("task %s: its ML runs in environment %s (%s)", task.name, env.image, env.python)
+        return str(env.python)
 
     def _watch(self, task: str, runs: list[NodeRun], generation: int) -> None:
         while True:
@@ -281,12 +296,35 @@ class Operator:
         key, cert, capath = self._sl_identity(node)
         # Every address carries its port, so no --sn-api-port: the SL gets all of the SNs, to move between.
         argv = [sys.executable, "-m", "swarmlearn.cli", "sl", "--sn-ip", ",".join(self._sl_sns()),
-                "--host-ip", node.slhostip or "127.0.0.1", "--sl-fs-port", str(self._sl_port(node)), "--key", str(key),
+                "--host-ip", self._sl_host_ip(node), "--sl-fs-port", str(self._sl_port(node)), "--key", str(key),
                 "--cert", str(cert), "--capath", str(capath), "--node-id", node.node_id,
                 "--data-dir", str(self._node_dir(task, node.node_id) / "sl"), *self.config.extra_sl_args]
-        env = {**os.environ, **node.slenvvars, "PYTHONUNBUFFERED": "1"}
+        # The profile's envvars reach every SL (and ML), a node's slenvvars its own SL, winning over them.
+        env = {**os.environ, **self.profile.envvars, **node.slenvvars, "PYTHONUNBUFFERED": "1"}
         return self._start(Spec(f"{task}-{node.node_id}-sl", argv, self.config.usr_dir, env,
                                 self._node_dir(task, node.node_id) / "sl.log"))
+
+    def _sl_host_ip(self, node) -> str:
+        """The address the node's SL listens on: its slhostip, a container host name (`sl1`) resolved
+        to this host (see swarmlearn.hostnames), or 127.0.0.1 without one."""
+        if not node.slhostip:
+            return "127.0.0.1"
+        address = self._resolve(node.slhostip)
+        if address is None:
+            raise SwarmError(f"{self.config.profile_path}: node {node.node_id}'s slhostip {node.slhostip} names no "
+                             f"host known here; write its IP, or add `IP {node.slhostip}` to "
+                             f"{self.workspace / hostnames.HOSTS_FILE}")
+        if address != node.slhostip:
+            log.info("node %s: slhostip %s is %s", node.node_id, node.slhostip, address)
+        return address
+
+    def _resolve(self, name: str, use_dns: bool = True) -> str | None:
+        """A container host name (`sn1`, `sl1`, `swop1`) -> an address: the workspace's hosts file, the
+        nodes of this profile (this host), the ledger's node registry, this host's resolver."""
+        local = [self.node_id, *(n for node in self.nodes for n in (node.slhostname, node.usrhostname, node.node_id))]
+        registry = self.follower.read(lambda s: dict(s.nodes))
+        return hostnames.resolve(name, hosts_file=self.workspace / hostnames.HOSTS_FILE, registry=registry,
+                                 local=local, use_dns=use_dns)
 
     def _sl_port(self, node) -> int:
         """The node's slport; nodes of one host that share a port (the original gave each container
@@ -294,29 +332,77 @@ class Operator:
         same = [n for n in self.nodes if n.slport == node.slport]
         return node.slport if node.slport == 0 or len(same) == 1 else node.slport + same.index(node)
 
-    def _start_ml(self, task: str, node, body: dict, mapping: dict[str, str], sl_env: dict[str, str]) -> Handle:
-        workdir = Path(_mapped(str(body.get("WorkingDir") or self.config.usr_dir), mapping))
+    def _start_ml(self, task: str, node, body: dict, sl_env: dict[str, str], python: str) -> Handle:
+        private = node.privatedata.src if node.privatedata and node.privatedata.src else None
+        scratch = self._node_dir(task, node.node_id) / "workdir"
+        table = self._mount_table(task, node, body, private, scratch)
+        # Mounted, the program sees the task's own paths; rewritten, it sees this host's.
+        seen = (lambda value: value) if self.bind_mounts else table.rewrite
         entry = str(body.get("Entrypoint") or "python3")
-        command = _mapped(str(body.get("Command") or ""), mapping)
+        command = str(body.get("Command") or "")
         try:
-            argv = [sys.executable if entry in PYTHON_NAMES else entry, *shlex.split(command)]
+            argv = [python if entry in PYTHON_NAMES else entry, *map(seen, shlex.split(command))]
         except ValueError as exc:
             raise SwarmError(f"task {task}: Command {command!r} cannot be split into arguments ({exc})") from None
-        private = node.privatedata.src if node.privatedata and node.privatedata.src else body.get("PrivateContent")
+        workdir = Path(table.host_workdir())
+        content = body.get("PrivateContent")
         env = ml_environment(
             os.environ,
-            defaults={"DATA_DIR": _mapped(str(private), mapping) if private else str(workdir / "data"),
+            defaults={"DATA_DIR": private or (seen(str(content)) if content else str(workdir / "data")),
                       "MODEL_DIR": str(self.workspace / task / "models")},
-            layers=[self.profile.envvars, {k: _mapped(v, mapping) for k, v in (body.get("Envvars") or {}).items()},
+            layers=[self.profile.envvars, {k: seen(v) for k, v in (body.get("Envvars") or {}).items()},
                     node.usrenvvars],
-            fixed={"NODE_ID": node.node_id, **sl_env, "PYTHONUNBUFFERED": "1"})
+            # NODE_ID: the node's own usrenvvars may set it (its model code may read it as it likes); the
+            # profile's and task's, which every node shares, may not.
+            fixed={"NODE_ID": node.usrenvvars.get("NODE_ID", node.node_id), "SWARM_NODE_ID": node.node_id,
+                   **sl_env, "PYTHONUNBUFFERED": "1"})
+        if env["NODE_ID"] != node.node_id:
+            log.info("node %s: its usrenvvars NODE_ID=%s is what its ML reads; its swarm name stays %s (its "
+                     "certificate's), also in SWARM_NODE_ID", node.node_id, env["NODE_ID"], node.node_id)
         gpus = node.gpu_devices()
         if gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpus
+        if workdir.is_relative_to(scratch):
+            scratch.mkdir(parents=True, exist_ok=True)
+            if not self.bind_mounts:
+                paths.prepare_rewritten_workdir(table)
         if not workdir.is_dir():
-            raise SwarmError(f"task {task}: WorkingDir {workdir} is not a folder on this host")
+            raise SwarmError(f"task {task}: WorkingDir {body.get('WorkingDir')} is {workdir} on this host, which is "
+                             f"not a folder")
+        if self.bind_mounts:
+            argv = table.mount_argv(argv)
+        log.info("node %s: paths %s (%s)", node.node_id, paths.described(table),
+                 "bind-mounted" if self.bind_mounts else "rewritten")
         return self._start(Spec(f"{task}-{node.node_id}-ml", argv, workdir, env,
                                 self._node_dir(task, node.node_id) / "ml.log"))
+
+    def _mount_table(self, task: str, node, body: dict, private: str | None, scratch: Path) -> paths.MountTable:
+        """The node's container paths -> this host's (swop/paths.py); every source must be here."""
+        try:
+            table = paths.mount_table(body, usr_dir=self.config.usr_dir, private_src=private, scratch=scratch,
+                                      confined=self.policy.confined)
+        except ValueError as exc:
+            raise SwarmError(f"task {task}: {exc}") from None
+        missing = paths.missing_sources(table, scratch)
+        if missing:
+            raise SwarmError(f"task {task}: node {node.node_id} cannot see {', '.join(missing)}: not on this host; "
+                             f"fix the profile's privatedata or the task's SharedContent Src")
+        return table
+
+    def _choose_path_mapping(self) -> str:
+        """Decides, once, how ML processes see the task's container paths (the profile's `pathmapping`);
+        returns the log line that says which."""
+        wanted = self.profile.pathmapping
+        refusal = paths.namespace_refusal() if wanted != "rewrite" else "the profile asks for rewriting"
+        if wanted == "mounts" and refusal is not None:
+            raise ConfigError(f"{self.config.profile_path}: pathmapping mounts, but {refusal}; write pathmapping: "
+                              f"rewrite (or auto)")
+        self.bind_mounts = refusal is None
+        if self.bind_mounts:
+            return ("ML processes see the task's container paths through bind mounts in a private mount "
+                    "namespace (unshare --mount)")
+        return (f"ML processes see the task's container paths rewritten to this host's in their arguments and "
+                f"environment ({refusal})")
 
     def _start(self, spec: Spec) -> Handle:
         # Called from the worker thread that serves tasks; any thread would do: a node dies with this
@@ -349,8 +435,19 @@ class Operator:
         return self.workspace / task / node
 
     def _sl_sns(self) -> list[str]:
-        """The SNs its SLs talk to: the profile's apisrv, `~` parts filled in from this SWOP's own SNs."""
-        return self.profile.sn_addresses(self.sn.addresses)
+        """The SNs its SLs talk to: the profile's apisrv, `~` parts filled in from this SWOP's own SNs, a
+        container host name (`sn1`) that this host's resolver does not know replaced by its address."""
+        return [self._known_host(address) for address in self.profile.sn_addresses(self.sn.addresses)]
+
+    def _known_host(self, address: str) -> str:
+        host, _, port = address.rpartition(":")
+        if hostnames.resolve(host) is not None:  # an IP, or a name this host resolves: as it is
+            return address
+        found = self._resolve(host, use_dns=False)
+        if found is None:
+            return address  # the SL says it cannot reach it, naming it
+        log.info("SN %s is %s", host, found)
+        return f"[{found}]:{port}" if ":" in found else f"{found}:{port}"
 
     def _sl_identity(self, node) -> tuple[Path, Path, Path]:
         ident = self.config.identity
@@ -364,30 +461,41 @@ class Operator:
     # ------------------------------------------------------------------------------ build
 
     def _build(self, task, peers: list[str], generation: int) -> None:
-        """The process runtime's image build: make sure the Python environment the run task uses
-        has what the task asks for (its Requirements and `RUN pip install` steps)."""
+        """The process runtime's image build: a Python environment of its own for the image the task's
+        Outcome names (swop/envs.py), with what its `RUN pip install` steps and Requirements ask for."""
         from swarmlearn.swci.taskdef import parse_build_steps
 
         pip_args, ignored = parse_build_steps(task.body.get("BuildSteps") or [])
         pip_args += list(task.body.get("Requirements") or [])
+        env = envs.environment_for(self.workspace, task.outcome or task.name)
         log_path = self.workspace / task.name / "build.log"
-        detail = f"environment {task.outcome or task.name!r} ready: {sys.executable}"
-        if pip_args:
-            handle = self._start(Spec(f"{task.name}-build", [sys.executable, "-m", "pip", "install", *pip_args],
-                                      self.config.usr_dir, dict(os.environ), log_path))
+        detail = envs.build(env, pip_args, self._tracked(f"{task.name}-build", log_path), log_path,
+                            from_source=self.profile.buildfromsource)
+        notes = []
+        if task.body.get("BuildContext"):
+            notes.append(f"BuildContext {task.body['BuildContext']} not used: no image is built, and the "
+                         f"swarmlearning package comes with swarmlearn into every environment")
+        if ignored:
+            notes.append(f"{len(ignored)} container-only build steps not applicable to processes "
+                         f"({'; '.join(ignored)[:300]})")
+        for note in notes:
+            log.info("task %s: %s", task.name, note)
+        log.info("task %s: %s", task.name, detail)
+        for peer in peers:
+            self._report(generation, peer, PeerState.COMPLETE, 0, "; ".join([detail, *notes]))
+
+    def _tracked(self, name: str, log_path: Path) -> envs.Runner:
+        """Runs a build's commands as this operator's processes (recorded, stopped with it), one at a
+        time, output appended to `log_path`."""
+        def run(argv: list[str]) -> int:
+            env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+            handle = self._start(Spec(name, argv, self.config.usr_dir, {**env, "UV_NO_PROGRESS": "1"}, log_path))
             while (code := handle.poll()) is None:
                 if self.stopping.wait(POLL):
                     handle.stop()
-                    return
-            if code != 0:
-                for peer in peers:
-                    self._report(generation, peer, PeerState.FAILED, code, handle.last_lines(20))
-                return
-            detail += f"; installed {' '.join(pip_args)}"
-        if ignored:
-            detail += f"; {len(ignored)} container-only build steps not applicable to processes"
-        for peer in peers:
-            self._report(generation, peer, PeerState.COMPLETE, 0, detail)
+                    raise SwarmError(f"{self.node_id} is stopping; {name} stopped")
+            return code
+        return run
 
 
 def _spiffe_id(state: LedgerState, node_id: str) -> str | None:
@@ -401,7 +509,8 @@ def ml_environment(own: Mapping[str, str], defaults: dict[str, str], layers: lis
     """A node's ML environment, later winning over earlier: this SWOP's own environment, the node's
     defaults (its private DATA_DIR, its MODEL_DIR: a DATA_DIR exported in the SWOP's shell must not
     replace every node's private data), the profile's, task's and node's variables in that order, then
-    what the SWOP fixes (NODE_ID, the SL's address and token; a token of another SL is never passed)."""
+    what the SWOP fixes (NODE_ID, SWARM_NODE_ID, the SL's address and token; a token of another SL is
+    never passed)."""
     env = {k: v for k, v in own.items() if k != TOKEN_ENV}
     env.update(defaults)
     for layer in layers:

@@ -8,7 +8,9 @@ A task is refused unless
   taskdef's free-text `Author`) match `taskauthors`;
 - for RUN_SWARM: its Entrypoint is an allowed program; with Python, Command starts with a script (no
   `-c`/`-m` options) inside the allowed folders; WorkingDir, PrivateContent, each SharedContent Src and
-  the DATA_DIR/MODEL_DIR it sets lie inside them (after SharedContent's Tgt -> Src rewriting); and its
+  the DATA_DIR/MODEL_DIR it sets lie inside them, once each node's mount table (swop/paths.py: the
+  usr-dir, SharedContent, privatedata, a scratch WorkingDir for a container-only one) has mapped the
+  task's container paths to this host; and its
   Envvars set nothing that changes what a program loads or runs (LD_*, PYTHON*, PATH, BROWSER...);
 - for MAKE_USER_CONTAINER: `allowbuild` is on and every pip argument is a plain requirement
   (`name[extra]>=1.0; marker`): no URL, path or archive, and no option unless `pipoptions` lists it.
@@ -65,20 +67,6 @@ def author_allowed(spiffe_id: str, patterns: Iterable[str]) -> bool:
     return False
 
 
-def mapped(value: str, mapping: dict[str, str]) -> str:
-    """A task path with its SharedContent Tgt prefix (a container path) rewritten to that Src."""
-    for target, source in sorted(mapping.items(), key=lambda kv: -len(kv[0])):
-        if value == target or value.startswith(target.rstrip("/") + "/"):
-            return source + value[len(target):]
-    return value
-
-
-def shared_content(items) -> dict[str, str]:
-    """SharedContent maps a container path (Tgt) to a host path (Src); processes see the host, so
-    every Tgt prefix in the task's paths is rewritten to its Src."""
-    return {str(i["Tgt"]): str(i["Src"]) for i in items or [] if i.get("Src") and i.get("Tgt")}
-
-
 @dataclass(frozen=True)
 class TaskPolicy:
     authors: tuple[str, ...]
@@ -87,6 +75,8 @@ class TaskPolicy:
     allow_build: bool = True
     pip_options: tuple[str, ...] = ()
     usr_dir: Path | None = None  # a RUN_SWARM task without WorkingDir runs here
+    workspace: Path | None = None  # where a node's scratch WorkingDir is made
+    private_sources: tuple[str | None, ...] = (None,)  # each node's privatedata src (None: it has none)
 
     @classmethod
     def for_swop(cls, profile, own: pki.SwarmId | None, usr_dir: Path, workspace: Path) -> TaskPolicy:
@@ -98,8 +88,9 @@ class TaskPolicy:
         entrypoints = profile.entrypoints if profile.entrypoints is not None else ["python3"]
         real = list(dict.fromkeys(f.resolve() for f in folders))
         outermost = [f for f in real if not any(f != g and f.is_relative_to(g) for g in real)]
+        private = tuple(dict.fromkeys(n.privatedata.src if n.privatedata else None for n in profile.slnodedefs))
         return cls(tuple(authors), tuple(entrypoints), tuple(outermost),
-                   profile.allowbuild, tuple(profile.pipoptions), usr_dir)
+                   profile.allowbuild, tuple(profile.pipoptions), usr_dir, Path(workspace), private or (None,))
 
     def describe(self) -> str:
         """One line for the SWOP's log."""
@@ -131,7 +122,6 @@ class TaskPolicy:
         body = _parsed_body(RunSwarmBody, raw)
         if isinstance(body, str):
             return f"its Body is not a RUN_SWARM body ({body})"
-        mapping = shared_content([{"Src": s.src, "Tgt": s.tgt} for s in body.shared_content or []])
         entry = body.entrypoint or "python3"
         python = entry in PYTHON_NAMES
         allowed = any(PYTHON_NAME.fullmatch(e) for e in self.entrypoints) if python else entry in self.entrypoints
@@ -141,22 +131,39 @@ class TaskPolicy:
         denied = sorted(name for name in body.envvars if _ENV_DENIED.fullmatch(name))
         if denied:
             return f"Envvars may not set {', '.join(denied)}: they change what a program loads or runs"
-        workdir = Path(mapped(body.working_dir or str(self.usr_dir), mapping))
+        for private in self.private_sources:  # each node maps PrivateContent to its own privatedata
+            why = self._paths_refusal(raw, body, python, private)
+            if why is not None:
+                return why
+        return None
+
+    def _paths_refusal(self, raw: dict, body, python: bool, private: str | None) -> str | None:
+        from swarmlearn.swop.paths import mount_table
+
+        try:
+            table = mount_table(raw, usr_dir=self.usr_dir or Path.cwd(), private_src=private,
+                                scratch=(self.workspace or self.usr_dir or Path.cwd()) / "workdir",
+                                confined=self.confined)
+        except ValueError as exc:
+            return str(exc)
+
+        def on_host(path: str) -> Path:
+            return Path(table.host_path(table.container_path(path)))
+
         paths = [(f"SharedContent Src {s.src}", Path(s.src)) for s in body.shared_content or []]
-        paths.append(("WorkingDir", workdir))
+        paths.append(("WorkingDir", Path(table.host_workdir())))
         if body.private_content:
-            paths.append(("PrivateContent", Path(mapped(body.private_content, mapping))))
-        paths += [(f"Envvars {name}", workdir / mapped(body.envvars[name], mapping))
-                  for name in _PATH_VARS if body.envvars.get(name)]
+            paths.append(("PrivateContent", on_host(body.private_content)))
+        paths += [(f"Envvars {name}", on_host(body.envvars[name])) for name in _PATH_VARS if body.envvars.get(name)]
         if python:
             try:
-                words = shlex.split(mapped(body.command, mapping))  # as the operator will split it
+                words = shlex.split(body.command)  # as the operator will split it
             except ValueError as exc:
                 return f"Command {body.command!r} cannot be split into arguments ({exc})"
             if not words or words[0].startswith("-"):
                 return ("Command must start with the script Python runs (options such as -c or -m are refused), "
                         f"got {body.command!r}")
-            paths.append(("the script", workdir / words[0]))
+            paths.append(("the script", on_host(words[0])))
         for what, path in paths:
             if not self.confined(path):
                 return (f"{what} {path} lies outside the folders this SWOP allows "

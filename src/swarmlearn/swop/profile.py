@@ -33,6 +33,11 @@ the reason before any process starts).
     allowedpaths : [/data/shared]          # folders besides --usr-dir and the workspace (and each node's
                                            # privatedata) that task paths may lie in; relative: to --usr-dir
     allowbuild   : true                    # MAKE_USER_CONTAINER may pip-install (default true)
+    buildfromsource : false                # a build may compile sdists (default: wheels only, so that
+                                           # no package code runs on this host while it installs)
+    pathmapping  : auto                    # how ML processes see the task's container paths: mounts
+                                           # (a private mount namespace), rewrite, or auto (mounts where
+                                           # the OS allows them); see swop/paths.py
     pipoptions   : [--index-url]           # pip options a build may use; default none: only plain
                                            # requirements such as `torch==2.3` or `peft>=0.12`
 
@@ -245,9 +250,12 @@ class SwopProfile(YamlModel):
     entrypoints: list[str] | None = None  # None: the SWOP's own Python only
     allowedpaths: list[str] = []
     allowbuild: bool = True
+    buildfromsource: bool = False
     pipoptions: list[str] = []
+    pathmapping: Literal["auto", "mounts", "rewrite"] = "auto"
 
-    @field_validator("taskrunner", "resourcemgr", "allowedpaths", "allowbuild", "pipoptions", mode="before")
+    @field_validator("taskrunner", "resourcemgr", "allowedpaths", "allowbuild", "buildfromsource", "pipoptions",
+                     "pathmapping", mode="before")
     @classmethod
     def _tilde_defaults(cls, value: Any, info: ValidationInfo) -> Any:
         return _tilde_means_default(cls, value, info)
@@ -354,6 +362,10 @@ class SwopProfile(YamlModel):
             notes.append(f"network {self.network}: nodes share this host's network; ignored")
         if self.dns is not None:
             notes.append("dns: nodes use this host's name resolution; ignored")
+        locator = self.apisrv.locator if isinstance(self.apisrv, ApiServer) else None
+        if locator is not None and locator.service:
+            notes.append(f"apisrv.locator.service {locator.service}: a container service name; ignored, the SLs "
+                         f"reach the SN at apisrv's host and port (~: the SWOP's own SN)")
         nodes = self.slnodedefs
         ignored = sorted({key for n in nodes for key in _CONTAINER_ONLY if getattr(n, key) not in (None, {}, [])}
                          | {f"usrcontaineropts.{k}" for n in nodes for k in n.usrcontaineropts if k != "gpus"})
@@ -362,6 +374,13 @@ class SwopProfile(YamlModel):
         if any(e.attribute.m_type == "VOLUME" for n in nodes for e in n.identity) or \
                 any(n.privatedata and n.privatedata.m_type == "VOLUME" for n in nodes):
             notes.append("mType VOLUME: there are no Docker volumes; src is read as a path on this host")
+        for node in nodes:
+            for a_type in ("SPIFFE_SOCKETPATH", "CACERT"):
+                if node.identity_file(a_type) is not None and (a_type == "SPIFFE_SOCKETPATH"
+                                                              or node.identity_file("CAPATH") is None):
+                    notes.append(f"node {node.node_id}: identity {a_type} {node.identity_file(a_type)} is not "
+                                 f"read; its SL uses KEY/CERT/CAPATH files, else gen-cert's sl-{node.node_id}-"
+                                 f"{{key,cert}}.pem beside the SWOP's certificate and the SWOP's CA folder")
         return notes
 
 

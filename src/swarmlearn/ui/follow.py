@@ -18,6 +18,7 @@ from swarmlearn.background import Background
 from swarmlearn.errors import Rejected, SwarmError
 from swarmlearn.ledger.chain import ChainBroken, ChainVerifier
 from swarmlearn.sn.client import SNClient
+from swarmlearn.sn.follower import full_replay_default
 from swarmlearn.ui.view import SwarmView, Verification, trim_state
 
 log = logging.getLogger("swarmlearn.ui")
@@ -41,7 +42,9 @@ class LedgerFollower:
         self.view = view
         self.background = background
         self.verify_every = verify_every
-        self._verifier = ChainVerifier()
+        # --full-replay: the dashboard's verification checks every checkpoint's state hash too (and keeps
+        # the whole state for that, as an SL does).
+        self._verifier = ChainVerifier(check_checkpoints=full_replay_default())
         # SN -> monotonic time it last answered the dashboard; written by its probe, read by _liveness.
         self._sn_answered: dict[str, float] = {}
         self._probed: set[str] = set()
@@ -132,7 +135,8 @@ class LedgerFollower:
         try:
             for row in rows:
                 self._verifier.verify_next(row)
-                trim_state(self._verifier.state)
+                if not self._verifier.check_checkpoints:  # a trimmed state would fail the checkpoints' hashes
+                    trim_state(self._verifier.state)
         except ChainBroken as exc:
             result = Verification(False, exc.index, None, time.time(), f"entry {exc.index}: {exc.reason}")
             log.error("ledger verification failed at entry %d: %s", exc.index, exc.reason)
