@@ -11,7 +11,8 @@ Both run as real processes on 127.0.0.1, the workload code is one module (bench/
 
     python -m bench flower [--quick] [--exchange-only] [--rounds N] [--only swarm|flower]
 
---quick: 300 test and 3 x 96 shard rows, 2 rounds of 16 steps (cycling the shard).
+--quick: a smoke run, 2 nodes x 32 rows, 1 round of 2 steps, 32 test rows.
+--prepare: only build Flower's venv if it is missing (what `python -m bench all` does before timing).
 --exchange-only: no local steps, 20 rounds (6 with --quick): what each framework adds per round.
 Figures go to bench/results/flower.json under the variant's name.
 """
@@ -42,7 +43,10 @@ FLOWER_DIR = HERE / "flower"
 FLOWER_VENV = FLOWER_DIR / ".venv"
 RESULTS = HERE / "results"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-NODES = [f"node{i + 1}" for i in range(wl.NODES)]
+
+
+def node_names(w: wl.Workload) -> list[str]:
+    return [f"node{i + 1}" for i in range(w.nodes)]
 
 
 class Stop(Exception):
@@ -131,13 +135,14 @@ def run_swarm(w: wl.Workload, work: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     swarm = LocalSwarm(work / "swarm")
     procs = Procs(work)
+    names = node_names(w)
     try:
         swarm.start_sn()
-        for n in NODES:
+        for n in names:
             swarm.start_sl(n)
         env = {**os.environ, **OFFLINE, "VARIANT": w.name, "ROUNDS": str(w.rounds)}
         mls = {}
-        for i, n in enumerate(NODES):
+        for i, n in enumerate(names):
             mls[n] = procs.start(f"swarm-{n}-ml", [sys.executable, str(FLOWER_DIR / "swarm_node.py")], cwd=FLOWER_DIR,
                                  env={**env, "NODE_ID": n, "NODE_INDEX": str(i), "SWARM_SL_ADDR": swarm.sl_addresses[n],
                                       "OUT_FILE": str(work / f"swarm-{n}.json"), "EVALUATE": "1" if i == 0 else "0"})
@@ -150,27 +155,27 @@ def run_swarm(w: wl.Workload, work: Path) -> dict:
     finally:
         procs.stop()
         swarm.stop()
-    nodes = {n: json.loads((work / f"swarm-{n}.json").read_text()) for n in NODES}
-    ends = [max(nodes[n]["synced"][r] for n in NODES) for r in range(w.rounds + 1)]
+    nodes = {n: json.loads((work / f"swarm-{n}.json").read_text()) for n in names}
+    ends = [max(nodes[n]["synced"][r] for n in names) for r in range(w.rounds + 1)]
     per_round = [b - a for a, b in zip(ends, ends[1:])]
-    payload = statistics.median(b for n in NODES for b in nodes[n]["blob_bytes"])
-    fingerprints = {nodes[n]["fingerprint"] for n in NODES}
+    payload = statistics.median(b for n in names for b in nodes[n]["blob_bytes"])
+    fingerprints = {nodes[n]["fingerprint"] for n in names}
     return {
         "framework": "swarmlearn", "transport": "gRPC, mutual TLS between SLs; ML<->SL on a local channel",
         "per_round": spread(per_round),
         "rounds_total_s": ends[-1] - ends[0],
-        "initial_sync_s": ends[0] - max(nodes[n]["ready"] for n in NODES),
-        "startup_s": max(nodes[n]["ready"] for n in NODES) - t0,
+        "initial_sync_s": ends[0] - max(nodes[n]["ready"] for n in names),
+        "startup_s": max(nodes[n]["ready"] for n in names) - t0,
         "end_to_end_s": t_end - t0,
         "payload_bytes_per_node": payload,
         # The leader pulls the n-1 other contributions and the n-1 others pull the merged model;
         # the leader's own blob and the ML<->SL hand-over stay on each node.
-        "bytes_per_round_between_nodes": 2 * (wl.NODES - 1) * payload,
-        "bytes_per_round_local": 2 * wl.NODES * payload,
+        "bytes_per_round_between_nodes": 2 * (w.nodes - 1) * payload,
+        "bytes_per_round_local": 2 * w.nodes * payload,
         "accuracy": nodes["node1"]["accuracy"],
         "same_model_on_all_nodes": len(fingerprints) == 1,
         "fingerprint": sorted(fingerprints)[0][:16],
-        "losses": {n: nodes[n]["losses"] for n in NODES},
+        "losses": {n: nodes[n]["losses"] for n in names},
     }
 
 
@@ -202,11 +207,11 @@ def run_flower(w: wl.Workload, work: Path, echo: bool = False) -> dict:
                                                 "--port", str(link_port), "--isolation", "subprocess",
                                                 "--disable-runtime-dependency-installation"], env=env, cwd=work)
         wait_port(link_port, link, "flower-superlink")
-        for i, n in enumerate(NODES):
+        for i, n in enumerate(node_names(w)):
             procs.start(f"flower-{n}-supernode",
                         [str(bin_ / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
                          "--host", "127.0.0.1", "--port", str(free_port()), "--isolation", "subprocess",
-                         "--node-config", f"partition-id={i} num-partitions={wl.NODES}"], env=env, cwd=work)
+                         "--node-config", f"partition-id={i} num-partitions={w.nodes}"], env=env, cwd=work)
         run = procs.start("flwr-run", [str(bin_ / "flwr"), "run", str(FLOWER_DIR / "app"), "bench", "--stream",
                                        "--run-config", f'variant="{w.name}" rounds={w.rounds} out="{out}" '
                                                        f'echo={"true" if echo else "false"}'],
@@ -245,7 +250,7 @@ def run_flower(w: wl.Workload, work: Path, echo: bool = False) -> dict:
         # The ServerApp sends the global arrays to each of the n SuperNodes and each sends its
         # arrays back (SuperLink <-> SuperNode); ServerApp <-> SuperLink and SuperNode <->
         # ClientApp hops stay on their hosts.
-        "bytes_per_round_between_nodes": wl.NODES * payload + wl.NODES * back,
+        "bytes_per_round_between_nodes": w.nodes * payload + w.nodes * back,
         "accuracy": server["accuracy"],
         "fingerprint": server["fingerprint"][:16],
         "clientapp_per_round": {"process_start_to_app_s": statistics.median(startup),
@@ -297,9 +302,22 @@ def ratios(results: dict[str, dict]) -> dict:
     return out
 
 
+def ensure_flower_venv() -> None:
+    """Builds Flower's venv on first use only; later runs (and `all --quick`) reuse it."""
+    if (FLOWER_VENV / ".installed").exists():
+        return
+    print(f"Flower's own venv is missing: building it in {FLOWER_VENV} with bench/flower/setup.sh, first use only "
+          f"(about 1.5 min; later runs reuse it) ...", flush=True)
+    started = time.monotonic()
+    if subprocess.call(["bash", str(FLOWER_DIR / "setup.sh")]) != 0:
+        sys.exit("bench/flower/setup.sh failed; see its output above (or run with --only swarm)")
+    print(f"Flower's venv built in {time.monotonic() - started:.0f} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="300 test, 3 x 96 shard rows, 2 rounds")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 nodes x 32 rows, 1 round of 2 steps")
+    parser.add_argument("--prepare", action="store_true", help="only build Flower's venv if it is missing")
     parser.add_argument("--exchange-only", action="store_true", help="0 local steps, 20 rounds (6 with --quick)")
     parser.add_argument("--rounds", type=int, help="override the variant's number of rounds")
     parser.add_argument("--only", choices=["swarm", "flower"], help="run one side only (development)")
@@ -312,23 +330,22 @@ def main() -> None:
     rounds = args.rounds or (6 if args.exchange_only and args.quick else None)
     w = wl.variant(name, rounds)
     key = name + ("-quick" if args.exchange_only and args.quick else "")
-    if args.only != "swarm" and not (FLOWER_VENV / ".installed").exists():
-        print("Flower's own venv is missing: building it once with bench/flower/setup.sh (about 1.5 min) ...",
-              flush=True)
-        if subprocess.call(["bash", str(FLOWER_DIR / "setup.sh")]) != 0:
-            sys.exit("bench/flower/setup.sh failed; see its output above (or run with --only swarm)")
+    if args.prepare or args.only != "swarm":
+        ensure_flower_venv()
+    if args.prepare:
+        return
     signal.signal(signal.SIGTERM, _on_term)
     work = Path(tempfile.mkdtemp(prefix="bench-flower-"))
-    print(f"workload {key}: {wl.NODES} nodes x {w.shard_rows} rows, {w.rounds} rounds x {w.steps_per_round} steps "
+    print(f"workload {key}: {w.nodes} nodes x {w.shard_rows} rows, {w.rounds} rounds x {w.steps_per_round} steps "
           f"(batch {wl.BATCH}), test {w.test_size}; logs in {work}", flush=True)
     results: dict[str, dict] = {}
     load_before = os.getloadavg()
     try:
         if args.only != "flower":
-            print("swarm: SN + 3 SL (mTLS) + 3 ML processes ...", flush=True)
+            print(f"swarm: SN + {w.nodes} SL (mTLS) + {w.nodes} ML processes ...", flush=True)
             results["swarm"] = run_swarm(w, work)
         if args.only != "swarm":
-            print("flower: superlink + 3 supernodes (--insecure, no TLS) + flwr run ...", flush=True)
+            print(f"flower: superlink + {w.nodes} supernodes (--insecure, no TLS) + flwr run ...", flush=True)
             results["flower"] = run_flower(w, work)
             if not w.steps_per_round and not args.no_echo:
                 print("flower-echo: the same, with a ClientApp that builds no model ...", flush=True)
@@ -342,12 +359,12 @@ def main() -> None:
     print(table(results))
     print()
     if "swarm" in results:
-        print("swarm: SN + 3 SL processes (gRPC, mutual TLS) + 3 ML processes (SwarmCallback); a round is timed "
-              "from the previous merged model loaded on every node to this one's (ML side).")
+        print(f"swarm: SN + {w.nodes} SL processes (gRPC, mutual TLS) + {w.nodes} ML processes (SwarmCallback); "
+              "a round is timed from the previous merged model loaded on every node to this one's (ML side).")
     if "flower" in results:
         c = results["flower"]["clientapp_per_round"]
-        print(f"flower: deployment mode (flower-superlink + 3 flower-supernode, --insecure: no TLS), FedAvg; a round "
-              f"is timed in the ServerApp from configure_train to aggregate_train done. Flower starts a fresh "
+        print(f"flower: deployment mode (flower-superlink + {w.nodes} flower-supernode, --insecure: no TLS), FedAvg; "
+              f"a round is timed in the ServerApp from configure_train to aggregate_train done. Flower starts a fresh "
               f"ClientApp process per node per round: medians {c['process_start_to_app_s']:.1f} s from process "
               f"start to the app, "
               f"{c['data_load_s']:.1f} s loading data, {c['model_build_s']:.1f} s building the model, "

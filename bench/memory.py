@@ -11,6 +11,7 @@ rounds, so the blobs the SL keeps between rounds count in it, and what one round
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -35,9 +36,10 @@ def measure(peers: int, mb: float, rounds: int) -> dict:
     try:
         channels = swarm.start_peers(nodes, max(1, min(peers - 1, 16)))
         blobs = {n: payload(mb, i) for i, n in enumerate(nodes)}
-        run_rounds(channels, blobs, 2)  # warm-up: the blobs an SL keeps between rounds are in place
+        warm_up = run_rounds(channels, blobs, 2)  # the blobs an SL keeps between rounds are in place
         pids = {n: swarm.sls[n].popen.pid for n in nodes}
         cells = []
+        led = {swarm.round_record(w["round"]).leader for w in warm_up}
         for _ in range(rounds):
             rest = {}
             for n, pid in pids.items():
@@ -46,10 +48,16 @@ def measure(peers: int, mb: float, rounds: int) -> dict:
             number = run_rounds(channels, blobs, 1)[0]["round"]
             leader = swarm.round_record(number).leader
             peak = status_kb(pids[leader], "VmHWM")
-            cells.append({"round": number, "leader": leader, "rest_mb": rest[leader] / 1024,
-                          "peak_mb": peak / 1024, "above_rest_mb": (peak - rest[leader]) / 1024})
-            print(f"  round {number}: leader {leader} at rest {rest[leader] / 1024:.0f} MB, peak "
-                  f"{peak / 1024:.0f} MB: {(peak - rest[leader]) / 1024:.0f} MB above rest", flush=True)
+            # A node's first round as leader also opens its channels to every peer (their buffers
+            # stay with it): marked, since it is the larger figure.
+            first = leader not in led
+            led.add(leader)
+            load = os.getloadavg()[0]
+            cells.append({"round": number, "leader": leader, "first_lead": first, "rest_mb": rest[leader] / 1024,
+                          "peak_mb": peak / 1024, "above_rest_mb": (peak - rest[leader]) / 1024, "load": load})
+            print(f"  round {number}: leader {leader}{' (its first lead)' if first else ''} at rest "
+                  f"{rest[leader] / 1024:.0f} MB, peak {peak / 1024:.0f} MB: {(peak - rest[leader]) / 1024:.0f} MB "
+                  f"above rest (load {load:.1f})", flush=True)
         return {"peers": peers, "mb": mb, "rounds": cells,
                 "max_above_rest_mb": max(c["above_rest_mb"] for c in cells),
                 "model_mb": len(blobs[nodes[0]]) / 2**20}

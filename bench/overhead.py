@@ -15,6 +15,9 @@ taken back out of the log (so the ratio is a geometric mean). Per-node training 
 own loop) gets the same treatment.
 
     python -m bench overhead [--train-per-node 480] [--sync-frequency 16] [--pairs 4] [--quick]
+
+--quick is a smoke run of the same path (two nodes, a few steps, one pair): it proves the path works,
+the default makes the figures.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import write_figures  # noqa: E402
-from bench._flagship import run_nodes  # noqa: E402
+from bench._flagship import NODES, run_nodes  # noqa: E402
 from swarmlearn.datasets import prepare  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -56,10 +59,10 @@ def ratio_interval(ratios: list[float]) -> dict:
     return {"ratios": ratios, "ratio": math.exp(mean), "low": math.exp(mean - half), "high": math.exp(mean + half)}
 
 
-def one_run(work: Path, data: Path, sync_frequency: int, arm: str) -> dict:
+def one_run(work: Path, data: Path, settings: dict[str, str], nodes: list[str], arm: str) -> dict:
     load = os.getloadavg()[0]
     started = time.monotonic()
-    metrics = run_nodes(work, data, {"SYNC_FREQUENCY": str(sync_frequency)}, swarm=arm == "swarm")
+    metrics = run_nodes(work, data, settings, swarm=arm == "swarm", nodes=nodes)
     wall = time.monotonic() - started
     train = [m["train_seconds"] for m in metrics]
     print(f"  {arm:>8}: end to end {wall:.1f} s, per-node training {', '.join(f'{s:.1f}' for s in train)} s, "
@@ -69,19 +72,20 @@ def one_run(work: Path, data: Path, sync_frequency: int, arm: str) -> dict:
             "rounds": metrics[0]["rounds"]}
 
 
-def run_pairs(work: Path, data: Path, pairs: int, sync_frequency: int) -> list[dict[str, dict]]:
+def run_pairs(work: Path, data: Path, pairs: int, settings: dict[str, str], nodes: list[str]) -> list[dict[str, dict]]:
     runs = []
     for i in range(pairs):
         order = ("loopback", "swarm") if i % 2 == 0 else ("swarm", "loopback")
         print(f"pair {i + 1} of {pairs}:", flush=True)
-        runs.append({arm: one_run(work / f"pair{i}" / arm, data, sync_frequency, arm) for arm in order})
+        runs.append({arm: one_run(work / f"pair{i}" / arm, data, settings, nodes, arm) for arm in order})
     return runs
 
 
 def print_report(report: dict) -> None:
     pairs = report["runs"]
-    print(f"\n3 ML processes at once, 1 torch thread each, {report['train_per_node']} rows per node, sync every "
-          f"{report['sync_frequency']} steps, {len(pairs)} pair(s), order alternating; {report['cpus']} CPUs")
+    print(f"\n{report['nodes']} ML processes at once, 1 torch thread each, {report['train_per_node']} rows per "
+          f"node, sync every {report['sync_frequency']} steps, {len(pairs)} pair(s), order alternating; "
+          f"{report['cpus']} CPUs")
     print(f"{'pair':>4} {'loopback s':>11} {'swarm s':>8} {'ratio':>6} {'train ratio':>12} {'load avg':>9}")
     for i, pair in enumerate(pairs):
         loop, swarm = pair["loopback"], pair["swarm"]
@@ -104,25 +108,30 @@ def main() -> None:
     parser.add_argument("--sync-frequency", type=int, default=16)
     parser.add_argument("--pairs", type=int, default=4, help="pairs of runs, one of each arm (default 4)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 pair (so no interval), 32 rows per node, sync every 2 steps")
+                        help="smoke run: 1 pair (so no interval), 2 nodes x 32 rows (2 steps, synced every 2), "
+                             "16 test rows, sequences cut at 32 tokens")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None,
                         help="raw figures (default bench/results/overhead.json, overhead-quick.json with --quick)")
     args = parser.parse_args()
     args.out = args.out or RESULTS / f"overhead{'-quick' if args.quick else ''}.json"
-    if args.quick:
+    nodes, test_size, settings = NODES, 64, {"SYNC_FREQUENCY": str(args.sync_frequency)}
+    if args.quick:  # proves the path end to end; start-up, not training, is most of its time
         args.train_per_node, args.sync_frequency, args.pairs = 32, 2, 1
+        nodes, test_size = NODES[:2], 16
+        settings = {"SYNC_FREQUENCY": "2", "MIN_PEERS": "2", "MAX_LENGTH": "32"}
     if args.pairs < 1:
         parser.error(f"--pairs {args.pairs}: give 1 or more")
     work = args.workdir or Path(os.environ.get("TMPDIR", "/tmp")) / f"swarm-overhead-{os.getpid()}"
     data = work / "data"
     # The test set only feeds the before/after evaluation, which both arms do alike.
-    prepare(data, nodes=3, train_per_node=args.train_per_node, test_size=64, seed=42)
-    runs = run_pairs(work, data, args.pairs, args.sync_frequency)
+    prepare(data, nodes=len(nodes), train_per_node=args.train_per_node, test_size=test_size, seed=42)
+    runs = run_pairs(work, data, args.pairs, settings, nodes)
     if args.workdir is None:  # a folder of our own, kept only when a run failed (its logs say why)
         shutil.rmtree(work, ignore_errors=True)
     end_to_end = ratio_interval([p["swarm"]["wall_s"] / p["loopback"]["wall_s"] for p in runs])
-    report = {"train_per_node": args.train_per_node, "sync_frequency": args.sync_frequency, "pairs": args.pairs,
+    report = {"nodes": len(nodes), "train_per_node": args.train_per_node, "sync_frequency": args.sync_frequency,
+              "pairs": args.pairs, "settings": settings,
               "cpus": os.cpu_count(), "confidence": CONFIDENCE, "target": TARGET, "runs": runs,
               "end_to_end": end_to_end,
               "training": ratio_interval([p["swarm"]["train_median_s"] / p["loopback"]["train_median_s"]

@@ -2,7 +2,7 @@
 quarter of the rounds against the last: round latency, RSS and open file descriptors of the SN and
 of every SL process, ledger file growth per round, and how long `verify` of the whole ledger takes;
 and how far each SL's RSS grew from before the first round, next to what its blob store may keep
-(BlobStore.capacity blobs of this payload's size).
+(BlobStore.max_blobs blobs, within its byte budget, of this payload's size).
 
 Every peer sends new random tensors (same names and shapes) every round, as a training peer would:
 a payload sent twice has the same hash, and an SL stores it once, so a soak that repeated its payload
@@ -108,7 +108,8 @@ def blob_retention(samples: list[dict], before: dict[str, float], nodes: list[st
     store's capacity: once the store is full, an SL that drops old blobs stops growing."""
     middle = next(s for s in samples if s["round"] >= samples[-1]["round"] / 2)
     last = samples[-1]["rss_mb"]
-    return {"blob_mb": blob_mb, "store_capacity": BlobStore().capacity,
+    store = BlobStore()
+    return {"blob_mb": blob_mb, "store_capacity": store.max_blobs, "store_budget_mb": store.budget / 2**20,
             "rounds_second_half": samples[-1]["round"] - middle["round"],
             "sl_rss_growth_mb": max(last[n] - before[n] for n in nodes),
             "sl_rss_growth_second_half_mb": max(last[n] - middle["rss_mb"][n] for n in nodes)}

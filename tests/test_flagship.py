@@ -49,10 +49,14 @@ def test_data_split_is_deterministic_stratified_and_disjoint(tmp_path):
     assert other_seed[0].read_bytes() != first[0].read_bytes()
 
 
-def test_label_skewed_shards_lean_different_ways(tmp_path):
-    shards = [rows(p) for p in prepare(tmp_path, nodes=3, train_per_node=300, test_size=100, label_skew=0.8)[:3]]
+def test_label_skewed_shards_lean_in_pairs_and_the_odd_node_out_is_balanced_and_small(tmp_path):
+    shards = [rows(p) for p in prepare(tmp_path, nodes=3, train_per_node=300, test_size=100, label_skew=0.9,
+                                       last_node_rows=40)[:3]]
+    assert [len(s) for s in shards] == [300, 300, 40]
     positives = [sum(label for _, label in s) / len(s) for s in shards]
-    assert positives[0] > 0.85 and positives[1] < 0.15 and positives[2] > 0.85  # every node leans, in turn
+    overall = sum(label for _, label in load_reviews()) / len(load_reviews())
+    assert positives[0] > 0.9 and positives[1] < 0.1 and abs(positives[2] - overall) < 0.03
+    assert abs(sum(p * len(s) for p, s in zip(positives, shards)) / 640 - 0.5) < 0.05  # the union is balanced
     with pytest.raises(ConfigError, match="label skew 1.5"):
         prepare(tmp_path, nodes=3, train_per_node=300, test_size=100, label_skew=1.5)
 
@@ -109,8 +113,10 @@ def test_swarm_run_trains_the_flagship_end_to_end(procs, tmp_path):
     project = tmp_path / "ws" / "huggingface-peft"
     # The comparison: each node alone, the swarm, all shards pooled (accuracies at this size mean nothing).
     table = run.output[run.output.rindex("\nmodel ") :]
-    for label in (r"node1 alone, on its own shard \(\d+ % fresh\)", r"node2 alone, on its own shard \(\d+ % fresh\)",
-                  r"node3 alone, on its own shard \(\d+ % fresh\)", r"swarm \(every node ends with this same model\)",
+    shard = r"alone, on its own shard \(\d+ % fresh, (\d+) reviews\)"
+    sizes = [re.search(f"node{i} {shard}", table) for i in (1, 2, 3)]
+    assert [int(m.group(1)) for m in sizes if m] == [64, 64, 5], table  # the odd node out holds a twelfth
+    for label in (f"node1 {shard}", f"node2 {shard}", f"node3 {shard}", r"swarm \(every node ends with this same model\)",
                   r"all shards pooled: the centralized reference"):
         assert re.search(label + r" +[01]\.\d{3} ", table), (label, table)
     assert re.search(r"on 64 test reviews, ±0\.\d{3} is noise", table), table
@@ -119,7 +125,8 @@ def test_swarm_run_trains_the_flagship_end_to_end(procs, tmp_path):
     assert f"result.png: {plot}" in table
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
     alone = json.loads((project / "baselines" / "node1" / "metrics.json").read_text())
-    assert [step for step, _ in alone["curve"]] == list(range(2, alone["steps"] + 1, 2))  # where the swarm merges
+    # Measured where the swarm's merged model is: after every 2nd merge (EVAL_EVERY) and at the last step.
+    assert [step for step, _ in alone["curve"]] == sorted({*range(4, alone["steps"] + 1, 4), alone["steps"]})
     finals = [project / "saved_models" / f"node{i}" / "final" for i in (1, 2, 3)]
     tensors = [load_file(f / "adapter_model.safetensors") for f in finals]
     assert set(tensors[0]) and all(set(t) == set(tensors[0]) for t in tensors)

@@ -1,7 +1,7 @@
 """Our side of `python -m bench flower`: one node's ML process, a user's plain-PyTorch training
 script with swarmlearn.torch.SwarmCallback, running the comparison workload from workload.py.
 
-Environment: NODE_ID (node1..3), NODE_INDEX (0..2), SWARM_SL_ADDR, OUT_FILE (JSON written at the
+Environment: NODE_ID (node1..), NODE_INDEX (0..), SWARM_SL_ADDR, OUT_FILE (JSON written at the
 end), VARIANT (full | quick | exchange-only), ROUNDS (0: the variant's), EVALUATE (1: this node
 evaluates the final model on the test set).
 """
@@ -28,7 +28,7 @@ from swarmlearn.torch import SwarmCallback  # noqa: E402
 
 # A sync every 16 optimizer steps; exchange-only syncs on every call. The final model is the 4th
 # merge: no extra closing contribution ("inactive"), so both frameworks merge exactly `rounds` times.
-swarm = SwarmCallback(sync_frequency=max(1, w.steps_per_round), min_peers=wl.NODES, model=model,
+swarm = SwarmCallback(sync_frequency=max(1, w.steps_per_round), min_peers=w.nodes, model=model,
                       checkin_model_on_train_end="inactive")
 ready = time.time()
 swarm.on_train_begin()  # everyone starts from one merged initial model

@@ -13,6 +13,7 @@ whole run (our ML process) do the very same arithmetic.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
@@ -40,33 +41,34 @@ class Workload:
     shard_rows: int
     rounds: int
     steps_per_round: int  # 0: exchange only, no training
+    nodes: int = NODES
 
     def to_dict(self) -> dict:
         return {"name": self.name, "test_size": self.test_size, "shard_rows": self.shard_rows,
-                "rounds": self.rounds, "steps_per_round": self.steps_per_round, "nodes": NODES,
+                "rounds": self.rounds, "steps_per_round": self.steps_per_round, "nodes": self.nodes,
                 "batch": BATCH, "lr": LR, "weight_decay": WEIGHT_DECAY, "max_length": MAX_LENGTH}
 
 
 # Full: 3 x 1,000 rows, 4 rounds x 16 steps of 16 = 1,024 rows, one epoch per node.
-# Quick: 3 x 96 rows; 16 steps per round are kept (cycling the shard, ~2.7 passes a round) so a
-#   round costs what a full round costs, and 2 rounds instead of 4 keep it short.
+# Quick: a smoke run of every code path (`python -m bench all --quick` must stay near two minutes):
+#   2 nodes x 32 rows, 1 round of 2 steps, 32 test rows. Its figures are start-up, not training.
 # Exchange-only: no training, 20 rounds; isolates what each framework adds per round.
 VARIANTS = {
     "full": Workload("full", 2000, 1000, 4, 16),
-    "quick": Workload("quick", 300, 96, 2, 16),
+    "quick": Workload("quick", 32, 32, 1, 2, nodes=2),
     "exchange-only": Workload("exchange-only", 300, 96, 20, 0),
 }
 
 
 def variant(name: str, rounds: int | None = None) -> Workload:
     w = VARIANTS[name]
-    return w if rounds is None else Workload(w.name, w.test_size, w.shard_rows, rounds, w.steps_per_round)
+    return w if rounds is None else dataclasses.replace(w, rounds=rounds)
 
 
 # ------------------------------------------------------------------------------------------ data
 
 def split(w: Workload) -> tuple[list[tuple[str, int]], list[list[tuple[str, int]]]]:
-    """(test rows, [shard of node 1, 2, 3]): the 12,752 snippets in file order, permuted with
+    """(test rows, [shard of node 1, 2, ...]): the 12,752 snippets in file order, permuted with
     default_rng(42); the first 2,000 are the test set, the next 3 x 1,000 the shards. Smaller
     variants take the head of each of those parts, so they are subsets of the full split."""
     from swarmlearn.datasets import load_reviews
@@ -76,7 +78,7 @@ def split(w: Workload) -> tuple[list[tuple[str, int]], list[list[tuple[str, int]
     full_test, full_shard = VARIANTS["full"].test_size, VARIANTS["full"].shard_rows
     test = [reviews[i] for i in order[:min(w.test_size, full_test)]]
     shards = []
-    for node in range(NODES):
+    for node in range(w.nodes):
         start = full_test + node * full_shard
         shards.append([reviews[i] for i in order[start:start + min(w.shard_rows, full_shard)]])
     return test, shards

@@ -511,11 +511,16 @@ def stop(workspace) -> None:
 @click.argument("example_dir", type=click.Path(path_type=Path))
 @click.option("--workspace", type=click.Path(path_type=Path), default=DEFAULT_WORKSPACE, show_default=True)
 @click.option("--nodes", type=int, default=3, show_default=True)
-@click.option("--max-epochs", type=float, default=1, show_default=True)
+@click.option("--max-epochs", type=float, default=1.5, show_default=True,
+              help="Epochs over a full shard; every node trains as many steps, a smaller shard more often.")
 @click.option("--train-per-node", type=int, default=960, show_default=True, help="Training reviews per node.")
 @click.option("--test-size", type=int, default=1000, show_default=True)
 @click.option("--label-skew", type=float, default=0.8, show_default=True,
-              help="0: IID shards; up to 1: each shard leans to one class (odd nodes fresh, even nodes rotten).")
+              help="0: IID shards; up to 1: the nodes lean in pairs (node1 fresh, node2 rotten, ...), an odd last "
+                   "node stays balanced.")
+@click.option("--last-node-rows", type=click.IntRange(min=1),
+              help="Training reviews of the last node (default: a twelfth of --train-per-node when it is the "
+                   "balanced odd one out of a label skew, else --train-per-node).")
 @click.option("--sync-frequency", type=int, help="Optimizer steps between merges (default: the example's).")
 @click.option("--merge-method", type=click.Choice(list(MERGE_METHODS)))
 @click.option("--no-baselines", is_flag=True,
@@ -524,13 +529,13 @@ def stop(workspace) -> None:
 @click.option("--keep", is_flag=True, help="Leave the SN, SWOP and nodes running after the run.")
 @click.option("--tensorboard", type=click.Path(path_type=Path),
               help="Also write each node's metrics as TensorBoard event files, one run folder per node in this folder.")
-def run(example_dir, workspace, nodes, max_epochs, train_per_node, test_size, label_skew, sync_frequency,
-        merge_method, no_baselines, compare, keep, tensorboard) -> None:
+def run(example_dir, workspace, nodes, max_epochs, train_per_node, test_size, label_skew, last_node_rows,
+        sync_frequency, merge_method, no_baselines, compare, keep, tensorboard) -> None:
     """Run an example end to end on this host: certificates, data, SN, SWOP and the SWCI script."""
     from swarmlearn.run import RunOptions, SwarmRun, format_table
 
     swarm_run = SwarmRun(RunOptions(example_dir, workspace, nodes, max_epochs, train_per_node, test_size, label_skew,
-                                    sync_frequency, merge_method, baselines=not no_baselines, keep=keep,
+                                    last_node_rows, sync_frequency, merge_method, baselines=not no_baselines, keep=keep,
                                     tensorboard=tensorboard),
                          out=lambda line: click.echo(line))
     try:

@@ -73,7 +73,7 @@ COMPONENTS = {c.script: c for c in [
                        **{f: _ML for f in ("--ml-image", "--ml-entrypoint", "--ml-cmd", "--ml-w", "--ml-name",
                                            "--ml-v", "--ml-e", "--ml-user", "--ml-device", "--ml-ipc", "--ml-shm-size",
                                            "--ml-group-add", "--ml-cap-add", "--ml-security-opt")}},
-              ignored_switches={"--ml-privileged": _ML}),
+              ignored_switches={"--ml-privileged": _ML, "--ml-it": _ML}),
     # --sn-api-service (the reverse-proxy example's host[:port] of the SN): no proxy here, the SN itself.
     Component("run-swop", "swop", {**_IDENTITY, "--usr-dir": "--usr-dir", "--profile-file-name": "--profile-file-name",
                                    "--sn-ip": "--sn-ip", "--sn-api-port": "--sn-api-port",

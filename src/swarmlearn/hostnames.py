@@ -3,8 +3,9 @@ that runs that node, where the original had Docker's network resolve them.
 
 A name resolves, first match wins:
 1. an IP address: itself;
-2. a `hosts` file (the workspace's, in /etc/hosts form: `IP name [alias...]`, `#` comments): what the
-   user wrote wins over anything we infer;
+2. `hosts` files (in /etc/hosts form: `IP name [alias...]`, `#` comments; a SWOP's and a SWCI's
+   --usr-dir, then the folder above it), the first file that names the host winning: what the user
+   wrote wins over anything we infer;
 3. `local`: names of nodes that this host runs (a SWOP's profile: its nodes' slhostname and
    usrhostname, and the SWOP's own name) -> 127.0.0.1;
 4. `registry`: the SN's node registry (`SNClient.query("nodes")["nodes"]`, or LedgerState.nodes): the
@@ -21,25 +22,27 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-HOSTS_FILE = "hosts"  # in the workspace
+HOSTS_FILE = "hosts"  # in a --usr-dir, the folder above it, or a SWOP's workspace
 LOCAL_ADDRESS = "127.0.0.1"
 
 
-def resolve(name: str, *, hosts_file: str | Path | None = None, registry: Mapping[str, Any] | None = None,
-            local: Iterable[str] = (), use_dns: bool = True) -> str | None:
+def resolve(name: str, *, hosts_file: str | Path | Sequence[str | Path] | None = None,
+            registry: Mapping[str, Any] | None = None, local: Iterable[str] = (), use_dns: bool = True) -> str | None:
     """The address of the host that runs the node called `name` (see the module docstring for the
-    order of the sources), or None when none of them knows it."""
+    order of the sources), or None when none of them knows it. `hosts_file`: one file or several, read
+    in order."""
     name = name.strip()
     if not name:
         return None
     if _is_ip(name):
         return name.strip("[]")
-    if hosts_file is not None:
-        found = read_hosts(hosts_file).get(name.lower())
+    files = [hosts_file] if isinstance(hosts_file, (str, Path)) else list(hosts_file or ())
+    for file in files:
+        found = read_hosts(file).get(name.lower())
         if found is not None:
             return found
     if name.lower() in {n.lower() for n in local if n}:

@@ -31,10 +31,11 @@ class RunOptions:
     example: Path
     workspace: Path = Path("workspace")
     nodes: int = 3
-    max_epochs: float = 1
+    max_epochs: float = 1.5  # over a full shard: every node trains that many steps (see _steps_per_node)
     train_per_node: int = 960
     test_size: int = 1000
     label_skew: float = 0.8
+    last_node_rows: int | None = None  # None: see last_shard_rows()
     sync_frequency: int | None = None
     merge_method: str | None = None
     baselines: bool = True  # each node alone and all shards pooled, trained beside the swarm
@@ -135,11 +136,11 @@ class SwarmRun:
             generate_host_certs(self.certs.root, 1, org=org_name(self.example.name), nodes=nodes, force=True)
             self.out(f"certificates: {self.certs.root} (organization {org_name(self.example.name)}, "
                      f"one per component and per node)")
-        files = prepare(self.project / "data", self.o.nodes, self.o.train_per_node, self.o.test_size, self.o.seed,
-                        self.o.label_skew)
-        self.out(f"data: {len(files) - 1} shards of {self.o.train_per_node} reviews and {self.o.test_size} test "
-                 f"reviews in {self.project / 'data'}; label skew {self.o.label_skew:g}: "
-                 f"{', '.join(self._shard_shares())} (IID shards: --label-skew 0)")
+        prepare(self.project / "data", self.o.nodes, self.o.train_per_node, self.o.test_size, self.o.seed,
+                self.o.label_skew, last_shard_rows(self.o))
+        self.out(f"data: {self.o.test_size} test reviews and one shard per node in {self.project / 'data'}, "
+                 f"label skew {self.o.label_skew:g}: {', '.join(self._shard_shares())} (IID shards of equal "
+                 f"size: --label-skew 0)")
 
     def _set_sizes(self) -> None:
         """Writes --nodes, --max-epochs (and friends) into the copied profile, taskdef and script."""
@@ -161,7 +162,11 @@ class SwarmRun:
             if task.get("TaskType") != "RUN_SWARM":
                 continue
             envvars = task["Body"].get("Envvars") or []
-            settings = {"MAX_EPOCHS": self.o.max_epochs, "MIN_PEERS": self.o.nodes,
+            # Steps rather than epochs: a small shard is gone through more often, and every node merges
+            # at the same steps.
+            batch = int(next((e["BATCH_SIZE"] for e in envvars if "BATCH_SIZE" in e), 16))
+            steps = math.ceil(self.o.train_per_node / batch * self.o.max_epochs)
+            settings = {"MAX_EPOCHS": self.o.max_epochs, "MAX_STEPS": steps, "MIN_PEERS": self.o.nodes,
                         "SYNC_FREQUENCY": self.o.sync_frequency, "MERGE_METHOD": self.o.merge_method}
             envvars = [e for e in envvars if not (set(e) & {k for k, v in settings.items() if v is not None})]
             envvars += [{k: v} for k, v in settings.items() if v is not None]
@@ -271,7 +276,7 @@ class SwarmRun:
     def _start_baselines(self) -> None:
         """The same model.py without the swarm, started now so that it trains while the swarm does:
         each node alone on its shard (evaluated at the steps where the swarm merges), and one model
-        on all shards pooled (the same reviews as the whole swarm, once each)."""
+        on all shards pooled, for as many steps as the whole swarm (so it sees as many reviews)."""
         from swarmlearn.datasets import pool
 
         data = self.project / "data"
@@ -280,8 +285,9 @@ class SwarmRun:
         out_dir = self.project / "baselines"
         shutil.rmtree(out_dir, ignore_errors=True)
         runs = [(f"node{i}", f"N{i}.csv", {}) for i in range(1, self.o.nodes + 1)]
-        # Pooled, no curve is drawn: it is measured once, at its last step, and trains on both cores.
-        runs.append(("pooled", "pooled.csv", {"SYNC_FREQUENCY": str(10 ** 9), "TORCH_THREADS": "2"}))
+        # Pooled, no curve is drawn: it is measured once, at its last step.
+        runs.append(("pooled", "pooled.csv", {"SYNC_FREQUENCY": str(10 ** 9),
+                                              "MAX_STEPS": str(self.o.nodes * self._steps_per_node())}))
         for node, train_file, extra in runs:
             env = {**_env(), **settings, "NODE_ID": node, "TRAIN_FILE": train_file, "DATA_DIR": str(data),
                    "MODEL_DIR": str(out_dir), "SWARM_LOOPBACK": "1", **extra}
@@ -289,9 +295,8 @@ class SwarmRun:
                                              env, out_dir / f"{node}.log"))
             self.baseline_handles.append((node, handle))
         self.out(f"baselines: {', '.join(n for n, _, _ in runs[:-1])} alone on their own shards and one model on "
-                 f"all shards pooled train now, beside the swarm, with its settings (about {self._steps_per_node()} "
-                 f"steps per node; pooled: all {self.o.nodes * self.o.train_per_node} reviews as often); logs in "
-                 f"{out_dir}")
+                 f"all shards pooled train now, beside the swarm, with its settings ({self._steps_per_node()} steps "
+                 f"each; pooled: {self.o.nodes} x as many, the swarm's total); logs in {out_dir}")
 
     def _finish_baselines(self) -> list[dict]:
         """Waits for the baselines started beside the swarm; their metrics, those that finished."""
@@ -312,8 +317,7 @@ class SwarmRun:
         return results
 
     def _steps_per_node(self) -> int:
-        batch = int(self._run_task_envvars().get("BATCH_SIZE", 16))
-        return math.ceil(self.o.train_per_node / batch * self.o.max_epochs)
+        return int(self._run_task_envvars()["MAX_STEPS"])
 
     def _shard_shares(self) -> list[str]:
         from swarmlearn.datasets import read_csv
@@ -322,7 +326,8 @@ class SwarmRun:
         for i in range(1, self.o.nodes + 1):
             path = self.project / "data" / f"N{i}.csv"
             rows = read_csv(path) if path.is_file() else []
-            shares.append(f"node{i} {100 * sum(label for _, label in rows) / max(1, len(rows)):.0f} % fresh")
+            shares.append(f"node{i} {100 * sum(label for _, label in rows) / max(1, len(rows)):.0f} % fresh, "
+                          f"{len(rows)} reviews")
         return shares
 
     def _plot(self, result: RunResult) -> Path | None:
@@ -356,6 +361,17 @@ class SwarmRun:
         return {}
 
 
+def last_shard_rows(options: RunOptions) -> int | None:
+    """The last node's shard size, unless set: label-skewed with an odd number of nodes, the last
+    node is the balanced odd one out (see datasets.split), and gets a twelfth of the others' reviews
+    so that it too is weak alone, for want of data; otherwise all shards are equal."""
+    if options.last_node_rows is not None:
+        return options.last_node_rows
+    if options.label_skew > 0 and options.nodes > 1 and options.nodes % 2 == 1:
+        return max(1, options.train_per_node // 12)
+    return None
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -380,7 +396,7 @@ def noise_band(accuracy: float, test_rows: int) -> float:
 def format_table(result: RunResult) -> list[str]:
     """The comparison: each node alone, the swarm, all shards pooled; then the noise band and the
     run's costs."""
-    lines = [f"{'model':<52} {'accuracy':>8} {'F1':>6} {'train s':>7}"]
+    lines = [f"{'model':<58} {'accuracy':>8} {'F1':>6} {'train s':>7}"]
     alone = [b for b in result.baselines if b["kind"] == "local-only"]
     pooled = [b for b in result.baselines if b["kind"] == "pooled"]
     shares = dict(enumerate(result.shards))
@@ -408,8 +424,9 @@ def format_table(result: RunResult) -> list[str]:
     if pooled:
         lines.append("pooling every shard in one place is what a swarm replaces; it is a reference, not a ceiling "
                      "(on IID shards the swarm has beaten it)")
-        lines.append("the baselines trained beside the swarm, with its settings: each node alone the same steps on "
-                     "its shard, the pooled model on all shards as many epochs")
+        lines.append("the baselines trained beside the swarm, with its settings: each node alone as many steps on "
+                     "its shard as each swarm node, the pooled model on all shards as many steps as the swarm's "
+                     "nodes together")
     lines.append(f"{result.rounds} rounds merged; {result.bytes_per_round / 1e6:.2f} MB sent per node per round "
                  f"(adapters + head); wall time {result.wall_seconds:.0f} s")
     if result.plot:
@@ -419,4 +436,4 @@ def format_table(result: RunResult) -> list[str]:
 
 def _row(label: str, metrics: dict) -> str:
     after = metrics["after"]
-    return f"{label:<52} {after['accuracy']:>8.3f} {after['f1']:>6.3f} {metrics['train_seconds']:>7.0f}"
+    return f"{label:<58} {after['accuracy']:>8.3f} {after['f1']:>6.3f} {metrics['train_seconds']:>7.0f}"

@@ -112,8 +112,8 @@ def main(grid: Grid, context: Context) -> None:
     test, _ = wl.split(w)
     model, tokenizer = wl.build_model()
     initial = ArrayRecord.from_torch_state_dict(wl.trainable_tensors(model))
-    strategy = TimedFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=wl.NODES,
-                           min_available_nodes=wl.NODES)
+    strategy = TimedFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=w.nodes,
+                           min_available_nodes=w.nodes)
     ready = time.time()
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=w.rounds, train_config=ConfigRecord({}))
     finished = time.time()

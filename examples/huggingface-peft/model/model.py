@@ -14,6 +14,9 @@ Environment (all optional but NODE_ID):
                    gone through more often): nodes of unequal shards then merge at the same steps.
   EVAL_ROWS [all]  the merged models (and, alone, the model at the same steps) are measured on the
                    first EVAL_ROWS test rows; the final model always on all of them.
+  EVAL_EVERY [1]   measure the merged model after every EVAL_EVERY-th merge (and the last) only, to
+                   spend the CPU on training instead.
+  LR_SCHEDULER [linear]  any Trainer lr_scheduler_type; "constant" keeps the late rounds learning.
 """
 
 from __future__ import annotations
@@ -92,11 +95,12 @@ def scores(predictions: np.ndarray, labels: np.ndarray, num_labels: int) -> dict
     return {"accuracy": float(np.mean(predictions == labels)), "f1": float(np.mean(f1s))}
 
 
-def curve_callback(sync_frequency: int, alone: bool):
+def curve_callback(sync_frequency: int, eval_every: int, alone: bool):
     """A Trainer callback that keeps the accuracy of each evaluation during training, as its
-    `points` ([step, accuracy] pairs). Alone (SWARM_LOOPBACK), it has the model evaluated where a
-    swarm node would merge, every SYNC_FREQUENCY steps and at the last, so that a node alone and the
-    swarm are measured at the same steps."""
+    `points` ([step, accuracy] pairs). In a swarm, it lets the Trainer measure only every
+    `eval_every`-th merged model and the last. Alone (SWARM_LOOPBACK), it has the model evaluated
+    where such a swarm node would, every SYNC_FREQUENCY * EVAL_EVERY steps and at the last, so that
+    a node alone and the swarm are measured at the same steps."""
     from transformers import TrainerCallback
 
     class Curve(TrainerCallback):
@@ -108,8 +112,12 @@ def curve_callback(sync_frequency: int, alone: bool):
             self.training = True
 
         def on_step_end(self, args, state, control, **kwargs):
-            if alone and (state.global_step % sync_frequency == 0 or state.global_step >= state.max_steps):
-                control.should_evaluate = True
+            # Runs after SwarmCallback's, which asks for an evaluation after each merge.
+            due = state.global_step % (sync_frequency * eval_every) == 0 or state.global_step >= state.max_steps
+            if alone:
+                control.should_evaluate = due
+            elif not due:
+                control.should_evaluate = False
             return control
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
@@ -191,6 +199,7 @@ def main() -> None:
                              max_steps=env("MAX_STEPS", -1, int),
                              per_device_train_batch_size=env("BATCH_SIZE", 16, int), per_device_eval_batch_size=64,
                              learning_rate=env("LEARNING_RATE", 1e-3, float), weight_decay=0.01,
+                             lr_scheduler_type=env("LR_SCHEDULER", "linear"),
                              logging_steps=4, save_strategy="no", report_to="none", use_cpu=not use_cuda,
                              fp16=use_cuda, disable_tqdm=True, seed=env("SEED", 42, int),
                              dataloader_num_workers=0)
@@ -206,7 +215,7 @@ def main() -> None:
                           model=model, merge_method=env("MERGE_METHOD", "mean"),
                           node_weightage=env("NODE_WEIGHTAGE", 1, float), evaluate_merged=True)
     eval_rows = env("EVAL_ROWS", len(test_texts), int)
-    curve = curve_callback(sync_frequency, alone=swarm.core.loopback)
+    curve = curve_callback(sync_frequency, env("EVAL_EVERY", 1, int), alone=swarm.core.loopback)
     trainer = Trainer(model=model, args=args, train_dataset=Rows(train_texts, train_labels),
                       eval_dataset=Rows(test_texts[:eval_rows], test_labels[:eval_rows], by_length=True),
                       data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,

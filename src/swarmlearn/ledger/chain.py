@@ -275,10 +275,11 @@ class Chain:
         On a store that appends several entries in one write (SQLite: one fsync), submits that arrive
         while another is being written are committed together (group commit): each waits for the
         lock, and the first to get it checks, folds and writes every submit queued by then, in one
-        transaction. Every submit is answered only once its entry is on disk, and Watch streams see
-        entries only then, as before; only the state's lookups (Query, Heartbeat) can see an entry of
-        the write under way, for the length of that write. A failed write folds the state again from
-        the store and appends the submits one by one (_submit_one), which reports the failure."""
+        transaction. Every submit is answered only once its entry is on disk, and Watch streams (and
+        Query, which takes the lock) see entries only then, as before; only reads made without the
+        lock (Heartbeat's head) can see an entry of the write under way, for the length of that write.
+        A failed write folds the state again from the store and appends the submits one by one
+        (_submit_one), which reports the failure."""
         if self._append_all is None or self._one_by_one:
             return self._submit_one(signed)
         waiting = _Queued(signed)

@@ -16,6 +16,7 @@ node, resumes from the latest merged model. Transport, storage and merging sit b
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -49,8 +50,9 @@ PREFETCH_BYTES = 64 << 20
 # at most this many at once. One more thread watches the filling round for check-ins to prefetch.
 PREFETCH_WORKERS = 4
 MERGE_WINDOW = 4
-# ...and no more bytes than this loading ahead at once (one blob at least), so that a leader of a large
-# model holds about two models (the merge's sums and the contribution being added), not a window of them.
+# ...and no more bytes than this loaded at once, the contribution being added included (one blob at
+# least: none loads ahead of a blob over half of it), so that a leader of a large model holds about two
+# models (the merge's sums and the contribution being added), not a window of them.
 MERGE_WINDOW_BYTES = 64 << 20
 # Each participant asks for a round's merged model from its parent in a tree rooted at the leader, in
 # which every node serves at most this many others (32 peers: the leader serves 8, they the rest).
@@ -356,7 +358,7 @@ class RoundEngine:
                     budget -= checkin.size
                     futures[checkin.hash] = self._early_pool.submit(
                         self.fetcher.fetch, addresses.get(node, ""), checkin.hash,
-                        self.t.transfer_budget(sizes[node]), sizes[node], self.t.stall, self.t.min_rate)
+                        self.t.transfer_budget(sizes[node]), sizes[node], self.t.stall, self.t.min_rate, True)
                 if status != "open":
                     return
                 self.follower.wait_until(lambda s: s.head_index > head, 1.0)
@@ -543,10 +545,10 @@ class RoundEngine:
         method, need = self._read(lambda c: (c.merge_method, c.min_peers))
         addresses = self.follower.read(lambda s: {n: s.nodes[n].address for n in r.participants if n in s.nodes})
         dropped: list[str] = []
-        # Our own contribution first: it is the reference the others must match.
-        order = sorted(r.participants, key=lambda n: n != self.node_id)
-
         early = self._early.get(r.number, {})
+        # Our own contribution first: it is the reference the others must match. Then those pulled
+        # ahead, which are held until added: added first, they are let go first.
+        order = sorted(r.participants, key=lambda n: (n != self.node_id, r.checkins[n].hash not in early))
         largest = max([size for size in sizes.values() if size] or [1])
 
         def load(node: str) -> Contribution:
@@ -556,6 +558,7 @@ class RoundEngine:
                 # Taken once: a prefetched blob is not held past its merge (a reload fetches it again).
                 prefetched, early[checkin.hash] = early.get(checkin.hash), None
                 blob = self._fetch_once(addresses.get(node, ""), checkin, sizes[node], prefetched, deadline)
+            # decode() makes views over the blob: it lives exactly as long as the contribution.
             return Contribution(node, checkin.weight, decode(blob))
 
         def drop(node: str, reason: str) -> None:
@@ -563,7 +566,7 @@ class RoundEngine:
             dropped.append(node)
 
         contributions = _Contributions(order, load, drop, self._merge_pool,
-                                       max(1, min(MERGE_WINDOW, MERGE_WINDOW_BYTES // largest)))
+                                       max(0, min(MERGE_WINDOW, MERGE_WINDOW_BYTES // largest - 1)))
         try:
             merged = self._merge(r.number, get_merger(method), contributions)
         except SwarmError as exc:
@@ -650,7 +653,7 @@ class RoundEngine:
         left = deadline - time.monotonic()
         if left <= 0:
             raise FetchError("the leader's fetch deadline passed before its blob was asked for")
-        return self.fetcher.fetch(address, checkin.hash, left, size, self.t.stall, self.t.min_rate)
+        return self.fetcher.fetch(address, checkin.hash, left, size, self.t.stall, self.t.min_rate, in_place=True)
 
     # ---------------------------------------------------------------------------- 4. take merged
 
@@ -799,13 +802,18 @@ class _Contributions:
             if self._reference is None:
                 self._reference = c.tensors
             yield c, contribution_norm(c.tensors)
+            del c  # not held while the next one loads (the caller has added it by now)
 
 
 def _prefetched(nodes: list[str], load: Callable[[str], Contribution], pool: Executor, window: int):
     """Yields (node, outcome) in order while up to `window` loads run ahead in `pool`; calling
     outcome() returns the contribution or raises the load's error. Only the window is held in memory;
     loads not yet started when the caller stops early are cancelled. Raises SwarmError once the SL
-    stops (its pools take no more work)."""
+    stops (its pools take no more work). Window 0: each is loaded when outcome() is called."""
+    if window == 0:
+        for node in nodes:
+            yield node, functools.partial(load, node)
+        return
     ahead: deque[Future] = deque()
     try:
         for n in nodes[:window]:

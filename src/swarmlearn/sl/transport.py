@@ -206,18 +206,21 @@ class PeerFetcher:
             return sl_pb2_grpc.SwarmPeerStub(channel)
 
     def fetch(self, address: str, digest: str, timeout: float, size: int | None = None,
-              stall: float | None = None, min_rate: float = 0.0) -> bytes:
+              stall: float | None = None, min_rate: float = 0.0, in_place: bool = False) -> bytes | bytearray:
         """The blob with SHA-256 `digest` from the SL at `address`; raises FetchError if the peer
         does not answer, does not have it, or sends bytes that do not hash to `digest`. A peer
         announcing or sending more than `size` (as the ledger declares it, within its contract's
         limit; the round engine always gives one) is cut off at once rather than read into memory.
         With `stall`, so is a peer that sends nothing for `stall` seconds (a frozen or silent peer: its
         TCP handshake may well succeed) or, after its first `stall` seconds, averages below `min_rate`
-        bytes per second (a peer trickling bytes must not hold a leader for its whole budget)."""
+        bytes per second (a peer trickling bytes must not hold a leader for its whole budget).
+        `in_place`: a bytearray, each chunk copied into it as it arrives, so that the blob is never
+        held twice (for a leader's contributions, only decoded: gRPC messages need bytes)."""
         if not address:
             raise FetchError("peer has no registered address")
         blob, expected = self._receive(lambda stub: stub.Fetch(sl_pb2.FetchRequest(hash=digest), timeout=timeout),
-                                       address, digest[:12], timeout, size, stall, min_rate, watch_at_once=True)
+                                       address, digest[:12], timeout, size, stall, min_rate, watch_at_once=True,
+                                       in_place=in_place)
         return _checked(blob, expected, digest)
 
     def fetch_merged(self, address: str, contract: str, number: int, timeout: float, size: int,
@@ -237,9 +240,11 @@ class PeerFetcher:
         return blob
 
     def _receive(self, call: Callable, address: str, what: str, timeout: float, size: int | None,
-                 stall: float | None, min_rate: float, watch_at_once: bool) -> tuple[bytes, int | None]:
+                 stall: float | None, min_rate: float, watch_at_once: bool,
+                 in_place: bool = False) -> tuple[bytes | bytearray, int | None]:
         """Reads one blob stream: (its bytes, the size its first chunk announced)."""
         parts: list[bytes] = []
+        buffer: bytearray | None = None
         expected = None
         transfer = None
         try:
@@ -258,7 +263,15 @@ class PeerFetcher:
                 if size and max(expected, transfer.received) > size:
                     stream.cancel()
                     raise FetchError(f"peer sends more than the {size} bytes the ledger declares for {what}")
-                parts.append(chunk.data)
+                if in_place and buffer is None:
+                    buffer = bytearray(expected)
+                if buffer is not None:
+                    if transfer.received > len(buffer):
+                        stream.cancel()
+                        raise FetchError(f"peer sends more than the {len(buffer)} bytes it announced for {what}")
+                    buffer[transfer.received - len(chunk.data):transfer.received] = chunk.data
+                else:
+                    parts.append(chunk.data)
                 transfer.last = time.monotonic()
         except grpc.RpcError as exc:
             if transfer is not None and transfer.cut:
@@ -273,6 +286,8 @@ class PeerFetcher:
             if transfer is not None:
                 with self._watched:
                     self._transfers.discard(transfer)
+        if buffer is not None:
+            return (buffer if transfer.received == len(buffer) else buffer[:transfer.received]), expected
         return b"".join(parts), expected
 
     def _watch(self, transfer: _Transfer) -> None:
@@ -330,7 +345,7 @@ def _cut_off(transfers: list[_Transfer], now: float) -> None:
             transfer.stream.cancel()
 
 
-def _checked(blob: bytes, expected: int | None, digest: str) -> bytes:
+def _checked(blob: bytes | bytearray, expected: int | None, digest: str) -> bytes | bytearray:
     if expected is not None and len(blob) != expected:
         raise FetchError(f"got {len(blob)} of {expected} bytes")
     if blob_hash(blob) != digest:

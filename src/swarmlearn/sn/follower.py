@@ -37,7 +37,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
@@ -126,8 +126,7 @@ class LedgerFollower:
             if self._pinned is not None:
                 self.sn.expect_ledger(self._pinned.genesis_hash)
             start = 0 if self.full_replay else self._start_from_snapshot()
-            for rows in self.sn.watch_batches(start, self._stop, raw=True, on_connect=self._check_length,
-                                              background=self._background):
+            for rows in self._batches(start):
                 self._fold(rows)
         except SwarmError as exc:
             if isinstance(exc, LedgerError):
@@ -137,6 +136,15 @@ class LedgerFollower:
             with self.changed:
                 self.error = exc
                 self.changed.notify_all()
+
+    def _batches(self, start: int) -> Iterator[list[StoredEntry]]:
+        """The SN's entries from `start` on, in the lists its Watch sends (a stand-in for the SN client,
+        a test's, that only has watch(): one entry per list)."""
+        if isinstance(self.sn, SNClient):
+            return self.sn.watch_batches(start, self._stop, raw=True, on_connect=self._check_length,
+                                         background=self._background)
+        return ([row] for row in self.sn.watch(start, self._stop, raw=True, on_connect=self._check_length,
+                                               background=self._background))
 
     def _fold(self, rows: list[StoredEntry]) -> None:
         """Verifies and folds a batch the SN sent, under one hold of the lock, and wakes the waiters

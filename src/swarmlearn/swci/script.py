@@ -42,6 +42,10 @@ GRAMMAR: list[tuple[str, re.Pattern]] = [(name, _p(t)) for name, t in [
     ("wait_for_service", "WAIT FOR SERVICE {service?} {retries?}"),
     ("create_context", "CREATE CONTEXT {name} WITH IP {ip} {port?}"),
     ("create_context_service", "CREATE CONTEXT {name} WITH SERVICE {service}"),
+    # The oldest mnist-pyt script's short forms, `wait for 172.1.1.1` and `create context n 172.1.1.1`;
+    # after the long forms, and never taking a keyword as the host (see _SHORT_FORMS).
+    ("wait_for_ip", "WAIT FOR {ip}"),
+    ("create_context", "CREATE CONTEXT {name} {ip}"),
     ("switch_context", "SWITCH CONTEXT {name}"),
     ("list_contexts", "LIST CONTEXTS"),
     ("get_context_info", "GET CONTEXT INFO {name?}"),
@@ -82,9 +86,12 @@ GRAMMAR: list[tuple[str, re.Pattern]] = [(name, _p(t)) for name, t in [
     ("help", "HELP"),
 ]] + list(_FREE_TEXT.items())
 
+# Words of the long forms that a short form's host may not be: `wait for taskrunner` is a mistake.
+_KEYWORDS = {"IP", "SERVICE", "TASKRUNNER", "WITH"}
+
 USAGE = """Commands (keywords case-insensitive; a host may be an IP or a name: DNS, the hosts file, the SN's nodes):
-  EXIT ON FAILURE [ON|OFF]   EXIT   WAIT FOR IP <host> [port] [retries]   WAIT FOR SERVICE <host[:port]> [retries]
-  CREATE CONTEXT <n> WITH IP <host>[:port][,<host>[:port]...] [port]   CREATE CONTEXT <n> WITH SERVICE <host[:port]>
+  EXIT ON FAILURE [ON|OFF]   EXIT   WAIT FOR [IP] <host> [port] [retries]   WAIT FOR SERVICE <host[:port]> [retries]
+  CREATE CONTEXT <n> [WITH IP] <host>[:port][,<host>[:port]...] [port]   CREATE CONTEXT <n> WITH SERVICE <host[:port]>
   SWITCH CONTEXT <n>   LIST CONTEXTS   GET CONTEXT INFO [<n>]   GET CONTEXT VERSION
   LIST CONTEXT ENV [<n>]   GET CONTEXT ENV [<n>] <env>   SET CONTEXT ENV [<n>] <env> <value>
   CREATE CONTRACT <n> [WITH PEERS a,b]   LIST CONTRACTS   GET CONTRACT INFO <n>   RESET CONTRACT <n>   PERFDATA <contract>
@@ -113,6 +120,8 @@ def parse_line(text: str, line: int, source: str = "<prompt>") -> Command | None
         m = pattern.match(stripped)
         if m:
             args = {k: v for k, v in m.groupdict().items() if v is not None}
+            if args.get("ip", "").upper() in _KEYWORDS:
+                raise ConfigError(f"{source}:{line}: {stripped!r} names no host; HELP lists the commands")
             if "ip" in args:
                 _check_sn_addresses(args, f"{source}:{line}")
             _check_numbers(args, f"{source}:{line}")

@@ -20,6 +20,7 @@ import shutil
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +84,7 @@ class Operator:
         # What its operator lets it run: checked before any process of a task starts (swop/policy.py).
         self.policy = TaskPolicy.for_swop(self.profile, config.identity.swarm_id, config.usr_dir, self.workspace)
         self.runtime = runtime or ProcessRuntime(self.workspace)
-        self.sn = SNClient(config.sn_address, config.identity, self.node_id)
+        self.sn = SNClient(self._sns_named_here(config.sn_address), config.identity, self.node_id)
         # The swarm this operator verified is pinned in its workspace; a refused or lost ledger ends the
         # SWOP (failure(); the `swop` command then stops it and exits non-zero with that line).
         # The operator's background threads (ledger follower, heartbeat) have one owner, closed by stop().
@@ -98,6 +99,12 @@ class Operator:
         self.pid_file: Path | None = None
         self.stopping = threading.Event()
         self.bind_mounts = False  # how ML processes see container paths: set by start() (swop/paths.py)
+        # Mount points this SWOP created on the host, and how many of its running nodes hold each: a
+        # folder is removed when the last one ends (swop/paths.py).
+        self._mount_points_lock = threading.Lock()
+        self._mount_points_made: set[Path] = set()
+        self._mount_point_users: Counter[Path] = Counter()
+        self._mount_points_held: dict[tuple[str, str], list[Path]] = {}
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -313,18 +320,39 @@ class Operator:
         if address is None:
             raise SwarmError(f"{self.config.profile_path}: node {node.node_id}'s slhostip {node.slhostip} names no "
                              f"host known here; write its IP, or add `IP {node.slhostip}` to "
-                             f"{self.workspace / hostnames.HOSTS_FILE}")
+                             f"{self._hosts_files()[0]}")
         if address != node.slhostip:
             log.info("node %s: slhostip %s is %s", node.node_id, node.slhostip, address)
         return address
 
     def _resolve(self, name: str, use_dns: bool = True) -> str | None:
-        """A container host name (`sn1`, `sl1`, `swop1`) -> an address: the workspace's hosts file, the
-        nodes of this profile (this host), the ledger's node registry, this host's resolver."""
+        """A container host name (`sn1`, `sl1`, `swop1`) -> an address: the hosts files, the nodes of
+        this profile (this host), the ledger's node registry, this host's resolver."""
         local = [self.node_id, *(n for node in self.nodes for n in (node.slhostname, node.usrhostname, node.node_id))]
         registry = self.follower.read(lambda s: dict(s.nodes))
-        return hostnames.resolve(name, hosts_file=self.workspace / hostnames.HOSTS_FILE, registry=registry,
-                                 local=local, use_dns=use_dns)
+        return hostnames.resolve(name, hosts_file=self._hosts_files(), registry=registry, local=local,
+                                 use_dns=use_dns)
+
+    def _sns_named_here(self, addresses: str | list[str]) -> list[str]:
+        """--sn-ip as given, a host name that a hosts file names (run-swop's `--sn-api-service
+        api.sn-1.swarm`, what the reverse-proxy example's DNS server knew) replaced by its address."""
+        named = []
+        for entry in (e for a in ([addresses] if isinstance(addresses, str) else addresses) for e in a.split(",")):
+            host, colon, port = entry.rpartition(":")
+            found = hostnames.resolve(host, hosts_file=self._hosts_files(), use_dns=False) if colon else None
+            if found is not None and found != host.strip("[]"):
+                log.info("SN %s is %s (hosts file)", host, found)
+                entry = f"[{found}]:{port}" if ":" in found else f"{found}:{port}"
+            named.append(entry)
+        return named
+
+    def _hosts_files(self) -> list[Path]:
+        """Where a user names hosts, first file that names one winning: --usr-dir/hosts and the folder
+        above it (as the SWCI reads them: the example's folder, whichever of it or swop/ is --usr-dir),
+        then the workspace's."""
+        usr = Path(self.config.usr_dir)
+        return list(dict.fromkeys([usr / hostnames.HOSTS_FILE, usr.parent / hostnames.HOSTS_FILE,
+                                   self.workspace / hostnames.HOSTS_FILE]))
 
     def _sl_port(self, node) -> int:
         """The node's slport; nodes of one host that share a port (the original gave each container
@@ -371,6 +399,7 @@ class Operator:
                              f"not a folder")
         if self.bind_mounts:
             argv = table.mount_argv(argv)
+            self._hold_mount_points(task, node.node_id, table)
         log.info("node %s: paths %s (%s)", node.node_id, paths.described(table),
                  "bind-mounted" if self.bind_mounts else "rewritten")
         return self._start(Spec(f"{task}-{node.node_id}-ml", argv, workdir, env,
@@ -419,6 +448,8 @@ class Operator:
         for run in runs:
             if run.ml is not None and run.ml.poll() is None:
                 run.ml.stop()
+        for run in runs:
+            self._release_mount_points(task, run.peer)
         if self.config.keep_nodes:
             log.info("task %s: keeping its SL processes and data (--keep-nodes)", task)
             return
@@ -430,6 +461,30 @@ class Operator:
                 _remove_all_but(self._node_dir(task, run.peer) / "sl", KEPT_MODELS_DIR)
         with self._handles_lock:
             self.handles = [h for h in self.handles if h.poll() is None]
+
+    def _hold_mount_points(self, task: str, node: str, table: paths.MountTable) -> None:
+        """Creates the node's missing mount points (before its namespace would) and counts it as a
+        user of each that this SWOP made."""
+        with self._mount_points_lock:
+            self._mount_points_made.update(paths.make_mount_points(table))
+            held = sorted(paths.mount_point_chain(table) & self._mount_points_made)
+            self._mount_point_users.update(held)
+            self._mount_points_held[(task, node)] = held
+
+    def _release_mount_points(self, task: str, node: str) -> None:
+        """The node's program has ended: mount points no other node of this SWOP holds are removed
+        where empty and mounted in no namespace (another SWOP's nodes may use them)."""
+        with self._mount_points_lock:
+            held = self._mount_points_held.pop((task, node), [])
+            self._mount_point_users.subtract(held)
+            free = [p for p in held if self._mount_point_users[p] <= 0]
+            for folder in free:
+                del self._mount_point_users[folder]
+            removed = paths.remove_mount_points(free)
+            self._mount_points_made.difference_update(removed)
+        if removed:
+            log.info("node %s: removed the mount points it no longer needs: %s", node,
+                     ", ".join(map(str, removed)))
 
     def _node_dir(self, task: str, node: str) -> Path:
         return self.workspace / task / node

@@ -12,8 +12,9 @@ first that works):
 - `mounts`: the program starts in a private mount namespace (`unshare --mount`, which needs root or a
   user namespace) where each source is bind-mounted on its target, shortest target first; the program
   sees exactly the original's paths, even ones written into its code. A target missing on this host is
-  created there as an empty folder (a mount needs one) and left: removing it while another node's
-  namespace mounts on it would unmount it there.
+  created there as an empty folder (a mount needs one) by the SWOP, which removes the folders it made
+  once no node of its own uses them and no process's mount namespace mounts on them (removing a mount
+  point unmounts it in every namespace, another SWOP's nodes included).
 - `rewrite`: no namespace; the task's paths in the program's arguments and environment are rewritten
   to the host paths, and the scratch working folder holds symbolic links for the targets inside
   WorkingDir, so that `model/x.py` and `DATA_DIR=app-data` relative to WorkingDir still lead there.
@@ -181,3 +182,52 @@ def _longest_first(pairs: dict[str, str]) -> tuple[tuple[str, str], ...]:
 def described(table: MountTable) -> str:
     """One log line's worth: `target -> source` for each mount."""
     return ", ".join(f"{t} -> {s}" for t, s in sorted(table.mounts))
+
+
+def make_mount_points(table: MountTable) -> list[Path]:
+    """Creates the targets (and their parents) missing on this host; returns the folders it made,
+    parents first."""
+    made = []
+    for target, _ in sorted(table.mounts, key=lambda m: m[0].count("/")):
+        missing = [p for p in [*reversed(Path(target).parents), Path(target)] if not p.exists()]
+        for folder in missing:
+            folder.mkdir(exist_ok=True)
+            made.append(folder)
+    return made
+
+
+def mount_point_chain(table: MountTable) -> set[Path]:
+    """Every target and its parents: the folders a node of this table may hold as mount points."""
+    return {p for target, _ in table.mounts for p in [Path(target), *Path(target).parents]}
+
+
+def remove_mount_points(folders: list[Path]) -> list[Path]:
+    """Removes those of `folders` that are empty and a mount point in no process's namespace, deepest
+    first; returns the ones removed."""
+    in_use = _mount_points_in_use()
+    removed = []
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        if any(m == folder or folder in m.parents for m in in_use):
+            continue
+        try:
+            folder.rmdir()  # only an empty folder: anything a program wrote there stays
+        except OSError:
+            continue
+        removed.append(folder)
+    return removed
+
+
+def _mount_points_in_use() -> set[Path]:
+    """Mount points of every mount namespace this process can see (/proc/<pid>/mountinfo, field 5,
+    with its octal escapes undone)."""
+    points: set[Path] = set()
+    for info in Path("/proc").glob("[0-9]*/mountinfo"):
+        try:
+            lines = info.read_text().splitlines()
+        except OSError:
+            continue  # the process ended, or is not ours to read
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 4:
+                points.add(Path(fields[4].encode().decode("unicode_escape")))
+    return points
