@@ -127,6 +127,8 @@ def test_swarm_run_trains_the_flagship_end_to_end(procs, tmp_path):
     alone = json.loads((project / "baselines" / "node1" / "metrics.json").read_text())
     # Measured where the swarm's merged model is: after every 2nd merge (EVAL_EVERY) and at the last step.
     assert [step for step, _ in alone["curve"]] == sorted({*range(4, alone["steps"] + 1, 4), alone["steps"]})
+    swarm_node = json.loads((project / "saved_models" / "node1" / "metrics.json").read_text())
+    assert [step for step, _ in swarm_node["curve"]] == [step for step, _ in alone["curve"]]
     finals = [project / "saved_models" / f"node{i}" / "final" for i in (1, 2, 3)]
     tensors = [load_file(f / "adapter_model.safetensors") for f in finals]
     assert set(tensors[0]) and all(set(t) == set(tensors[0]) for t in tensors)

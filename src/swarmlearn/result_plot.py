@@ -1,4 +1,4 @@
-"""The picture at the end of `swarm run`: the swarm's validation accuracy after each merge next to
+"""The picture at the end of `swarm run`: the swarm's validation accuracy after its merges next to
 each node trained alone, measured at the same steps, and the final accuracy of every model as bars.
 
 matplotlib is imported here only, when a run has finished: never on the CLI's start-up path.
@@ -37,7 +37,7 @@ def write_result_plot(path: Path, figure: ResultFigure) -> Path:
             curves.plot(steps, accuracy, "--o", color=palette(i + 1), markersize=4, label=f"{node} alone")
     if figure.swarm_curve:
         steps, accuracy = zip(*figure.swarm_curve)
-        curves.plot(steps, accuracy, "-o", color=palette(0), linewidth=2.5, label="swarm (after each merge)")
+        curves.plot(steps, accuracy, "-o", color=palette(0), linewidth=2.5, label="swarm (merged model)")
     curves.set_xlabel("optimizer steps per node")
     curves.set_ylabel(f"accuracy on {figure.eval_rows} test reviews")
     curves.set_ylim(0.3, 1.0)

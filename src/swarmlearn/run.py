@@ -377,8 +377,9 @@ def _env() -> dict[str, str]:
 
 
 def swarm_curve(sn, contracts: list[str]) -> list[tuple[float, float]]:
-    """(step, accuracy) of each merged model, from the nodes' `validation` entries on the ledger
-    (every node measures the same merged model: their mean, per round)."""
+    """(step, accuracy) of each merged model the nodes measured (every EVAL_EVERY-th), from their
+    `validation` entries on the ledger (every node measures the same merged model: their mean, per
+    round)."""
     by_round: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for contract in contracts:
         for m in sn.metrics(contract)[0]:

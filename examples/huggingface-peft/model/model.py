@@ -215,7 +215,9 @@ def main() -> None:
                           model=model, merge_method=env("MERGE_METHOD", "mean"),
                           node_weightage=env("NODE_WEIGHTAGE", 1, float), evaluate_merged=True)
     eval_rows = env("EVAL_ROWS", len(test_texts), int)
-    curve = curve_callback(sync_frequency, env("EVAL_EVERY", 1, int), alone=swarm.core.loopback)
+    # Adaptive sync reads every merged model's validation loss: then every merge is measured.
+    eval_every = 1 if swarm.core.settings.adaptive_sync else max(1, env("EVAL_EVERY", 1, int))
+    curve = curve_callback(sync_frequency, eval_every, alone=swarm.core.loopback)
     trainer = Trainer(model=model, args=args, train_dataset=Rows(train_texts, train_labels),
                       eval_dataset=Rows(test_texts[:eval_rows], test_labels[:eval_rows], by_length=True),
                       data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,

@@ -17,6 +17,10 @@ from swarmlearn.tensors import Tensor
 # (a norm outlier, at least 10x the median, never is). A contribution larger still would leave the rest
 # in its rounding noise, so the merge is built again from the others instead.
 SUBTRACT_MAX_RATIO = {np.dtype(np.float64): 1e4, np.dtype(np.float32): 1.0}
+# A model whose float tensors hold at most this many bytes is summed in float64 whatever its dtype: the
+# plain weighted mean bit for bit, at twice an F32 model's size in sums. A larger one (F32, F16, BF16)
+# keeps float32 running means, so that its leader holds two models, not three (see MeanAccumulator).
+EXACT_SUMS_MAX_BYTES = 32 << 20
 # Values widened, scaled and added at a time: the temporaries stay at a few MB whatever the tensor's size.
 CHUNK_VALUES = 1 << 18
 
@@ -28,14 +32,15 @@ class Mean(Merger):
     The merged tensor is sum(weight x tensor) / sum(weights), where a peer's weight is its weightage
     x the samples it trained on since the last sync (FedAvg's n_k / n). It is accumulated one
     contribution at a time (`MeanAccumulator`), so the leader holds about two models whatever the
-    number of peers: the sums (float32 for F32, F16 and BF16 models, float64 for F64 ones) and the
-    contribution being added. When every weight is 0 (the
+    number of peers: the sums (float64 up to EXACT_SUMS_MAX_BYTES of parameters and for F64 models,
+    float32 running means for larger F32, F16 and BF16 ones) and the contribution being added. When
+    every weight is 0 (the
     very first sync), peers count equally. Not robust: one peer can move the result anywhere, which is
     why contributions are checked first and `coordmedian` and `geomedian` exist.
     """
 
     name = "mean"
-    holds = "two models (the sums, in the model's own float32 or float64, and the contribution being added)"
+    holds = "two models (the sums, float32 for a large model, and the contribution being added)"
 
     def merge(self, contributions: Iterable[Contribution]) -> dict[str, Tensor]:
         acc = MeanAccumulator()
@@ -51,15 +56,18 @@ class MeanAccumulator(Accumulator):
     """Per float tensor, the weighted sum or mean so far; the weights; the non-float tensors of the
     heaviest contribution so far.
 
-    An F64 tensor keeps float64 sums (sum(weight x tensor), divided by the total at the end: the plain
-    weighted mean bit for bit). An F32, F16 or BF16 tensor keeps a float32 running mean instead, a
-    float64 one would make the leader hold three models with the contribution being added: each
+    A model of at most `exact_max_bytes` of float parameters, and every F64 tensor, keeps float64
+    sums (sum(weight x tensor), divided by the total at the end: the plain weighted mean bit for bit).
+    The F32, F16 and BF16 tensors of a larger model keep a float32 running mean instead, as float64
+    sums would make the leader hold three models with the contribution being added: each
     contribution moves it by weight / (total so far) of the way to its values, computed in float64 and
     rounded to float32 once, so the merge is within about a float32 unit of the exact mean per
     contribution, a lone contribution or peers that agree give back their model bit for bit, and a
     zero-weight one moves nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, exact_max_bytes: int = EXACT_SUMS_MAX_BYTES) -> None:
+        self.exact_max_bytes = exact_max_bytes
+        self.running_means: bool | None = None  # decided by the first contribution's size
         self.sums: dict[str, np.ndarray] = {}
         self.template: dict[str, Tensor] = {}
         self.weights: dict[str, float] = {}
@@ -77,15 +85,17 @@ class MeanAccumulator(Accumulator):
         self.scales[c.node] = (c.weight or 1.0) * norm
         if c.weight != 0:
             self.unweighted = None
+        if self.running_means is None:
+            self.running_means = sum(t.array.nbytes for t in c.tensors.values() if t.is_float) > self.exact_max_bytes
         for name, t in c.tensors.items():
             if not t.is_float:
                 continue
             if name not in self.sums:
-                self.sums[name] = np.zeros(t.array.shape, dtype=_sum_dtype(t))
+                self.sums[name] = np.zeros(t.array.shape, dtype=self._sum_dtype(t))
                 self.template[name] = t
             if self.unweighted is not None:
                 if name not in self.unweighted:
-                    self.unweighted[name] = np.zeros(t.array.shape, dtype=_sum_dtype(t))
+                    self.unweighted[name] = np.zeros(t.array.shape, dtype=self._sum_dtype(t))
                 _fold(self.unweighted[name], t, 1.0, 1.0 / len(self.weights))
             if c.weight != 0:
                 _fold(self.sums[name], t, c.weight, c.weight / self.total)
@@ -117,6 +127,9 @@ class MeanAccumulator(Accumulator):
             self.heaviest = None
         return True
 
+    def _sum_dtype(self, t: Tensor) -> np.dtype:
+        return np.dtype(np.float32 if self.running_means and t.dtype != "F64" else np.float64)
+
     def result(self) -> dict[str, Tensor]:
         """The weighted mean; the sums are spent making it (call once): each becomes the merged
         tensor itself when it is of the model's dtype (F32, F64)."""
@@ -133,15 +146,12 @@ class MeanAccumulator(Accumulator):
         return merged
 
 
-def _sum_dtype(t: Tensor) -> np.dtype:
-    return np.dtype(np.float64 if t.dtype == "F64" else np.float32)
-
-
 def _fold(acc: np.ndarray, t: Tensor, weight: float, fraction: float) -> None:
     """Folds t in (weight > 0) or out (weight < 0): acc += weight x t for float64 sums; acc += fraction
     x (t - acc) for a float32 running mean, a chunk at a time in float64 rounded to float32 once."""
     if acc.dtype == np.float64:
-        acc += np.multiply(t.array, weight, dtype=np.float64)
+        values = np.asarray(t.as_float64())  # a fresh array: scaled in place, no second temporary
+        acc += np.multiply(values, weight, out=values)
         return
     flat_acc, flat = acc.reshape(-1), t.array.reshape(-1)
     for start in range(0, flat.size, CHUNK_VALUES):

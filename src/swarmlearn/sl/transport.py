@@ -263,7 +263,7 @@ class PeerFetcher:
                 if size and max(expected, transfer.received) > size:
                     stream.cancel()
                     raise FetchError(f"peer sends more than the {size} bytes the ledger declares for {what}")
-                if in_place and buffer is None:
+                if in_place and buffer is None and size:  # announced size checked against `size` above
                     buffer = bytearray(expected)
                 if buffer is not None:
                     if transfer.received > len(buffer):
