@@ -21,7 +21,7 @@ TRAINING_NODES = ["node1", "node2", "node3", "node4"]
 
 @functools.cache
 def identities() -> dict[str, pki.Identity]:
-    """By node id: sn-1, swop-1, swci-1, ui-1, admin-1, node1..node4 of "test"; other-sl, other-swci of "other"."""
+    """By node id: sn-1, swop-1, swci-1, ui-1, admin-1, node1..node4 of "test"; other-sl, swci-2, admin-2, swop-2 of "other"."""
     root = Path(tempfile.mkdtemp(prefix="swarm-ledger-ids-"))
     ours, theirs = pki.CertLayout(root / "test", 1), pki.CertLayout(root / "other", 2)
     pki.generate_host_certs(ours.root, 1, org="test", nodes=TRAINING_NODES)
@@ -31,6 +31,7 @@ def identities() -> dict[str, pki.Identity]:
     found["other-sl"] = pki.Identity.load(theirs.node_key("other-sl"), theirs.node_cert("other-sl"), theirs.capath)
     found["swci-2"] = pki.Identity.load(theirs.key("swci"), theirs.cert("swci"), theirs.capath)
     found["admin-2"] = pki.Identity.load(theirs.key("admin"), theirs.cert("admin"), theirs.capath)
+    found["swop-2"] = pki.Identity.load(theirs.key("swop"), theirs.cert("swop"), theirs.capath)
     return found
 
 

@@ -11,7 +11,7 @@ from swarmlearn.errors import AlreadyRecorded, Rejected
 from swarmlearn.ledger import GENESIS_PREV_HASH, Entry, LedgerState, Signer, Tx, fold
 from swarmlearn.ledger.model import leader_order
 
-from ledger_ids import CONTRACT, RUNNER, fingerprints, genesis_payload, reg
+from ledger_ids import CONTRACT, RUNNER, ca_pem, fingerprints, genesis_payload, reg
 
 FP = fingerprints()
 
@@ -172,6 +172,24 @@ def test_task_lifecycle_assign_claim_and_complete():
     log.add("taskrunner_peer_status", {"runner": RUNNER, "generation": 1, "peer": "p3", "status": "COMPLETE",
                                        "exit_code": 0}, "swop-1")
     assert runner.assignment.status == "COMPLETE"
+
+
+def test_a_task_assigned_to_one_target_swop_is_claimed_by_that_swop_alone():
+    log = base_log()
+    log.add("trust_ca", {"cert": ca_pem("swop-2"), "org": "other", "roles": ["swop"]}, "admin-1")
+    log.add("register_node", reg("swop-2"), "swop-2")
+    log.add("taskrunner_join", {"runner": RUNNER, "capacity": 2}, "swop-2")
+    with pytest.raises(Rejected, match="swop-9 is not a SWOP of task runner .*swop-1, swop-2"):
+        log.add("taskrunner_assign", {"runner": RUNNER, "task": "build", "peers": "ALL", "target": "swop-9"}, "swci-1")
+    with pytest.raises(Rejected, match="asks for 3 peers but swop-2 can start 2"):
+        log.add("taskrunner_assign", {"runner": RUNNER, "task": "build", "peers": 3, "target": "swop-2"}, "swci-1")
+    log.add("taskrunner_assign", {"runner": RUNNER, "task": "build", "peers": "ALL", "target": "swop-2"}, "swci-1")
+    assignment = log.state.taskrunners[RUNNER].assignment
+    assert (assignment.peers, assignment.target) == (2, "swop-2")  # that SWOP's capacity, not the runner's 5
+    with pytest.raises(Rejected, match="assigned to swop-2 alone, not to swop-1"):
+        log.add("taskrunner_claim", {"runner": RUNNER, "generation": 1, "peers": ["p1"]}, "swop-1")
+    log.add("taskrunner_claim", {"runner": RUNNER, "generation": 1, "peers": ["p1", "p2"]}, "swop-2")
+    assert {p: s.swop for p, s in assignment.peer_status.items()} == {"p1": "swop-2", "p2": "swop-2"}
 
 
 def test_one_failed_peer_fails_the_assignment_and_reset_frees_the_runner():

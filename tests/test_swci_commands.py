@@ -175,6 +175,6 @@ EXIT
     assert done.returncode == 0, out + done.stderr
     assert f"swop-1 of {RUNNER}: no task assigned" in out
     assert f"task runner {RUNNER} has no SWOP swop-9: give an index from 0 to 0 or one of swop-1" in out
-    assert f"task pull_env assigned to swop-1, the only SWOP of {RUNNER}" in out
+    assert f"task pull_env assigned to swop-1 of {RUNNER}" in out
     assert out.count(f"swop-1 of {RUNNER}: task pull_env COMPLETE, 3 peers started by it") == 2
     assert "  node2: COMPLETE exit 0" in out

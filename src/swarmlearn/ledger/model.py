@@ -254,6 +254,7 @@ class Assignment:
     status: str = AssignmentStatus.RUNNING  # RUNNING -> COMPLETE | FAILED | RESET
     peer_status: dict[str, PeerStatus] = field(default_factory=dict)
     assigned_by: str = ""
+    target: str = ""  # the one SWOP that may claim its peers; "" for any SWOP of the runner
 
 
 @dataclass

@@ -230,6 +230,8 @@ class RunnerAssign(Payload):
     runner: Name
     task: Name
     peers: Annotated[int, Field(ge=1, le=MAX_LIST)] | Literal["ALL"]
+    # The original's `ASSIGN TASK ... TARGET <swop>`: only that SWOP of the runner may claim the peers.
+    target: Name | None = None
 
 
 class RunnerClaim(Payload):

@@ -110,10 +110,19 @@ def validate_taskrunner_assign(state: LedgerState, tx: Tx, p: P.RunnerAssign) ->
                        f"wait for it or RESET TASKRUNNER {runner.name}")
     if runner.capacity == 0:
         raise Rejected(f"task runner {runner.name} has no SWOP yet; start `swarm swop` for it first")
-    peers = runner.capacity if p.peers == "ALL" else p.peers
-    if peers > runner.capacity:
-        raise Rejected(f"task {task.name} asks for {peers} peers but the SWOPs of {runner.name} "
-                       f"can start {runner.capacity}; assign WITH {runner.capacity} PEERS or add nodes")
+    if p.target is not None and p.target not in runner.swops:
+        raise Rejected(f"{p.target} is not a SWOP of task runner {runner.name}; its SWOPs: "
+                       f"{', '.join(sorted(runner.swops))}")
+    capacity = _capacity(runner, p.target)
+    peers = capacity if p.peers == "ALL" else p.peers
+    if peers > capacity:
+        who = p.target or f"the SWOPs of {runner.name}"
+        raise Rejected(f"task {task.name} asks for {peers} peers but {who} can start {capacity}; "
+                       f"assign WITH {capacity} PEERS or add nodes")
+
+
+def _capacity(runner: TaskRunner, target: str | None) -> int:
+    return runner.capacity if target is None else runner.swops[target]
 
 
 def apply_taskrunner_assign(state: LedgerState, tx: Tx, p: P.RunnerAssign, index: int) -> None:
@@ -122,8 +131,9 @@ def apply_taskrunner_assign(state: LedgerState, tx: Tx, p: P.RunnerAssign, index
     if runner.assignment:
         runner.history.append(_summary(runner.assignment))
     runner.assignments_made += 1
-    peers = runner.capacity if p.peers == "ALL" else p.peers
-    runner.assignment = Assignment(task.name, peers, runner.assignments_made, assigned_by=tx.signer.node)
+    peers = _capacity(runner, p.target) if p.peers == "ALL" else p.peers
+    runner.assignment = Assignment(task.name, peers, runner.assignments_made, assigned_by=tx.signer.node,
+                                   target=p.target or "")
 
 
 def _running_assignment(state: LedgerState, runner_name: str, generation: int) -> tuple[TaskRunner, Assignment]:
@@ -138,6 +148,8 @@ def validate_taskrunner_claim(state: LedgerState, tx: Tx, p: P.RunnerClaim) -> N
     runner, a = _running_assignment(state, p.runner, p.generation)
     if tx.signer.node not in runner.swops:
         raise Rejected(f"{tx.signer.node} has not joined task runner {runner.name}")
+    if a.target and tx.signer.node != a.target:
+        raise Rejected(f"task {a.task} is assigned to {a.target} alone, not to {tx.signer.node}")
     if len(a.peer_status) + len(p.peers) > a.peers:
         raise Rejected(f"task {a.task} needs {a.peers} peers and {len(a.peer_status)} are already claimed")
     taken = [x for x in p.peers if x in a.peer_status]

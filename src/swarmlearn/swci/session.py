@@ -560,19 +560,12 @@ class SwciSession:
                          f"{', '.join(swops) or '(none yet)'}; LIST TASKRUNNER PEERS {runner} shows them")
 
     def cmd_assign_task_target(self, task: str, runner: str, swop: str) -> None:
-        """ASSIGN TASK <task> TO <runner> TARGET <swop>: the task for that SWOP alone. Done when the SWOP is
-        the runner's only one; with several, the ledger cannot yet hold an assignment for one of them, so
-        it is refused with the way to get the same."""
+        """ASSIGN TASK <task> TO <runner> TARGET <swop>: with all the peers of that SWOP, which alone may
+        claim them (the ledger refuses any other SWOP's claim)."""
         r = self._runner(runner)
         target = self._swop_of(runner, r, swop)
-        others = [s for s in r.get("swops", {}) if s != target]
-        if others:
-            raise SwarmError(f"ASSIGN TASK {task} TO {runner} TARGET {target}: {runner} also has {', '.join(others)}, "
-                             f"and an assignment here goes to whichever SWOPs claim its peers. Give {target}'s profile a "
-                             f"task runner of its own (taskrunner: <name>; CREATE TASKRUNNER <name>) and ASSIGN TASK "
-                             f"{task} TO <name> WITH ALL PEERS")
-        self.cmd_assign_task_all(task, runner)
-        self.out(f"task {task} assigned to {target}, the only SWOP of {runner}")
+        self._sn().submit("taskrunner_assign", {"runner": runner, "task": task, "peers": "ALL", "target": target})
+        self.out(f"task {task} assigned to {target} of {runner}")
 
     def cmd_get_taskrunner_peer_status(self, runner: str, peer: str) -> None:
         """One SWOP's part of the runner's task: the peers it started, each with its state."""

@@ -179,6 +179,8 @@ class Operator:
         a = state.taskrunners[self.runner].assignment
         if a is None or a.status != AssignmentStatus.RUNNING or (a.task, a.generation) in self.handled:
             return None
+        if a.target and a.target != self.node_id:
+            return None  # ASSIGN TASK ... TARGET another SWOP
         return a if len(a.peer_status) < a.peers else None
 
     # ------------------------------------------------------------------------------ one task
