@@ -281,7 +281,7 @@ def validate_metrics(state: LedgerState, tx: Tx, p: P.Metrics) -> None:
     speaks_for_itself(tx, p.node)
     _admitted(contract, p.node)
     _member(contract, p.node)
-    values = _metric_values(p)
+    values = metric_values(p)
     if not all(isinstance(v, (int, float, str)) or v is None for v in values.values()):
         raise Rejected("metric values must be numbers or strings")
     size = len(canonical_json(values))
@@ -290,12 +290,7 @@ def validate_metrics(state: LedgerState, tx: Tx, p: P.Metrics) -> None:
                        f"{contract.limits.max_metrics_bytes} per report")
 
 
-def apply_metrics(state: LedgerState, tx: Tx, p: P.Metrics, index: int) -> None:
-    contract = state.contract(p.contract)
-    contract.metrics.append({"node": p.node, "index": index, "time": tx.time, **_metric_values(p)})
-
-
-def _metric_values(p: P.Metrics) -> dict:
+def metric_values(p: P.Metrics) -> dict:
     """What a report records: its kind where it names one (older reports, without, read as "train")
     and its values."""
     return {**({"kind": p.kind} if p.kind else {}), **(p.model_extra or {})}

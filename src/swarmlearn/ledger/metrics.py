@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from swarmlearn.ledger import payloads as P
+from swarmlearn.ledger.contracts import metric_values
 from swarmlearn.ledger.entry import Tx
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ SUMMARY_FIELDS = ("kind", "round", "step", "epoch", "loss", "metric", "metric_na
 def apply_metrics(state: LedgerState, tx: Tx, p: P.Metrics, index: int) -> None:
     """Validated by contracts.validate_metrics (a member reporting about itself, within its size limit)."""
     contract = state.contract(p.contract)
-    values = {**({"kind": p.kind} if p.kind else {}), **(p.model_extra or {})}
+    values = metric_values(p)
     contract.metrics.append({"node": p.node, "index": index, "time": tx.time, **values})
     del contract.metrics[:-RECENT_REPORTS]
     contract.metrics_recorded += 1
