@@ -1,7 +1,9 @@
 """Golden vectors: the bytes and orders every node of a swarm must compute alike. A change to the hash
 recipe, the canonical JSON or the leader order would split a swarm of mixed versions while every
 other test passed (they compute both sides with the same code); these values are pinned, and a
-change to any of them must come with a new ledger/model.PROTOCOL_VERSION."""
+change to any of them must come with a new ledger/model.PROTOCOL_VERSION. A ledger of the previous
+protocol keeps folding to the state hashes its checkpoints carry (tests/test_state_bounded.py folds
+one written by the last release of protocol 2)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ import pytest
 
 from ledger_ids import genesis_payload, tx
 from swarmlearn.errors import Rejected
-from swarmlearn.ledger import LedgerState
-from swarmlearn.ledger.entry import Entry, Signer, Tx
-from swarmlearn.ledger.model import PROTOCOL_VERSION, leader_order
+from swarmlearn.ledger import LedgerState, snapshot
+from swarmlearn.ledger.entry import GENESIS_PREV_HASH, Entry, Signer, Tx, canonical_json
+from swarmlearn.ledger.model import (OLDEST_PROTOCOL, PROTOCOL_VERSION, Checkin, Contract, Round, RoundStatus,
+                                     leader_order)
 
 CHECKIN = Tx("checkin", {"contract": "c", "round": 3, "node": "node1", "hash": "ab" * 32, "weight": 12.5, "size": 1024,
                          "final": False},
@@ -49,8 +52,32 @@ def test_leader_order_is_pinned(contract, generation, round_no, nodes, order):
 
 
 def test_a_ledger_of_another_protocol_is_refused_naming_both():
-    for other in (0, PROTOCOL_VERSION + 1):
+    for other in (0, OLDEST_PROTOCOL - 1, PROTOCOL_VERSION + 1):
         with pytest.raises(Rejected, match=f"founded by swarmlearn protocol {other}, this node speaks protocol "
                                            f"{PROTOCOL_VERSION}"):
             LedgerState().check_tx(tx("sn-1", "genesis", {**genesis_payload(), "protocol": other}))
     LedgerState().check_tx(tx("sn-1", "genesis", genesis_payload()))
+
+
+def test_a_ledger_of_the_previous_protocol_is_still_folded_by_its_own_rules():
+    assert (OLDEST_PROTOCOL, PROTOCOL_VERSION) == (2, 3)
+    state = LedgerState()
+    state.apply(Entry(0, GENESIS_PREV_HASH, tx("sn-1", "genesis", {**genesis_payload(), "protocol": 2}), b"s"))
+    assert state.protocol == 2
+
+
+# A contract with one merged round, as the snapshot encodes it. Protocol 3 added the round counters;
+# a protocol-2 state's snapshot leaves them out, so its checkpoints keep their hashes.
+CONTRACT = Contract("c", "swci-1", rounds={1: Round(1, {"node1": Checkin("ab" * 32, 1.0, 10)}, RoundStatus.MERGED,
+                                                    ["node1"], ["node1"], "node1", merged_hash="cd" * 32)},
+                    latest_merged_round=1, rounds_merged=1)
+
+
+@pytest.mark.parametrize("protocol,digest", [
+    (2, "62ee1aa38fb5e21502d6c894434d9ac4818f33bca4cf002cbada0ff0c84d9bab"),  # as the last protocol-2 release did
+    (3, "5f3bda7f94184ff34d4feb3fff33a51e9ec6be276dcc6aeeb4251ca177c7779a"),
+])
+def test_the_snapshot_encoding_of_a_contract_is_pinned_per_protocol(protocol, digest):
+    encoded = canonical_json(snapshot.encode(CONTRACT, Contract, protocol))
+    assert (b'"rounds_merged":1' in encoded) == (protocol >= 3)
+    assert hashlib.sha256(encoded).hexdigest() == digest

@@ -1,7 +1,8 @@
 """Queries that do not grow with the ledger, and a state that keeps metrics small: a SWCI waiting for a
-task runner asks the SN one narrow question per poll, the folded state keeps one summary per node per
-round (every report stays on the ledger, and the SN's metrics query reads them from there), and what is
-computed per transaction or per call (canonical JSON, a caller's certificate) is computed once."""
+task runner asks the SN one narrow question per poll, the folded state keeps each node's latest summary
+and the newest reports (every report stays on the ledger, and the SN's metrics query reads them from
+there; a protocol-2 ledger also keeps a summary per node per round), and what is computed per
+transaction or per call (canonical JSON, a caller's certificate) is computed once."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from swarmlearn.ledger import LedgerState, entry as entry_module
 from swarmlearn.ledger.chain import Chain
 from swarmlearn.ledger.entry import Tx
 from swarmlearn.ledger.metrics import RECENT_REPORTS
+from swarmlearn.ledger.model import PROTOCOL_VERSION
 from swarmlearn.ledger.sqlite_store import SQLiteStore
 from swarmlearn.sn.client import SNClient
 from swarmlearn.sn.server import taskrunner_progress
@@ -29,10 +31,10 @@ def record(state: LedgerState, transaction: Tx) -> int:
     return index
 
 
-def training(nodes: list[str]) -> LedgerState:
-    """A ledger with `nodes` in the default contract's session (min_peers 1, so each check-in merges alone)."""
+def training(nodes: list[str], protocol: int = PROTOCOL_VERSION) -> LedgerState:
+    """A ledger of `protocol` with `nodes` in the default contract's session (min_peers: all of them)."""
     state = LedgerState()
-    record(state, tx("sn-1", "genesis", genesis_payload()))
+    record(state, tx("sn-1", "genesis", {**genesis_payload(), "protocol": protocol}))
     for node in nodes:
         record(state, tx(node, "register_node", reg(node)))
         record(state, tx(node, "session_join", {"contract": CONTRACT, "node": node, "min_peers": len(nodes)}))
@@ -55,15 +57,20 @@ def run_round(state: LedgerState, nodes: list[str], number: int) -> None:
                                            "loss": 0.2}))
 
 
-def test_the_state_keeps_a_summary_per_node_per_round_and_only_the_newest_reports():
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_the_state_keeps_each_nodes_latest_summary_and_only_the_newest_reports(protocol):
     nodes = ["node1", "node2"]
-    state = training(nodes)
+    state = training(nodes, protocol)
     for number in range(1, 41):
         run_round(state, nodes, number)
     contract = state.contract(CONTRACT)
     assert contract.metrics_recorded == 40 * 2 * 4
     assert len(contract.metrics) == RECENT_REPORTS and contract.metrics[-1]["kind"] == "validation"
-    for number in (1, 40):
+    assert contract.latest_metrics["node2"]["train"]["step"] == 402
+    if protocol >= 3:  # no summary per round: the SN's metrics query reads every report from the ledger
+        assert all(r.metrics == {} for r in contract.rounds.values()) and 1 not in contract.rounds
+        return
+    for number in (1, 40):  # a ledger of protocol 2 keeps its rules: a summary per node per round
         summary = contract.rounds[number].metrics["node2"]
         assert {k: v for k, v in summary["train"].items() if k not in ("index", "time")} == {
             "kind": "train", "round": number, "step": number * 10 + 2, "epoch": 0.5, "loss": 1.0 / 3}
@@ -78,6 +85,12 @@ def test_the_state_keeps_a_summary_per_node_per_round_and_only_the_newest_report
 
 def test_an_older_report_without_a_kind_is_summarised_as_training_and_as_validation_when_it_has_a_metric():
     state = training(["node1"])
+    run_round(state, ["node1"], 1)
+    record(state, tx("node1", "metrics", {"contract": CONTRACT, "node": "node1", "round": 1, "loss": 0.7,
+                                          "metric": 0.8}))
+    latest = state.contract(CONTRACT).latest_metrics["node1"]
+    assert latest["train"] is latest["validation"] is latest["latest"] and latest["train"]["loss"] == 0.7
+    state = training(["node1"], protocol=2)
     run_round(state, ["node1"], 1)
     record(state, tx("node1", "metrics", {"contract": CONTRACT, "node": "node1", "round": 1, "loss": 0.7,
                                           "metric": 0.8}))

@@ -267,8 +267,9 @@ class SwarmRun:
                 result.swarm_curve = swarm_curve(sn, list(contracts))
         except SwarmError:
             return result
+        # The counters count every merged round; the rounds listed are the newest ones the state keeps.
+        result.rounds = sum(c["rounds_merged"] for c in contracts.values())
         merged = [r for c in contracts.values() for r in c["rounds"].values() if r["status"] == RoundStatus.MERGED]
-        result.rounds = len(merged)
         sizes = [ch["size"] for r in merged for ch in r["checkins"].values()]
         result.bytes_per_round = max(sizes, default=0)
         return result

@@ -72,6 +72,12 @@ def send(sock: socket.socket, header: dict, data: bytes | memoryview = b"") -> N
 
 def receive(sock: socket.socket) -> tuple[dict, bytes]:
     """The next frame's header and data; FrameError on anything malformed or a closed connection."""
+    header, data_len = _receive_header(sock)
+    return header, bytes(_read(sock, data_len))
+
+
+def _receive_header(sock: socket.socket) -> tuple[dict, int]:
+    """The next frame's header, and the length of the data that follows it (checked, not yet read)."""
     magic, header_len, data_len = PREFIX.unpack(_read(sock, PREFIX.size))
     if magic != MAGIC:
         raise FrameError("not a swarm local-channel frame (bad magic)")
@@ -84,7 +90,7 @@ def receive(sock: socket.socket) -> tuple[dict, bytes]:
         raise FrameError("frame header is not JSON") from None
     if not isinstance(header, dict):
         raise FrameError("frame header is not a JSON object")
-    return header, _read(sock, data_len)
+    return header, data_len
 
 
 def send_blob(sock: socket.socket, header: dict, blob: bytes) -> None:
@@ -95,29 +101,34 @@ def send_blob(sock: socket.socket, header: dict, blob: bytes) -> None:
         send(sock, {"op": "data"}, view[start:start + MAX_DATA_BYTES])
 
 
-def receive_blob(sock: socket.socket, header: dict, first: bytes) -> bytes:
-    """The blob whose first frame (`header`, `first`) was just received."""
+def receive_blob(sock: socket.socket, header: dict, first: bytes) -> bytearray:
+    """The blob whose first frame (`header`, `first`) was just received. Each frame's data is appended
+    to one buffer as it arrives, so that a large model is held once, not as chunks and then their join;
+    the buffer grows with what is sent, never with what is declared (glibc grows a large one in place)."""
     size = header.get("size")
     if type(size) is not int or not 0 <= size <= MAX_BLOB_BYTES:
         raise FrameError(f"blob size {size!r} is not a whole number of bytes up to {MAX_BLOB_BYTES}")
-    parts, received = [first], len(first)
-    while received < size:
-        more, data = receive(sock)
-        if more.get("op") != "data" or not data:
-            raise FrameError(f"blob truncated: {received} of {size} bytes, then a {more.get('op')!r} frame")
-        parts.append(data)
-        received += len(data)
-    if received != size:
-        raise FrameError(f"blob is {received} bytes, its header declared {size}")
-    return b"".join(parts)
+    blob = bytearray(first)
+    while len(blob) < size:
+        more, data_len = _receive_header(sock)
+        if more.get("op") != "data" or not data_len:
+            raise FrameError(f"blob truncated: {len(blob)} of {size} bytes, then a {more.get('op')!r} frame")
+        blob += _read(sock, data_len)
+    if len(blob) != size:
+        raise FrameError(f"blob is {len(blob)} bytes, its header declared {size}")
+    return blob
 
 
-def _read(sock: socket.socket, count: int) -> bytes:
+def _read(sock: socket.socket, count: int) -> bytearray:
     buffer = bytearray(count)
-    view, got = memoryview(buffer), 0
-    while got < count:
-        n = sock.recv_into(view[got:], count - got)
+    _read_into(sock, memoryview(buffer))
+    return buffer
+
+
+def _read_into(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:], len(view) - got)
         if n == 0:
             raise FrameError("the other end closed the connection")
         got += n
-    return bytes(buffer)

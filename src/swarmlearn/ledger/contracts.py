@@ -13,8 +13,8 @@ from swarmlearn.errors import Rejected
 from swarmlearn.ledger import payloads as P
 from swarmlearn.ledger.entry import Tx, canonical_json
 from swarmlearn.ledger.identities import is_admin
-from swarmlearn.ledger.model import (DEFAULT_ALIAS, Checkin, Contract, ContractLimits, Member, Round, RoundStatus,
-                                     leader_order)
+from swarmlearn.ledger.model import (DEFAULT_ALIAS, KEEP_FINISHED_ROUNDS, Checkin, Contract, ContractLimits, Member,
+                                     Round, RoundStatus, leader_order)
 
 if TYPE_CHECKING:
     from swarmlearn.ledger.state import LedgerState
@@ -94,6 +94,7 @@ def apply_contract_reset(state: LedgerState, tx: Tx, p: P.Named, index: int) -> 
     contract.rounds.clear()
     contract.current_round = 1
     contract.latest_merged_round = None
+    contract.rounds_merged = contract.rounds_aborted = 0
 
 
 # ------------------------------------------------------------------------------ sessions
@@ -172,8 +173,10 @@ def apply_checkin(state: LedgerState, tx: Tx, p: P.Checkin, index: int) -> None:
     # The check-in that completes the round closes it: with every active member in, the participants
     # and leader are already decided, and a separate close_round entry would cost every round one
     # more signed append and watch hop.
-    everyone = contract.active_members
-    if len(r.checkins) >= contract.min_peers and all(n in r.checkins for n in everyone):
+    # Every follower folds this once per check-in (32 times a round with 32 peers): the first active
+    # member not yet in ends the test, and nothing is sorted before everyone is.
+    everyone_in = all(n in r.checkins for n, m in contract.members.items() if m.active)
+    if everyone_in and len(r.checkins) >= contract.min_peers:
         _close(contract, r, sorted(r.checkins), index, tx.time)
 
 
@@ -254,6 +257,8 @@ def apply_merged(state: LedgerState, tx: Tx, p: P.Merged, index: int) -> None:
     r.merged_time = tx.time
     r.final = contract.is_final(r)
     contract.latest_merged_round = r.number
+    contract.rounds_merged += 1
+    _finished(state, contract)
 
 
 def validate_round_abort(state: LedgerState, tx: Tx, p: P.RoundAbort) -> None:
@@ -269,9 +274,25 @@ def validate_round_abort(state: LedgerState, tx: Tx, p: P.RoundAbort) -> None:
 
 
 def apply_round_abort(state: LedgerState, tx: Tx, p: P.RoundAbort, index: int) -> None:
-    _, r = _round(state, p.contract, p.round, RoundStatus.CLOSED)
+    contract, r = _round(state, p.contract, p.round, RoundStatus.CLOSED)
     r.status = RoundStatus.ABORTED
     r.merged_at = index
+    contract.rounds_aborted += 1
+    _finished(state, contract)
+
+
+def _finished(state: LedgerState, contract: Contract) -> None:
+    """After a round of `contract` finished: from protocol 3 on, drops the finished rounds older than
+    the newest KEEP_FINISHED_ROUNDS (the latest merged round, and open and closed ones, always stay).
+    No rule reads them: check-ins, closes, re-elections and merges concern open and closed rounds,
+    evictions the two rounds before the open one."""
+    if state.protocol < 3:
+        return
+    finished = [n for n, r in contract.rounds.items()
+                if r.status in (RoundStatus.MERGED, RoundStatus.ABORTED) and n != contract.latest_merged_round]
+    if len(finished) > KEEP_FINISHED_ROUNDS:
+        for number in sorted(finished)[:-KEEP_FINISHED_ROUNDS]:
+            del contract.rounds[number]
 
 
 # ------------------------------------------------------------------------------ metrics

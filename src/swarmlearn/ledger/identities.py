@@ -17,7 +17,8 @@ from swarmlearn import pki
 from swarmlearn.errors import Rejected
 from swarmlearn.ledger import payloads as P
 from swarmlearn.ledger.entry import Tx
-from swarmlearn.ledger.model import PROTOCOL_VERSION, Contract, ContractLimits, Node, Role, TaskRunner, TrustedCA
+from swarmlearn.ledger.model import (OLDEST_PROTOCOL, PROTOCOL_VERSION, Contract, ContractLimits, Node, Role,
+                                     TaskRunner, TrustedCA)
 
 if TYPE_CHECKING:
     from swarmlearn.ledger.state import LedgerState
@@ -108,9 +109,10 @@ def _put_node(state: LedgerState, reg: P.Registration, tx: Tx, index: int) -> No
 def validate_genesis(state: LedgerState, tx: Tx, p: P.Genesis) -> None:
     if state.genesis is not None or state.head_index != -1:
         raise Rejected("genesis may only be the first entry")
-    if p.protocol != PROTOCOL_VERSION:
+    if not OLDEST_PROTOCOL <= p.protocol <= PROTOCOL_VERSION:
         raise Rejected(f"this ledger was founded by swarmlearn protocol {p.protocol}, this node speaks protocol "
-                       f"{PROTOCOL_VERSION}: run one swarmlearn version on every node of a swarm")
+                       f"{PROTOCOL_VERSION} (and folds ledgers of protocol {OLDEST_PROTOCOL} to {PROTOCOL_VERSION}): "
+                       f"run one swarmlearn version on every node of a swarm")
     cas = [_parse_ca(grant, f"genesis CA {i}") for i, grant in enumerate(p.cas)]
     if len({fp for fp, _ in cas}) != len(cas):
         raise Rejected("genesis lists a CA twice")

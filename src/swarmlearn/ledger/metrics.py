@@ -1,6 +1,8 @@
-"""What the folded state keeps of metrics reports: a summary per node per round, each node's latest
-report, and the newest few reports as recorded. Every report stays a signed ledger entry, read back
-with the SN's "metrics" query; the state every node folds stays small however long the run.
+"""What the folded state keeps of metrics reports: each node's latest report (in summary, and of each
+kind) and the newest few reports as recorded. Every report stays a signed ledger entry, read back
+with the SN's "metrics" query (page by page: one summary per node per round for the whole run is
+there, not in the state), so the state every node folds stays small however long the run. A ledger
+of protocol 2 also keeps a summary per node in each round (Round.metrics), as it always did.
 
 A summary keeps the fields people read (kind, round, step, epoch, loss, metric, metric_name) and where
 the report is on the ledger (index, and the signer's clock). A report without a kind (older callbacks)
@@ -36,7 +38,7 @@ def apply_metrics(state: LedgerState, tx: Tx, p: P.Metrics, index: int) -> None:
     for kind in kinds:
         latest[kind] = summary
     number = values.get("round")
-    if isinstance(number, int) and not isinstance(number, bool) and number in contract.rounds:
+    if state.protocol < 3 and isinstance(number, int) and not isinstance(number, bool) and number in contract.rounds:
         per_node = contract.rounds[number].metrics.setdefault(p.node, {})
         for kind in kinds:
             per_node[kind] = summary

@@ -75,10 +75,18 @@ class AssignmentStatus(StrEnum):
     RESET = "RESET"
 
 
-# The rules this code folds a ledger by. Recorded in genesis; a node of another protocol refuses the
-# ledger rather than fold the same log into another state. Raise it with any change to what a
-# transaction means, to payload shapes, to leader order or to hashes (tests/test_golden.py pins them).
-PROTOCOL_VERSION = 2
+# The rules this code founds a ledger with, recorded in its genesis (LedgerState.protocol reads it).
+# Raise it with any change to what a transaction means, to payload shapes, to leader order or to
+# hashes (tests/test_golden.py pins them). A ledger founded by an older protocol, down to
+# OLDEST_PROTOCOL, is folded by that protocol's rules, so its checkpoints keep verifying; a node refuses
+# a ledger of any other protocol rather than fold the same log into another state.
+# 3: a contract keeps only its newest finished rounds (KEEP_FINISHED_ROUNDS) and counts the rest;
+#    rounds no longer carry metrics summaries (they stay ledger entries, served by the SN's metrics query).
+PROTOCOL_VERSION = 3
+OLDEST_PROTOCOL = 2
+# Finished (merged or aborted) rounds a contract keeps from protocol 3 on, besides its open and closed
+# ones and its latest merged one: the state every node folds stays the same size however long the run.
+KEEP_FINISHED_ROUNDS = 32
 
 TASK_TYPES = ("MAKE_USER_CONTAINER", "RUN_SWARM", "PULL_IMAGE", "MAKE_SWARM_USER_CONTENT")
 DEFAULT_ALIAS = "default"
@@ -172,9 +180,16 @@ class Round:
     # The signers' clocks at close and merge, kept as data for people (round durations).
     closed_time: float = 0.0
     merged_time: float = 0.0
-    # node -> {"train": ..., "validation": ...}: the last report of each kind about this round, in
-    # summary (ledger/metrics.py); every report stays on the ledger.
+    # Protocol 2 only: node -> {"train": ..., "validation": ...}, the last report of each kind about
+    # this round, in summary (ledger/metrics.py). From protocol 3 on it stays empty: every report stays
+    # a ledger entry, read with the SN's "metrics" query.
     metrics: dict[str, dict] = field(default_factory=dict)
+
+
+def _counting(status: str):
+    """How a snapshot of a protocol-2 state, which keeps every round, gives a contract's count of rounds
+    of `status` (snapshot.py: fields `since` a protocol)."""
+    return lambda contract: sum(1 for r in contract.rounds.values() if r.status == status)
 
 
 @dataclass
@@ -183,9 +198,15 @@ class Contract:
     created_by: str
     generation: int = 0
     members: dict[str, Member] = field(default_factory=dict)
+    # From protocol 3 on: the open and closed rounds, the latest merged one and the newest
+    # KEEP_FINISHED_ROUNDS other finished ones (contracts.py drops older ones as rounds finish).
+    # Protocol 2 keeps every round.
     rounds: dict[int, Round] = field(default_factory=dict)
     current_round: int = 1
     latest_merged_round: int | None = None
+    # Rounds merged and aborted since the contract was created or last reset, kept or not.
+    rounds_merged: int = field(default=0, metadata={"since": 3, "derive": _counting(RoundStatus.MERGED)})
+    rounds_aborted: int = field(default=0, metadata={"since": 3, "derive": _counting(RoundStatus.ABORTED)})
     # The newest metrics reports as recorded, at most metrics.RECENT_REPORTS (for followers that draw
     # curves as entries arrive); older ones are read from the ledger (the SN's "metrics" query).
     metrics: list[dict] = field(default_factory=list)

@@ -18,6 +18,15 @@ which no rule depends on. The hash is part of the protocol: a change to the enco
 state's fields, is a protocol change (model.PROTOCOL_VERSION), like a change to what a transaction
 means.
 
+Fields a protocol added: a field of the state's dataclasses declared with `metadata={"since": N}` (and a
+default) is left out of the snapshot of a state whose ledger is of an older protocol
+(LedgerState.protocol, read from its genesis), so that state hashes as it always did and the
+checkpoints written under that protocol keep verifying. Reading such a snapshot back sets the field
+to `metadata["derive"](the object read)` where the field follows from the others (a contract's count
+of merged rounds, from the rounds a protocol-2 state keeps in full), else to its default. Nothing
+else changes the encoding from one protocol to the next; a snapshot of a protocol this node does not
+fold is refused.
+
 What a follower checks before it uses a snapshot (accept_snapshot): see LedgerFollower's docstring
 (sn/follower.py) for what this trusts compared with folding from genesis.
 """
@@ -39,6 +48,7 @@ from swarmlearn import pki
 from swarmlearn.errors import LedgerError, Rejected
 from swarmlearn.ledger import payloads as P
 from swarmlearn.ledger.entry import Entry, Tx, canonical_json, sha256_hex
+from swarmlearn.ledger.model import OLDEST_PROTOCOL, PROTOCOL_VERSION
 from swarmlearn.ledger.store import StoredEntry
 
 if TYPE_CHECKING:
@@ -86,15 +96,29 @@ def _is_plain(tp) -> bool:
 
 
 @functools.cache
-def _fields(cls) -> tuple[tuple[str, Any], ...]:
+def _fields(cls, protocol: int) -> tuple[tuple[str, Any], ...]:
+    """(name, type) of the fields of dataclass `cls` that a snapshot of a `protocol` state holds."""
     hints = typing.get_type_hints(cls)
-    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls) if f.metadata.get("since", 0) <= protocol)
 
 
-def encode(value, tp) -> Any:
-    """`value` (of type `tp`) as JSON data: dataclasses as objects of their fields, dict keys as strings
-    (int keys too), everything else as it is."""
-    return _encoder(tp)(value)
+@functools.cache
+def _fields_after(cls, protocol: int) -> tuple[dataclasses.Field, ...]:
+    """The fields of dataclass `cls` that later protocols added: not in a `protocol` state's snapshot."""
+    return tuple(f for f in dataclasses.fields(cls) if f.metadata.get("since", 0) > protocol)
+
+
+def _absent_value(f: dataclasses.Field, made) -> Any:
+    derive = f.metadata.get("derive")
+    if derive is not None:
+        return derive(made)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def encode(value, tp, protocol: int = PROTOCOL_VERSION) -> Any:
+    """`value` (of type `tp`) as JSON data: dataclasses as objects of their fields (those of `protocol`),
+    dict keys as strings (int keys too), everything else as it is."""
+    return _encoder(tp, protocol)(value)
 
 
 def _same(value):
@@ -102,23 +126,24 @@ def _same(value):
 
 
 @functools.cache
-def _encoder(tp) -> Callable[[Any], Any]:
-    """The encoder of values of type `tp`, made once per type (a snapshot encodes thousands of rounds)."""
+def _encoder(tp, protocol: int) -> Callable[[Any], Any]:
+    """The encoder of values of type `tp` in a `protocol` state, made once per type (a snapshot encodes
+    thousands of rounds)."""
     if _is_plain(tp):
         return _same
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        named = [(name, _encoder(ftp)) for name, ftp in _fields(tp)]
+        named = [(name, _encoder(ftp, protocol)) for name, ftp in _fields(tp, protocol)]
         return lambda v: None if v is None else {name: enc(getattr(v, name)) for name, enc in named}
     if origin in (typing.Union, types.UnionType):
         (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        enc = _encoder(inner)
+        enc = _encoder(inner, protocol)
         return lambda v: None if v is None else enc(v)
     if origin is dict:
-        enc = _encoder(typing.get_args(tp)[1])
+        enc = _encoder(typing.get_args(tp)[1], protocol)
         return lambda v: {str(k): enc(x) for k, x in v.items()}
     if origin in (list, tuple):
-        enc = _encoder(typing.get_args(tp)[0])
+        enc = _encoder(typing.get_args(tp)[0], protocol)
         return lambda v: [enc(x) for x in v]
     raise TypeError(f"the snapshot cannot encode a value of type {tp}; give the state plain data")
 
@@ -137,10 +162,11 @@ class _Misfit(Exception):
         return self
 
 
-def decode(obj, tp, where: str) -> Any:
-    """The value of type `tp` that `encode` made `obj` from; SnapshotError naming where it does not fit."""
+def decode(obj, tp, where: str, protocol: int = PROTOCOL_VERSION) -> Any:
+    """The value of type `tp` that `encode` made `obj` from (in a `protocol` state); SnapshotError naming
+    where it does not fit."""
     try:
-        return _decoder(tp)(obj)
+        return _decoder(tp, protocol)(obj)
     except _Misfit as exc:
         raise SnapshotError(f"snapshot: {where}{exc.path} is {exc.found}, expected {exc.expected}") from None
 
@@ -160,9 +186,9 @@ def _scalar(tp) -> Callable[[Any], Any]:
 
 
 @functools.cache
-def _decoder(tp) -> Callable[[Any], Any]:
-    """The decoder of values of type `tp`, made once per type: a snapshot holds thousands of rounds, and
-    a follower reads one within its start-up second."""
+def _decoder(tp, protocol: int) -> Callable[[Any], Any]:
+    """The decoder of values of type `tp` in a `protocol` state, made once per type: a snapshot holds
+    thousands of rounds, and a follower reads one within its start-up second."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return _same
@@ -171,16 +197,16 @@ def _decoder(tp) -> Callable[[Any], Any]:
     if tp in _SCALARS:
         return _scalar(tp)
     if dataclasses.is_dataclass(tp):
-        return _dataclass_decoder(tp)
+        return _dataclass_decoder(tp, protocol)
     if origin in (typing.Union, types.UnionType):
-        options = [_decoder(a) for a in typing.get_args(tp)]
+        options = [_decoder(a, protocol) for a in typing.get_args(tp)]
         return lambda obj: _first_fit(obj, options, tp)
     if origin is dict:
         ktp, vtp = typing.get_args(tp)
-        key, value = (int if ktp is int else _same), _decoder(vtp)
+        key, value = (int if ktp is int else _same), _decoder(vtp, protocol)
         return lambda obj: _items(_expect_type(obj, dict), key, value)
     if origin in (list, tuple):
-        item = _decoder(typing.get_args(tp)[0])
+        item = _decoder(typing.get_args(tp)[0], protocol)
         made = tuple if origin is tuple else list
         return lambda obj: made(_each(_expect_type(obj, list), item))
     raise TypeError(f"the snapshot cannot decode a value of type {tp}; give the state plain data")
@@ -196,10 +222,11 @@ def _scalar_kinds(tp) -> tuple[type, ...] | None:
     return None
 
 
-def _dataclass_decoder(cls) -> Callable[[Any], Any]:
+def _dataclass_decoder(cls, protocol: int) -> Callable[[Any], Any]:
     # Scalar fields are checked inline, the rest decoded: most of a snapshot is scalar fields of rounds.
-    plan = [(name, _scalar_kinds(ftp), _decoder(ftp)) for name, ftp in _fields(cls)]
+    plan = [(name, _scalar_kinds(ftp), _decoder(ftp, protocol)) for name, ftp in _fields(cls, protocol)]
     names = frozenset(name for name, _, _ in plan)
+    absent = _fields_after(cls, protocol)
     expected = f"an object of fields {', '.join(sorted(names))}"
 
     def decode_one(obj):
@@ -217,6 +244,8 @@ def _dataclass_decoder(cls) -> Callable[[Any], Any]:
                 raise exc.at(f".{name}") from None
         made = cls.__new__(cls)
         made.__dict__.update(values)  # frozen dataclasses too: nothing else is set on them
+        for f in absent:  # what a later protocol added, after the fields it may follow from
+            made.__dict__[f.name] = _absent_value(f, made)
         return made
     return decode_one
 
@@ -274,11 +303,24 @@ def _expect(obj, kind: type, where: str) -> None:
 
 
 def state_to_obj(state: LedgerState) -> dict:
-    return encode(state, type(state))
+    return encode(state, type(state), state.protocol)
 
 
 def state_from_obj(cls, obj) -> LedgerState:
-    return decode(obj, cls, "state")
+    return decode(obj, cls, "state", _protocol_of(obj))
+
+
+def _protocol_of(obj) -> int:
+    """The protocol of the ledger a snapshot's state comes from, as its genesis records it (before
+    genesis: this node's); SnapshotError for one this node does not fold."""
+    genesis = obj.get("genesis") if isinstance(obj, dict) else None
+    if not isinstance(genesis, dict):
+        return PROTOCOL_VERSION  # the decoder says what does not fit
+    protocol = genesis.get("protocol")
+    if type(protocol) is not int or not OLDEST_PROTOCOL <= protocol <= PROTOCOL_VERSION:
+        raise SnapshotError(f"snapshot of a ledger of protocol {protocol!r}; this node folds protocols "
+                            f"{OLDEST_PROTOCOL} to {PROTOCOL_VERSION}")
+    return protocol
 
 
 # ------------------------------------------------------------------------------ the document

@@ -18,7 +18,8 @@ from swarmlearn.ledger import payloads, snapshot
 from swarmlearn.ledger.entry import Entry, Tx
 from swarmlearn.ledger.identities import signer_role
 from swarmlearn.ledger.policy import POLICY, Rule
-from swarmlearn.ledger.model import DEFAULT_ALIAS, Contract, Kind, Node, Task, TaskRunner, TrustedCA
+from swarmlearn.ledger.model import (DEFAULT_ALIAS, PROTOCOL_VERSION, Contract, Kind, Node, Task, TaskRunner,
+                                     TrustedCA)
 
 # Deeper payloads are refused: every entry is kept in the state, and the state is served as JSON
 # through recursive encoders that a payload nested hundreds of levels deep would break for good.
@@ -139,6 +140,12 @@ class LedgerState:
         return rule, payload
 
     # ------------------------------------------------------------------------------------ lookups
+
+    @property
+    def protocol(self) -> int:
+        """The protocol whose rules fold this ledger: the one its genesis records (model.PROTOCOL_VERSION
+        before genesis, for the genesis this node would write)."""
+        return self.genesis["protocol"] if self.genesis is not None else PROTOCOL_VERSION
 
     @property
     def ca_fingerprints(self) -> list[str]:

@@ -24,7 +24,7 @@ from swarmlearn.background import Background
 from swarmlearn.defaults import HEARTBEAT_EVERY, KEPT_MODELS_DIR, MAX_MESSAGE, SL_FS_PORT, SN_CONNECT_TIMEOUT
 from swarmlearn.errors import ConfigError, SwarmError
 from swarmlearn.files import write_atomically
-from swarmlearn.ledger.model import RoundStatus
+from swarmlearn.ledger.model import KEEP_FINISHED_ROUNDS, RoundStatus
 from swarmlearn.ledger.pin import PIN_FILE
 from swarmlearn.proto import sl_pb2_grpc
 from swarmlearn.sl.local_channel import LocalChannel
@@ -327,9 +327,10 @@ class KeptModels:
             meta, blob = kept
             rounds = follower.read(lambda s: _merged_rounds(s, meta["contract"], meta["hash"]))
             if rounds is None:
-                log.warning("%s: merged model %s is not a merged round of contract %s on the ledger (the contract "
-                            "was reset, or this data dir served another swarm); not used", meta_path,
-                            meta["hash"][:12], meta["contract"])
+                log.warning("%s: merged model %s is not a merged round of contract %s that the ledger keeps (the "
+                            "contract was reset, the swarm merged more than %d rounds since, or this data dir served "
+                            "another swarm); not used", meta_path, meta["hash"][:12], meta["contract"],
+                            KEEP_FINISHED_ROUNDS)
                 continue
             number, latest = rounds
             blobs.put(blob)

@@ -344,8 +344,7 @@ class SwciSession:
 
     def cmd_list_contracts(self) -> None:
         for name, c in self._state("contracts").items():
-            self.out(f"{name}  members {len(c['members'])}  rounds merged "
-                     f"{sum(1 for r in c['rounds'].values() if r['status'] == 'merged')}")
+            self.out(f"{name}  members {len(c['members'])}  rounds merged {c['rounds_merged']}")
 
     def cmd_get_contract_info(self, name: str) -> None:
         contracts = self._state("contracts")

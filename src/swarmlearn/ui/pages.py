@@ -153,11 +153,11 @@ def _round_row(view: SwarmView, contract: str, r) -> list[str]:
 def training_main(view: SwarmView) -> str:
     parts = []
     for name, contract in sorted(view.state.contracts.items()):
-        if not contract.rounds and not contract.members:
+        rounds = view.timeline(name)[:TIMELINE_ROUNDS]
+        if not rounds and not contract.members:
             continue
         members = ", ".join(contract.active_members) or "none"
-        rounds = sorted(contract.rounds.values(), key=lambda r: r.number, reverse=True)[:TIMELINE_ROUNDS]
-        merged = sum(1 for r in contract.rounds.values() if r.status == RoundStatus.MERGED)
+        merged = contract.rounds_merged
         parts.append(f'<div class="card contract" data-contract="{_e(name)}"><h3>{_e(name)}</h3>'
                      f'<p>members {_e(members)} · round {contract.current_round} open · '
                      f'<span class="merged-count">{merged}</span> merged · merge {_e(contract.merge_method)}</p>')

@@ -5,8 +5,10 @@ readings and verification results, and every change bumps `version`, which the p
 streams wait on.
 
 Bounds (the view's memory does not grow with the run past these):
-- MAX_ROUNDS rounds per contract, in the state and the timeline (the state machine only ever looks
-  at the open round and the two before it);
+- MAX_ROUNDS finished rounds per contract for the timeline, recorded as they finish (from protocol 3
+  on the state keeps only the newest few, model.KEEP_FINISHED_ROUNDS), and as many in the state of a
+  protocol-2 ledger, which would keep every round (the state machine only ever looks at the open
+  round and the two before it);
 - MAX_POINTS metric points per node, contract and kind (train, validation); the state's own copy of
   each metrics entry is dropped once it is in a curve;
 - MAX_LEDGER_ROWS entry summaries (index, kind, signer, time, hash) for the Ledger page;
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 
 from swarmlearn.errors import Rejected
 from swarmlearn.ledger.entry import Entry
-from swarmlearn.ledger.model import Kind, RoundStatus
+from swarmlearn.ledger.model import Kind, Round, RoundStatus
 from swarmlearn.ledger.state import LedgerState
 from swarmlearn.ledger.store import StoredEntry
 
@@ -113,6 +115,8 @@ class SwarmView:
         self.curves: dict[str, dict[str, NodeCurves]] = {}  # contract -> node -> curves
         self.last_sync: dict[str, tuple[str, int, float]] = {}  # node -> (contract, round, signer time)
         self.abort_reasons: dict[tuple[str, int], str] = {}
+        # contract -> round number -> the round, as it finished (merged or aborted), the newest MAX_ROUNDS.
+        self.finished_rounds: dict[str, dict[int, Round]] = {}
         # The state keeps only a summary of a task runner's ended assignments; the pages show their peers.
         self.past_assignments: dict[str, deque] = {}
         self.rows: deque[LedgerRow] = deque(maxlen=MAX_LEDGER_ROWS)
@@ -172,8 +176,30 @@ class SwarmView:
         elif tx.kind == Kind.ROUND_ABORT:
             name = self.state.contract(payload["contract"]).name
             self.abort_reasons[(name, payload["round"])] = str(payload.get("reason") or "")
+            self._finished(name, payload["round"])
+        elif tx.kind == Kind.MERGED:
+            self._finished(self.state.contract(payload["contract"]).name, payload["round"])
         elif tx.kind == Kind.CONTRACT_RESET:
-            self.curves.pop(self.state.contract(payload["name"]).name, None)
+            name = self.state.contract(payload["name"]).name
+            self.curves.pop(name, None)
+            self.finished_rounds.pop(name, None)
+
+    def _finished(self, contract: str, number: int) -> None:
+        """Records round `number` of `contract`, which just finished, for the timeline: the state drops
+        it once newer rounds finish, and nothing changes a finished round."""
+        r = self.state.contracts[contract].rounds.get(number)
+        if r is None:
+            return
+        history = self.finished_rounds.setdefault(contract, {})
+        history[number] = r
+        while len(history) > MAX_ROUNDS:
+            del history[next(iter(history))]  # the one that finished first
+
+    def timeline(self, contract: str) -> list[Round]:
+        """The rounds of `contract` the view knows, newest first: the state's (open, closed and its newest
+        finished ones) and the finished ones recorded before the state dropped them."""
+        rounds = {**self.finished_rounds.get(contract, {}), **self.state.contracts[contract].rounds}
+        return sorted(rounds.values(), key=lambda r: r.number, reverse=True)
 
     def _trim_reasons(self) -> None:
         if len(self.abort_reasons) > MAX_ROUNDS * max(1, len(self.state.contracts)):
@@ -214,9 +240,10 @@ class SwarmView:
 
 def trim_state(state: LedgerState) -> None:
     """Keeps a folded state bounded: each contract's metrics list is emptied (the curves hold what
-    the pages need) and only its newest MAX_ROUNDS rounds are kept. The state machine never reads
-    either (metrics are never validated against, rounds only near the open one), so a state trimmed
-    this way accepts and refuses what the untrimmed one would."""
+    the pages need) and only its newest MAX_ROUNDS rounds are kept (a protocol-2 ledger's state would
+    keep every round; from protocol 3 on the state machine keeps fewer itself). The state machine
+    never reads either (metrics are never validated against, rounds only near the open one), so a
+    state trimmed this way accepts and refuses what the untrimmed one would."""
     for contract in state.contracts.values():
         contract.metrics.clear()
         if len(contract.rounds) > MAX_ROUNDS:
