@@ -39,8 +39,8 @@ def run_nodes(out: Path, data: Path, settings: dict[str, str], swarm: bool, node
                 envs[n]["SWARM_LOOPBACK"] = "1"
         if local is not None:
             local.start_sn()
-            for n in nodes:
-                envs[n]["SWARM_SL_ADDR"] = local.start_sl(n)
+            for n, address in local.start_sls(nodes).items():  # as the SWOP does: all at once
+                envs[n]["SWARM_SL_ADDR"] = address
         for n in nodes:
             logs.append(open(out / f"{n}.log", "w"))
             processes.append(subprocess.Popen([sys.executable, str(MODEL)], env=envs[n], stdout=logs[-1],

@@ -177,9 +177,20 @@ class LocalSwarm:
 
     def start_sl(self, node_id: str, *extra: str, on=None) -> str:
         """An SL process for `node_id`, here or on emulated host `on`; returns its ML channel's address."""
+        return self._ready_sl(node_id, self._sl_process(node_id, *extra, on=on))
+
+    def start_sls(self, node_ids: list[str]) -> dict[str, str]:
+        """An SL process per node, all started before any is waited for (as the SWOP starts a task's
+        SLs); returns each one's ML channel address."""
+        started = {n: self._sl_process(n) for n in node_ids}
+        return {n: self._ready_sl(n, sl) for n, sl in started.items()}
+
+    def _sl_process(self, node_id: str, *extra: str, on=None) -> Process:
         host, port = self.sn_address.rsplit(":", 1)
-        sl = self._start("sl", "--sn-ip", host, "--sn-api-port", port, "--sl-fs-port", "0", *self._ids("sl", node_id),
-                         "--node-id", node_id, "--data-dir", str(self.dir / f"sl-{node_id}"), *extra, on=on)
+        return self._start("sl", "--sn-ip", host, "--sn-api-port", port, "--sl-fs-port", "0", *self._ids("sl", node_id),
+                           "--node-id", node_id, "--data-dir", str(self.dir / f"sl-{node_id}"), *extra, on=on)
+
+    def _ready_sl(self, node_id: str, sl: Process) -> str:
         self.sl_addresses[node_id] = sl.wait_line("SWARM_SL_ADDR=").split("SWARM_SL_ADDR=")[1]
         self.sls[node_id] = sl
         return self.sl_addresses[node_id]
@@ -206,8 +217,7 @@ class LocalSwarm:
         """An SN, one SL process per node, and for each an ML-side channel joined to the default
         contract (the ML stand-ins of the latency benchmarks)."""
         self.start_sn()
-        for n in nodes:
-            self.start_sl(n)
+        self.start_sls(nodes)
         channels = {n: SLChannel(self.sl_addresses[n]) for n in nodes}
         for n in nodes:
             channels[n].join("default", min_peers, 1.0, "mean")

@@ -246,10 +246,13 @@ class Operator:
         python = self._task_python(task)
         runs: list[NodeRun] = []
         try:
+            # Every SL starts at once, then each ML as soon as its SL is ready: an SL's start-up (imports,
+            # its ledger copy) no longer waits for the SLs before it, nor their MLs for it.
             for node in nodes:
                 run = NodeRun(node.node_id)
                 runs.append(run)
                 run.sl = self._start_sl(task.name, node)
+            for node, run in zip(nodes, runs):
                 # "SL node1 ready: SWARM_SL_ADDR=... [SWARM_SL_TOKEN=...]": what its ML's environment needs,
                 # announced over the SL's readiness pipe (swarmlearn.readiness).
                 line = run.sl.wait_ready(SL_READY_TIMEOUT)
