@@ -9,12 +9,17 @@ ML stand-ins (random float32 tensors, no training) are threads of this process, 
 over Unix sockets, as in bench/round.py, whose pieces this reuses.
 
 Measured: from the last check-in of a round to every peer holding the verified merged model (as
-bench/round.py), median over the rounds after one warm-up round. Floor: 2 RTT + the bytes on the
-round's critical path ÷ the link rate. The SLs move blobs as a star: the leader takes in the n−1
-contributions over its one downlink, then serves the merged model to the n−1 others over its one
-uplink (a peer that already holds it may serve others too, but only after it has it), so the critical
-path carries 2 (n−1) × payload. Target (issue 14): round ≤ 3 RTT + 1.2 × that transfer time. Each
-round sends tensors never sent before (blobs are content-addressed: a repeated one is not fetched).
+bench/round.py), median over the rounds after one warm-up round. Floor, as issue 14 defines it (kept
+so that figures stay comparable): 2 RTT + the bytes on the critical path of a star ÷ the link rate,
+the leader taking in the n−1 contributions over its one downlink, then serving the merged model to
+the n−1 others over its one uplink: 2 (n−1) × payload. Target (issue 14): round ≤ 3 RTT + 1.2 × that
+transfer time. The SLs no longer move the merged model as a star: it goes down a tree rooted at the
+leader, each inner node passing every chunk on to its children as it arrives (cut-through), each node
+serving at most `merged_fanout(payload)` others (sl/round.py: 8 below 4 MiB, 2 from there). The
+"tree" columns give the bytes on that critical path, the leader's intake (n−1) × payload plus what its
+uplink sends, fanout × payload (a level of the tree adds about one chunk's transfer, not counted),
+and the floor they make (2 RTT + those bytes ÷ the rate). Each round sends tensors never sent before
+(blobs are content-addressed: a repeated one is not fetched).
 --keep-cwnd (default without --quick) measures the smallest payload once more with every host's
 net.ipv4.tcp_slow_start_after_idle=0, side by side in the same run, to show what slow start after
 idle costs the SLs' kept connections.
@@ -48,6 +53,7 @@ from bench.round import checkin_times, payload, percentile, run_rounds  # noqa: 
 from netns import Hosts, missing_prerequisite  # noqa: E402
 from swarmlearn.callback.core import SLChannel  # noqa: E402
 from swarmlearn.defaults import LEADER_BASE  # noqa: E402
+from swarmlearn.sl.round import merged_fanout  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TARGET_RTTS, TARGET_TRANSFER_FACTOR = 3, 1.2
@@ -61,6 +67,12 @@ SEEDS = itertools.count()  # one per round of the whole run, so that no round re
 def transfer_seconds(peers: int, size: int, rate_mbit: float) -> float:
     """Time to move the round's critical-path bytes (the star: n−1 blobs in, n−1 out) at the link rate."""
     return 2 * (peers - 1) * size * 8 / (rate_mbit * 1e6)
+
+
+def tree_path_bytes(peers: int, size: int) -> int:
+    """The bytes on the critical path with the merged model's cut-through tree: the leader's intake,
+    n−1 contributions, then what its uplink sends, one copy per child."""
+    return (peers - 1) * size + min(peers - 1, merged_fanout(size)) * size
 
 
 def fresh_round(channels: dict[str, SLChannel], mb: float, seed: int) -> dict:
@@ -85,8 +97,11 @@ def measure(swarm: LocalSwarm, channels: dict[str, SLChannel], wan: Wan, mb: flo
     floor = FLOOR_RTTS * wan.rtt_s + transfer
     target = TARGET_RTTS * wan.rtt_s + TARGET_TRANSFER_FACTOR * transfer
     median = statistics.median(seconds)
+    tree_bytes = tree_path_bytes(len(nodes), size)
     return {"mb": mb, "bytes": size, "round_s": seconds, "median_s": median, "p90_s": percentile(seconds, 90),
-            "min_s": min(seconds), "transfer_s": transfer, "floor_s": floor,
+            "min_s": min(seconds), "transfer_s": transfer, "floor_s": floor, "fanout": merged_fanout(size),
+            "tree_path_bytes": tree_bytes,
+            "tree_floor_s": FLOOR_RTTS * wan.rtt_s + tree_bytes * 8 / (wan.rate_mbit * 1e6),
             "target_s": target, "met": median <= target, "over_floor": median / floor,
             # every byte on the wire, headers and TLS included, once per link it leaves (uplinks' tbf)
             "wire_bytes_per_round": sent / rounds, "payload_bytes_per_round": 2 * (len(nodes) - 1) * size,
@@ -150,18 +165,21 @@ def print_table(report: dict) -> None:
           f"host; {report['rounds']} rounds per payload after {report['warm_up_rounds']} warm-up; SLs with "
           f"--leader-timeout {report['leader_timeout_s']:.0f}")
     print(f"{'payload':>14} {'median s':>9} {'p90 s':>7} {'min s':>7} {'floor s':>8} {'÷ floor':>8} {'target s':>9} "
-          f"{'met':>4} {'wire÷payload':>13} {'load avg':>9}")
+          f"{'met':>4} {'tree MB':>8} {'tree floor s':>13} {'wire÷payload':>13} {'load avg':>9}")
     for c in report["cells"]:
         label = f"{c['mb']} MB" + ("" if c.get("slow_start_after_idle", True) else ", cwnd kept")
         print(f"{label:>14} {c['median_s']:>9.2f} {c['p90_s']:>7.2f} {c['min_s']:>7.2f} {c['floor_s']:>8.2f} "
               f"{c['over_floor']:>8.2f} {c['target_s']:>9.2f} {'yes' if c['met'] else 'no':>4} "
+              f"{c['tree_path_bytes'] / 1e6:>8.1f} {c['tree_floor_s']:>13.2f} "
               f"{c['wire_bytes_per_round'] / c['payload_bytes_per_round']:>13.2f} {c['load_average'][1]:>9.2f}")
     relay = report.get("relay") or {}
     if relay:
         print(f"relay: {relay['packets']} packets, late by p50 {relay['late_ms_p50']:.2f} ms, p99 "
               f"{relay['late_ms_p99']:.2f} ms, max {relay['late_ms_max']:.1f} ms")
-    print(f"floor = {FLOOR_RTTS} RTT + 2 (n−1) × payload ÷ link rate; target = {TARGET_RTTS} RTT + "
-          f"{TARGET_TRANSFER_FACTOR} × that transfer time; cwnd kept: net.ipv4.tcp_slow_start_after_idle=0 on "
+    print(f"floor = {FLOOR_RTTS} RTT + 2 (n−1) × payload ÷ link rate (the star); target = {TARGET_RTTS} RTT + "
+          f"{TARGET_TRANSFER_FACTOR} × that transfer time; tree MB = the critical path's bytes with the merged "
+          f"model's cut-through tree, (n−1 + fanout) × payload, and tree floor = {FLOOR_RTTS} RTT + those ÷ "
+          f"link rate; cwnd kept: net.ipv4.tcp_slow_start_after_idle=0 on "
           f"every host (Linux's default, 1, restarts slow start on a connection idle for an RTO)")
 
 

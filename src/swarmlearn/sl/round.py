@@ -34,7 +34,7 @@ from swarmlearn.ledger.state import LedgerState
 from swarmlearn.merge import get_merger
 from swarmlearn.merge.base import (Accumulator, BadContribution, Contribution, Merger, check_contribution,
                                    contribution_norm, norm_outliers)
-from swarmlearn.sl.transport import BlobStore, FetchError, PeerFetcher
+from swarmlearn.sl.transport import Arriving, BlobStore, FetchError, PeerFetcher
 from swarmlearn.sn.client import SNClient
 from swarmlearn.sn.follower import LedgerFollower
 from swarmlearn.tensors import BlobError, Tensor, decode, encode
@@ -46,17 +46,27 @@ log = logging.getLogger("swarmlearn.sl")
 # beyond it the leader fetches at merge time, a window at a time.
 PREFETCH_BYTES = 64 << 20
 # Threads per contract, in pools of the SL's Background reused round after round: blobs pulled
-# ahead of the merge, and blobs loaded (read or fetched, then decoded) while the merge runs, each
-# at most this many at once. One more thread watches the filling round for check-ins to prefetch.
-PREFETCH_WORKERS = 4
+# ahead of the merge (PREFETCH_WORKERS), and blobs loaded (read or fetched, then decoded) while the
+# merge runs (MERGE_WINDOW), each at most this many at once. One more thread watches the filling round
+# for check-ins to prefetch. Prefetches are bounded in bytes (PREFETCH_BYTES), and a small blob across
+# a WAN takes a few round trips whatever its size (TCP's slow start), so they all run at once: with 4,
+# an 8-peer round's 0.3 MB contributions came in two waves (+100-200 ms at 50 ms RTT).
+PREFETCH_WORKERS = 16
 MERGE_WINDOW = 4
 # ...and no more bytes than this loaded at once, the contribution being added included (one blob at
 # least: none loads ahead of a blob over half of it), so that a leader of a large model holds about two
 # models (the merge's sums and the contribution being added), not a window of them.
 MERGE_WINDOW_BYTES = 64 << 20
 # Each participant asks for a round's merged model from its parent in a tree rooted at the leader, in
-# which every node serves at most this many others (32 peers: the leader serves 8, they the rest).
+# which every node serves at most MERGED_FANOUT others (32 peers: the leader serves 8, they the rest).
+# An inner node forwards each chunk to its children as it arrives (cut-through), so a level of the tree
+# costs about one chunk's transfer and a one-way delay, while a child more on one uplink costs a whole
+# model's transfer: from CUT_THROUGH_BYTES on (a few chunks), a narrow tree (MERGED_FANOUT_LARGE) takes
+# the merged model off the leader's uplink. Below it, a narrow tree would only add levels: a model of
+# one chunk is forwarded whole anyway.
 MERGED_FANOUT = 8
+MERGED_FANOUT_LARGE = 2
+CUT_THROUGH_BYTES = 4 * defaults.CHUNK
 # What the ML hears when its call meets an SL that is stopping (its pools take no more work).
 STOPPING = "this SL is stopping"
 
@@ -77,6 +87,13 @@ STOPPING = "this SL is stopping"
 # - Within that, a transfer that sends nothing for `Timeouts.stall` seconds, or then runs below
 #   `Timeouts.min_rate`, is cut off at once: a frozen peer costs the round seconds, not its whole budget.
 FETCH_SHARE = 0.75
+
+
+def merged_fanout(size: int) -> int:
+    """How many peers each node of the merged model's tree serves, for a model of `size` bytes (our own
+    blob's). Nodes need not agree: a parent serves whoever asks, and is always earlier in the round's
+    order than its children, so no choice of fanouts makes a cycle."""
+    return MERGED_FANOUT_LARGE if size >= CUT_THROUGH_BYTES else MERGED_FANOUT
 
 
 def blob_limit(own: int, cap: int) -> int:
@@ -198,6 +215,7 @@ class RoundEngine:
             if number < 0:
                 return self._take_merged(-number, started, False, blob)
             self._start_prefetch(number)
+            self._connect_if_leading(number + 1)
             closed = self._wait_until_closed(number)
             contributed = self.node_id in closed.participants
             if not contributed:
@@ -317,6 +335,16 @@ class RoundEngine:
         joins it again by itself. Raises SwarmError when the ledger does not record it."""
         self._left.set()
         self.sn.submit("session_leave", {"contract": self.contract_name, "node": self.node_id}, patience=patience)
+
+    def _connect_if_leading(self, number: int) -> None:
+        """If we lead round `number` (the next one: called as we check in to the one before) should
+        every active member take part, opens our channels to them now, a round ahead: a leader's first
+        fetch from a peer otherwise waits for TCP's and TLS's handshakes, 2-4 round trips before its
+        first byte (measured 75-190 ms at 50 ms RTT)."""
+        active, generation = self._read(lambda c: (c.active_members, c.generation))
+        if len(active) > 1 and leader_order(self.contract_name, generation, number, active)[0] == self.node_id:
+            self.fetcher.connect(self.follower.read(
+                lambda s: [s.nodes[n].address for n in active if n != self.node_id and n in s.nodes]))
 
     def _start_prefetch(self, number: int) -> None:
         """If we lead `number` should every active member take part, pulls the others' blobs while
@@ -688,22 +716,24 @@ class RoundEngine:
 
     def _start_merged_pull(self, r: Round, own: int) -> None:
         """Asks, as soon as round `r` closed, for its merged model, from our parent in a tree of the
-        participants rooted at the leader (each node serves at most MERGED_FANOUT others), so that it
-        comes as soon as it is posted rather than a ledger hop and a request later, and no node serves
-        the whole swarm. What arrives is kept for our own children and checked against the ledger's
-        merged hash before use (_early_merged); on any failure we pull it as before (_pull)."""
+        participants rooted at the leader (each node serves at most merged_fanout(own) others), so that
+        it comes as soon as it is posted rather than a ledger hop and a request later, and no node serves
+        the whole swarm. Each chunk is passed on to our own children as it arrives (cut-through); the
+        whole blob is checked against the ledger's merged hash before use (_early_merged), by each node
+        for itself. On any failure we, and our children, pull it as before (_pull)."""
         order = [r.leader, *[n for n in r.participants if n != r.leader]]
         if not r.leader or self.node_id not in order[1:]:
             return
-        parent = order[(order.index(self.node_id) - 1) // MERGED_FANOUT]
+        parent = order[(order.index(self.node_id) - 1) // merged_fanout(own)]
         address = self.follower.read(lambda s: s.nodes[parent].address if parent in s.nodes else "")
         limit = blob_limit(own, self._max_blob_bytes())
         timeout = self._leader_timeout(r) + self.t.grace
         label = (self.contract_name, r.number)
 
         def pull() -> tuple[str, bytes]:
+            # The announced size is checked against `limit` before forward() reserves it in the store.
             blob = self.fetcher.fetch_merged(address, self.contract_name, r.number, timeout, limit, self.t.stall,
-                                             self.t.min_rate)
+                                             self.t.min_rate, forward=lambda size: self.blobs.arriving(label, size))
             return self.blobs.put(blob, label=label), blob
 
         for old in [n for n in self._merged_early if n < r.number]:
@@ -715,14 +745,24 @@ class RoundEngine:
 
     def _early_merged(self, r: Round, own: int) -> bytes | None:
         """Round `r`'s merged model as our early request got it, if its bytes hash to the ledger's
-        merged hash; waits for a transfer under way only as long as the bytes take at the assumed rate
-        (plus the grace), so that a silent parent costs little before we pull it ourselves."""
+        merged hash. A parent that sent nothing yet is waited for only as long as the bytes take at the
+        assumed rate (plus the grace), so that a silent parent costs little before we pull it ourselves;
+        once its bytes flow, slower than that rate (a narrow link, a deep tree), for up to the budget a
+        pull of our own would get: that pull would share the same links, and the leader's uplink (at
+        40 MB over 100 Mbit/s, pulls beside the tree's made rounds half as long again). The fetch's
+        watchdog ends a transfer that stalls or trickles."""
         future = self._merged_early.pop(r.number, None)
         if future is None:
             return None
         size = min(r.merged_size or blob_limit(own, self._max_blob_bytes()), blob_limit(own, self._max_blob_bytes()))
         try:
-            digest, blob = future.result(timeout=self.t.grace + size / self.t.leader_bytes_per_second)
+            try:
+                digest, blob = future.result(timeout=self.t.grace + size / self.t.leader_bytes_per_second)
+            except FutureTimeout:
+                if not isinstance(self.blobs.wait_labelled((self.contract_name, r.number), 0.0), Arriving):
+                    raise
+                log.debug("round %d: merged model still arriving from our parent; waiting for it", r.number)
+                digest, blob = future.result(timeout=self.t.transfer_budget(size))
         except FutureTimeout:
             log.debug("round %d: merged model not in yet from our parent; pulling it", r.number)
             return None

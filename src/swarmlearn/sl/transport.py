@@ -1,5 +1,7 @@
 """Peer-to-peer blob transfer between SLs: a store of blobs by hash, the gRPC service that serves
-them in 1 MiB chunks over mutual TLS, and the fetch that pulls one from a peer."""
+them in 1 MiB chunks over mutual TLS, and the fetch that pulls one from a peer. A round's merged
+model is also forwarded cut-through: an SL receiving it streams each chunk on to the peers waiting
+on it as the chunk arrives (Arriving)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -36,30 +38,106 @@ class FetchError(SwarmError):
     pass
 
 
+class Arriving:
+    """A labelled blob on its way here (a round's merged model coming down the tree): the fetch copies
+    each chunk into `buffer` and calls `advanced`; peers waiting for the label follow it chunk by chunk
+    (`chunks`), cut-through, instead of waiting for the whole blob. Its bytes are forwarded before
+    anyone checked them: every peer checks the whole blob's hash against the ledger itself before
+    use, so forwarding unverified bytes lets no bad blob in; a failed transfer (`fail`) ends the
+    followers' streams with an error and they pull the blob another way."""
+
+    def __init__(self, size: int, settled: Callable[[Arriving], None]):
+        self.size = size
+        self.buffer = bytearray(size)
+        self.received = 0
+        self.failed: str | None = None
+        self._settled = settled
+        self._changed = threading.Condition()
+
+    def advanced(self, received: int) -> None:
+        with self._changed:
+            self.received = received
+            self._changed.notify_all()
+
+    def fail(self, why: str) -> None:
+        with self._changed:
+            self.failed = why
+            self._changed.notify_all()
+        self._settled(self)
+
+    def chunks(self, stopping: threading.Event | None = None) -> Iterator[bytes]:
+        """The blob's bytes in pieces of at most CHUNK, each as soon as it is here; raises FetchError
+        once the transfer failed (or the SL stops). A stalled upstream is cut off by its fetch's own
+        watchdog, which fails this too."""
+        sent = 0
+        while sent < self.size:
+            with self._changed:
+                while self.received == sent and self.failed is None:
+                    if stopping is not None and stopping.is_set():
+                        raise FetchError("this SL is stopping")
+                    self._changed.wait(0.5)
+                if self.failed is not None:
+                    raise FetchError(f"its own transfer of this blob failed: {self.failed}")
+                end = min(self.received, sent + CHUNK)
+            # Bytes below `received` are written once and never again: read outside the lock.
+            yield bytes(self.buffer[sent:end])
+            sent = end
+
+
 class BlobStore:
     """Blobs by SHA-256, newest kept: the oldest are dropped once they hold more than `budget` bytes
     in all or number more than `max_blobs` (the newest blob is kept even alone over the budget: a
     round's blob is bounded by its contract's max_blob_bytes, and the SL cannot serve what it dropped).
     A blob may be labelled, e.g. (contract, round) for a round's merged model, so that a peer can ask
-    for it before its hash is known and be answered as soon as it is here (`wait_labelled`)."""
+    for it before its hash is known and be answered as soon as it is here (`wait_labelled`), or, while
+    it arrives (`arriving`), chunk by chunk as it comes. A blob arriving counts against the budget for
+    its announced size (within the caller's bound for that blob) from its first chunk on."""
 
     def __init__(self, budget: int = BLOB_STORE_BYTES, max_blobs: int = 64):
         self.budget = budget
         self.max_blobs = max_blobs
-        self.held = 0  # bytes of all blobs held
+        self.held = 0  # bytes of all blobs held, and of those arriving
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
         self._labels: OrderedDict[tuple, str] = OrderedDict()
+        self._arriving: dict[tuple, Arriving] = {}
         self._changed = threading.Condition()
+
+    def arriving(self, label: tuple, size: int) -> Arriving:
+        """Room for the blob labelled `label`, `size` bytes (bounded by the caller), about to arrive:
+        peers waiting for the label follow it from now on. It ends when the blob is put with that label,
+        or when it fails."""
+        def settled(incoming: Arriving) -> None:
+            with self._changed:
+                if self._arriving.get(label) is incoming:
+                    del self._arriving[label]
+                    self.held -= incoming.size
+                self._changed.notify_all()
+
+        incoming = Arriving(size, settled)
+        with self._changed:
+            old = self._arriving.pop(label, None)
+            if old is not None:
+                self.held -= old.size
+            self._arriving[label] = incoming
+            self.held += size
+            self._drop_oldest()
+            self._changed.notify_all()
+        return incoming
+
+    def _drop_oldest(self) -> None:
+        while len(self._blobs) > 1 and (self.held > self.budget or len(self._blobs) > self.max_blobs):
+            self.held -= len(self._blobs.popitem(last=False)[1])
 
     def put(self, blob: bytes, label: tuple | None = None) -> str:
         digest = blob_hash(blob)
         with self._changed:
+            if label is not None and label in self._arriving:  # it has arrived (or came another way)
+                self.held -= self._arriving.pop(label).size
             if digest not in self._blobs:
                 self.held += len(blob)
             self._blobs[digest] = blob
             self._blobs.move_to_end(digest)
-            while len(self._blobs) > 1 and (self.held > self.budget or len(self._blobs) > self.max_blobs):
-                self.held -= len(self._blobs.popitem(last=False)[1])
+            self._drop_oldest()
             if label is not None:
                 self._labels[label] = digest
                 self._labels.move_to_end(label)
@@ -72,15 +150,18 @@ class BlobStore:
         with self._changed:
             return self._blobs.get(digest)
 
-    def wait_labelled(self, label: tuple, timeout: float, stopping: threading.Event | None = None) -> bytes | None:
-        """The blob labelled `label`, waiting up to `timeout` seconds for it (or until `stopping`);
-        None if it does not come (or was dropped since)."""
+    def wait_labelled(self, label: tuple, timeout: float,
+                      stopping: threading.Event | None = None) -> bytes | Arriving | None:
+        """The blob labelled `label`, or its Arriving while it comes, waiting up to `timeout` seconds
+        for either (or until `stopping`); None if it does not come (or was dropped since)."""
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
                 digest = self._labels.get(label)
                 if digest is not None:
                     return self._blobs.get(digest)
+                if label in self._arriving:
+                    return self._arriving[label]
                 left = deadline - time.monotonic()
                 if left <= 0 or (stopping is not None and stopping.is_set()):
                     return None
@@ -112,7 +193,7 @@ class PeerService(sl_pb2_grpc.SwarmPeerServicer):
     def FetchMerged(self, request, context):
         yield from self._streamed(context, lambda caller: self._merged(request, context, caller))
 
-    def _streamed(self, context, find: Callable[[str], bytes]):
+    def _streamed(self, context, find: Callable[[str], bytes | Arriving]):
         peer = pki.peer_certificate(context)
         caller = peer[1] if peer else ""
         ticket = self.streams.acquire(caller)
@@ -120,7 +201,15 @@ class PeerService(sl_pb2_grpc.SwarmPeerServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"blob stream of {caller_name(context, caller)} refused: {ticket}")
         try:
-            yield from _chunks(find(caller))
+            found = find(caller)
+            if not isinstance(found, Arriving):
+                yield from _chunks(found)
+                return
+            try:
+                for i, data in enumerate(found.chunks(self.stopping) if found.size else [b""]):
+                    yield sl_pb2.Chunk(data=data, total_size=found.size if i == 0 else 0)
+            except FetchError as exc:
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"forwarding stopped: {exc}; pull it another way")
         finally:
             self.streams.release(ticket)
 
@@ -134,7 +223,7 @@ class PeerService(sl_pb2_grpc.SwarmPeerServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, f"no blob {request.hash[:12]} here")
         return blob
 
-    def _merged(self, request, context, caller: str) -> bytes:
+    def _merged(self, request, context, caller: str) -> bytes | Arriving:
         if self.merged_refusal is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this SL serves merged models by hash only")
         why = self.merged_refusal(caller, request.contract, request.round)
@@ -193,7 +282,7 @@ class PeerFetcher:
         self._watched = threading.Condition()
         self._watchdog: threading.Thread | None = None
 
-    def _stub(self, address: str) -> sl_pb2_grpc.SwarmPeerStub:
+    def _channel(self, address: str) -> grpc.Channel:
         with self._lock:
             channel = self._channels.get(address)
             if channel is None:
@@ -203,7 +292,22 @@ class PeerFetcher:
                     ("grpc.max_reconnect_backoff_ms", 1000),
                 ])
                 self._channels[address] = channel
-            return sl_pb2_grpc.SwarmPeerStub(channel)
+            return channel
+
+    def _stub(self, address: str) -> sl_pb2_grpc.SwarmPeerStub:
+        return sl_pb2_grpc.SwarmPeerStub(self._channel(address))
+
+    def connect(self, addresses: list[str]) -> None:
+        """Starts connecting to each of `addresses` not yet connected, without waiting, so that a later
+        fetch finds its connection made. (gRPC's public ways to start a connection, channel_ready_future
+        and subscribe, poll it from a thread of gRPC's own that outlives a closed channel; the channel's
+        own connectivity check with try_to_connect starts it and returns at once.)"""
+        for address in addresses:
+            if address:
+                try:
+                    self._channel(address)._channel.check_connectivity_state(True)
+                except (AttributeError, ValueError):  # another gRPC's internals, or closed meanwhile
+                    pass
 
     def fetch(self, address: str, digest: str, timeout: float, size: int | None = None,
               stall: float | None = None, min_rate: float = 0.0, in_place: bool = False) -> bytes | bytearray:
@@ -220,29 +324,48 @@ class PeerFetcher:
             raise FetchError("peer has no registered address")
         blob, expected = self._receive(lambda stub: stub.Fetch(sl_pb2.FetchRequest(hash=digest), timeout=timeout),
                                        address, digest[:12], timeout, size, stall, min_rate, watch_at_once=True,
-                                       in_place=in_place)
+                                       into=bytearray if in_place else None)
         return _checked(blob, expected, digest)
 
     def fetch_merged(self, address: str, contract: str, number: int, timeout: float, size: int,
-                     stall: float | None = None, min_rate: float = 0.0) -> bytes:
+                     stall: float | None = None, min_rate: float = 0.0,
+                     forward: Callable[[int], Arriving] | None = None) -> bytes | bytearray:
         """Round `number`'s merged model from the SL at `address`, which answers as soon as it holds
         it (waiting at most `timeout`). The bytes are NOT checked: the caller compares their hash with
         the ledger's. Bounded like `fetch`, except that the stall and rate limits count from the
-        first byte (the wait before it is the point)."""
+        first byte (the wait before it is the point). `forward(announced size)`, called at the first
+        chunk (the size within `size`), gives the Arriving the bytes go into as they come, for the
+        peers that wait on us; a failure fails it too."""
         if not address:
             raise FetchError("peer has no registered address")
         request = sl_pb2.MergedRequest(contract=contract, round=number, wait_seconds=timeout)
-        blob, expected = self._receive(lambda stub: stub.FetchMerged(request, timeout=timeout), address,
-                                       f"round {number}'s merged model", timeout, size, stall, min_rate,
-                                       watch_at_once=False)
-        if expected is not None and len(blob) != expected:
-            raise FetchError(f"got {len(blob)} of {expected} bytes")
+        arriving: Arriving | None = None
+
+        def into(total: int) -> bytearray:
+            nonlocal arriving
+            arriving = forward(total)
+            return arriving.buffer
+
+        try:
+            blob, expected = self._receive(lambda stub: stub.FetchMerged(request, timeout=timeout), address,
+                                           f"round {number}'s merged model", timeout, size, stall, min_rate,
+                                           watch_at_once=False, into=into if forward else None,
+                                           progress=lambda received: arriving.advanced(received))
+            if expected is not None and len(blob) != expected:
+                raise FetchError(f"got {len(blob)} of {expected} bytes")
+        except BaseException as exc:
+            if arriving is not None:
+                arriving.fail(str(exc) or type(exc).__name__)
+            raise
         return blob
 
     def _receive(self, call: Callable, address: str, what: str, timeout: float, size: int | None,
                  stall: float | None, min_rate: float, watch_at_once: bool,
-                 in_place: bool = False) -> tuple[bytes | bytearray, int | None]:
-        """Reads one blob stream: (its bytes, the size its first chunk announced)."""
+                 into: Callable[[int], bytearray] | None = None,
+                 progress: Callable[[int], None] | None = None) -> tuple[bytes | bytearray, int | None]:
+        """Reads one blob stream: (its bytes, the size its first chunk announced). `into(announced
+        size)`, once that size is checked against `size`, gives the buffer each chunk is copied into as
+        it arrives (so that the blob is never held twice); `progress` is told the bytes in it so far."""
         parts: list[bytes] = []
         buffer: bytearray | None = None
         expected = None
@@ -263,13 +386,15 @@ class PeerFetcher:
                 if size and max(expected, transfer.received) > size:
                     stream.cancel()
                     raise FetchError(f"peer sends more than the {size} bytes the ledger declares for {what}")
-                if in_place and buffer is None and size:  # announced size checked against `size` above
-                    buffer = bytearray(expected)
+                if into is not None and buffer is None and size:  # announced size checked against `size` above
+                    buffer = into(expected)
                 if buffer is not None:
                     if transfer.received > len(buffer):
                         stream.cancel()
                         raise FetchError(f"peer sends more than the {len(buffer)} bytes it announced for {what}")
                     buffer[transfer.received - len(chunk.data):transfer.received] = chunk.data
+                    if progress is not None:
+                        progress(transfer.received)
                 else:
                     parts.append(chunk.data)
                 transfer.last = time.monotonic()
