@@ -26,6 +26,10 @@ from swarmlearn.errors import SwarmError
 from swarmlearn.tensors import Tensor
 
 
+# Values a merge widens, checks or scales at a time: its float64 temporaries stay at about 0.5 MB
+# whatever the tensor's size (a leader of a large model holds its models, not copies of them).
+CHUNK_VALUES = 1 << 16
+
 class BadContribution(SwarmError):
     def __init__(self, node: str, reason: str):
         super().__init__(f"contribution of {node} refused: {reason}")
@@ -68,9 +72,13 @@ def check_contribution(c: Contribution, reference: dict[str, Tensor] | None) -> 
             continue
         # F16/F32/F64 are checked as they are (NaN and Inf survive widening, so the answer is the
         # same without a float64 copy of a large model); BF16 is stored as bits and must be widened.
-        values = t.as_float64() if t.dtype == "BF16" else t.array
-        if not np.isfinite(values).all():
-            raise BadContribution(c.node, f"tensor {name} holds NaN or Inf")
+        # A chunk at a time: the flags (and BF16's widened values) stay small whatever the tensor.
+        flat = t.array.reshape(-1)
+        for start in range(0, flat.size, CHUNK_VALUES):
+            part = flat[start:start + CHUNK_VALUES]
+            values = Tensor(t.dtype, part).as_float64() if t.dtype == "BF16" else part
+            if not np.isfinite(values).all():
+                raise BadContribution(c.node, f"tensor {name} holds NaN or Inf")
 
 
 # A contribution whose L2 norm (over all its float tensors) is more than this many times the median
@@ -84,9 +92,10 @@ def check_contribution(c: Contribution, reference: dict[str, Tensor] | None) -> 
 NORM_OUTLIER_FACTOR = 10.0
 
 
-def contribution_norm(tensors: dict[str, Tensor], chunk: int = 1 << 18) -> float:
+def contribution_norm(tensors: dict[str, Tensor], chunk: int | None = None) -> float:
     """L2 norm over all float tensors, summed in float64 a chunk at a time (no full-size copy: the
-    float64 chunk, 2 MB, is all it adds to a leader holding a large model)."""
+    float64 chunk is all it adds to a leader holding a large model)."""
+    chunk = chunk or CHUNK_VALUES
     total = 0.0
     for t in tensors.values():
         if not t.is_float:

@@ -6,7 +6,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from swarmlearn.merge.base import Accumulator, Contribution, Merger, MergeError, contribution_norm, heaviness
+from swarmlearn.merge.base import (CHUNK_VALUES, Accumulator, Contribution, Merger, MergeError, contribution_norm,
+                                   heaviness)
 from swarmlearn.tensors import Tensor
 
 # A contribution is taken back out of the sums only while its weighted norm is at most this many times
@@ -21,8 +22,6 @@ SUBTRACT_MAX_RATIO = {np.dtype(np.float64): 1e4, np.dtype(np.float32): 1.0}
 # plain weighted mean bit for bit, at twice an F32 model's size in sums. A larger one (F32, F16, BF16)
 # keeps float32 running means, so that its leader holds two models, not three (see MeanAccumulator).
 EXACT_SUMS_MAX_BYTES = 32 << 20
-# Values widened, scaled and added at a time: the temporaries stay at a few MB whatever the tensor's size.
-CHUNK_VALUES = 1 << 18
 
 
 class Mean(Merger):
