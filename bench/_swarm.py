@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -226,17 +227,39 @@ class LocalSwarm:
     def round_record(self, number: int, contract: str = DEFAULT_CONTRACT) -> Round:
         return self.ledger_state().contract(contract).rounds[number]
 
+    def tails(self, lines: int = 15) -> str:
+        """The last lines each SL printed (a failed benchmark prints them: its swarm's folder goes)."""
+        return "\n".join(f"--- {node}'s SL, last {lines} lines:\n" + "\n".join(sl.lines[-lines:])
+                         for node, sl in self.sls.items())
+
     def stop(self) -> None:
-        for p in reversed(self.processes):
-            if p.popen.poll() is None:
-                try:
-                    p.popen.send_signal(signal.SIGCONT)
-                    p.popen.terminate()
-                    p.popen.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.popen.kill()
-                    p.popen.wait()
+        """Stops the SLs all at once, then the SNs (an SL leaves its sessions through them)."""
+        sns = [p for p in self.processes if _command(p) == "sn"]
+        _stop_together([p for p in reversed(self.processes) if p not in sns])
+        _stop_together(sns)
         if self.etcd is not None:
             self.etcd.stop()
         if self.own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _command(p: Process) -> str:
+    """The swarm command a process runs ("sn", "sl", ...), here or inside `ip netns exec`."""
+    args = list(p.popen.args)
+    at = args.index(SWARM[-1]) if SWARM[-1] in args else -1
+    return args[at + 1] if 0 <= at < len(args) - 1 else ""
+
+
+def _stop_together(processes: list[Process], grace: float = 10.0) -> None:
+    """SIGTERM to every one, then each waited for (killed once `grace` seconds have passed)."""
+    running = [p for p in processes if p.popen.poll() is None]
+    for p in running:
+        p.popen.send_signal(signal.SIGCONT)  # a test may have paused it
+        p.popen.terminate()
+    deadline = time.monotonic() + grace
+    for p in running:
+        try:
+            p.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.popen.kill()
+            p.popen.wait()

@@ -151,6 +151,9 @@ def run(args: argparse.Namespace) -> dict:
                     report["cells"].append(cell)
                     print(f"  measured {args.hosts} hosts x {mb} MB{'' if idle_restart else ', cwnd kept'}: median "
                           f"{cell['median_s']:.2f} s (target {cell['target_s']:.2f} s)", flush=True)
+            except BaseException:
+                print(swarm.tails(), flush=True)
+                raise
             finally:
                 swarm.stop()
         report["relay"] = wan.stats

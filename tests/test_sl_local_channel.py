@@ -220,6 +220,14 @@ def test_the_ml_channel_answers_hostile_frames_clearly_and_stays_up(procs, certs
         frames.send(raw, {"op": "sync", "size": 100, "weight": 1.0}, b"x" * 10)
         frames.send(raw, {"op": "report", "round": 1})
         assert "blob truncated: 10 of 100 bytes" in frames.receive(raw)[0]["error"]
+    with raw_connection(address) as raw:
+        frames.send(raw, {"op": "hello", "protocol": frames.PROTOCOL})
+        frames.receive(raw)
+        # A size within the bound but far beyond this machine's memory: the SL holds what is sent (it
+        # receives into a buffer that grows with the bytes), never what is declared.
+        frames.send(raw, {"op": "sync", "size": 60 << 30, "weight": 1.0}, b"x" * 10)
+        frames.send(raw, {"op": "report", "round": 1})
+        assert f"blob truncated: 10 of {60 << 30} bytes" in frames.receive(raw)[0]["error"]
 
     # Callers beyond MAX_CONNECTIONS are turned away at once; once they leave, the channel serves again.
     from swarmlearn.sl.local_channel import MAX_CONNECTIONS

@@ -622,13 +622,14 @@ def _serve_until_signalled(stop: Callable[[], None],
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     # Timed waits: Python runs signal handlers in the main thread only, and a main thread blocked
-    # for good in a lock would not notice a signal the kernel handed to one of gRPC's threads.
+    # for good in a lock would not notice a signal the kernel handed to one of gRPC's threads. Short
+    # ones: the wait on `failure` does not end with the signal, and every SL of a task stops this way.
     error = None
     while error is None and not done.is_set():
         if failure is None:
             done.wait(0.5)
         else:
-            error = failure(0.5)
+            error = failure(0.1)
     stop()
     return error
 

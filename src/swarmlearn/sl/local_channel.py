@@ -118,6 +118,9 @@ class LocalChannel:
             _refuse(conn, exc.code, str(exc))
         except OSError as exc:
             log.debug("ML connection lost: %s", exc)
+        except Exception as exc:  # noqa: BLE001  (a bug of ours: the ML is told, not just cut off)
+            log.exception("ML connection ended by an internal error")
+            _refuse(conn, "internal", f"internal error in SL {self.node.node_id}: {exc!r}; see its log")
         finally:
             with self._lock:
                 self._open.discard(conn)
