@@ -96,16 +96,13 @@ def _is_plain(tp) -> bool:
 
 
 @functools.cache
-def _fields(cls, protocol: int) -> tuple[tuple[str, Any], ...]:
-    """(name, type) of the fields of dataclass `cls` that a snapshot of a `protocol` state holds."""
+def _fields(cls, protocol: int) -> tuple[tuple[tuple[str, Any], ...], tuple[dataclasses.Field, ...]]:
+    """Of dataclass `cls`'s fields: (name, type) of those a snapshot of a `protocol` state holds, and
+    those later protocols added (left out of it)."""
     hints = typing.get_type_hints(cls)
-    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls) if f.metadata.get("since", 0) <= protocol)
-
-
-@functools.cache
-def _fields_after(cls, protocol: int) -> tuple[dataclasses.Field, ...]:
-    """The fields of dataclass `cls` that later protocols added: not in a `protocol` state's snapshot."""
-    return tuple(f for f in dataclasses.fields(cls) if f.metadata.get("since", 0) > protocol)
+    held = [f for f in dataclasses.fields(cls) if f.metadata.get("since", 0) <= protocol]
+    added = [f for f in dataclasses.fields(cls) if f.metadata.get("since", 0) > protocol]
+    return tuple((f.name, hints[f.name]) for f in held), tuple(added)
 
 
 def _absent_value(f: dataclasses.Field, made) -> Any:
@@ -133,7 +130,7 @@ def _encoder(tp, protocol: int) -> Callable[[Any], Any]:
         return _same
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        named = [(name, _encoder(ftp, protocol)) for name, ftp in _fields(tp, protocol)]
+        named = [(name, _encoder(ftp, protocol)) for name, ftp in _fields(tp, protocol)[0]]
         return lambda v: None if v is None else {name: enc(getattr(v, name)) for name, enc in named}
     if origin in (typing.Union, types.UnionType):
         (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -224,9 +221,9 @@ def _scalar_kinds(tp) -> tuple[type, ...] | None:
 
 def _dataclass_decoder(cls, protocol: int) -> Callable[[Any], Any]:
     # Scalar fields are checked inline, the rest decoded: most of a snapshot is scalar fields of rounds.
-    plan = [(name, _scalar_kinds(ftp), _decoder(ftp, protocol)) for name, ftp in _fields(cls, protocol)]
+    held, absent = _fields(cls, protocol)
+    plan = [(name, _scalar_kinds(ftp), _decoder(ftp, protocol)) for name, ftp in held]
     names = frozenset(name for name, _, _ in plan)
-    absent = _fields_after(cls, protocol)
     expected = f"an object of fields {', '.join(sorted(names))}"
 
     def decode_one(obj):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19swarmlearn/proto/sl.proto\x12\rswarmlearn.sl\"\x1c\n\x0c\x46\x65tchRequest\x12\x0c\n\x04hash\x18\x01 \x01(\t\")\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\"F\n\rMergedRequest\x12\x10\n\x08\x63ontract\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\"[\n\x0bJoinRequest\x12\x10\n\x08\x63ontract\x18\x01 \x01(\t\x12\x11\n\tmin_peers\x18\x02 \x01(\r\x12\x11\n\tweightage\x18\x03 \x01(\x01\x12\x14\n\x0cmerge_method\x18\x04 \x01(\t\"K\n\tJoinReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x63ontract\x18\x02 \x01(\t\x12\x1b\n\x13latest_merged_round\x18\x03 \x01(\x04\"\xcc\x01\n\nSyncHeader\x12\x0e\n\x06weight\x18\x01 \x01(\x01\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\r\n\x05\x66inal\x18\x03 \x01(\x08\x12\x10\n\x08\x63\x61tch_up\x18\x04 \x01(\x08\x12\r\n\x05round\x18\x05 \x01(\x04\x12\x0c\n\x04hash\x18\x06 \x01(\t\x12\x14\n\x0cparticipants\x18\x07 \x03(\t\x12\x0e\n\x06leader\x18\x08 \x01(\t\x12\x0f\n\x07seconds\x18\t \x01(\x01\x12\x16\n\x0eswarm_finished\x18\n \x01(\x08\x12\x13\n\x0b\x63ontributed\x18\x0b \x01(\x08\"O\n\x08SyncPart\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.swarmlearn.sl.SyncHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xaa\x01\n\x0eMetricsRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\x04loss\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06metric\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05\x65poch\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x0c\n\x04step\x18\x05 \x01(\x04\x12\x13\n\x0bmetric_name\x18\x06 \x01(\t\x12\x0c\n\x04kind\x18\x07 \x01(\tB\x07\n\x05_lossB\t\n\x07_metricB\x08\n\x06_epoch\"\x07\n\x05\x45mpty2\x8e\x01\n\tSwarmPeer\x12<\n\x05\x46\x65tch\x12\x1b.swarmlearn.sl.FetchRequest\x1a\x14.swarmlearn.sl.Chunk0\x01\x12\x43\n\x0b\x46\x65tchMerged\x12\x1c.swarmlearn.sl.MergedRequest\x1a\x14.swarmlearn.sl.Chunk0\x01\x32\xc7\x01\n\nSwarmLocal\x12<\n\x04Join\x12\x1a.swarmlearn.sl.JoinRequest\x1a\x18.swarmlearn.sl.JoinReply\x12<\n\x04Sync\x12\x17.swarmlearn.sl.SyncPart\x1a\x17.swarmlearn.sl.SyncPart(\x01\x30\x01\x12=\n\x06Report\x12\x1d.swarmlearn.sl.MetricsRequest\x1a\x14.swarmlearn.sl.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19swarmlearn/proto/sl.proto\x12\rswarmlearn.sl\"\x1c\n\x0c\x46\x65tchRequest\x12\x0c\n\x04hash\x18\x01 \x01(\t\")\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\"F\n\rMergedRequest\x12\x10\n\x08\x63ontract\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\x32\x8e\x01\n\tSwarmPeer\x12<\n\x05\x46\x65tch\x12\x1b.swarmlearn.sl.FetchRequest\x1a\x14.swarmlearn.sl.Chunk0\x01\x12\x43\n\x0b\x46\x65tchMerged\x12\x1c.swarmlearn.sl.MergedRequest\x1a\x14.swarmlearn.sl.Chunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,20 +37,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHUNK']._serialized_end=115
   _globals['_MERGEDREQUEST']._serialized_start=117
   _globals['_MERGEDREQUEST']._serialized_end=187
-  _globals['_JOINREQUEST']._serialized_start=189
-  _globals['_JOINREQUEST']._serialized_end=280
-  _globals['_JOINREPLY']._serialized_start=282
-  _globals['_JOINREPLY']._serialized_end=357
-  _globals['_SYNCHEADER']._serialized_start=360
-  _globals['_SYNCHEADER']._serialized_end=564
-  _globals['_SYNCPART']._serialized_start=566
-  _globals['_SYNCPART']._serialized_end=645
-  _globals['_METRICSREQUEST']._serialized_start=648
-  _globals['_METRICSREQUEST']._serialized_end=818
-  _globals['_EMPTY']._serialized_start=820
-  _globals['_EMPTY']._serialized_end=827
-  _globals['_SWARMPEER']._serialized_start=830
-  _globals['_SWARMPEER']._serialized_end=972
-  _globals['_SWARMLOCAL']._serialized_start=975
-  _globals['_SWARMLOCAL']._serialized_end=1174
+  _globals['_SWARMPEER']._serialized_start=190
+  _globals['_SWARMPEER']._serialized_end=332
 # @@protoc_insertion_point(module_scope)
