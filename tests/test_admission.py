@@ -11,6 +11,7 @@ client's forged submission (tests/test_sn.py), `swarm sl` with untrusted certifi
 from __future__ import annotations
 
 import shutil
+import time
 
 import grpc
 import pytest
@@ -88,6 +89,15 @@ def test_an_sl_peer_port_refuses_a_foreign_ca_and_an_sl_refuses_a_foreign_peer(p
         list(sl_pb2_grpc.SwarmPeerStub(ours).Fetch(fetch, timeout=5))
     assert answered.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "served only to the SLs that checked in to its round" in answered.value.details()
+    # Nor may it wait here for a round's merged model (a long poll holding a stream slot and a thread)
+    # unless it checked in to that round: refused at once, however long it asks to wait.
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as answered:
+        list(sl_pb2_grpc.SwarmPeerStub(ours).FetchMerged(
+            sl_pb2.MergedRequest(contract="default", round=1, wait_seconds=60), timeout=30))
+    assert answered.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "served here only to that round's participants" in answered.value.details()
+    assert time.monotonic() - started < 10, "the refusal waited as if for the model"
     ours.close()
 
     # A foreign CA's certificate never gets a connection: no RPC reaches the service.
