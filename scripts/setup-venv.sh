@@ -3,11 +3,11 @@
 # disk on our machines; an unpinned torch would pull a multi-GB CUDA build), then the package itself.
 set -euo pipefail
 venv="${1:-.venv}"
-extras="${SWARMLEARN_EXTRAS:-dev,hf}"
+extras="${SWARMLEARN_EXTRAS:-dev,hf,dp}"
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 case ",$extras," in
-  *,torch,*|*,hf,*) "$venv/bin/pip" install -q "torch==2.13.0" ;;
+  *,torch,*|*,hf,*|*,dp,*) "$venv/bin/pip" install -q "torch==2.13.0" ;;
 esac
 "$venv/bin/pip" install -q -e ".[$extras]"
 case ",$extras," in

@@ -60,14 +60,16 @@ def test_a_ledger_of_another_protocol_is_refused_naming_both():
 
 
 def test_a_ledger_of_the_previous_protocol_is_still_folded_by_its_own_rules():
-    assert (OLDEST_PROTOCOL, PROTOCOL_VERSION) == (2, 3)
-    state = LedgerState()
-    state.apply(Entry(0, GENESIS_PREV_HASH, tx("sn-1", "genesis", {**genesis_payload(), "protocol": 2}), b"s"))
-    assert state.protocol == 2
+    assert (OLDEST_PROTOCOL, PROTOCOL_VERSION) == (2, 4)
+    for older in (2, 3):
+        state = LedgerState()
+        state.apply(Entry(0, GENESIS_PREV_HASH, tx("sn-1", "genesis", {**genesis_payload(), "protocol": older}), b"s"))
+        assert state.protocol == older
 
 
-# A contract with one merged round, as the snapshot encodes it. Protocol 3 added the round counters;
-# a protocol-2 state's snapshot leaves them out, so its checkpoints keep their hashes.
+# A contract with one merged round, as the snapshot encodes it. Protocol 3 added the round counters,
+# protocol 4 a round's `secure` phases and the contract's chosen merge method; an older state's snapshot
+# leaves them out, so its checkpoints keep their hashes.
 CONTRACT = Contract("c", "swci-1", rounds={1: Round(1, {"node1": Checkin("ab" * 32, 1.0, 10)}, RoundStatus.MERGED,
                                                     ["node1"], ["node1"], "node1", merged_hash="cd" * 32)},
                     latest_merged_round=1, rounds_merged=1)
@@ -75,9 +77,11 @@ CONTRACT = Contract("c", "swci-1", rounds={1: Round(1, {"node1": Checkin("ab" * 
 
 @pytest.mark.parametrize("protocol,digest", [
     (2, "62ee1aa38fb5e21502d6c894434d9ac4818f33bca4cf002cbada0ff0c84d9bab"),  # as the last protocol-2 release did
-    (3, "5f3bda7f94184ff34d4feb3fff33a51e9ec6be276dcc6aeeb4251ca177c7779a"),
+    (3, "5f3bda7f94184ff34d4feb3fff33a51e9ec6be276dcc6aeeb4251ca177c7779a"),  # as the last protocol-3 release did
+    (4, "06c3ec4585c5504c0a9333036a010ccfb43eedc553b1a65cea10d8f33603d3ae"),
 ])
 def test_the_snapshot_encoding_of_a_contract_is_pinned_per_protocol(protocol, digest):
     encoded = canonical_json(snapshot.encode(CONTRACT, Contract, protocol))
     assert (b'"rounds_merged":1' in encoded) == (protocol >= 3)
+    assert (b'"chosen_merge_method":null' in encoded and b'"secure":null' in encoded) == (protocol >= 4)
     assert hashlib.sha256(encoded).hexdigest() == digest

@@ -55,6 +55,11 @@ EXPECTED = {
     "round_abort": {"sl"},
     "metrics": {"sl"},
     "checkpoint": {"sn"},
+    "secagg_shares": {"sl"},
+    "secagg_masking": {"sl"},
+    "secagg_masked": {"sl"},
+    "secagg_survivors": {"sl"},
+    "secagg_reveal": {"sl"},
 }
 
 # One plausible payload per kind; whether it passes the kind's own check does not matter here.
@@ -85,6 +90,11 @@ PAYLOADS = {
     "round_abort": {"contract": CONTRACT, "round": 1},
     "metrics": {"contract": CONTRACT, "node": "n", "loss": 1.0},
     "checkpoint": {"index": 0, "state_hash": "ab" * 32},
+    "secagg_shares": {"contract": CONTRACT, "round": 1, "node": "n", "shares": {"n": "x"}},
+    "secagg_masking": {"contract": CONTRACT, "round": 1, "nodes": ["n"]},
+    "secagg_masked": {"contract": CONTRACT, "round": 1, "node": "n", "hash": "h", "size": 1},
+    "secagg_survivors": {"contract": CONTRACT, "round": 1, "nodes": ["n"]},
+    "secagg_reveal": {"contract": CONTRACT, "round": 1, "node": "n", "shares": {"n": "x"}},
 }
 
 

@@ -41,6 +41,11 @@ class SwarmCallback(TrainerCallback):
         """The logger this callback writes to (the original's `.logger`): set its level as you like."""
         return self.core.log
 
+    def track_privacy(self, account) -> None:
+        """Records the ε this node has spent (at its δ) with each train entry: the PrivacyAccount of
+        swarmlearn.dp.make_private (or pass it as `privacy=` when the callback is made)."""
+        self.core.track_privacy(account)
+
     def on_train_begin(self, args, state, control, model=None, eval_dataloader=None, **kwargs):
         if self.core.model is None:
             self.core.model = model
@@ -54,6 +59,8 @@ class SwarmCallback(TrainerCallback):
             raise ConfigError("useAdaptiveSync adapts the sync interval to the merged model's validation loss: give "
                               "the Trainer an eval_dataset and an eval_strategy (or evaluate_merged=True)")
         self._logged_step = state.global_step
+        # Made by the Trainer before this call: lora_exact resets its moments of re-factored LoRA factors.
+        self.core.optimizer = kwargs.get("optimizer")
         self.core.begin()
 
     def on_step_end(self, args, state, control, **kwargs):

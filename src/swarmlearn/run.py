@@ -56,6 +56,7 @@ class RunResult:
     swarm_curve: list[tuple[float, float]] = field(default_factory=list)  # (step, validation accuracy) per merge
     shards: list[str] = field(default_factory=list)  # each node's share of the data, in words
     plot: Path | None = None
+    privacy: dict[str, tuple[float, float]] = field(default_factory=dict)  # node: (ε spent, δ), where it reported
 
 
 class SwarmRun:
@@ -265,6 +266,7 @@ class SwarmRun:
             with SNClient(f"127.0.0.1:{sn_port}", identity, unreachable_timeout=5) as sn:
                 contracts = sn.query("contracts")["contracts"]
                 result.swarm_curve = swarm_curve(sn, list(contracts))
+                result.privacy = privacy_spent(sn, list(contracts))
         except SwarmError:
             return result
         # The counters count every merged round; the rounds listed are the newest ones the state keeps.
@@ -389,6 +391,18 @@ def swarm_curve(sn, contracts: list[str]) -> list[tuple[float, float]]:
     return sorted((sum(s for s, _ in v) / len(v), sum(a for _, a in v) / len(v)) for v in by_round.values())
 
 
+def privacy_spent(sn, contracts: list[str]) -> dict[str, tuple[float, float]]:
+    """Each node's last reported (ε, δ) of record-level DP (swarmlearn.dp), from its train entries;
+    nodes that trained without it are absent."""
+    spent: dict[str, tuple[float, float]] = {}
+    for contract in contracts:
+        for m in sn.metrics(contract)[0]:
+            if m.get("kind") in (None, "train") and isinstance(m.get("epsilon"), (int, float)) \
+                    and isinstance(m.get("delta"), (int, float)):
+                spent[m["node"]] = (float(m["epsilon"]), float(m["delta"]))
+    return spent
+
+
 def noise_band(accuracy: float, test_rows: int) -> float:
     """The 95 % half-width of a binomial proportion: how far an accuracy measured on `test_rows`
     reviews may be from the model's true one by chance alone."""
@@ -429,6 +443,9 @@ def format_table(result: RunResult) -> list[str]:
         lines.append("the baselines trained beside the swarm, with its settings: each node alone as many steps on "
                      "its shard as each swarm node, the pooled model on all shards as many steps as the swarm's "
                      "nodes together")
+    if result.privacy:
+        spent = (f"ε={eps:.3g} at δ={delta:g} ({node})" for node, (eps, delta) in sorted(result.privacy.items()))
+        lines.append("privacy: record-level DP, " + ", ".join(spent))
     lines.append(f"{result.rounds} rounds merged; {result.bytes_per_round / 1e6:.2f} MB sent per node per round "
                  f"(adapters + head); wall time {result.wall_seconds:.0f} s")
     if result.plot:

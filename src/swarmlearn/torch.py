@@ -25,10 +25,13 @@ DEFAULT_VAL_BATCH_SIZE = 64
 
 
 class SwarmCallback:
-    def __init__(self, sync_frequency: int = 16, min_peers: int = 2, model=None, **kwargs):
+    def __init__(self, sync_frequency: int = 16, min_peers: int = 2, model=None, optimizer=None, **kwargs):
+        """`optimizer`: yours, for merge_method="lora_exact" to reset its moments of the LoRA factors each
+        merge re-factors (without it they are kept, describing a basis the factors left)."""
         if model is None and "model" not in kwargs:
             raise TypeError("SwarmCallback needs model=<your torch.nn.Module>")
         self.core = SwarmCore(model, sync_frequency=sync_frequency, min_peers=min_peers, **kwargs)
+        self.core.optimizer = optimizer
         use_validation_data(self.core)
 
     @property
@@ -39,6 +42,11 @@ class SwarmCallback:
     @property
     def model(self):
         return self.core.model
+
+    def track_privacy(self, account) -> None:
+        """Records the ε this node has spent (at its δ) with each train entry: the PrivacyAccount of
+        swarmlearn.dp.make_private (or pass it as `privacy=` when the callback is made)."""
+        self.core.track_privacy(account)
 
     def on_train_begin(self) -> None:
         self.core.begin()

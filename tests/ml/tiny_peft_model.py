@@ -6,7 +6,8 @@ Every node builds the base model from the same seed, so the frozen base weights 
 the data differ per node. At the end the swarm's final adapters are saved with `save_pretrained`
 (OUT_DIR/NODE_ID/final) and, as PEFT's state dict, to OUT_DIR/NODE_ID/final-adapters.safetensors.
 
-Environment: NODE_ID, SWARM_SL_ADDR, OUT_DIR, and optionally SEED, STEPS, SYNC_FREQUENCY, MIN_PEERS, BATCH.
+Environment: NODE_ID, SWARM_SL_ADDR, OUT_DIR, and optionally SEED, STEPS, SYNC_FREQUENCY, MIN_PEERS, BATCH,
+MERGE_METHOD.
 """
 
 import os
@@ -67,7 +68,8 @@ def main() -> None:
                              per_device_train_batch_size=int(os.environ.get("BATCH", "8")), disable_tqdm=True,
                              dataloader_num_workers=0)
     swarm = SwarmCallback(sync_frequency=int(os.environ.get("SYNC_FREQUENCY", "4")),
-                          min_peers=int(os.environ.get("MIN_PEERS", "3")), model=model)
+                          min_peers=int(os.environ.get("MIN_PEERS", "3")), model=model,
+                          merge_method=os.environ.get("MERGE_METHOD") or None)
     Trainer(model=model, args=args, train_dataset=data, callbacks=[swarm]).train()
     model.save_pretrained(str(out / "final"))
     save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()},

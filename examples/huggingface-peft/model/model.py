@@ -17,6 +17,14 @@ Environment (all optional but NODE_ID):
   EVAL_EVERY [1]   measure the merged model after every EVAL_EVERY-th merge (and the last) only, to
                    spend the CPU on training instead.
   LR_SCHEDULER [linear]  any Trainer lr_scheduler_type; "constant" keeps the late rounds learning.
+  DP_EPSILON [off]  record-level differential privacy: DP-SGD with Opacus (swarmlearn.dp; `pip install
+                   swarmlearn[dp]`), with the noise that spends this ε over the node's steps. Each sample's
+                   gradient is clipped to DP_MAX_GRAD_NORM [1.0], Gaussian noise is added to their sum and
+                   batches are Poisson-sampled (BATCH_SIZE rows on average); AdamW as without DP. ε spent so
+                   far at DP_DELTA [1e-5] goes with every train entry (the ledger's metrics, PERFDATA, `swarm run`'s
+                   result) and into metrics.json. DP_DELTA must be below 1/<rows of the node's shard>.
+                   Under DP a lower LEARNING_RATE (about 3e-4) is steadier; with a few hundred rows per
+                   node the noise drowns the adapters (README, "Differential privacy").
 """
 
 from __future__ import annotations
@@ -130,6 +138,44 @@ def curve_callback(sync_frequency: int, eval_every: int, alone: bool):
     return Curve()
 
 
+def private_training(model, rows, collator, args, epsilon: float, delta: float, max_grad_norm: float):
+    """Record-level DP-SGD under the Hugging Face Trainer: Opacus hooks the model's trainable layers
+    (LoRA's A and B and the head are nn.Linear; the frozen base needs no per-sample gradients), its
+    DP optimizer wraps AdamW, and its Poisson-sampling loader replaces the Trainer's. Returns the
+    Trainer class to use, its extra keyword arguments, and the PrivacyAccount."""
+    from transformers import Trainer
+
+    from swarmlearn.dp import make_private
+    from swarmlearn.errors import ConfigError
+
+    try:
+        import opacus  # noqa: F401
+    except ImportError:
+        fail("DP_EPSILON needs Opacus: `pip install swarmlearn[dp]` (or opacus alone)")
+
+    loader = torch.utils.data.DataLoader(rows, batch_size=args.per_device_train_batch_size, collate_fn=collator)
+    steps = args.max_steps if args.max_steps > 0 else int(np.ceil(args.num_train_epochs * len(loader)))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=args.weight_decay)
+    try:
+        _, optimizer, loader, account = make_private(model, optimizer, loader, target_epsilon=epsilon, delta=delta,
+                                                     steps=steps, max_grad_norm=max_grad_norm, wrap_model=False)
+    except ConfigError as exc:
+        fail(f"DP_EPSILON={epsilon:g}: {exc}")
+
+    class PrivateTrainer(Trainer):
+        def get_train_dataloader(self):
+            return loader  # Poisson-sampled, as the accountant assumes; the Trainer moves each batch to the device
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            # The Trainer clears only .grad (model.zero_grad); Opacus keeps each sample's gradient
+            # until its optimizer's zero_grad, and would otherwise refuse the next batch.
+            self.optimizer.zero_grad(set_to_none=True)
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    return PrivateTrainer, {"optimizers": (optimizer, None)}, account
+
+
 def main() -> None:
     torch.manual_seed(env("SEED", 42, int))
     if not torch.cuda.is_available():
@@ -195,14 +241,18 @@ def main() -> None:
             return {**{k: v[i] for k, v in self.encodings.items()}, "labels": self.labels[i]}
 
     use_cuda = torch.cuda.is_available()
+    dp_epsilon = env("DP_EPSILON", 0.0, float)
     args = TrainingArguments(output_dir=str(model_dir / NODE_ID / "trainer"), num_train_epochs=env("MAX_EPOCHS", 1, float),
                              max_steps=env("MAX_STEPS", -1, int),
                              per_device_train_batch_size=env("BATCH_SIZE", 16, int), per_device_eval_batch_size=64,
                              learning_rate=env("LEARNING_RATE", 1e-3, float), weight_decay=0.01,
                              lr_scheduler_type=env("LR_SCHEDULER", "linear"),
                              logging_steps=4, save_strategy="no", report_to="none", use_cpu=not use_cuda,
-                             fp16=use_cuda, disable_tqdm=True, seed=env("SEED", 42, int),
-                             dataloader_num_workers=0)
+                             fp16=use_cuda and not dp_epsilon, disable_tqdm=True, seed=env("SEED", 42, int),
+                             dataloader_num_workers=0,
+                             # Under DP, Opacus clips each sample's gradient; the Trainer's clip of their
+                             # mean would only cost time.
+                             max_grad_norm=0.0 if dp_epsilon else 1.0)
 
     def compute_metrics(prediction):
         return scores(np.argmax(prediction.predictions, axis=-1), prediction.label_ids, num_labels)
@@ -210,18 +260,27 @@ def main() -> None:
     # evaluate_merged: after every merge the Trainer measures the merged model on the test rows, and
     # that (with the training loss since the last merge) is what the ledger, PERFDATA and the
     # dashboard show for the round.
+    collator = DataCollatorWithPadding(tokenizer)
+    train_rows = Rows(train_texts, train_labels)
+    trainer_class, private_arguments, privacy = Trainer, {}, None
+    if dp_epsilon:
+        trainer_class, private_arguments, privacy = private_training(
+            model, train_rows, collator, args, dp_epsilon, env("DP_DELTA", 1e-5, float),
+            env("DP_MAX_GRAD_NORM", 1.0, float))
+        print(f"{NODE_ID}: record-level DP-SGD: noise multiplier {privacy.noise_multiplier:.3g} for ε={dp_epsilon:g} "
+              f"at δ={privacy.delta:g} over {privacy.planned_steps} steps", flush=True)
     sync_frequency = env("SYNC_FREQUENCY", 8, int)
     swarm = SwarmCallback(sync_frequency=sync_frequency, min_peers=env("MIN_PEERS", 3, int),
                           model=model, merge_method=env("MERGE_METHOD", "mean"),
-                          node_weightage=env("NODE_WEIGHTAGE", 1, float), evaluate_merged=True)
+                          node_weightage=env("NODE_WEIGHTAGE", 1, float), evaluate_merged=True, privacy=privacy)
     eval_rows = env("EVAL_ROWS", len(test_texts), int)
     # Adaptive sync reads every merged model's validation loss: then every merge is measured.
     eval_every = 1 if swarm.core.settings.adaptive_sync else max(1, env("EVAL_EVERY", 1, int))
     curve = curve_callback(sync_frequency, eval_every, alone=swarm.core.loopback)
-    trainer = Trainer(model=model, args=args, train_dataset=Rows(train_texts, train_labels),
-                      eval_dataset=Rows(test_texts[:eval_rows], test_labels[:eval_rows], by_length=True),
-                      data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,
-                      callbacks=[swarm, curve])
+    trainer = trainer_class(model=model, args=args, train_dataset=train_rows,
+                            eval_dataset=Rows(test_texts[:eval_rows], test_labels[:eval_rows], by_length=True),
+                            data_collator=collator, compute_metrics=compute_metrics, callbacks=[swarm, curve],
+                            **private_arguments)
     before = trainer.evaluate()
     print(f"{NODE_ID}: before training: accuracy {before['eval_accuracy']:.3f} f1 {before['eval_f1']:.3f} "
           f"({eval_rows} test rows)", flush=True)
@@ -231,6 +290,8 @@ def main() -> None:
     after = trainer.evaluate(Rows(test_texts, test_labels, by_length=True))
     print(f"{NODE_ID}: after training: accuracy {after['eval_accuracy']:.3f} f1 {after['eval_f1']:.3f} "
           f"({seconds:.0f} s)", flush=True)
+    if privacy is not None:
+        print(f"{NODE_ID}: privacy: {privacy.describe()}", flush=True)
 
     final = model_dir / NODE_ID / "final"
     model.save_pretrained(final)
@@ -242,6 +303,10 @@ def main() -> None:
                "steps": core.total_steps, "train_rows": len(train_texts), "loopback": core.loopback,
                "test_rows": len(test_texts), "eval_rows": eval_rows, "curve": curve.points,
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if privacy is not None:
+        metrics["privacy"] = {"level": privacy.level, "epsilon": privacy.epsilon(), "delta": privacy.delta,
+                              "target_epsilon": privacy.target_epsilon, "noise_multiplier": privacy.noise_multiplier,
+                              "max_grad_norm": privacy.max_grad_norm, "steps": privacy.steps}
     (model_dir / NODE_ID / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(f"{NODE_ID}: saved the final adapters to {final}", flush=True)
 

@@ -128,12 +128,15 @@ class Joined:
     node_id: str
     contract: str
     latest_merged_round: int
+    merge_method: str = ""  # the contract's, which may be another than the callback asked for (none)
+    contract_seed: str = ""  # hex: swarmlearn.lora.contract_seed, for ffa_lora's frozen A
 
 
 @dataclass(frozen=True)
 class Merged:
     """The SL's answer to a sync: the round merged, its merged hash, who took part and led, how long
-    it took, whether it was the swarm's last, and whether our tensors were part of it."""
+    it took, whether it was the swarm's last, and whether our tensors were part of it; under client-level
+    DP, what our contributions have spent so far (ε at δ, over how many rounds)."""
 
     round: int
     hash: str
@@ -142,6 +145,9 @@ class Merged:
     seconds: float = 0.0
     swarm_finished: bool = False
     contributed: bool = False
+    client_rounds: int | None = None
+    client_noise_multiplier: float | None = None
+    client_delta: float | None = None
 
 
 class SLChannel:
@@ -161,11 +167,14 @@ class SLChannel:
             raise
         self.node_id = reply.get("node_id", "")
 
-    def join(self, contract: str, min_peers: int, weightage: float, merge_method: str) -> Joined:
+    def join(self, contract: str, min_peers: int, weightage: float, merge_method: str,
+             client_dp: dict | None = None) -> Joined:
         reply = self._call({"op": "join", "contract": contract, "min_peers": min_peers, "weightage": weightage,
-                            "merge_method": merge_method}, CALL_TIMEOUT)
+                            "merge_method": merge_method, **({"client_dp": client_dp} if client_dp else {})},
+                           CALL_TIMEOUT)
         return Joined(str(reply.get("node_id", "")), str(reply.get("contract", "")),
-                      int(reply.get("latest_merged_round") or 0))
+                      int(reply.get("latest_merged_round") or 0), str(reply.get("merge_method") or merge_method),
+                      str(reply.get("contract_seed") or ""))
 
     def sync(self, blob: bytes, weight: float, final: bool = False, catch_up: bool = False) -> tuple[Merged, bytes]:
         """Sends our tensors; returns (what the SL says of the round, merged blob) once it is over."""
@@ -286,8 +295,11 @@ class SwarmCore:
     """The swarm side of a SwarmCallback, whatever the framework: `weights` moves the model's tensors
     in and out (TorchWeights for a torch model unless the callback gives another)."""
 
-    def __init__(self, model, weights=None, default_logger: str = "swarmlearn.ml", **kwargs):
+    def __init__(self, model, weights=None, default_logger: str = "swarmlearn.ml", privacy=None, **kwargs):
         self.model = model
+        # What this node's training has spent of its privacy budget (swarmlearn.dp.PrivacyAccount, or
+        # anything with epsilon(), delta and describe()): recorded with every train entry.
+        self.privacy = privacy
         self.settings = settings_from(kwargs)
         self.log = self.settings.logger or logging.getLogger(default_logger)
         self.loopback = loopback_enabled()
@@ -312,6 +324,12 @@ class SwarmCore:
         self._train_due: tuple[int, int, float | None] | None = None
         self._sl: SLChannel | None = None
         self._tensorboard: TensorBoardLog | None = None
+        # The method the contract merges with (the SL says at join), and the optimizer whose moments of
+        # LoRA factors lora_exact re-factored are cleared (the callback sets it; without, they are kept).
+        self.merge_method = self.settings.merge_method or "mean"
+        self.client_privacy: dict | None = None  # {"client_epsilon", "client_delta"} under client-level DP
+        self.optimizer = None
+        self._moments_kept_said = False
 
     @property
     def weights(self):
@@ -334,13 +352,17 @@ class SwarmCore:
                               "`swarm sl` and export the SWARM_SL_ADDR it prints; SWARM_LOOPBACK=1 trains alone")
         self._sl = SLChannel(address)
         reply = self._sl.join(self.settings.training_contract, self.settings.min_peers,
-                              float(self.settings.node_weightage), self.settings.merge_method)
+                              float(self.settings.node_weightage), self.settings.merge_method or "",
+                              self.settings.client_dp)
         self.node_id = reply.node_id
         self.log.info("%s joined the swarm on contract %s (latest merged round %d)", reply.node_id, reply.contract,
                       reply.latest_merged_round)
         if os.environ.get(TENSORBOARD_ENV):
             self._tensorboard = TensorBoardLog(os.environ[TENSORBOARD_ENV], self.node_id)
             self.log.info("%s writes its metrics for TensorBoard to %s", self.node_id, self._tensorboard.folder)
+        self.merge_method = reply.merge_method or self.merge_method
+        if self.merge_method == "ffa_lora":
+            self._freeze_lora_a(reply.contract_seed)
         # Everyone starts from the same model: a fresh swarm merges the initial weights, a late
         # node takes the latest merged model.
         self.sync(catch_up=True)
@@ -356,6 +378,10 @@ class SwarmCore:
             self.finish()
         elif not self.loopback and not self.finished and self.steps_since_sync >= self.sync_interval:
             self.sync()
+
+    def track_privacy(self, account) -> None:
+        """Records ε spent (at its δ) from `account` with every train entry from now on."""
+        self.privacy = account
 
     def add_loss(self, loss: float | None, steps: int = 1) -> None:
         if loss is not None:
@@ -377,6 +403,8 @@ class SwarmCore:
             return
         self.finish()
         self.report_train()
+        if self.privacy is not None:
+            self.log.info("%s trained with %s", self.node_id, self.privacy.describe())
         self.log.info(FINAL_MESSAGE)
         print(FINAL_MESSAGE, flush=True)
         if self._sl is not None:
@@ -393,6 +421,10 @@ class SwarmCore:
         weight = float(self.settings.node_weightage) * self.samples_since_sync
         h, merged = self._sl.sync(blob, weight, final=final, catch_up=catch_up)
         self.weights.load(merged)
+        if self.merge_method == "lora_exact":
+            self._reset_refactored(blob, merged)
+        if h.client_rounds is not None:
+            self._client_spent(h)
         self.bytes_sent += len(blob)
         self.bytes_received += len(merged)
         self.rounds += 1
@@ -405,6 +437,53 @@ class SwarmCore:
                       h.leader, time.monotonic() - started, len(blob) / 1024)
         if not catch_up:
             self._merged(h.round, trained)
+
+    def _client_spent(self, h: Merged) -> None:
+        """Client-level DP (secure_mean): ε at δ that this node's noised contributions, as its SL counts
+        them, have spent, by the accountant of swarmlearn.dp (Opacus's)."""
+        from swarmlearn.dp import client_epsilon
+
+        try:
+            epsilon = client_epsilon(h.client_noise_multiplier, h.client_rounds, h.client_delta)
+        except ImportError:
+            self.log.warning("client-level DP: ε is computed with Opacus's accountant; install swarmlearn[dp] here")
+            return
+        self.client_privacy = {"client_epsilon": epsilon, "client_delta": h.client_delta}
+        self.log.info("round %d: %s has spent client-level ε=%.3g at δ=%g over %d noised contributions", h.round,
+                      self.node_id, epsilon, h.client_delta, h.client_rounds)
+
+    def _freeze_lora_a(self, seed_hex: str) -> None:
+        """ffa_lora: every LoRA A of the model set to the contract's frozen values and no longer trained."""
+        from swarmlearn.lora import freeze_lora_a
+
+        if not seed_hex:
+            raise SwarmError("merge method ffa_lora needs the contract's seed, and this node's SL sent none: "
+                             "update its swarmlearn")
+        frozen = freeze_lora_a(self.model, bytes.fromhex(seed_hex))
+        if not frozen:
+            raise ConfigError("merge_method ffa_lora freezes the LoRA A factors of a PEFT model, and this model "
+                              "has none: use get_peft_model with a LoraConfig, or another merge_method")
+        self.log.info("%s froze the A of its %d LoRA modules at the contract's values (ffa_lora): B trains",
+                      self.node_id, frozen)
+
+    def _reset_refactored(self, sent: bytes, merged: bytes) -> None:
+        """lora_exact: the optimizer's moments of the LoRA factors that came back re-factored (a new
+        basis, in which they mean nothing) are cleared."""
+        from swarmlearn.lora import lora_parameters, refactored_modules, reset_moments
+        from swarmlearn.tensors import decode
+
+        modules = refactored_modules(decode(sent), decode(merged))
+        if not modules:
+            return
+        if self.optimizer is None:
+            if not self._moments_kept_said:
+                self.log.info("lora_exact re-factored %d LoRA modules; the callback was given no optimizer=, so "
+                              "its moments for them are kept (pass it to reset them)", len(modules))
+                self._moments_kept_said = True
+            return
+        cleared = reset_moments(self.optimizer, lora_parameters(self.model, modules))
+        self.log.info("%s reset the optimizer's moments of %d LoRA factors that lora_exact re-factored", self.node_id,
+                      cleared)
 
     def _merged(self, round_no: int, trained: bool) -> None:
         """What a sync after training records: the loss of the steps before it, and where there is
@@ -431,9 +510,17 @@ class SwarmCore:
             if total and epoch is not None else ""
         self.log.info("round %d: %s at step %d%s, mean training loss since its last sync %s", round_no, self.node_id,
                       step, progress, "unknown" if loss is None else f"{loss:.4f}")
-        self._record("train", round_no, step, epoch=epoch, loss=loss, total_epochs=total)
+        spent = {}
+        if self.privacy is not None:
+            spent = {"epsilon": self.privacy.epsilon(), "delta": self.privacy.delta}
+            self.log.info("round %d: %s has spent ε=%.3g at δ=%g", round_no, self.node_id, spent["epsilon"],
+                          spent["delta"])
+        if self.client_privacy is not None:
+            spent.update(self.client_privacy)
+        self._record("train", round_no, step, epoch=epoch, loss=loss, total_epochs=total, **spent)
         if self._tensorboard is not None:
             self._tensorboard.scalar("train/loss", loss, step)
+            self._tensorboard.scalar("privacy/epsilon", spent.get("epsilon"), step)
 
     def report_validation(self, round_no: int, values: dict) -> None:
         """Records the merged model of `round_no` measured on this node's validation data; with

@@ -29,7 +29,11 @@ class SwarmSettings:
     min_peers: int = 2
     training_contract: str = "default"
     node_weightage: float = 1
-    merge_method: str = "mean"
+    # None: the method the contract's creator chose, or that its other members use; mean where none is.
+    merge_method: str | None = None
+    # Client-level DP of a secure_mean contract: {"clip": L2 bound of a node's update, "noise_multiplier":
+    # noise std over the weighted sum's sensitivity, "delta": [1e-5]}; the same on every node.
+    client_dp: dict | None = None
     total_epochs: int | None = None
     adapters_only: bool | None = None
     checkin_model_on_train_end: str = "snapshot"
@@ -59,7 +63,10 @@ class SwarmSettings:
         self.node_weightage = _weightage(self.node_weightage)
         if not isinstance(self.training_contract, str) or not self.training_contract:
             raise ConfigError(f"trainingContract must be a contract name, got {self.training_contract!r}")
-        self.merge_method = _choice("mergeMethod (merge_method)", self.merge_method, tuple(METHODS))
+        if self.merge_method is not None:
+            self.merge_method = _choice("mergeMethod (merge_method)", self.merge_method, tuple(METHODS))
+        if self.client_dp is not None:
+            self.client_dp = _client_dp(self.client_dp)
         self.checkin_model_on_train_end = _choice("checkinModelOnTrainEnd", self.checkin_model_on_train_end,
                                                   CHECKIN_MODES)
         self.adaptive_sync = flag("useAdaptiveSync (adaptive_sync)", self.adaptive_sync)
@@ -126,6 +133,22 @@ def _weightage(value) -> float:
     if number is None or not 0 < number <= 100:
         raise ConfigError(f"nodeWeightage (node_weightage) must be a number in (0, 100], got {value!r}")
     return number
+
+
+def _client_dp(value) -> dict:
+    """client_dp as the ledger takes it: clip and noise_multiplier > 0, delta in (0, 0.01] (default 1e-5)."""
+    example = "client_dp={'clip': 1.0, 'noise_multiplier': 1.0, 'delta': 1e-5}"
+    if not isinstance(value, dict) or not {"clip", "noise_multiplier"} <= set(value) \
+            or not set(value) <= {"clip", "noise_multiplier", "delta"}:
+        raise ConfigError(f"client_dp must be a dict with clip and noise_multiplier (and delta), e.g. {example}; "
+                          f"got {value!r}")
+    out = {"clip": value["clip"], "noise_multiplier": value["noise_multiplier"], "delta": value.get("delta", 1e-5)}
+    for key, top in (("clip", 1e6), ("noise_multiplier", 1e4), ("delta", 0.01)):
+        v = out[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= top:
+            raise ConfigError(f"client_dp {key} must be a number in (0, {top:g}], got {v!r}; e.g. {example}")
+        out[key] = float(v)
+    return out
 
 
 def _choice(name: str, value, choices: tuple[str, ...]) -> str:

@@ -14,7 +14,8 @@ from swarmlearn.ledger import payloads as P
 from swarmlearn.ledger.entry import Tx, canonical_json
 from swarmlearn.ledger.identities import is_admin
 from swarmlearn.ledger.model import (DEFAULT_ALIAS, KEEP_FINISHED_ROUNDS, Checkin, Contract, ContractLimits, Member,
-                                     Round, RoundStatus, leader_order)
+                                     Round, RoundStatus, SecureRound, leader_order)
+from swarmlearn.merge import METHODS, SECURE_MEAN, SECURE_MIN_PEERS, needs_each_update
 
 if TYPE_CHECKING:
     from swarmlearn.ledger.state import LedgerState
@@ -58,21 +59,38 @@ def _limits(p: P.LimitsChange | None, peers: list[str] | None) -> ContractLimits
 
 # ------------------------------------------------------------------------------ contracts
 
+def _chosen_method(state: LedgerState, p: P.ContractChange) -> None:
+    if p.merge_method is None:
+        return
+    if state.protocol < 4:
+        raise Rejected(f"contract {p.name}: a merge method chosen per contract needs a ledger of protocol 4 "
+                       f"(this one is of protocol {state.protocol}); set merge_method on every node instead")
+    if p.merge_method not in METHODS:
+        raise Rejected(f"contract {p.name}: unknown merge method {p.merge_method!r}; one of {', '.join(METHODS)}")
+
+
 def validate_contract_create(state: LedgerState, tx: Tx, p: P.ContractChange) -> None:
     if p.name in state.contracts or p.name == DEFAULT_ALIAS:
         raise Rejected(f"contract {p.name!r} already exists")
+    _chosen_method(state, p)
 
 
 def apply_contract_create(state: LedgerState, tx: Tx, p: P.ContractChange, index: int) -> None:
     peers = sorted(set(p.peers)) if p.peers is not None else None
-    state.contracts[p.name] = Contract(p.name, created_by=tx.signer.node, peers=peers, limits=_limits(p.limits, peers))
+    state.contracts[p.name] = Contract(p.name, created_by=tx.signer.node, peers=peers, limits=_limits(p.limits, peers),
+                                       chosen_merge_method=p.merge_method)
 
 
 def validate_contract_update(state: LedgerState, tx: Tx, p: P.ContractChange) -> None:
     contract = state.contract(p.name)
     _owner_or_admin(state, contract, tx, "change")
-    if p.peers is None and p.limits is None:
-        raise Rejected(f"contract_update of {contract.name} changes nothing; give peers or limits")
+    if p.peers is None and p.limits is None and p.merge_method is None:
+        raise Rejected(f"contract_update of {contract.name} changes nothing; give peers, limits or a merge method")
+    _chosen_method(state, p)
+    if p.merge_method is not None and p.merge_method != contract.merge_method and contract.active_members:
+        raise Rejected(f"contract {contract.name} merges with {contract.merge_method} while "
+                       f"{', '.join(contract.active_members)} train; change its merge method between runs "
+                       f"(when no session is active) or reset it first")
 
 
 def apply_contract_update(state: LedgerState, tx: Tx, p: P.ContractChange, index: int) -> None:
@@ -81,6 +99,8 @@ def apply_contract_update(state: LedgerState, tx: Tx, p: P.ContractChange, index
         contract.peers = sorted(set(p.peers))
     if p.limits is not None:
         contract.limits = replace(contract.limits, **p.limits.given())
+    if p.merge_method is not None:
+        contract.chosen_merge_method = p.merge_method
 
 
 def validate_contract_reset(state: LedgerState, tx: Tx, p: P.Named) -> None:
@@ -107,14 +127,38 @@ def validate_session_join(state: LedgerState, tx: Tx, p: P.SessionJoin) -> None:
         raise Rejected(f"{p.node} asks for min_peers {p.min_peers}; contract {contract.name} allows at most "
                        f"{contract.limits.max_min_peers}")
     others = {m.merge_method for n, m in contract.members.items() if m.active and n != p.node}
-    if others and p.merge_method not in others:
-        raise Rejected(f"contract {contract.name} merges with {others.pop()}; {p.node} asks for {p.merge_method}: "
-                       f"every node of a contract must use the same merge_method")
+    agreed = contract.chosen_merge_method or (others.pop() if others else None)
+    if agreed is not None and p.merge_method != agreed:
+        why = ""
+        if SECURE_MEAN in (agreed, p.merge_method) and needs_each_update(p.merge_method if agreed == SECURE_MEAN
+                                                                        else agreed):
+            why = (f" ({agreed if agreed != SECURE_MEAN else p.merge_method} reads each peer's update in the clear, "
+                   f"which secure_mean hides from the leader: the two cannot be combined)")
+        chosen = " (chosen by its creator)" if contract.chosen_merge_method else ""
+        raise Rejected(f"contract {contract.name} merges with {agreed}{chosen}; {p.node} asks for {p.merge_method}"
+                       f"{why}: every node of a contract must use the same merge_method")
+    if p.client_dp is not None and p.merge_method != SECURE_MEAN:
+        raise Rejected(f"{p.node} asks for client-level DP with {p.merge_method}: the noise of one node is a "
+                       f"fraction of what the sum needs, so only secure_mean (which hides each update from the "
+                       f"leader) may carry it; choose merge_method secure_mean")
+    given = p.client_dp.model_dump() if p.client_dp is not None else None
+    active = [m for n, m in contract.members.items() if m.active and n != p.node]
+    if active and any(m.client_dp != given for m in active):
+        raise Rejected(f"contract {contract.name} trains with client-level DP {active[0].client_dp}; {p.node} asks "
+                       f"for {given}: every node of a contract must use the same client_dp settings")
+    if p.merge_method == SECURE_MEAN:
+        if state.protocol < 4:
+            raise Rejected(f"secure_mean needs a ledger of protocol 4; this one is of protocol {state.protocol}")
+        if p.min_peers < SECURE_MIN_PEERS:
+            raise Rejected(f"{p.node} asks for secure_mean with min_peers {p.min_peers}: secure aggregation needs "
+                           f"at least {SECURE_MIN_PEERS} peers per round (with 2, each learns the other's update "
+                           f"from the sum); set min_peers to {SECURE_MIN_PEERS} or more")
 
 
 def apply_session_join(state: LedgerState, tx: Tx, p: P.SessionJoin, index: int) -> None:
     contract = state.contract(p.contract)
-    contract.members[p.node] = Member(p.min_peers, float(p.weightage), True, index, p.merge_method)
+    contract.members[p.node] = Member(p.min_peers, float(p.weightage), True, index, p.merge_method,
+                                      client_dp=p.client_dp.model_dump() if p.client_dp is not None else None)
 
 
 def validate_session_leave(state: LedgerState, tx: Tx, p: P.SessionLeave) -> None:
@@ -162,12 +206,23 @@ def validate_checkin(state: LedgerState, tx: Tx, p: P.Checkin) -> None:
     existing = contract.rounds.get(p.round)
     if existing and p.node in existing.checkins:
         raise Rejected(f"{p.node} already checked in to round {p.round}")
+    secure = contract.merge_method == SECURE_MEAN
+    if secure and p.keys is None:
+        raise Rejected(f"check-in of {p.node}: contract {contract.name} merges with secure_mean; a check-in carries "
+                       f"the node's fresh keys for the round (an SL of this version sends them)")
+    if not secure and p.keys is not None:
+        raise Rejected(f"check-in of {p.node}: keys are for secure_mean rounds; contract {contract.name} merges with "
+                       f"{contract.merge_method}")
 
 
 def apply_checkin(state: LedgerState, tx: Tx, p: P.Checkin, index: int) -> None:
     contract = state.contract(p.contract)
     r = contract.rounds.setdefault(p.round, Round(p.round))
     r.checkins[p.node] = Checkin(p.hash, float(p.weight), p.size, p.final)
+    if p.keys is not None:
+        if r.secure is None:
+            r.secure = SecureRound()
+        r.secure.keys[p.node] = p.keys.model_dump()
     if p.final:
         contract.members[p.node].finished = True
     # The check-in that completes the round closes it: with every active member in, the participants
@@ -199,6 +254,8 @@ def validate_close_round(state: LedgerState, tx: Tx, p: P.CloseRound) -> None:
         raise Rejected(f"{missing[0]} did not check in to round {p.round}")
     if len(set(p.participants)) < contract.min_peers:
         raise Rejected(f"round {p.round} needs {contract.min_peers} peers, only {len(set(p.participants))} given")
+    if r.secure is not None and len(set(p.participants)) < SECURE_MIN_PEERS:
+        raise Rejected(f"round {p.round} merges with secure_mean: it needs at least {SECURE_MIN_PEERS} participants")
     order = leader_order(contract.name, contract.generation, p.round, p.participants)
     if p.leader != order[0]:
         raise Rejected(f"leader of round {p.round} must be {order[0]}, not {p.leader}")
@@ -219,6 +276,10 @@ def _close(contract: Contract, r: Round, participants: list[str], index: int, wh
 def validate_reelect(state: LedgerState, tx: Tx, p: P.Reelect) -> None:
     contract, r = _round(state, p.contract, p.round, RoundStatus.CLOSED)
     _member(contract, tx.signer.node)
+    if r.secure is not None and r.secure.survivors is not None:
+        raise Rejected(f"round {r.number}: its survivors are named and their shares revealed; a new leader would "
+                       f"have them revealed again for another set (which could unmask a participant), so a "
+                       f"participant aborts the round instead")
     if p.failed != r.leader:
         raise Rejected(f"round {r.number}: {p.failed} is not its leader ({r.leader})")
     remaining = [n for n in r.participants if n != r.leader]
@@ -245,6 +306,10 @@ def validate_merged(state: LedgerState, tx: Tx, p: P.Merged) -> None:
     kept = len(r.participants) - len(set(p.dropped))
     if kept < r.need:
         raise Rejected(f"round {r.number}: merging {kept} peers is fewer than min_peers {r.need}")
+    if r.secure is not None and (r.secure.survivors is None
+                                 or set(r.participants) - set(p.dropped) != set(r.secure.survivors)):
+        raise Rejected(f"round {r.number} merges with secure_mean: the merged model is the sum of the survivors "
+                       f"it named ({', '.join(r.secure.survivors or []) or 'none yet'}), and only those")
     if p.size > contract.limits.max_blob_bytes:
         raise Rejected(f"round {r.number}: a merged model of {p.size} bytes exceeds the contract's "
                        f"{contract.limits.max_blob_bytes}")
@@ -258,7 +323,7 @@ def apply_merged(state: LedgerState, tx: Tx, p: P.Merged, index: int) -> None:
     r.final = contract.is_final(r)
     contract.latest_merged_round = r.number
     contract.rounds_merged += 1
-    _finished(state, contract)
+    _finished(state, contract, r)
 
 
 def validate_round_abort(state: LedgerState, tx: Tx, p: P.RoundAbort) -> None:
@@ -268,9 +333,10 @@ def validate_round_abort(state: LedgerState, tx: Tx, p: P.RoundAbort) -> None:
     # A participant may abort in place of a leader it holds failed only when no re-election could
     # replace that leader (too few peers would remain): else the round waits forever.
     remaining = [n for n in r.participants if n != r.leader]
-    if tx.signer.node not in remaining or p.failed != r.leader or len(remaining) >= r.need:
+    cannot_reelect = len(remaining) < r.need or (r.secure is not None and r.secure.survivors is not None)
+    if tx.signer.node not in remaining or p.failed != r.leader or not cannot_reelect:
         raise Rejected(f"round {r.number}: only its leader {r.leader} may abort it (or a participant, "
-                       f"naming it as failed, when too few peers remain to re-elect)")
+                       f"naming it as failed, when too few peers remain to re-elect, or its survivors are named)")
 
 
 def apply_round_abort(state: LedgerState, tx: Tx, p: P.RoundAbort, index: int) -> None:
@@ -278,14 +344,17 @@ def apply_round_abort(state: LedgerState, tx: Tx, p: P.RoundAbort, index: int) -
     r.status = RoundStatus.ABORTED
     r.merged_at = index
     contract.rounds_aborted += 1
-    _finished(state, contract)
+    _finished(state, contract, r)
 
 
-def _finished(state: LedgerState, contract: Contract) -> None:
-    """After a round of `contract` finished: from protocol 3 on, drops the finished rounds older than
+def _finished(state: LedgerState, contract: Contract, r: Round) -> None:
+    """After round `r` of `contract` finished: drops what its secure aggregation exchanged (keys,
+    shares, reveals: of use only to unmask it), and from protocol 3 on, the finished rounds older than
     the newest KEEP_FINISHED_ROUNDS (the latest merged round, and open and closed ones, always stay).
     No rule reads them: check-ins, closes, re-elections and merges concern open and closed rounds,
     evictions the two rounds before the open one."""
+    if r.secure is not None:
+        r.secure.keys, r.secure.shares, r.secure.revealed = {}, {}, {}
     if state.protocol < 3:
         return
     finished = [n for n, r in contract.rounds.items()

@@ -41,6 +41,11 @@ class Kind(StrEnum):
     ROUND_ABORT = "round_abort"
     METRICS = "metrics"
     CHECKPOINT = "checkpoint"
+    SECAGG_SHARES = "secagg_shares"
+    SECAGG_MASKING = "secagg_masking"
+    SECAGG_MASKED = "secagg_masked"
+    SECAGG_SURVIVORS = "secagg_survivors"
+    SECAGG_REVEAL = "secagg_reveal"
 
 
 class Role(StrEnum):
@@ -82,7 +87,9 @@ class AssignmentStatus(StrEnum):
 # a ledger of any other protocol rather than fold the same log into another state.
 # 3: a contract keeps only its newest finished rounds (KEEP_FINISHED_ROUNDS) and counts the rest;
 #    rounds no longer carry metrics summaries (they stay ledger entries, served by the SN's metrics query).
-PROTOCOL_VERSION = 3
+# 4: secure aggregation (the secagg_* kinds, a round's `secure` phases, check-in keys) and a merge method
+#    chosen per contract by its creator.
+PROTOCOL_VERSION = 4
 OLDEST_PROTOCOL = 2
 # Finished (merged or aborted) rounds a contract keeps from protocol 3 on, besides its open and closed
 # ones and its latest merged one: the state every node folds stays the same size however long the run.
@@ -149,6 +156,8 @@ class Member:
     joined_at: int = 0
     merge_method: str = "mean"
     finished: bool = False  # its training ended; it still contributes its final weights (snapshot)
+    # Client-level DP it trains under ({"clip", "noise_multiplier", "delta"}), the same for every member.
+    client_dp: dict | None = field(default=None, metadata={"since": 4})
 
 
 @dataclass
@@ -157,6 +166,23 @@ class Checkin:
     weight: float
     size: int
     final: bool = False
+
+
+@dataclass
+class SecureRound:
+    """A `secure_mean` round's secure aggregation as the ledger records it (sl/secure.py says the
+    protocol): each participant's fresh public keys (from its check-in), the encrypted shares each sealed
+    for every participant, the masking set (who shared), the masked inputs posted, the survivors the
+    leader holds masked inputs of, and the shares each survivor revealed. Shares and reveals are dropped
+    once the round is over: they matter only to its unmasking."""
+
+    keys: dict[str, dict[str, str]] = field(default_factory=dict)  # node -> {"c", "s", "b"}
+    shares: dict[str, dict[str, str]] = field(default_factory=dict)  # sender -> recipient -> sealed share
+    masking: list[str] | None = None
+    masked: dict[str, str] = field(default_factory=dict)  # node -> hash of its masked input
+    masked_sizes: dict[str, int] = field(default_factory=dict)
+    survivors: list[str] | None = None
+    revealed: dict[str, dict[str, str]] = field(default_factory=dict)  # survivor -> node -> share
 
 
 @dataclass
@@ -184,6 +210,8 @@ class Round:
     # this round, in summary (ledger/metrics.py). From protocol 3 on it stays empty: every report stays
     # a ledger entry, read with the SN's "metrics" query.
     metrics: dict[str, dict] = field(default_factory=dict)
+    # From protocol 4, for a round of a contract that merges with secure_mean.
+    secure: SecureRound | None = field(default=None, metadata={"since": 4})
 
 
 def _counting(status: str):
@@ -217,6 +245,8 @@ class Contract:
     # default contract, and contracts created without a list).
     peers: list[str] | None = None
     limits: ContractLimits = field(default_factory=ContractLimits)
+    # The merge method its creator chose (protocol 4); None leaves it to the members, who must agree.
+    chosen_merge_method: str | None = field(default=None, metadata={"since": 4})
 
     @property
     def min_peers(self) -> int:
@@ -232,7 +262,14 @@ class Contract:
         return sorted(n for n, m in self.members.items() if m.active)
 
     @property
+    def client_dp(self) -> dict | None:
+        """The client-level DP settings its active members train under (they agree: session_join)."""
+        return next((m.client_dp for m in self.members.values() if m.active), None)
+
+    @property
     def merge_method(self) -> str:
+        if self.chosen_merge_method:
+            return self.chosen_merge_method
         methods = {m.merge_method for m in self.members.values() if m.active}
         return methods.pop() if len(methods) == 1 else "mean"
 

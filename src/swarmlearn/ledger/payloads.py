@@ -117,11 +117,13 @@ class RevokeCert(Payload):
 # ------------------------------------------------------------------------------ contracts and rounds
 
 class ContractChange(Payload):
-    """contract_create and contract_update: a name, and optionally its peers and limits."""
+    """contract_create and contract_update: a name, and optionally its peers, limits and merge method
+    (protocol 4: every member then merges with it)."""
 
     name: Name
     peers: Names | None = None
     limits: LimitsChange | None = None
+    merge_method: Name | None = None
 
 
 class Named(Payload):
@@ -130,12 +132,23 @@ class Named(Payload):
     name: Name
 
 
+class ClientDP(Payload):
+    """Client-level differential privacy of a secure_mean contract's rounds: each node clips its update
+    to L2 norm `clip`, and the survivors' noise sums to `noise_multiplier` x the weighted sum's
+    sensitivity; ε is reported at `delta`."""
+
+    clip: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
+    noise_multiplier: Annotated[float, Field(gt=0, le=1e4, allow_inf_nan=False)]
+    delta: Annotated[float, Field(gt=0, le=0.01, allow_inf_nan=False)] = 1e-5
+
+
 class SessionJoin(Payload):
     contract: Name
     node: Name
     min_peers: Annotated[int, Field(ge=1, le=MAX_MIN_PEERS_CEILING)] = 1
     weightage: Annotated[float, Field(gt=0, le=100)] = 1.0
     merge_method: Name = "mean"
+    client_dp: ClientDP | None = None  # protocol 4, with secure_mean only
 
 
 class SessionLeave(Payload):
@@ -149,6 +162,23 @@ class SessionEvict(Payload):
     reason: Text = ""
 
 
+# X25519 public keys as base64 (32 bytes: 44 characters), a SHA-256 commitment as hex.
+PublicKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]{43}=$")]
+Commitment = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+# A sealed or revealed Shamir share: base64 text of a few hundred bytes at most.
+ShareText = Annotated[str, StringConstraints(min_length=1, max_length=512, pattern=r"^[A-Za-z0-9+/=._:-]+$")]
+Shares = Annotated[dict[Name, ShareText], Field(min_length=1, max_length=MAX_LIST)]
+
+
+class RoundKeys(Payload):
+    """A participant's fresh keys for one secure_mean round: `c` to seal shares, `s` to agree pairwise
+    masks, `b` the commitment to its self-mask seed."""
+
+    c: PublicKey
+    s: PublicKey
+    b: Commitment
+
+
 class Checkin(Payload):
     contract: Name
     round: Count
@@ -157,6 +187,8 @@ class Checkin(Payload):
     weight: Annotated[float, Field(ge=0, le=MAX_WEIGHT, allow_inf_nan=False)]
     size: Count = 0
     final: bool = False
+    # Protocol 4, secure_mean contracts only (and required there).
+    keys: RoundKeys | None = None
 
 
 class CloseRound(Payload):
@@ -187,6 +219,51 @@ class RoundAbort(Payload):
     reason: Text = ""
     failed: Name | None = None
     dropped: Annotated[list[Name], Field(max_length=MAX_LIST)] = []
+
+
+class SecAggShares(Payload):
+    """A participant's Shamir shares of its round secrets, each sealed for one participant (itself too)."""
+
+    contract: Name
+    round: Count
+    node: Name
+    shares: Shares
+
+
+class SecAggMasking(Payload):
+    """The leader fixes the masking set: the participants whose shares it saw in time."""
+
+    contract: Name
+    round: Count
+    nodes: Names
+
+
+class SecAggMasked(Payload):
+    """A member of the masking set posts the hash and size of its masked input."""
+
+    contract: Name
+    round: Count
+    node: Name
+    hash: Digest
+    size: Count
+
+
+class SecAggSurvivors(Payload):
+    """The leader names the members whose masked inputs it holds; the rest are recovered as dropped."""
+
+    contract: Name
+    round: Count
+    nodes: Names
+
+
+class SecAggReveal(Payload):
+    """A survivor reveals, for each member of the masking set, one share: of its self-mask seed for a
+    survivor, of its mask key for a dropped one."""
+
+    contract: Name
+    round: Count
+    node: Name
+    shares: Shares
 
 
 MetricsKind = Literal["train", "validation"]

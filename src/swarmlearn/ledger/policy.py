@@ -16,6 +16,7 @@ from swarmlearn.ledger import contracts as C
 from swarmlearn.ledger import identities as I
 from swarmlearn.ledger import metrics as M
 from swarmlearn.ledger import payloads as P
+from swarmlearn.ledger import secure_rounds as SR
 from swarmlearn.ledger import snapshot as S
 from swarmlearn.ledger import tasks as T
 from swarmlearn.ledger.model import Kind, Role
@@ -86,6 +87,16 @@ POLICY: dict[Kind, Rule] = {
     # Checked as a contract's other member reports; kept in the state as summaries (ledger/metrics.py).
     Kind.METRICS: Rule(P.Metrics, frozenset({SL}), C.validate_metrics, M.apply_metrics,
                        "a member reports its own metrics, within the contract's size limit"),
+    Kind.SECAGG_SHARES: _rule(P.SecAggShares, {SL}, SR, Kind.SECAGG_SHARES,
+                              "a secure_mean participant posts its own shares, one sealed for each participant"),
+    Kind.SECAGG_MASKING: _rule(P.SecAggMasking, {SL}, SR, Kind.SECAGG_MASKING,
+                               "the round's leader fixes the masking set: participants that shared"),
+    Kind.SECAGG_MASKED: _rule(P.SecAggMasked, {SL}, SR, Kind.SECAGG_MASKED,
+                              "a member of the masking set posts the hash of its own masked input"),
+    Kind.SECAGG_SURVIVORS: _rule(P.SecAggSurvivors, {SL}, SR, Kind.SECAGG_SURVIVORS,
+                                 "the round's leader names the survivors once, at least the recovery threshold"),
+    Kind.SECAGG_REVEAL: _rule(P.SecAggReveal, {SL}, SR, Kind.SECAGG_REVEAL,
+                              "a named survivor reveals one share per member of the masking set"),
     Kind.CHECKPOINT: _rule(P.Checkpoint, {SN}, S, Kind.CHECKPOINT,
                            "the appending SN states the hash of the state at the entry before (snapshots)"),
 }

@@ -216,7 +216,11 @@ def _contract_obj(c: Contract) -> dict:
     obj["rounds"] = {str(k): v for k, v in obj["rounds"].items()}
     for r in obj["rounds"].values():
         del r["metrics"]
+        if r.get("secure"):
+            # Sealed shares and reveals concern the round's unmasking alone: n^2 texts a round, not news.
+            r["secure"] = {k: v for k, v in r["secure"].items() if k not in ("shares", "revealed", "keys")}
     obj["min_peers"] = c.min_peers
+    obj["merge_method"] = c.merge_method
     return obj
 
 

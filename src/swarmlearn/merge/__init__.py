@@ -18,10 +18,27 @@ from swarmlearn.errors import SwarmError
 if TYPE_CHECKING:
     from swarmlearn.merge.base import Merger
 
-METHODS: dict[str, str] = {"mean": "Mean", "coordmedian": "CoordMedian", "geomedian": "GeoMedian"}
+METHODS: dict[str, str] = {"mean": "Mean", "coordmedian": "CoordMedian", "geomedian": "GeoMedian",
+                           "trimmedmean": "TrimmedMean", "multikrum": "MultiKrum",
+                           "secure_mean": "SecureMean", "lora_exact": "LoraExact", "ffa_lora": "FfaLora"}
+
+# The method whose rounds hide each participant's update from the leader (sl/secure.py), and the fewest
+# participants such a round may have: with two, each would learn the other's update from the sum.
+SECURE_MEAN = "secure_mean"
+SECURE_MIN_PEERS = 3
 
 
-def get_merger(name: str) -> Merger:
+def needs_each_update(name: str) -> bool:
+    """Whether method `name` reads each contribution in the clear (medians, Krum), so that it cannot be
+    combined with secure_mean."""
+    return get_merger(name).needs_individual_updates
+
+
+def get_merger(name: str, contract_seed: bytes | None = None) -> Merger:
+    """The merger of method `name`, given the contract's seed (swarmlearn.lora.contract_seed) for the
+    methods that check contributions against it (`ffa_lora`)."""
     if name not in METHODS:
         raise SwarmError(f"unknown merge method {name!r}; one of {', '.join(METHODS)}")
-    return getattr(importlib.import_module(f"swarmlearn.merge.{name}"), METHODS[name])()
+    merger = getattr(importlib.import_module(f"swarmlearn.merge.{name}"), METHODS[name])()
+    merger.contract_seed = contract_seed
+    return merger

@@ -145,10 +145,20 @@ class Merger(ABC):
     # What the leader holds while this method merges, for its log line and the docs: "two models"
     # (an accumulator and the contribution being added) or "every contribution".
     holds: str = "every contribution"
+    # The contract's seed (swarmlearn.lora.contract_seed), given by get_merger: what `ffa_lora`
+    # checks each node's frozen LoRA A against.
+    contract_seed: bytes | None = None
+    # A method that reads each contribution in the clear (medians, Krum); secure aggregation hides them,
+    # so such a method is refused with it.
+    needs_individual_updates: bool = True
 
     @abstractmethod
     def merge(self, contributions: Iterable[Contribution]) -> dict[str, Tensor]:
         """Merges already-validated contributions of identical structure."""
+
+    def check(self, c: Contribution) -> None:
+        """This method's own check of a contribution, after check_contribution's: raises
+        BadContribution to refuse it by name (the round goes on with the rest). Most have none."""
 
     def accumulator(self) -> Accumulator | None:
         """An incremental form of this merge, or None when the method needs every contribution at

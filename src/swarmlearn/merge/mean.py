@@ -40,6 +40,7 @@ class Mean(Merger):
 
     name = "mean"
     holds = "two models (the sums, float32 for a large model, and the contribution being added)"
+    needs_individual_updates = False
 
     def merge(self, contributions: Iterable[Contribution]) -> dict[str, Tensor]:
         acc = MeanAccumulator()

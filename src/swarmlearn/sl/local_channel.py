@@ -28,7 +28,9 @@ MAX_CONNECTIONS = 8
 # How often the accept loop looks at the SL's stop flag.
 ACCEPT_POLL = 0.5
 # Numbers a metrics report may carry (anything else in it is refused), besides kind and metric_name.
-REPORT_NUMBERS = ("epoch", "loss", "metric", "total_epochs")
+REPORT_NUMBERS = ("epoch", "loss", "metric", "total_epochs", "epsilon", "delta", "client_epsilon", "client_delta")
+# Recorded only where the ML sent them: the privacy its training has spent (swarmlearn.dp), ε at δ.
+OPTIONAL_NUMBERS = ("total_epochs", "epsilon", "delta", "client_epsilon", "client_delta")
 
 
 class Refusal(SwarmError):
@@ -160,14 +162,17 @@ class LocalChannel:
         contract = _field(header, "contract", str, "default") or "default"
         min_peers = _field(header, "min_peers", int, 1)
         weightage = _field(header, "weightage", (int, float), 1.0)
-        merge_method = _field(header, "merge_method", str, "mean") or "mean"
+        # None or "": the method the contract's creator chose, or that its members use (else mean).
+        merge_method = _field(header, "merge_method", str, "") or ""
+        # {"clip", "noise_multiplier", "delta"}: client-level DP (secure_mean); the ledger checks its shape.
+        client_dp = _field(header, "client_dp", dict, None)
         if min_peers < 1 or not 0 < weightage <= 100:
             raise Refusal("invalid", f"join: min_peers {min_peers} must be >= 1 and weightage {weightage} in (0, 100]")
         try:
-            name, latest = self.node.join(contract, min_peers, float(weightage), merge_method)
+            joined = self.node.join(contract, min_peers, float(weightage), merge_method, client_dp)
         except SwarmError as exc:  # refused by the ledger, SN unreachable, or this SL is stopping
             raise Refusal("refused", str(exc)) from None
-        return {"ok": True, "node_id": self.node.node_id, "contract": name, "latest_merged_round": latest}
+        return {"ok": True, "node_id": self.node.node_id, **joined}
 
     def _sync(self, header: dict, blob: bytes) -> tuple[dict, bytes]:
         engine = self._engine()
@@ -186,7 +191,7 @@ class LocalChannel:
             raise Refusal("refused", str(exc)) from None
         return {"ok": True, "round": result.round, "hash": result.hash, "participants": list(result.participants),
                 "leader": result.leader, "seconds": result.seconds, "swarm_finished": result.swarm_finished,
-                "contributed": result.contributed}, result.blob
+                "contributed": result.contributed, **engine.client_privacy()}, result.blob
 
     def _report(self, header: dict) -> None:
         engine = self._engine()
@@ -202,8 +207,7 @@ class LocalChannel:
         payload = {"contract": engine.contract_name, "node": self.node.node_id, "kind": kind,
                    "round": _field(header, "round", int, 0), "step": _field(header, "step", int, 0),
                    "epoch": values["epoch"], "loss": values["loss"]}
-        if values["total_epochs"] is not None:
-            payload["total_epochs"] = values["total_epochs"]
+        payload.update({name: values[name] for name in OPTIONAL_NUMBERS if values[name] is not None})
         if kind == "validation" or values["metric"] is not None:
             payload.update(metric=values["metric"], metric_name=_field(header, "metric_name", str, "") or "metric")
         try:

@@ -26,6 +26,7 @@ from swarmlearn.errors import ConfigError, SwarmError
 from swarmlearn.files import write_atomically
 from swarmlearn.ledger.model import KEEP_FINISHED_ROUNDS, RoundStatus
 from swarmlearn.ledger.pin import PIN_FILE
+from swarmlearn.lora import contract_seed
 from swarmlearn.proto import sl_pb2_grpc
 from swarmlearn.sl.local_channel import LocalChannel
 from swarmlearn.sl.round import RoundEngine, Timeouts
@@ -163,7 +164,8 @@ class SLNode:
 
     def fetch_refusal(self, caller_fp: str, digest: str) -> str | None:
         """Why the caller may not have blob `digest`, or None: a contribution goes only to the SLs that
-        checked in to its round, a merged model only to its contract's active members. Our ledger copy may
+        checked in to its round (a secure round's masked input only to its leader), a merged model only to
+        its contract's active members. Our ledger copy may
         trail the caller's (it just checked in; our SN connection moved after a partition), so a
         registered SL gets up to LEDGER_LAG_GRACE for our copy to show its right (see _lag_grace)."""
         def caller(state):
@@ -179,6 +181,8 @@ class SLNode:
                 for r in reversed(list(contract.rounds.values())):
                     if member and r.merged_hash == digest:
                         return True
+                    if r.secure is not None and digest in r.secure.masked.values():
+                        return node.node_id == r.leader  # a masked input: for the round's leader alone
                     if node.node_id in r.checkins and any(c.hash == digest for c in r.checkins.values()):
                         return True
             return False
@@ -243,10 +247,14 @@ class SLNode:
 
     # ------------------------------------------------------------------------------ for the ML
 
-    def join(self, contract: str, min_peers: int, weightage: float, merge_method: str) -> tuple[str, int]:
+    def join(self, contract: str, min_peers: int, weightage: float, merge_method: str,
+             client_dp: dict | None = None) -> dict:
+        """Joins the training session of `contract`; returns what the ML hears: the contract's name, its
+        latest merged round, the merge method it merges with, and its seed (hex; `ffa_lora`'s frozen A)."""
         name = self.follower.read(lambda s: s.contract(contract).name)
+        merge_method = merge_method or self.follower.read(lambda s: s.contract(name).merge_method)
         session = {"contract": name, "node": self.node_id, "min_peers": min_peers, "weightage": weightage,
-                   "merge_method": merge_method}
+                   "merge_method": merge_method, **({"client_dp": client_dp} if client_dp else {})}
         self.sn.submit("session_join", session)
         engine = RoundEngine(self.node_id, name, self.sn, self.follower, self.blobs, self.fetcher,
                              self.config.timeouts, self.liveness, background=self.background, keep=self.kept.keep,
@@ -259,7 +267,9 @@ class SLNode:
         latest = self.follower.read(lambda s: s.contract(name).latest_merged_round) or 0
         log.info("%s joined contract %s (min_peers %d, weightage %g, %s); latest merged round %d", self.node_id,
                  name, min_peers, weightage, merge_method, latest)
-        return name, latest
+        seed = self.follower.read(lambda s: contract_seed(s.genesis_hash or "", name, s.contract(name).generation))
+        return {"contract": name, "latest_merged_round": latest, "merge_method": merge_method,
+                "contract_seed": seed.hex()}
 
 
 class KeptModels:

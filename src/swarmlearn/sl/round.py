@@ -31,9 +31,12 @@ from swarmlearn.background import Background
 from swarmlearn.errors import Rejected, SwarmError
 from swarmlearn.ledger.model import Checkin, Contract, Round, RoundStatus, leader_order
 from swarmlearn.ledger.state import LedgerState
+from swarmlearn.lora import contract_seed
 from swarmlearn.merge import get_merger
 from swarmlearn.merge.base import (Accumulator, BadContribution, Contribution, Merger, check_contribution,
                                    contribution_norm, norm_outliers)
+from swarmlearn import secagg
+from swarmlearn.sl.secure import SECURE_PHASE_WAIT, SECURE_PHASES, Participation, SecureRounds, keys_digest
 from swarmlearn.sl.transport import Arriving, BlobStore, FetchError, PeerFetcher
 from swarmlearn.sn.client import SNClient
 from swarmlearn.sn.follower import LedgerFollower
@@ -162,8 +165,8 @@ class RoundResult:
     swarm_finished: bool
 
 
-class RoundEngine:
-    """One contract's rounds, as this SL lives them. Its background work (prefetching, loading blobs
+class RoundEngine(SecureRounds):
+    """One contract's rounds, as this SL lives them (a secure_mean round's extra phases: sl/secure.py). Its background work (prefetching, loading blobs
     for a merge) runs in pools of `background`, the SL's owner of threads, named after the contract
     so that an engine made again for the same contract (its ML restarted) reuses them."""
 
@@ -193,6 +196,10 @@ class RoundEngine:
         self._merged_early: dict[int, Future] = {}
         # Per round, blobs being pulled ahead of the merge, by hash.
         self._early: dict[int, dict[str, Future]] = {}
+        # Per secure round, our part in it (secrets, our plain tensors, what we posted); and how many of
+        # our contributions carried client-level DP noise (what the accountant composes).
+        self._secure: dict[int, Participation] = {}
+        self._private_rounds = 0
         try:
             self._early_pool = background.executor(f"prefetch-{contract}", PREFETCH_WORKERS)
             self._round_watch = background.executor(f"round-watch-{contract}", 1)
@@ -209,12 +216,19 @@ class RoundEngine:
 
     def sync(self, blob: bytes, weight: float, final: bool = False) -> RoundResult:
         started = time.monotonic()
-        digest = self.blobs.put(blob)
+        # A secure round's check-in posts fresh keys, and our plain tensors stay out of the blob store
+        # (which serves what the ledger names): nobody, the leader included, can fetch them.
+        secrets = secagg.RoundSecrets.fresh() if self._secure_contract() else None
+        keys = secrets.public() if secrets is not None else None
+        digest = keys_digest(keys) if keys is not None else self.blobs.put(blob)
         try:
-            number = self._check_in(digest, weight, len(blob), final)
+            number = self._check_in(digest, weight, len(blob), final, keys)
             if number < 0:
                 return self._take_merged(-number, started, False, blob)
-            self._start_prefetch(number)
+            if secrets is not None:
+                self._secure_checked_in(number, secrets, blob)
+            else:
+                self._start_prefetch(number)
             self._connect_if_leading(number + 1)
             closed = self._wait_until_closed(number)
             contributed = self.node_id in closed.participants
@@ -274,12 +288,12 @@ class RoundEngine:
 
     # ---------------------------------------------------------------------------- 1. check in
 
-    def _check_in(self, digest: str, weight: float, size: int, final: bool) -> int:
-        """Checks in to the open round; returns its number, or minus the number of a round that
-        closed before our check-in reached the ledger (we are late for it)."""
+    def _check_in(self, digest: str, weight: float, size: int, final: bool, keys: dict | None = None) -> int:
+        """Checks in to the open round (with our fresh keys, for a secure round); returns its number,
+        or minus the number of a round that closed before our check-in reached the ledger (we are late)."""
         number = self._read(lambda c: c.current_round)
         payload = {"contract": self.contract_name, "round": number, "node": self.node_id, "hash": digest,
-                   "weight": weight, "size": size, "final": final}
+                   "weight": weight, "size": size, "final": final, **({"keys": keys} if keys else {})}
         try:
             index = self.sn.submit("checkin", payload)
         except Rejected:
@@ -499,7 +513,11 @@ class RoundEngine:
         """How long a round's leader has to post `merged`: a base plus the time to move the bytes its
         participants declare, each within bounds (see FETCH_SHARE)."""
         sizes = self._declared(r.number, {n: r.checkins[n] for n in r.participants if n in r.checkins})
-        return self.t.transfer_budget(sum(size for size in sizes.values() if size is not None))
+        declared = sum(size for size in sizes.values() if size is not None)
+        if r.secure is not None:
+            # Its phases, each a bounded wait, and masked inputs of 8 bytes a value (4x an F16 model's).
+            return self.t.transfer_budget(4 * declared) + SECURE_PHASES * SECURE_PHASE_WAIT
+        return self.t.transfer_budget(declared)
 
     def _wait_until_merged(self, number: int, limit: float) -> None:
         watching: tuple[str, int] | None = None
@@ -514,13 +532,17 @@ class RoundEngine:
                 watching, since = term, time.monotonic()
             if r.leader == self.node_id and (number, r.reelections) not in self._led:
                 self._led.add((number, r.reelections))
-                self._lead(r, since)
+                (self._lead_secure if r.secure is not None else self._lead)(r, since)
                 continue
+            if r.secure is not None:
+                self._secure_duties(r)
             waited = time.monotonic() - since
             if waited > limit and len(r.participants) > 1:
                 successor = r.participants[1]
                 if successor == self.node_id or waited > limit + self.t.grace:
-                    if len(r.participants) - 1 < r.need:  # no re-election can help: the ledger's own rule
+                    # No re-election can help (the ledger's own rules): too few peers would remain, or a
+                    # secure round's survivors are named (their shares would be revealed twice).
+                    if len(r.participants) - 1 < r.need or (r.secure is not None and r.secure.survivors is not None):
                         self._abort_leaderless(r, waited)
                     else:
                         try:
@@ -537,8 +559,12 @@ class RoundEngine:
         participant keeps its own weights) rather than waited on forever; the next round then waits
         for min_peers as usual, saying so."""
         left = len(r.participants) - 1
-        reason = (f"leader {r.leader} posted no merged model in {waited:.1f} s and without it only {left} "
-                  f"{'peer remains' if left == 1 else 'peers remain'}, fewer than min_peers")
+        if left >= r.need:
+            reason = (f"leader {r.leader} posted no merged model in {waited:.1f} s after naming the survivors of "
+                      f"this secure round, whose shares no other leader may have revealed again")
+        else:
+            reason = (f"leader {r.leader} posted no merged model in {waited:.1f} s and without it only {left} "
+                      f"{'peer remains' if left == 1 else 'peers remain'}, fewer than min_peers")
         try:
             self.sn.submit("round_abort", {"contract": self.contract_name, "round": r.number, "reason": reason,
                                            "failed": r.leader, "dropped": []})
@@ -596,7 +622,11 @@ class RoundEngine:
         contributions = _Contributions(order, load, drop, self._merge_pool,
                                        max(0, min(MERGE_WINDOW, MERGE_WINDOW_BYTES // largest - 1)))
         try:
-            merged = self._merge(r.number, get_merger(method), contributions)
+            seed = self.follower.read(lambda s: contract_seed(s.genesis_hash or "", self.contract_name,
+                                                              self._contract(s).generation))
+            merger = get_merger(method, contract_seed=seed)
+            contributions.check = merger.check  # the method's own check (ffa_lora: each node's frozen A)
+            merged = self._merge(r.number, merger, contributions)
         except SwarmError as exc:
             log.error("round %d: cannot merge: %s", r.number, exc)
             return
@@ -828,6 +858,7 @@ class _Contributions:
         self._pool = pool
         self._window = window
         self._reference: dict[str, Tensor] | None = None
+        self.check: Callable[[Contribution], None] = lambda c: None  # the merge method's (Merger.check)
 
     def valid(self, nodes: list[str] | None = None) -> Iterator[tuple[Contribution, float]]:
         """Yields each valid contribution with its norm; a bad one is dropped, by name, with why."""
@@ -836,6 +867,7 @@ class _Contributions:
             try:
                 c = outcome()
                 check_contribution(c, self._reference)
+                self.check(c)
             except (FetchError, BlobError, BadContribution) as exc:
                 self.drop(node, exc.reason if isinstance(exc, BadContribution) else str(exc))
                 continue

@@ -52,8 +52,11 @@ GRAMMAR: list[tuple[str, re.Pattern]] = [(name, _p(t)) for name, t in [
     ("get_context_version", "GET CONTEXT VERSION"),
     ("list_context_env", "LIST CONTEXT ENV {name?}"),
     ("get_context_env", "GET CONTEXT ENV {first} {second?}"),
+    ("create_contract", "CREATE CONTRACT {name} WITH PEERS {nodes} MERGE {method}"),
     ("create_contract", "CREATE CONTRACT {name} WITH PEERS {nodes}"),
+    ("create_contract", "CREATE CONTRACT {name} MERGE {method}"),
     ("create_contract", "CREATE CONTRACT {name}"),
+    ("set_contract_merge", "SET CONTRACT {name} MERGE {method}"),
     ("list_contracts", "LIST CONTRACTS"),
     ("get_contract_info", "GET CONTRACT INFO {name}"),
     ("get_contract_info", "GET CONTRACT STATUS {name}"),
@@ -94,7 +97,7 @@ USAGE = """Commands (keywords case-insensitive; a host may be an IP or a name: D
   CREATE CONTEXT <n> [WITH IP] <host>[:port][,<host>[:port]...] [port]   CREATE CONTEXT <n> WITH SERVICE <host[:port]>
   SWITCH CONTEXT <n>   LIST CONTEXTS   GET CONTEXT INFO [<n>]   GET CONTEXT VERSION
   LIST CONTEXT ENV [<n>]   GET CONTEXT ENV [<n>] <env>   SET CONTEXT ENV [<n>] <env> <value>
-  CREATE CONTRACT <n> [WITH PEERS a,b]   LIST CONTRACTS   GET CONTRACT INFO <n>   RESET CONTRACT <n>   PERFDATA <contract>
+  CREATE CONTRACT <n> [WITH PEERS a,b] [MERGE <method>]   SET CONTRACT <n> MERGE <method>   LIST CONTRACTS   GET CONTRACT INFO <n>   RESET CONTRACT <n>   PERFDATA <contract>
   CREATE TASK FROM <file.yaml>   CREATE TASK <type> <n> <author> <prereq> <outcome>   APPEND TASK BODY <n> <line-no> <yaml line>
   FINALIZE TASK <n>   DELETE TASK <n>   LIST TASKS   GET TASK INFO <n>   GET TASK BODY <n>
   CREATE TASKRUNNER <n>   ASSIGN TASK <task> TO <runner> WITH <N|ALL> PEERS   ASSIGN TASK <task> TO <runner> TARGET <swop>

@@ -335,12 +335,19 @@ class SwciSession:
             raise SwarmError(f"no context {name}")
         self._show({"name": name, "sn": self.contexts[name], "current": name == self.current})
 
-    def cmd_create_contract(self, name: str, nodes: str | None = None) -> None:
-        """With `nodes` (comma separated), only those nodes may join the contract and check in to its rounds."""
+    def cmd_create_contract(self, name: str, nodes: str | None = None, method: str | None = None) -> None:
+        """With `nodes` (comma separated), only those nodes may join the contract and check in to its rounds;
+        with `method`, every member merges with it (a node asking for another is refused)."""
         payload: dict = {"name": name}
         if nodes is not None:
             payload["peers"] = [n for n in nodes.split(",") if n]
+        if method is not None:
+            payload["merge_method"] = method.lower()
         self._sn().submit("contract_create", payload)
+
+    def cmd_set_contract_merge(self, name: str, method: str) -> None:
+        """Chooses the merge method of contract `name` (its creator or an admin; not while a session is active)."""
+        self._sn().submit("contract_update", {"name": name, "merge_method": method.lower()})
 
     def cmd_list_contracts(self) -> None:
         for name, c in self._state("contracts").items():
@@ -352,7 +359,7 @@ class SwciSession:
             raise SwarmError(f"no contract {name}; LIST CONTRACTS shows them")
         c = contracts[name]
         self._show({k: c[k] for k in ("name", "generation", "members", "current_round", "latest_merged_round",
-                                      "min_peers")})
+                                      "min_peers", "merge_method") if k in c})
 
     def cmd_reset_contract(self, name: str) -> None:
         self._sn().submit("contract_reset", {"name": name})
@@ -645,7 +652,9 @@ def _train_text(m: dict | None) -> str:
         return "no training loss yet"
     when = [f"round {m.get('round')}", *(f"{k} {m[k]:g}" for k in ("step", "epoch")
                                          if isinstance(m.get(k), (int, float)))]
-    return f"training loss {_value(m.get('loss'))} ({', '.join(when)})"
+    spent = f", ε {m['epsilon']:.3g} at δ {m['delta']:g}" \
+        if isinstance(m.get("epsilon"), (int, float)) and isinstance(m.get("delta"), (int, float)) else ""
+    return f"training loss {_value(m.get('loss'))} ({', '.join(when)}){spent}"
 
 
 def _validation_text(m: dict | None) -> str:
