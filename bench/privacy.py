@@ -33,9 +33,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-per-node", type=int, default=800)
     parser.add_argument("--test-size", type=int, default=500)
-    parser.add_argument("--epsilons", default="1,4,8", help="budgets to run; 'none' (no DP) is always run first")
+    parser.add_argument("--epsilons", default="none,8,4,1",
+                        help="arms to run, in order: budgets ε, and 'none' for the same swarm without DP")
     parser.add_argument("--epochs", type=float, default=2.0, help="passes over each node's shard")
     parser.add_argument("--batch-size", type=int, default=16, help="(expected) batch size of every arm")
+    parser.add_argument("--lr", default=SETTINGS["LEARNING_RATE"], help="learning rate of every arm")
+    parser.add_argument("--clip", default=SETTINGS["DP_MAX_GRAD_NORM"], help="per-sample gradient clip of the DP arms")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS / "privacy.json")
     args = parser.parse_args()
@@ -44,10 +47,11 @@ def main() -> None:
     work = args.workdir or Path(os.environ.get("TMPDIR", "/tmp")) / f"swarm-privacy-{os.getpid()}"
     data = work / "data"
     prepare(data, nodes=3, train_per_node=args.train_per_node, test_size=args.test_size, seed=42)
-    settings = {**SETTINGS, "MAX_EPOCHS": f"{args.epochs:g}", "BATCH_SIZE": str(args.batch_size)}
+    settings = {**SETTINGS, "MAX_EPOCHS": f"{args.epochs:g}", "BATCH_SIZE": str(args.batch_size),
+                "LEARNING_RATE": args.lr, "DP_MAX_GRAD_NORM": args.clip}
     report: dict = {"train_per_node": args.train_per_node, "test_size": args.test_size, "settings": settings,
                     "cpus": os.cpu_count(), "load_before": os.getloadavg()[0], "rows": []}
-    arms = [("no DP", None)] + [(f"DP ε={e}", float(e)) for e in args.epsilons.split(",") if e]
+    arms = [("no DP", None) if e == "none" else (f"DP ε={e}", float(e)) for e in args.epsilons.split(",") if e]
     for label, epsilon in arms:
         extra = {} if epsilon is None else {"DP_EPSILON": f"{epsilon:g}"}
         started = time.time()

@@ -210,3 +210,13 @@ def test_swarm_run_trains_the_flagship_with_record_level_dp(procs, tmp_path):
         assert metrics["privacy"]["level"] == "record" and metrics["privacy"]["target_epsilon"] == 8
         assert 0 < metrics["privacy"]["epsilon"] <= 8.01 and metrics["privacy"]["steps"] == metrics["steps"]
     assert os.path.isdir(project / "saved_models" / "node1" / "final")
+
+
+def test_the_callback_turns_its_sls_count_of_noised_contributions_into_client_level_epsilon():
+    from swarmlearn.callback.core import Merged, SwarmCore
+    from swarmlearn.dp import client_epsilon
+
+    core = SwarmCore(None)
+    core._client_spent(Merged(round=3, hash="h", client_rounds=2, client_noise_multiplier=1.5, client_delta=1e-5))
+    assert core.client_privacy == {"client_epsilon": client_epsilon(1.5, 2, 1e-5), "client_delta": 1e-5}
+    assert 0 < core.client_privacy["client_epsilon"] < client_epsilon(1.5, 3, 1e-5)

@@ -68,7 +68,8 @@ def test_the_flagship_trains_with_lora_exact(data, tmp_path):
     out = tmp_path / "lora-exact"
     run_nodes(out, data, {**SMALL, "MERGE_METHOD": "lora_exact"}, swarm=True)
     same_adapters(out)
-    assert ledger(out).contract("default").merge_method == "lora_exact"
+    members = ledger(out).contract("default").members  # they left at the end; each joined with its method
+    assert {members[n].merge_method for n in NODES} == {"lora_exact"}
     assert json.loads((out / "node1" / "metrics.json").read_text())["rounds"] >= 3
     # The last merge re-factored every module from the mean of B·A: its A has orthogonal rows of one
     # length (A = c V_r^T), which no node's trained A has by itself.

@@ -178,3 +178,69 @@ def test_a_protocol_3_ledger_keeps_its_rules():
     log.add("register_node", _reg("swci-1"), "swci-1")
     with pytest.raises(Rejected, match="needs a ledger of protocol 4"):
         log.add("contract_create", {"name": "x", "merge_method": "trimmedmean"}, "swci-1")
+
+
+def test_client_level_dp_needs_secure_mean_and_the_same_settings_on_every_node():
+    log = base_log()
+    dp = {"clip": 1.0, "noise_multiplier": 2.0, "delta": 1e-5}
+    with pytest.raises(Rejected, match="only secure_mean .* may carry it"):
+        log.add("session_join", {"contract": CONTRACT, "node": "node4", "merge_method": "mean", "client_dp": dp},
+                "node4")
+    log.add("contract_create", {"name": "sec"}, "swci-1")
+    log.add("session_join", {"contract": "sec", "node": "node1", "min_peers": 3, "merge_method": "secure_mean",
+                             "client_dp": dp}, "node1")
+    assert log.state.contract("sec").client_dp == dp
+    with pytest.raises(Rejected, match="must use the same client_dp settings"):
+        log.add("session_join", {"contract": "sec", "node": "node2", "min_peers": 3, "merge_method": "secure_mean",
+                                 "client_dp": {**dp, "clip": 5.0}}, "node2")
+    with pytest.raises(Rejected, match="must use the same client_dp settings"):
+        log.add("session_join", {"contract": "sec", "node": "node2", "min_peers": 3, "merge_method": "secure_mean"},
+                "node2")
+    with pytest.raises(Rejected, match="field 'client_dp.noise_multiplier'"):
+        log.add("session_join", {"contract": "sec", "node": "node2", "min_peers": 3, "merge_method": "secure_mean",
+                                 "client_dp": {**dp, "noise_multiplier": -1.0}}, "node2")
+
+
+@pytest.mark.parametrize("value,message", [
+    ({"clip": 1.0}, "must be a dict with clip and noise_multiplier"),
+    ({"clip": 0, "noise_multiplier": 1.0}, "clip must be a number in"),
+    ({"clip": 1.0, "noise_multiplier": 1.0, "delta": 0.5}, "delta must be a number in"),
+    ({"clip": 1.0, "noise_multiplier": 1.0, "sigma": 2}, "must be a dict with clip and noise_multiplier"),
+])
+def test_the_callback_names_a_bad_client_dp_setting(value, message):
+    from swarmlearn.callback.settings import settings_from
+    from swarmlearn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        settings_from({"client_dp": value})
+    assert settings_from({"client_dp": {"clip": 2, "noise_multiplier": 1}}).client_dp == \
+        {"clip": 2.0, "noise_multiplier": 1.0, "delta": 1e-5}
+
+
+def test_each_phase_refuses_a_repeat_a_stranger_and_a_size_beyond_the_contract():
+    log = secure_log()
+    r = rnd(log)
+    share_all(log, NODES[:1])
+    with pytest.raises(Rejected, match="already posted its shares"):
+        share_all(log, NODES[:1])
+    share_all(log, NODES[1:])
+    limit = log.state.contract("sec").limits.max_blob_bytes
+    with pytest.raises(Rejected, match=f"allows at most {limit}"):
+        log.add("secagg_masked", {"contract": "sec", "round": 1, "node": "node1", "hash": "m", "size": limit + 1},
+                "node1")
+    for node in NODES[:3]:
+        log.add("secagg_masked", {"contract": "sec", "round": 1, "node": node, "hash": f"m-{node}", "size": 10}, node)
+    with pytest.raises(Rejected, match="already posted its masked input"):
+        log.add("secagg_masked", {"contract": "sec", "round": 1, "node": "node1", "hash": "x", "size": 10}, "node1")
+    other = next(n for n in NODES if n != r.leader)
+    with pytest.raises(Rejected, match="only its leader"):
+        log.add("secagg_survivors", {"contract": "sec", "round": 1, "nodes": NODES[:3]}, other)
+    with pytest.raises(Rejected, match="node4 posted no masked input"):
+        log.add("secagg_survivors", {"contract": "sec", "round": 1, "nodes": NODES}, r.leader)
+    # A plain contract's closed round takes no secure-aggregation entries.
+    for node in ("node1", "node2", "node3"):
+        log.add("checkin", {"contract": CONTRACT, "round": 1, "node": node, "hash": f"h-{node}", "weight": 1.0},
+                node)
+    with pytest.raises(Rejected, match="does not merge with secure_mean"):
+        log.add("secagg_shares", {"contract": CONTRACT, "round": 1, "node": "node1", "shares": {"node1": "x"}},
+                "node1")

@@ -96,6 +96,23 @@ EXIT
     assert "context default: SN ledger protocol" in out and "this SWCI: swarmlearn" in out
 
 
+def test_a_contract_s_creator_chooses_its_merge_method(procs, certs, sn, tmp_path):
+    host, port = sn.address.rsplit(":", 1)
+    done = swci(certs, tmp_path / "swci", """\
+EXIT ON FAILURE OFF
+CREATE CONTRACT robust WITH PEERS node1,node2,node3 MERGE trimmedmean
+CREATE CONTRACT private MERGE secure_mean
+CREATE CONTRACT typo MERGE median
+SET CONTRACT private MERGE mean
+GET CONTRACT INFO robust
+GET CONTRACT INFO private
+EXIT
+""", "--sn-ip", host, "--sn-api-port", port)
+    out = done.stdout + done.stderr
+    assert "unknown merge method 'median'; one of mean, coordmedian" in out, out
+    assert out.count('"merge_method": "trimmedmean"') == 1 and out.count('"merge_method": "mean"') == 1, out
+
+
 INLINE = """\
 EXIT ON FAILURE OFF
 CREATE TASK RUN_SWARM inline_run demo ROOTTASK user-env

@@ -56,7 +56,8 @@ class RunResult:
     swarm_curve: list[tuple[float, float]] = field(default_factory=list)  # (step, validation accuracy) per merge
     shards: list[str] = field(default_factory=list)  # each node's share of the data, in words
     plot: Path | None = None
-    privacy: dict[str, tuple[float, float]] = field(default_factory=dict)  # node: (ε spent, δ), where it reported
+    # level ("record-level", "client-level") -> node -> (ε spent, δ), where it reported any.
+    privacy: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
 
 
 class SwarmRun:
@@ -391,15 +392,21 @@ def swarm_curve(sn, contracts: list[str]) -> list[tuple[float, float]]:
     return sorted((sum(s for s, _ in v) / len(v), sum(a for _, a in v) / len(v)) for v in by_round.values())
 
 
-def privacy_spent(sn, contracts: list[str]) -> dict[str, tuple[float, float]]:
-    """Each node's last reported (ε, δ) of record-level DP (swarmlearn.dp), from its train entries;
-    nodes that trained without it are absent."""
-    spent: dict[str, tuple[float, float]] = {}
+# What each level of DP records in a node's train entries: (ε, δ) keys.
+PRIVACY_LEVELS = {"record-level": ("epsilon", "delta"), "client-level": ("client_epsilon", "client_delta")}
+
+
+def privacy_spent(sn, contracts: list[str]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per level of DP (swarmlearn.dp: record-level DP-SGD, client-level noise of secure_mean), each
+    node's last reported (ε, δ), from its train entries; nodes and levels without any are absent."""
+    spent: dict[str, dict[str, tuple[float, float]]] = {}
     for contract in contracts:
         for m in sn.metrics(contract)[0]:
-            if m.get("kind") in (None, "train") and isinstance(m.get("epsilon"), (int, float)) \
-                    and isinstance(m.get("delta"), (int, float)):
-                spent[m["node"]] = (float(m["epsilon"]), float(m["delta"]))
+            if m.get("kind") not in (None, "train"):
+                continue
+            for level, (eps, delta) in PRIVACY_LEVELS.items():
+                if isinstance(m.get(eps), (int, float)) and isinstance(m.get(delta), (int, float)):
+                    spent.setdefault(level, {})[m["node"]] = (float(m[eps]), float(m[delta]))
     return spent
 
 
@@ -443,9 +450,9 @@ def format_table(result: RunResult) -> list[str]:
         lines.append("the baselines trained beside the swarm, with its settings: each node alone as many steps on "
                      "its shard as each swarm node, the pooled model on all shards as many steps as the swarm's "
                      "nodes together")
-    if result.privacy:
-        spent = (f"ε={eps:.3g} at δ={delta:g} ({node})" for node, (eps, delta) in sorted(result.privacy.items()))
-        lines.append("privacy: record-level DP, " + ", ".join(spent))
+    for level, nodes in sorted(result.privacy.items(), reverse=True):
+        spent = (f"ε={eps:.3g} at δ={delta:g} ({node})" for node, (eps, delta) in sorted(nodes.items()))
+        lines.append(f"privacy: {level} DP, " + ", ".join(spent))
     lines.append(f"{result.rounds} rounds merged; {result.bytes_per_round / 1e6:.2f} MB sent per node per round "
                  f"(adapters + head); wall time {result.wall_seconds:.0f} s")
     if result.plot:

@@ -26,7 +26,7 @@ from concurrent.futures import CancelledError, Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
-from swarmlearn import defaults
+from swarmlearn import defaults, secagg
 from swarmlearn.background import Background
 from swarmlearn.errors import Rejected, SwarmError
 from swarmlearn.ledger.model import Checkin, Contract, Round, RoundStatus, leader_order
@@ -35,7 +35,6 @@ from swarmlearn.lora import contract_seed
 from swarmlearn.merge import get_merger
 from swarmlearn.merge.base import (Accumulator, BadContribution, Contribution, Merger, check_contribution,
                                    contribution_norm, norm_outliers)
-from swarmlearn import secagg
 from swarmlearn.sl.secure import SECURE_PHASE_WAIT, SECURE_PHASES, Participation, SecureRounds, keys_digest
 from swarmlearn.sl.transport import Arriving, BlobStore, FetchError, PeerFetcher
 from swarmlearn.sn.client import SNClient
@@ -166,9 +165,10 @@ class RoundResult:
 
 
 class RoundEngine(SecureRounds):
-    """One contract's rounds, as this SL lives them (a secure_mean round's extra phases: sl/secure.py). Its background work (prefetching, loading blobs
-    for a merge) runs in pools of `background`, the SL's owner of threads, named after the contract
-    so that an engine made again for the same contract (its ML restarted) reuses them."""
+    """One contract's rounds, as this SL lives them (a secure_mean round's extra phases: sl/secure.py).
+    Its background work (prefetching, loading blobs for a merge) runs in pools of `background`, the SL's
+    owner of threads, named after the contract so that an engine made again for the same contract (its
+    ML restarted) reuses them."""
 
     def __init__(self, node_id: str, contract: str, sn: SNClient, follower: LedgerFollower, blobs: BlobStore,
                  fetcher: PeerFetcher, timeouts: Timeouts | None = None,

@@ -294,6 +294,8 @@ class SecureRounds:
         deadline = time.monotonic() + SECURE_PHASE_WAIT + self.t.transfer_budget(own_masked * len(masking))
         addresses = self.follower.read(lambda st: {n: st.nodes[n].address for n in masking if n in st.nodes})
         while True:
+            # Read before the round: an entry that lands while we fetch must wake the wait below.
+            seen = self.follower.read(lambda st: st.head_index)
             r = self._round_now(number)
             if self._ended(r):
                 return
@@ -312,7 +314,6 @@ class SecureRounds:
                     log.warning("round %d: masked input of %s not taken: %s", number, node, exc)
             if len(tried) == len(masking) or time.monotonic() >= deadline:
                 break
-            seen = self.follower.read(lambda st: st.head_index)
             self.follower.wait_until(lambda st: st.head_index > seen, 0.2)
 
         t = recovery_threshold(len(r.order))

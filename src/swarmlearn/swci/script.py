@@ -97,7 +97,8 @@ USAGE = """Commands (keywords case-insensitive; a host may be an IP or a name: D
   CREATE CONTEXT <n> [WITH IP] <host>[:port][,<host>[:port]...] [port]   CREATE CONTEXT <n> WITH SERVICE <host[:port]>
   SWITCH CONTEXT <n>   LIST CONTEXTS   GET CONTEXT INFO [<n>]   GET CONTEXT VERSION
   LIST CONTEXT ENV [<n>]   GET CONTEXT ENV [<n>] <env>   SET CONTEXT ENV [<n>] <env> <value>
-  CREATE CONTRACT <n> [WITH PEERS a,b] [MERGE <method>]   SET CONTRACT <n> MERGE <method>   LIST CONTRACTS   GET CONTRACT INFO <n>   RESET CONTRACT <n>   PERFDATA <contract>
+  CREATE CONTRACT <n> [WITH PEERS a,b] [MERGE <method>]   SET CONTRACT <n> MERGE <method>   LIST CONTRACTS
+  GET CONTRACT INFO <n>   RESET CONTRACT <n>   PERFDATA <contract>
   CREATE TASK FROM <file.yaml>   CREATE TASK <type> <n> <author> <prereq> <outcome>   APPEND TASK BODY <n> <line-no> <yaml line>
   FINALIZE TASK <n>   DELETE TASK <n>   LIST TASKS   GET TASK INFO <n>   GET TASK BODY <n>
   CREATE TASKRUNNER <n>   ASSIGN TASK <task> TO <runner> WITH <N|ALL> PEERS   ASSIGN TASK <task> TO <runner> TARGET <swop>

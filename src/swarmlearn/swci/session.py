@@ -654,6 +654,8 @@ def _train_text(m: dict | None) -> str:
                                          if isinstance(m.get(k), (int, float)))]
     spent = f", ε {m['epsilon']:.3g} at δ {m['delta']:g}" \
         if isinstance(m.get("epsilon"), (int, float)) and isinstance(m.get("delta"), (int, float)) else ""
+    if isinstance(m.get("client_epsilon"), (int, float)) and isinstance(m.get("client_delta"), (int, float)):
+        spent += f", client-level ε {m['client_epsilon']:.3g} at δ {m['client_delta']:g}"
     return f"training loss {_value(m.get('loss'))} ({', '.join(when)}){spent}"
 
 
