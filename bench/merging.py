@@ -15,7 +15,6 @@ the merged model to every participant, and the round's ledger entries (check-ins
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys

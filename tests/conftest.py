@@ -188,6 +188,17 @@ def module_sn(certs: CertLayout, data_dir: Path):
         procs.stop_all()
 
 
+def finish_run(run: Proc, timeout: float) -> None:
+    """Waits for a `swarm run` process to end, and fails the test with its output unless it ended
+    within `timeout` seconds with exit code 0."""
+    try:
+        code = run.popen.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"swarm run still running after {timeout} s; its output:\n{run.output}")
+    assert code == 0, run.output
+    run._thread.join(5)
+
+
 def wait_until(condition, timeout: float = 10.0, every: float = 0.01) -> bool:
     """Whether `condition()` became true within `timeout` seconds (checked every `every` seconds)."""
     deadline = time.monotonic() + timeout

@@ -8,12 +8,11 @@ import json
 import math
 import os
 import re
-import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import SWARM, identity
+from conftest import SWARM, finish_run, identity
 from swarm_harness import start_swarm, wait_ml
 from swarmlearn.dp import client_epsilon, client_noise_std, clip_update, make_private
 from swarmlearn.errors import ConfigError
@@ -192,12 +191,7 @@ def test_swarm_run_trains_the_flagship_with_record_level_dp(procs, tmp_path):
     run = procs.start([*SWARM, "run", str(example), "--workspace", str(tmp_path / "ws"), "--train-per-node", "64",
                        "--test-size", "64", "--sync-frequency", "2", "--no-baselines"],
                       env={"DP_EPSILON": "8"})
-    try:
-        code = run.popen.wait(timeout=RUN_WAIT_S)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"swarm run still running after {RUN_WAIT_S} s; its output:\n{run.output}")
-    assert code == 0, run.output
-    run._thread.join(5)
+    finish_run(run, RUN_WAIT_S)
     assert "run_hf_task COMPLETE: 3 COMPLETE of 3" in run.output
     spent = re.search(r"privacy: record-level DP, (.*)", run.output)
     assert spent, run.output

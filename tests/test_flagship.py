@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SWARM
+from conftest import SWARM, finish_run
 from swarmlearn.datasets import load_reviews, prepare
 from swarmlearn.errors import ConfigError
 
@@ -101,12 +101,7 @@ def test_swarm_run_trains_the_flagship_end_to_end(procs, tmp_path):
     procs.workspaces.append(tmp_path / "ws" / "huggingface-peft" / "runs")
     run = procs.start([*SWARM, "run", str(EXAMPLE), "--workspace", str(tmp_path / "ws"), "--train-per-node", "64",
                        "--test-size", "64", "--sync-frequency", "2"])  # the baselines train beside it by default
-    try:
-        code = run.popen.wait(timeout=RUN_WAIT_S)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"swarm run still running after {RUN_WAIT_S} s; its output:\n{run.output}")
-    assert code == 0, run.output
-    run._thread.join(5)
+    finish_run(run, RUN_WAIT_S)
     assert "run_hf_task COMPLETE: 3 COMPLETE of 3" in run.output
     assert re.search(r"swarm ui ready on http://127\.0\.0\.1:\d+/ ", run.output), run.output  # the dashboard's URL
     assert "MB sent per node per round (adapters + head)" in run.output

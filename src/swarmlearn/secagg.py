@@ -62,6 +62,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from swarmlearn.errors import SwarmError
+from swarmlearn.ledger.secure_rounds import recovery_threshold
 from swarmlearn.merge.base import CHUNK_VALUES
 
 # Fixed point: value v travels as round(v * 2^SCALE_BITS) in two's complement. One node's |v| stays below
@@ -94,9 +95,9 @@ class SecAggError(SwarmError):
         self.nodes = tuple(sorted(nodes))
 
 
-def threshold(n: int) -> int:
-    """Shares needed to rebuild one node's secret: a majority of the n participants (and at least 2)."""
-    return max(2, n // 2 + 1)
+# Shares needed to rebuild one node's secret: the ledger's rule (a majority of the participants, at least
+# 2), which also bounds how few survivors a round may merge with.
+threshold = recovery_threshold
 
 
 def context(contract: str, generation: int, round_no: int) -> bytes:

@@ -130,10 +130,10 @@ def validate_session_join(state: LedgerState, tx: Tx, p: P.SessionJoin) -> None:
     agreed = contract.chosen_merge_method or (others.pop() if others else None)
     if agreed is not None and p.merge_method != agreed:
         why = ""
-        if SECURE_MEAN in (agreed, p.merge_method) and needs_each_update(p.merge_method if agreed == SECURE_MEAN
-                                                                        else agreed):
-            why = (f" ({agreed if agreed != SECURE_MEAN else p.merge_method} reads each peer's update in the clear, "
-                   f"which secure_mean hides from the leader: the two cannot be combined)")
+        other = p.merge_method if agreed == SECURE_MEAN else agreed
+        if SECURE_MEAN in (agreed, p.merge_method) and needs_each_update(other):
+            why = (f" ({other} reads each peer's update in the clear, which secure_mean hides from the leader: "
+                   f"the two cannot be combined)")
         chosen = " (chosen by its creator)" if contract.chosen_merge_method else ""
         raise Rejected(f"contract {contract.name} merges with {agreed}{chosen}; {p.node} asks for {p.merge_method}"
                        f"{why}: every node of a contract must use the same merge_method")

@@ -36,6 +36,7 @@ from swarmlearn.errors import Rejected, SwarmError
 from swarmlearn.ledger.entry import canonical_json
 from swarmlearn.ledger.model import Round
 from swarmlearn.ledger.secure_rounds import recovery_threshold
+from swarmlearn.merge import SECURE_MEAN
 from swarmlearn.merge.base import (NORM_OUTLIER_FACTOR, BadContribution, Contribution, check_contribution,
                                    contribution_norm, normalized_weights)
 from swarmlearn.sl.transport import FetchError
@@ -169,8 +170,6 @@ class SecureRounds:
                 "client_delta": dp["delta"]}
 
     def _secure_contract(self) -> bool:
-        from swarmlearn.merge import SECURE_MEAN
-
         return self._read(lambda c: c.merge_method) == SECURE_MEAN
 
     def _secure_context(self, number: int) -> bytes:
